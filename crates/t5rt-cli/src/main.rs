@@ -1,0 +1,39 @@
+//! `t5rt`: run T5-family models from the command line.
+
+mod default_model;
+mod generate_cmd;
+mod inputs;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "t5rt",
+    version,
+    about = "Fast inference for T5-family models (t5, FLAN-T5 / T5 v1.1, mT5)",
+    long_about = "Fast inference for T5-family encoder-decoder models (t5, FLAN-T5 / T5 v1.1, mT5).\n\
+                  Point it at a Hugging Face checkpoint directory as downloaded \
+                  (config.json, model.safetensors, tokenizer.json); without --model it runs \
+                  the small bundled model that spells out numbers (try \"spell: 1984\")."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text with greedy decoding.
+    Generate(generate_cmd::GenerateArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate_cmd::run(args),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

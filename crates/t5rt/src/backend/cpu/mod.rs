@@ -1,0 +1,238 @@
+//! The CPU backend: `gemm` for matrix products, `rayon` for threads, plain loops elsewhere.
+//! [`reference`] holds scalar versions of every kernel, the oracle the tests compare against.
+
+mod kernels;
+pub mod reference;
+
+use rayon::prelude::*;
+
+use super::{AttnShape, Backend, MatDims};
+use crate::config::Activation;
+use crate::error::{Result, T5Error};
+
+/// Runs every kernel on its own rayon pool of `threads` threads.
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+}
+
+impl CpuBackend {
+    /// A backend using `threads` threads (0 = one per core).
+    pub fn new(threads: usize) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("t5rt-cpu-{i}"))
+            .build()
+            .map_err(|e| T5Error::Backend(format!("cannot start {threads} CPU threads: {e}")))?;
+        let threads = pool.current_num_threads();
+        Ok(CpuBackend { pool, threads })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(T5Error::Backend(format!(
+            "{what}: buffer holds {have} values, the op needs {need}"
+        )));
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    type Tensor = Vec<f32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", self.threads)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn download(&self, t: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
+        check_len("download", t.len(), len)?;
+        Ok(t[..len].to_vec())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn matmul_nt(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        out: &mut Vec<f32>,
+        d: MatDims,
+        accumulate: bool,
+    ) -> Result<()> {
+        check_len("matmul x", x.len(), d.m * d.k)?;
+        check_len("matmul w", w.len(), d.n * d.k)?;
+        check_len("matmul out", out.len(), d.m * d.n)?;
+        self.pool
+            .install(|| kernels::matmul_nt(x, w, out, d, accumulate, self.threads));
+        Ok(())
+    }
+
+    fn embed(&self, ids: &[u32], table: &Vec<f32>, out: &mut Vec<f32>, d: usize) -> Result<()> {
+        check_len("embed out", out.len(), ids.len() * d)?;
+        for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+            let start = id as usize * d;
+            let src = table.get(start..start + d).ok_or_else(|| {
+                T5Error::Input(format!("token id {id} is outside the vocabulary"))
+            })?;
+            row.copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        out: &mut Vec<f32>,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check_len("rms_norm x", x.len(), rows * d)?;
+        check_len("rms_norm out", out.len(), rows * d)?;
+        check_len("rms_norm w", w.len(), d)?;
+        self.pool.install(|| {
+            out[..rows * d]
+                .par_chunks_exact_mut(d)
+                .zip(x[..rows * d].par_chunks_exact(d))
+                .for_each(|(o, x)| kernels::rms_norm_row(x, &w[..d], o, eps));
+        });
+        Ok(())
+    }
+
+    fn activate(
+        &self,
+        x: &mut Vec<f32>,
+        up: Option<&Vec<f32>>,
+        len: usize,
+        act: Activation,
+    ) -> Result<()> {
+        check_len("activate x", x.len(), len)?;
+        if let Some(up) = up {
+            check_len("activate up", up.len(), len)?;
+        }
+        const CHUNK: usize = 4096;
+        self.pool.install(|| {
+            let xs = x[..len].par_chunks_mut(CHUNK);
+            match up {
+                None => xs.for_each(|x| x.iter_mut().for_each(|v| *v = kernels::act(*v, act))),
+                Some(up) => xs.zip(up[..len].par_chunks(CHUNK)).for_each(|(x, u)| {
+                    x.iter_mut()
+                        .zip(u)
+                        .for_each(|(v, u)| *v = kernels::act(*v, act) * u)
+                }),
+            }
+        });
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, len: usize, s: f32) -> Result<()> {
+        check_len("scale", x.len(), len)?;
+        x[..len].iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
+        mask: Option<&Vec<f32>>,
+        out: &mut Vec<f32>,
+        s: AttnShape,
+    ) -> Result<()> {
+        let inner = s.heads * s.d_kv;
+        check_len("attention q", q.len(), s.batch * s.q_len * inner)?;
+        check_len("attention out", out.len(), s.batch * s.q_len * inner)?;
+        check_len("attention k", k.len(), s.batch * s.kv_stride * inner)?;
+        check_len("attention v", v.len(), s.batch * s.kv_stride * inner)?;
+        if s.kv_len > s.kv_stride || s.kv_len == 0 {
+            return Err(T5Error::Backend(format!(
+                "attention over {} keys with a stride of {}",
+                s.kv_len, s.kv_stride
+            )));
+        }
+        if let Some(b) = bias {
+            check_len("attention bias", b.len(), s.heads * s.q_len * s.kv_len)?;
+        }
+        if let Some(m) = mask {
+            check_len("attention mask", m.len(), s.batch * s.kv_len)?;
+        }
+        let bias = bias.map(|b| b.as_slice());
+        let mask = mask.map(|m| m.as_slice());
+        self.pool
+            .install(|| kernels::attention(q, k, v, bias, mask, &mut out[..], s));
+        Ok(())
+    }
+
+    fn write_position(
+        &self,
+        src: &Vec<f32>,
+        cache: &mut Vec<f32>,
+        batch: usize,
+        width: usize,
+        stride: usize,
+        pos: usize,
+    ) -> Result<()> {
+        if pos >= stride {
+            return Err(T5Error::Backend(format!(
+                "cache position {pos} is beyond its capacity {stride}"
+            )));
+        }
+        check_len("write_position src", src.len(), batch * width)?;
+        check_len("write_position cache", cache.len(), batch * stride * width)?;
+        for b in 0..batch {
+            let dst = (b * stride + pos) * width;
+            cache[dst..dst + width].copy_from_slice(&src[b * width..(b + 1) * width]);
+        }
+        Ok(())
+    }
+
+    fn gather_rows(&self, src: &Vec<f32>, rows: &[usize], row_len: usize) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(rows.len() * row_len);
+        for &r in rows {
+            let row = src
+                .get(r * row_len..(r + 1) * row_len)
+                .ok_or_else(|| T5Error::Backend(format!("gather_rows: row {r} is out of range")))?;
+            out.extend_from_slice(row);
+        }
+        Ok(out)
+    }
+
+    fn argmax_rows(&self, x: &Vec<f32>, rows: usize, n: usize) -> Result<Vec<u32>> {
+        check_len("argmax_rows", x.len(), rows * n)?;
+        Ok(x[..rows * n].chunks_exact(n).map(kernels::argmax).collect())
+    }
+
+    fn fill_column(
+        &self,
+        x: &mut Vec<f32>,
+        rows: usize,
+        n: usize,
+        col: usize,
+        value: f32,
+    ) -> Result<()> {
+        check_len("fill_column", x.len(), rows * n)?;
+        if col >= n {
+            return Err(T5Error::Backend(format!(
+                "fill_column: column {col} >= width {n}"
+            )));
+        }
+        for r in 0..rows {
+            x[r * n + col] = value;
+        }
+        Ok(())
+    }
+}

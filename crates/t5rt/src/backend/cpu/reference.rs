@@ -1,0 +1,96 @@
+//! Scalar reference kernels: slow, obvious, accumulated in f64. The oracle for every backend.
+
+use crate::backend::{AttnShape, MatDims};
+use crate::config::Activation;
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ`.
+pub fn matmul_nt(x: &[f32], w: &[f32], d: MatDims) -> Vec<f32> {
+    let mut out = vec![0.0; d.m * d.n];
+    for i in 0..d.m {
+        for j in 0..d.n {
+            let mut acc = 0.0f64;
+            for l in 0..d.k {
+                acc += x[i * d.k + l] as f64 * w[j * d.k + l] as f64;
+            }
+            out[i * d.n + j] = acc as f32;
+        }
+    }
+    out
+}
+
+/// RMSNorm over rows of width `w.len()`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(d) {
+        let mean_sq = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+        let inv = 1.0 / (mean_sq + eps as f64).sqrt();
+        out.extend(
+            row.iter()
+                .zip(w)
+                .map(|(&v, &g)| (g as f64 * v as f64 * inv) as f32),
+        );
+    }
+    out
+}
+
+/// The activation, in f64.
+pub fn act(x: f32, act: Activation) -> f32 {
+    let x = x as f64;
+    let y = match act {
+        Activation::Relu => x.max(0.0),
+        Activation::GeluNew => {
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        }
+        Activation::Silu => x / (1.0 + (-x).exp()),
+    };
+    y as f32
+}
+
+/// Attention with the same layouts as [`crate::backend::Backend::attention`].
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: Option<&[f32]>,
+    mask: Option<&[f32]>,
+    s: AttnShape,
+) -> Vec<f32> {
+    let inner = s.heads * s.d_kv;
+    let mut out = vec![0.0; s.batch * s.q_len * inner];
+    for b in 0..s.batch {
+        for qi in 0..s.q_len {
+            for h in 0..s.heads {
+                let q_at = (b * s.q_len + qi) * inner + h * s.d_kv;
+                let kv_at = |j: usize| ((b * s.kv_stride + j) * s.heads + h) * s.d_kv;
+                let mut scores: Vec<f64> = (0..s.kv_len)
+                    .map(|j| {
+                        let mut acc = 0.0f64;
+                        for t in 0..s.d_kv {
+                            acc += q[q_at + t] as f64 * k[kv_at(j) + t] as f64;
+                        }
+                        if let Some(bias) = bias {
+                            acc += bias[(h * s.q_len + qi) * s.kv_len + j] as f64;
+                        }
+                        if let Some(mask) = mask {
+                            acc += mask[b * s.kv_len + j] as f64;
+                        }
+                        acc
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                scores.iter_mut().for_each(|x| *x = (*x - max).exp());
+                let sum: f64 = scores.iter().sum();
+                for t in 0..s.d_kv {
+                    let mut acc = 0.0f64;
+                    for (j, p) in scores.iter().enumerate() {
+                        acc += p / sum * v[kv_at(j) + t] as f64;
+                    }
+                    out[q_at + t] = acc as f32;
+                }
+            }
+        }
+    }
+    out
+}

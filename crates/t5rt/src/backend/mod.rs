@@ -1,0 +1,134 @@
+//! The small set of kernels T5 needs, implemented once per device.
+//!
+//! The model is written once against [`Backend`]; shapes live in the model, arithmetic here.
+//! Every tensor is a flat f32 buffer on the device; sizes are passed explicitly, so a buffer
+//! may be larger than the part an op uses (scratch is reused as batches shrink).
+
+pub mod cpu;
+
+use crate::config::Activation;
+use crate::error::Result;
+
+/// Dimensions of `out[m, n] = x[m, k] · w[n, k]ᵀ` (weights stay in Hugging Face's `[out, in]` layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatDims {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Shapes of one attention call.
+///
+/// q, out: `[batch, q_len, heads * d_kv]`; k, v: `[batch, kv_stride, heads * d_kv]` of which the
+/// first `kv_len` rows per sequence are attended; bias: `[heads, q_len, kv_len]`, shared by the
+/// batch; mask: `[batch, kv_len]`, additive (0 or -inf), per sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub d_kv: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub kv_stride: usize,
+}
+
+/// A compute device. The CPU implementation is the reference every other one is tested against.
+pub trait Backend: Send + Sync {
+    /// A flat f32 buffer in this device's memory.
+    type Tensor: Send + Sync;
+
+    /// Human-readable device name, for logs and errors.
+    fn name(&self) -> String;
+    fn upload(&self, data: &[f32]) -> Result<Self::Tensor>;
+    /// Copies the first `len` values back to the host.
+    fn download(&self, t: &Self::Tensor, len: usize) -> Result<Vec<f32>>;
+    fn zeros(&self, len: usize) -> Result<Self::Tensor>;
+
+    /// `out = x · wᵀ`, or `out += x · wᵀ` with `accumulate` (the residual add, fused).
+    fn matmul_nt(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        out: &mut Self::Tensor,
+        dims: MatDims,
+        accumulate: bool,
+    ) -> Result<()>;
+
+    /// `out[i, :] = table[ids[i], :]`, rows of width `d`.
+    fn embed(
+        &self,
+        ids: &[u32],
+        table: &Self::Tensor,
+        out: &mut Self::Tensor,
+        d: usize,
+    ) -> Result<()>;
+
+    /// T5's RMSNorm: `out = w * x / sqrt(mean(x²) + eps)`, no mean subtraction, no bias.
+    fn rms_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        out: &mut Self::Tensor,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()>;
+
+    /// `x = act(x)`, or `x = act(x) * up` when `up` is given (gated FFN).
+    fn activate(
+        &self,
+        x: &mut Self::Tensor,
+        up: Option<&Self::Tensor>,
+        len: usize,
+        act: Activation,
+    ) -> Result<()>;
+
+    /// `x *= s` over the first `len` values.
+    fn scale(&self, x: &mut Self::Tensor, len: usize, s: f32) -> Result<()>;
+
+    /// Softmax attention without `1/sqrt(d_kv)` scaling (T5 folds it into the weights).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        mask: Option<&Self::Tensor>,
+        out: &mut Self::Tensor,
+        shape: AttnShape,
+    ) -> Result<()>;
+
+    /// Writes row `b` of `src` (`[batch, width]`) to row `pos` of sequence `b` in `cache`
+    /// (`[batch, stride, width]`): appends one position to a key/value cache.
+    fn write_position(
+        &self,
+        src: &Self::Tensor,
+        cache: &mut Self::Tensor,
+        batch: usize,
+        width: usize,
+        stride: usize,
+        pos: usize,
+    ) -> Result<()>;
+
+    /// New tensor whose row `i` is row `rows[i]` of `src` (rows of `row_len` values).
+    fn gather_rows(
+        &self,
+        src: &Self::Tensor,
+        rows: &[usize],
+        row_len: usize,
+    ) -> Result<Self::Tensor>;
+
+    /// Index of the largest value of each of `rows` rows of width `n` (first one on ties).
+    fn argmax_rows(&self, x: &Self::Tensor, rows: usize, n: usize) -> Result<Vec<u32>>;
+
+    /// Sets column `col` of each of `rows` rows of width `n` to `value` (e.g. -inf to ban a token).
+    fn fill_column(
+        &self,
+        x: &mut Self::Tensor,
+        rows: usize,
+        n: usize,
+        col: usize,
+        value: f32,
+    ) -> Result<()>;
+}

@@ -1,0 +1,112 @@
+//! A model directory as published on the Hugging Face Hub: `config.json`, weights,
+//! optionally `tokenizer.json` and `generation_config.json`.
+
+use std::path::Path;
+
+use crate::backend::Backend;
+use crate::config::{GenerationDefaults, T5Config};
+use crate::error::{Result, T5Error};
+use crate::model::T5Model;
+use crate::tokenizer::T5Tokenizer;
+use crate::weights::TensorStore;
+
+/// Everything read from a checkpoint before its weights go to a device.
+pub struct Checkpoint {
+    pub config: T5Config,
+    pub store: TensorStore,
+    pub tokenizer: Option<T5Tokenizer>,
+    pub generation: GenerationDefaults,
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| T5Error::io(path, e))
+}
+
+impl Checkpoint {
+    /// Opens a checkpoint directory (no conversion needed).
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(T5Error::MissingFile {
+                path: dir.to_path_buf(),
+                hint: "expected a model directory holding config.json and model.safetensors".into(),
+            });
+        }
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(T5Error::MissingFile {
+                path: config_path,
+                hint: "every checkpoint directory needs its config.json".into(),
+            });
+        }
+        let config = T5Config::from_json_str(&read_text(&config_path)?).map_err(|e| match e {
+            T5Error::Json { message, .. } => T5Error::Json {
+                path: config_path.clone(),
+                message,
+            },
+            other => other,
+        })?;
+        let gen_path = dir.join("generation_config.json");
+        let generation = if gen_path.is_file() {
+            GenerationDefaults::from_json_str(&read_text(&gen_path)?, &config)?
+        } else {
+            GenerationDefaults::default()
+        };
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.is_file() {
+            Some(T5Tokenizer::from_file(&tok_path)?)
+        } else {
+            None
+        };
+        let store = TensorStore::open_dir(dir)?;
+        Self::checked(config, store, tokenizer, generation)
+    }
+
+    /// A checkpoint whose files are compiled into the program (the bundled default model).
+    pub fn from_static(
+        name: &str,
+        config_json: &str,
+        weights: &'static [u8],
+        tokenizer_json: Option<&[u8]>,
+        generation_json: Option<&str>,
+    ) -> Result<Self> {
+        let config = T5Config::from_json_str(config_json)?;
+        let generation = match generation_json {
+            Some(text) => GenerationDefaults::from_json_str(text, &config)?,
+            None => GenerationDefaults::default(),
+        };
+        let tokenizer = tokenizer_json.map(T5Tokenizer::from_bytes).transpose()?;
+        let store = TensorStore::from_static(weights, name)?;
+        Self::checked(config, store, tokenizer, generation)
+    }
+
+    fn checked(
+        config: T5Config,
+        store: TensorStore,
+        tokenizer: Option<T5Tokenizer>,
+        generation: GenerationDefaults,
+    ) -> Result<Self> {
+        if let Some(tok) = &tokenizer {
+            if tok.vocab_size() > config.vocab_size {
+                return Err(T5Error::config(
+                    "vocab_size",
+                    format!(
+                        "{} is smaller than the tokenizer's {} tokens; tokenizer.json belongs to another model",
+                        config.vocab_size,
+                        tok.vocab_size()
+                    ),
+                ));
+            }
+        }
+        Ok(Checkpoint {
+            config,
+            store,
+            tokenizer,
+            generation,
+        })
+    }
+
+    /// Moves the weights onto `backend`. The checkpoint files are not needed afterwards.
+    pub fn load_model<B: Backend>(&self, backend: B) -> Result<T5Model<B>> {
+        T5Model::load(self.config.clone(), &self.store, backend)
+    }
+}

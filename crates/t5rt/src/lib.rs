@@ -1,0 +1,31 @@
+//! t5rt: fast inference for T5-family encoder-decoder models (t5, FLAN-T5 / T5 v1.1, mT5).
+//!
+//! ```no_run
+//! use t5rt::{Checkpoint, CpuBackend, GenerateOptions};
+//! let ckpt = Checkpoint::open("path/to/flan-t5-small".as_ref())?;
+//! let model = ckpt.load_model(CpuBackend::new(0)?)?;
+//! let tok = ckpt.tokenizer.as_ref().expect("tokenizer.json");
+//! let ids = tok.encode("translate English to German: Hello")?;
+//! let out = t5rt::generate(&model, &[ids], &GenerateOptions::default(), |_| {})?;
+//! println!("{}", tok.decode(&out[0])?);
+//! # Ok::<(), t5rt::T5Error>(())
+//! ```
+
+pub mod backend;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use backend::cpu::CpuBackend;
+pub use backend::Backend;
+pub use checkpoint::Checkpoint;
+pub use config::{Activation, GenerationDefaults, T5Config};
+pub use error::{Result, T5Error};
+pub use generate::{generate, greedy_batch, GenerateOptions};
+pub use model::{DecoderState, EncoderOutput, T5Model};
+pub use tokenizer::T5Tokenizer;
+pub use weights::{HostTensor, TensorStore};

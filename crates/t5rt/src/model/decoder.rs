@@ -1,0 +1,221 @@
+//! The decoder: cross-attention keys/values once per request, then one token per step.
+
+use crate::backend::{AttnShape, Backend, MatDims};
+use crate::error::{Result, T5Error};
+
+use super::ffn::feed_forward;
+use super::relpos::position_bias;
+use super::state::{DecoderScratch, DecoderState, EncoderOutput, ScratchDims};
+use super::T5Model;
+
+impl<B: Backend> T5Model<B> {
+    /// Prepares decoding of `enc`'s batch for up to `capacity` steps: preallocates the
+    /// self-attention caches and projects the cross-attention keys/values, once.
+    pub fn start_decoding(
+        &self,
+        enc: &EncoderOutput<B::Tensor>,
+        capacity: usize,
+    ) -> Result<DecoderState<B::Tensor>> {
+        let cfg = &self.config;
+        let b = &self.backend;
+        let (d, inner) = (cfg.d_model, cfg.inner_dim());
+        let capacity = capacity.max(1);
+        let rows = enc.batch * enc.src_len;
+        let proj = MatDims {
+            m: rows,
+            n: inner,
+            k: d,
+        };
+        let mut self_k = Vec::with_capacity(cfg.num_decoder_layers);
+        let mut self_v = Vec::with_capacity(cfg.num_decoder_layers);
+        let mut cross_k = Vec::with_capacity(cfg.num_decoder_layers);
+        let mut cross_v = Vec::with_capacity(cfg.num_decoder_layers);
+        for layer in &self.params.decoder {
+            self_k.push(b.zeros(enc.batch * capacity * inner)?);
+            self_v.push(b.zeros(enc.batch * capacity * inner)?);
+            let mut k = b.zeros(rows * inner)?;
+            let mut v = b.zeros(rows * inner)?;
+            b.matmul_nt(&enc.hidden, &layer.cross_attn.k, &mut k, proj, false)?;
+            b.matmul_nt(&enc.hidden, &layer.cross_attn.v, &mut v, proj, false)?;
+            cross_k.push(k);
+            cross_v.push(v);
+        }
+        let dims = ScratchDims {
+            d_model: d,
+            inner,
+            d_ff: cfg.d_ff,
+            vocab: cfg.vocab_size,
+        };
+        let all: Vec<usize> = (0..enc.batch).collect();
+        Ok(DecoderState {
+            batch: enc.batch,
+            step: 0,
+            capacity,
+            src_len: enc.src_len,
+            self_k,
+            self_v,
+            cross_k,
+            cross_v,
+            cross_mask: b.gather_rows(&enc.mask, &all, enc.src_len)?,
+            scratch: DecoderScratch::new(b, enc.batch, dims)?,
+            dims,
+        })
+    }
+
+    /// Feeds one token per sequence; returns the next-token logits `[batch, vocab]`.
+    pub fn decode_step<'s>(
+        &self,
+        tokens: &[u32],
+        state: &'s mut DecoderState<B::Tensor>,
+    ) -> Result<&'s mut B::Tensor> {
+        let cfg = &self.config;
+        let b = &self.backend;
+        let batch = state.batch;
+        let pos = state.step;
+        if tokens.len() != batch {
+            return Err(T5Error::Input(format!(
+                "decode_step got {} tokens for a batch of {batch}",
+                tokens.len()
+            )));
+        }
+        if pos >= state.capacity {
+            return Err(T5Error::Input(format!(
+                "decoding past the {} positions the state was started with",
+                state.capacity
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(T5Error::Input(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        let (d, inner, heads, eps) = (
+            cfg.d_model,
+            cfg.inner_dim(),
+            cfg.num_heads,
+            cfg.layer_norm_epsilon,
+        );
+        // Causal buckets for the one new query at `pos` over keys 0..=pos, shared by all layers.
+        let bias = b.upload(&position_bias(
+            &self.params.decoder_relpos,
+            heads,
+            pos,
+            1,
+            pos + 1,
+            false,
+            cfg.relative_attention_max_distance,
+        ))?;
+        let self_shape = AttnShape {
+            batch,
+            heads,
+            d_kv: cfg.d_kv,
+            q_len: 1,
+            kv_len: pos + 1,
+            kv_stride: state.capacity,
+        };
+        let cross_shape = AttnShape {
+            kv_len: state.src_len,
+            kv_stride: state.src_len,
+            ..self_shape
+        };
+        let proj = MatDims {
+            m: batch,
+            n: inner,
+            k: d,
+        };
+        let out_proj = MatDims {
+            m: batch,
+            n: d,
+            k: inner,
+        };
+        let s = &mut state.scratch;
+
+        b.embed(tokens, &self.params.shared, &mut s.x, d)?;
+        for (l, layer) in self.params.decoder.iter().enumerate() {
+            // self-attention over the cache, extended by this position
+            b.rms_norm(&s.x, &layer.self_norm, &mut s.normed, batch, d, eps)?;
+            b.matmul_nt(&s.normed, &layer.self_attn.q, &mut s.q, proj, false)?;
+            b.matmul_nt(&s.normed, &layer.self_attn.k, &mut s.k, proj, false)?;
+            b.matmul_nt(&s.normed, &layer.self_attn.v, &mut s.v, proj, false)?;
+            b.write_position(
+                &s.k,
+                &mut state.self_k[l],
+                batch,
+                inner,
+                state.capacity,
+                pos,
+            )?;
+            b.write_position(
+                &s.v,
+                &mut state.self_v[l],
+                batch,
+                inner,
+                state.capacity,
+                pos,
+            )?;
+            let (ck, cv) = (&state.self_k[l], &state.self_v[l]);
+            b.attention(&s.q, ck, cv, Some(&bias), None, &mut s.attn, self_shape)?;
+            // residual: x += attn · oᵀ
+            b.matmul_nt(&s.attn, &layer.self_attn.o, &mut s.x, out_proj, true)?;
+
+            // cross-attention over the encoder output (keys/values projected at start)
+            b.rms_norm(&s.x, &layer.cross_norm, &mut s.normed, batch, d, eps)?;
+            b.matmul_nt(&s.normed, &layer.cross_attn.q, &mut s.q, proj, false)?;
+            let (ck, cv) = (&state.cross_k[l], &state.cross_v[l]);
+            // no position bias in cross-attention; only the source padding mask
+            b.attention(
+                &s.q,
+                ck,
+                cv,
+                None,
+                Some(&state.cross_mask),
+                &mut s.attn,
+                cross_shape,
+            )?;
+            b.matmul_nt(&s.attn, &layer.cross_attn.o, &mut s.x, out_proj, true)?;
+
+            // feed-forward
+            b.rms_norm(&s.x, &layer.ffn_norm, &mut s.normed, batch, d, eps)?;
+            feed_forward(
+                b,
+                cfg,
+                &layer.ffn,
+                &s.normed,
+                &mut s.x,
+                &mut s.ff,
+                &mut s.ff_up,
+                batch,
+            )?;
+        }
+        b.rms_norm(
+            &s.x,
+            &self.params.decoder_norm,
+            &mut s.normed,
+            batch,
+            d,
+            eps,
+        )?;
+        let head = match &self.params.lm_head {
+            Some(lm_head) => lm_head,
+            None => {
+                // Tied embeddings (t5 v1.0): scale by d_model ** -0.5 before the shared head.
+                b.scale(&mut s.normed, batch * d, (d as f32).powf(-0.5))?;
+                &self.params.shared
+            }
+        };
+        let vocab = cfg.vocab_size;
+        b.matmul_nt(
+            &s.normed,
+            head,
+            &mut s.logits,
+            MatDims {
+                m: batch,
+                n: vocab,
+                k: d,
+            },
+            false,
+        )?;
+        state.step += 1;
+        Ok(&mut state.scratch.logits)
+    }
+}

@@ -1,0 +1,137 @@
+//! The encoder: a padded batch of token ids -> hidden states, one pass.
+
+use crate::backend::{AttnShape, Backend, MatDims};
+use crate::error::{Result, T5Error};
+
+use super::ffn::feed_forward;
+use super::relpos::position_bias;
+use super::state::EncoderOutput;
+use super::T5Model;
+
+impl<B: Backend> T5Model<B> {
+    /// Encodes a batch of sequences (padded here to the longest, with an attention mask).
+    pub fn encode(&self, inputs: &[Vec<u32>]) -> Result<EncoderOutput<B::Tensor>> {
+        let cfg = &self.config;
+        let b = &self.backend;
+        self.check_ids(inputs)?;
+        let batch = inputs.len();
+        let src_len = inputs.iter().map(Vec::len).max().unwrap_or(0);
+        let rows = batch * src_len;
+        let (d, inner, heads) = (cfg.d_model, cfg.inner_dim(), cfg.num_heads);
+
+        // Pad to [batch, src_len]; padding is masked out of every attention.
+        let mut ids = vec![cfg.pad_token_id; rows];
+        let mut mask = vec![f32::NEG_INFINITY; rows];
+        for (i, seq) in inputs.iter().enumerate() {
+            ids[i * src_len..i * src_len + seq.len()].copy_from_slice(seq);
+            mask[i * src_len..i * src_len + seq.len()].fill(0.0);
+        }
+        let mask = b.upload(&mask)?;
+        // Bidirectional buckets; layer 0's table, computed once and shared by all layers.
+        let bias = b.upload(&position_bias(
+            &self.params.encoder_relpos,
+            heads,
+            0,
+            src_len,
+            src_len,
+            true,
+            cfg.relative_attention_max_distance,
+        ))?;
+
+        let mut x = b.zeros(rows * d)?; // [batch, src_len, d_model]
+        let mut normed = b.zeros(rows * d)?;
+        let mut q = b.zeros(rows * inner)?;
+        let mut k = b.zeros(rows * inner)?;
+        let mut v = b.zeros(rows * inner)?;
+        let mut attn = b.zeros(rows * inner)?;
+        let mut ff = b.zeros(rows * cfg.d_ff)?;
+        let mut ff_up = b.zeros(if cfg.is_gated_act { rows * cfg.d_ff } else { 0 })?;
+        let shape = AttnShape {
+            batch,
+            heads,
+            d_kv: cfg.d_kv,
+            q_len: src_len,
+            kv_len: src_len,
+            kv_stride: src_len,
+        };
+        let proj = MatDims {
+            m: rows,
+            n: inner,
+            k: d,
+        };
+        let out_proj = MatDims {
+            m: rows,
+            n: d,
+            k: inner,
+        };
+
+        b.embed(&ids, &self.params.shared, &mut x, d)?;
+        for layer in &self.params.encoder {
+            // self-attention sublayer
+            b.rms_norm(
+                &x,
+                &layer.attn_norm,
+                &mut normed,
+                rows,
+                d,
+                cfg.layer_norm_epsilon,
+            )?;
+            b.matmul_nt(&normed, &layer.attn.q, &mut q, proj, false)?;
+            b.matmul_nt(&normed, &layer.attn.k, &mut k, proj, false)?;
+            b.matmul_nt(&normed, &layer.attn.v, &mut v, proj, false)?;
+            b.attention(&q, &k, &v, Some(&bias), Some(&mask), &mut attn, shape)?;
+            // residual: x += attn · oᵀ
+            b.matmul_nt(&attn, &layer.attn.o, &mut x, out_proj, true)?;
+            // feed-forward sublayer
+            b.rms_norm(
+                &x,
+                &layer.ffn_norm,
+                &mut normed,
+                rows,
+                d,
+                cfg.layer_norm_epsilon,
+            )?;
+            feed_forward(
+                b, cfg, &layer.ffn, &normed, &mut x, &mut ff, &mut ff_up, rows,
+            )?;
+        }
+        let mut hidden = normed;
+        b.rms_norm(
+            &x,
+            &self.params.encoder_norm,
+            &mut hidden,
+            rows,
+            d,
+            cfg.layer_norm_epsilon,
+        )?;
+        Ok(EncoderOutput {
+            hidden,
+            mask,
+            lengths: inputs.iter().map(Vec::len).collect(),
+            batch,
+            src_len,
+        })
+    }
+
+    /// Every sequence non-empty, every id inside the vocabulary.
+    fn check_ids(&self, inputs: &[Vec<u32>]) -> Result<()> {
+        if inputs.is_empty() {
+            return Err(T5Error::Input("no sequences to encode".into()));
+        }
+        for (i, seq) in inputs.iter().enumerate() {
+            if seq.is_empty() {
+                return Err(T5Error::Input(format!("sequence {i} is empty")));
+            }
+            if let Some(&bad) = seq
+                .iter()
+                .find(|&&id| id as usize >= self.config.vocab_size)
+            {
+                return Err(T5Error::Input(format!(
+                    "sequence {i} holds token id {bad}, outside the vocabulary of {} ids",
+                    self.config.vocab_size
+                )));
+            }
+        }
+        Ok(())
+    }
+}

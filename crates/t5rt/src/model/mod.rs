@@ -1,0 +1,36 @@
+//! The T5 model, written once against [`Backend`]: `encode` and `decode_step`.
+
+mod decoder;
+mod encoder;
+mod ffn;
+pub mod params;
+pub mod relpos;
+pub mod state;
+
+use crate::backend::Backend;
+use crate::config::T5Config;
+use crate::error::Result;
+use crate::weights::TensorStore;
+
+pub use params::T5Params;
+pub use state::{DecoderState, EncoderOutput};
+
+/// A loaded model: config, backend and immutable weights. Share it behind an `Arc`;
+/// per-request data lives in [`EncoderOutput`] and [`DecoderState`].
+pub struct T5Model<B: Backend> {
+    pub config: T5Config,
+    pub backend: B,
+    pub(crate) params: T5Params<B::Tensor>,
+}
+
+impl<B: Backend> T5Model<B> {
+    /// Reads every weight the config names from `store` onto `backend`.
+    pub fn load(config: T5Config, store: &TensorStore, backend: B) -> Result<Self> {
+        let params = T5Params::load(store, &backend, &config)?;
+        Ok(T5Model {
+            config,
+            backend,
+            params,
+        })
+    }
+}

@@ -1,0 +1,187 @@
+//! Model weights on the device, read once from a [`TensorStore`] and never changed.
+
+use crate::backend::Backend;
+use crate::config::T5Config;
+use crate::error::Result;
+use crate::weights::TensorStore;
+
+/// q, k, v, o projections, each `[out, in]` as in the checkpoint.
+pub struct AttentionWeights<T> {
+    /// [inner, d_model]
+    pub q: T,
+    /// [inner, d_model]
+    pub k: T,
+    /// [inner, d_model]
+    pub v: T,
+    /// [d_model, inner]
+    pub o: T,
+}
+
+/// The feed-forward block: `wo(act(wi x))` or, gated, `wo(act(wi_0 x) * wi_1 x)`.
+pub struct FfnWeights<T> {
+    /// [d_ff, d_model] (`wi` or `wi_0`)
+    pub wi: T,
+    /// [d_ff, d_model] (`wi_1`, gated variants only)
+    pub wi_gate_linear: Option<T>,
+    /// [d_model, d_ff]
+    pub wo: T,
+}
+
+pub struct EncoderLayer<T> {
+    /// [d_model]
+    pub attn_norm: T,
+    pub attn: AttentionWeights<T>,
+    /// [d_model]
+    pub ffn_norm: T,
+    pub ffn: FfnWeights<T>,
+}
+
+pub struct DecoderLayer<T> {
+    /// [d_model]
+    pub self_norm: T,
+    pub self_attn: AttentionWeights<T>,
+    /// [d_model]
+    pub cross_norm: T,
+    pub cross_attn: AttentionWeights<T>,
+    /// [d_model]
+    pub ffn_norm: T,
+    pub ffn: FfnWeights<T>,
+}
+
+/// Every weight of a T5 model, on the device (relative-bias tables stay on the host, where
+/// the bias is computed once per pass).
+pub struct T5Params<T> {
+    /// [vocab, d_model]
+    pub shared: T,
+    pub encoder: Vec<EncoderLayer<T>>,
+    /// [d_model]
+    pub encoder_norm: T,
+    /// [num_buckets, heads], host
+    pub encoder_relpos: Vec<f32>,
+    pub decoder: Vec<DecoderLayer<T>>,
+    /// [d_model]
+    pub decoder_norm: T,
+    /// [num_buckets, heads], host
+    pub decoder_relpos: Vec<f32>,
+    /// [vocab, d_model]; `None` when tied to `shared`.
+    pub lm_head: Option<T>,
+}
+
+struct Loader<'a, B: Backend> {
+    store: &'a TensorStore,
+    backend: &'a B,
+    cfg: &'a T5Config,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn host(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(self.store.read(name, shape)?.data)
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<B::Tensor> {
+        self.backend.upload(&self.host(name, shape)?)
+    }
+
+    fn attention(&self, prefix: &str) -> Result<AttentionWeights<B::Tensor>> {
+        let (d, inner) = (self.cfg.d_model, self.cfg.inner_dim());
+        Ok(AttentionWeights {
+            q: self.tensor(&format!("{prefix}.q.weight"), &[inner, d])?,
+            k: self.tensor(&format!("{prefix}.k.weight"), &[inner, d])?,
+            v: self.tensor(&format!("{prefix}.v.weight"), &[inner, d])?,
+            o: self.tensor(&format!("{prefix}.o.weight"), &[d, inner])?,
+        })
+    }
+
+    fn ffn(&self, prefix: &str) -> Result<FfnWeights<B::Tensor>> {
+        let (d, ff) = (self.cfg.d_model, self.cfg.d_ff);
+        let (wi, wi_gate_linear) = if self.cfg.is_gated_act {
+            (
+                self.tensor(&format!("{prefix}.wi_0.weight"), &[ff, d])?,
+                Some(self.tensor(&format!("{prefix}.wi_1.weight"), &[ff, d])?),
+            )
+        } else {
+            (self.tensor(&format!("{prefix}.wi.weight"), &[ff, d])?, None)
+        };
+        Ok(FfnWeights {
+            wi,
+            wi_gate_linear,
+            wo: self.tensor(&format!("{prefix}.wo.weight"), &[d, ff])?,
+        })
+    }
+
+    fn norm(&self, name: &str) -> Result<B::Tensor> {
+        self.tensor(name, &[self.cfg.d_model])
+    }
+
+    fn relpos(&self, stack: &str) -> Result<Vec<f32>> {
+        let name = format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight");
+        self.host(
+            &name,
+            &[self.cfg.relative_attention_num_buckets, self.cfg.num_heads],
+        )
+    }
+}
+
+impl<T> T5Params<T> {
+    /// Reads every tensor the config calls for, checking names and shapes.
+    pub fn load<B: Backend<Tensor = T>>(
+        store: &TensorStore,
+        backend: &B,
+        cfg: &T5Config,
+    ) -> Result<Self> {
+        let l = Loader {
+            store,
+            backend,
+            cfg,
+        };
+        let vocab_shape = [cfg.vocab_size, cfg.d_model];
+        // Older exports store the embedding only as encoder.embed_tokens.
+        let shared_name = if store.contains("shared.weight") {
+            "shared.weight"
+        } else if store.contains("encoder.embed_tokens.weight") {
+            "encoder.embed_tokens.weight"
+        } else {
+            "shared.weight"
+        };
+        let shared = l.tensor(shared_name, &vocab_shape)?;
+        let encoder = (0..cfg.num_layers)
+            .map(|i| {
+                let p = format!("encoder.block.{i}.layer");
+                Ok(EncoderLayer {
+                    attn_norm: l.norm(&format!("{p}.0.layer_norm.weight"))?,
+                    attn: l.attention(&format!("{p}.0.SelfAttention"))?,
+                    ffn_norm: l.norm(&format!("{p}.1.layer_norm.weight"))?,
+                    ffn: l.ffn(&format!("{p}.1.DenseReluDense"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let decoder = (0..cfg.num_decoder_layers)
+            .map(|i| {
+                let p = format!("decoder.block.{i}.layer");
+                Ok(DecoderLayer {
+                    self_norm: l.norm(&format!("{p}.0.layer_norm.weight"))?,
+                    self_attn: l.attention(&format!("{p}.0.SelfAttention"))?,
+                    cross_norm: l.norm(&format!("{p}.1.layer_norm.weight"))?,
+                    cross_attn: l.attention(&format!("{p}.1.EncDecAttention"))?,
+                    ffn_norm: l.norm(&format!("{p}.2.layer_norm.weight"))?,
+                    ffn: l.ffn(&format!("{p}.2.DenseReluDense"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(l.tensor("lm_head.weight", &vocab_shape)?)
+        };
+        Ok(T5Params {
+            shared,
+            encoder,
+            encoder_norm: l.norm("encoder.final_layer_norm.weight")?,
+            encoder_relpos: l.relpos("encoder")?,
+            decoder,
+            decoder_norm: l.norm("decoder.final_layer_norm.weight")?,
+            decoder_relpos: l.relpos("decoder")?,
+            lm_head,
+        })
+    }
+}

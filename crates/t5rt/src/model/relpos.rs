@@ -1,0 +1,77 @@
+//! T5's relative position bias: bucketed distances, one learned scalar per (bucket, head).
+//! Only layer 0 of each stack owns the table; the bias is computed once per pass and every
+//! layer of the stack reuses it.
+
+/// Hugging Face's `_relative_position_bucket`, including its f32 logarithm, so bucket edges
+/// fall where they fall there. `relative = key_position - query_position`.
+pub fn bucket(
+    relative: i64,
+    bidirectional: bool,
+    num_buckets: usize,
+    max_distance: usize,
+) -> usize {
+    let mut buckets = num_buckets as i64;
+    let mut ret = 0i64;
+    let distance = if bidirectional {
+        buckets /= 2;
+        if relative > 0 {
+            ret += buckets;
+        }
+        relative.abs()
+    } else {
+        // Causal (decoder): keys after the query never occur; the future maps to bucket 0.
+        (-relative).max(0)
+    };
+    let max_exact = buckets / 2;
+    if distance < max_exact {
+        return (ret + distance) as usize;
+    }
+    let log_ratio = (distance as f32 / max_exact as f32).ln()
+        / (max_distance as f64 / max_exact as f64).ln() as f32;
+    let large = max_exact + (log_ratio * (buckets - max_exact) as f32) as i64;
+    (ret + large.min(buckets - 1)) as usize
+}
+
+/// Bias `[heads, q_len, k_len]` for queries at `q_offset..q_offset+q_len` and keys `0..k_len`,
+/// from a table `[num_buckets, heads]` as stored in the checkpoint.
+pub fn position_bias(
+    table: &[f32],
+    heads: usize,
+    q_offset: usize,
+    q_len: usize,
+    k_len: usize,
+    bidirectional: bool,
+    max_distance: usize,
+) -> Vec<f32> {
+    let num_buckets = table.len() / heads;
+    let mut bias = vec![0.0f32; heads * q_len * k_len];
+    for qi in 0..q_len {
+        for kj in 0..k_len {
+            let rel = kj as i64 - (q_offset + qi) as i64;
+            let b = bucket(rel, bidirectional, num_buckets, max_distance);
+            for h in 0..heads {
+                bias[(h * q_len + qi) * k_len + kj] = table[b * heads + h];
+            }
+        }
+    }
+    bias
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_distances_are_exact_and_large_ones_saturate() {
+        // Encoder (bidirectional), 32 buckets: 0..8 exact to the left, +16 to the right.
+        assert_eq!(bucket(0, true, 32, 128), 0);
+        assert_eq!(bucket(-3, true, 32, 128), 3);
+        assert_eq!(bucket(3, true, 32, 128), 19);
+        assert_eq!(bucket(-10_000, true, 32, 128), 15);
+        assert_eq!(bucket(10_000, true, 32, 128), 31);
+        // Decoder (causal): the future is bucket 0, the far past the last bucket.
+        assert_eq!(bucket(5, false, 32, 128), 0);
+        assert_eq!(bucket(-5, false, 32, 128), 5);
+        assert_eq!(bucket(-10_000, false, 32, 128), 31);
+    }
+}

@@ -1,0 +1,122 @@
+//! Per-request data: the encoder's output and the decoder's caches. Owned by the request,
+//! never by the model.
+
+use crate::backend::Backend;
+use crate::error::Result;
+
+/// What the encoder hands to the decoder.
+pub struct EncoderOutput<T> {
+    /// [batch, src_len, d_model]
+    pub hidden: T,
+    /// [batch, src_len]: 0 at tokens, -inf at padding (added to attention scores)
+    pub mask: T,
+    /// Unpadded length of each sequence.
+    pub lengths: Vec<usize>,
+    pub batch: usize,
+    pub src_len: usize,
+}
+
+/// Reused activations of one decoding step; sized for the largest batch seen.
+pub(crate) struct DecoderScratch<T> {
+    pub rows: usize,
+    /// [rows, d_model] residual stream
+    pub x: T,
+    /// [rows, d_model] normalised input of a sublayer
+    pub normed: T,
+    /// [rows, inner]
+    pub q: T,
+    /// [rows, inner]
+    pub k: T,
+    /// [rows, inner]
+    pub v: T,
+    /// [rows, inner]
+    pub attn: T,
+    /// [rows, d_ff]
+    pub ff: T,
+    /// [rows, d_ff] (gated variants)
+    pub ff_up: T,
+    /// [rows, vocab]
+    pub logits: T,
+}
+
+/// Widths the scratch is made of.
+#[derive(Clone, Copy)]
+pub(crate) struct ScratchDims {
+    pub d_model: usize,
+    pub inner: usize,
+    pub d_ff: usize,
+    pub vocab: usize,
+}
+
+impl<T> DecoderScratch<T> {
+    pub fn new<B: Backend<Tensor = T>>(b: &B, rows: usize, d: ScratchDims) -> Result<Self> {
+        Ok(DecoderScratch {
+            rows,
+            x: b.zeros(rows * d.d_model)?,
+            normed: b.zeros(rows * d.d_model)?,
+            q: b.zeros(rows * d.inner)?,
+            k: b.zeros(rows * d.inner)?,
+            v: b.zeros(rows * d.inner)?,
+            attn: b.zeros(rows * d.inner)?,
+            ff: b.zeros(rows * d.d_ff)?,
+            ff_up: b.zeros(rows * d.d_ff)?,
+            logits: b.zeros(rows * d.vocab)?,
+        })
+    }
+}
+
+/// Decoding state of a batch: self-attention caches that grow one position per step in
+/// preallocated buffers, and cross-attention keys/values projected once from the encoder.
+pub struct DecoderState<T> {
+    /// Sequences in the batch now (rows of every buffer below).
+    pub(crate) batch: usize,
+    /// Tokens fed so far (the position of the next one).
+    pub(crate) step: usize,
+    /// Positions each self-attention cache holds.
+    pub(crate) capacity: usize,
+    pub(crate) src_len: usize,
+    /// Per layer: [batch, capacity, inner]
+    pub(crate) self_k: Vec<T>,
+    /// Per layer: [batch, capacity, inner]
+    pub(crate) self_v: Vec<T>,
+    /// Per layer: [batch, src_len, inner]
+    pub(crate) cross_k: Vec<T>,
+    /// Per layer: [batch, src_len, inner]
+    pub(crate) cross_v: Vec<T>,
+    /// [batch, src_len] additive padding mask of the source
+    pub(crate) cross_mask: T,
+    pub(crate) scratch: DecoderScratch<T>,
+    pub(crate) dims: ScratchDims,
+}
+
+impl<T> DecoderState<T> {
+    /// Sequences currently decoded.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Tokens fed so far.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// Keeps (and reorders to) the given rows: `rows[i]` becomes row `i`. Drops finished
+    /// sequences in greedy search; beam search reorders beams through the same method.
+    pub fn select<B: Backend<Tensor = T>>(&mut self, backend: &B, rows: &[usize]) -> Result<()> {
+        let inner = self.dims.inner;
+        let self_row = self.capacity * inner;
+        let cross_row = self.src_len * inner;
+        for t in self.self_k.iter_mut().chain(self.self_v.iter_mut()) {
+            *t = backend.gather_rows(t, rows, self_row)?;
+        }
+        for t in self.cross_k.iter_mut().chain(self.cross_v.iter_mut()) {
+            *t = backend.gather_rows(t, rows, cross_row)?;
+        }
+        self.cross_mask = backend.gather_rows(&self.cross_mask, rows, self.src_len)?;
+        if rows.len() > self.scratch.rows {
+            self.scratch = DecoderScratch::new(backend, rows.len(), self.dims)?;
+        }
+        self.batch = rows.len();
+        Ok(())
+    }
+}

@@ -1,0 +1,46 @@
+//! Text <-> token ids through Hugging Face's `tokenizer.json` (the `tokenizers` crate).
+
+use std::path::Path;
+
+use crate::error::{Result, T5Error};
+
+/// A loaded `tokenizer.json`. Encoding appends `</s>` as the T5 tokenizers do.
+pub struct T5Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl T5Tokenizer {
+    /// Loads `tokenizer.json` from a file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| T5Error::io(path, e))?;
+        Self::from_bytes(&bytes).map_err(|e| T5Error::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
+    /// Loads a tokenizer from the bytes of a `tokenizer.json`.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| T5Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
+        Ok(T5Tokenizer { inner })
+    }
+
+    /// Text -> ids, with the special tokens the tokenizer adds (T5: a trailing `</s>`).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| T5Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids -> text, skipping special tokens (pad, eos).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| T5Error::Tokenizer(e.to_string()))
+    }
+
+    /// Number of tokens including added ones.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

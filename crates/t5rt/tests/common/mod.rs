@@ -1,0 +1,119 @@
+//! Shared test helpers: fixture loading, tolerances, a tiny seeded random generator.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use t5rt::{Checkpoint, CpuBackend, T5Model, TensorStore};
+
+/// Root of the committed fixtures (made by tools/make_fixtures.py).
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// The bundled default model directory.
+pub fn bundled_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/spell-numbers")
+}
+
+/// One variant's Hugging Face reference: tensors and the JSON side.
+pub struct Reference {
+    pub json: Value,
+    pub tensors: TensorStore,
+}
+
+impl Reference {
+    pub fn load(variant: &str) -> Reference {
+        let dir = fixtures().join(variant);
+        let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
+        Reference {
+            json: serde_json::from_str(&text).expect("reference.json parses"),
+            tensors: TensorStore::open_file(&dir.join("reference.safetensors"))
+                .expect("reference.safetensors"),
+        }
+    }
+
+    pub fn tensor(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let shape = self.tensors.shape(name).expect("tensor in reference");
+        let t = self.tensors.read(name, &shape).unwrap();
+        (t.shape, t.data)
+    }
+
+    pub fn ids(&self, pointer: &str) -> Vec<Vec<u32>> {
+        self.json
+            .pointer(pointer)
+            .unwrap_or_else(|| panic!("{pointer} in reference.json"))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|seq| {
+                seq.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+                    .collect()
+            })
+            .collect()
+    }
+
+    pub fn usize(&self, pointer: &str) -> usize {
+        self.json.pointer(pointer).and_then(Value::as_u64).unwrap() as usize
+    }
+}
+
+/// Loads a model directory on the CPU backend.
+pub fn load_model(dir: &std::path::Path, threads: usize) -> T5Model<CpuBackend> {
+    let ckpt = Checkpoint::open(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    ckpt.load_model(CpuBackend::new(threads).unwrap()).unwrap()
+}
+
+/// Largest |got - want| divided by the largest |want|: the parity figure the tests bound.
+pub fn relative_error(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "length");
+    let scale = want
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    let worst = got
+        .iter()
+        .zip(want)
+        .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
+    assert!(worst.is_finite(), "non-finite values");
+    worst / scale
+}
+
+/// Asserts `relative_error(got, want) <= tol` and reports the figure.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    let err = relative_error(got, want);
+    eprintln!("parity {what}: max abs error / max |ref| = {err:.2e}");
+    assert!(err <= tol, "{what}: relative error {err:e} exceeds {tol:e}");
+}
+
+/// xorshift64*: deterministic test data without a dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f32()).collect()
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}

@@ -1,0 +1,272 @@
+//! Every kernel of every compiled backend against the scalar reference in
+//! `t5rt::backend::cpu::reference`, on seeded random data of awkward sizes.
+
+mod common;
+
+use common::{assert_close, Rng};
+use t5rt::backend::cpu::reference;
+use t5rt::backend::{AttnShape, Backend, MatDims};
+use t5rt::{Activation, CpuBackend};
+
+const F32_TOL: f32 = 2e-6;
+
+fn backends() -> Vec<CpuBackend> {
+    // One thread and two: threading must not change results beyond rounding.
+    vec![CpuBackend::new(1).unwrap(), CpuBackend::new(2).unwrap()]
+}
+
+fn check_matmul<B: Backend>(b: &B, rng: &mut Rng) {
+    for (m, n, k) in [
+        (1, 1, 1),
+        (1, 64, 48),
+        (3, 17, 33),
+        (7, 128, 96),
+        (40, 100, 64),
+        (1, 1000, 64),
+    ] {
+        let d = MatDims { m, n, k };
+        let (x, w, init) = (rng.vec(m * k), rng.vec(n * k), rng.vec(m * n));
+        let want = reference::matmul_nt(&x, &w, d);
+        let (xt, wt) = (b.upload(&x).unwrap(), b.upload(&w).unwrap());
+        let mut out = b.upload(&init).unwrap();
+        b.matmul_nt(&xt, &wt, &mut out, d, false).unwrap();
+        assert_close(
+            &format!("matmul {m}x{n}x{k}"),
+            &b.download(&out, m * n).unwrap(),
+            &want,
+            F32_TOL,
+        );
+        // accumulate: out += x · wᵀ
+        let mut acc = b.upload(&init).unwrap();
+        b.matmul_nt(&xt, &wt, &mut acc, d, true).unwrap();
+        let want_acc: Vec<f32> = want.iter().zip(&init).map(|(a, b)| a + b).collect();
+        assert_close(
+            &format!("matmul+= {m}x{n}x{k}"),
+            &b.download(&acc, m * n).unwrap(),
+            &want_acc,
+            F32_TOL,
+        );
+    }
+}
+
+fn check_rms_norm<B: Backend>(b: &B, rng: &mut Rng) {
+    for (rows, d) in [(1, 8), (5, 48), (9, 512)] {
+        let x: Vec<f32> = rng.vec(rows * d).iter().map(|v| v * 30.0).collect();
+        let w = rng.vec(d);
+        let want = reference::rms_norm(&x, &w, 1e-6);
+        let mut out = b.zeros(rows * d).unwrap();
+        b.rms_norm(
+            &b.upload(&x).unwrap(),
+            &b.upload(&w).unwrap(),
+            &mut out,
+            rows,
+            d,
+            1e-6,
+        )
+        .unwrap();
+        assert_close(
+            &format!("rms_norm {rows}x{d}"),
+            &b.download(&out, rows * d).unwrap(),
+            &want,
+            F32_TOL,
+        );
+    }
+}
+
+fn check_activations<B: Backend>(b: &B, rng: &mut Rng) {
+    let n = 10_000;
+    let x: Vec<f32> = rng.vec(n).iter().map(|v| v * 8.0).collect();
+    let up = rng.vec(n);
+    for act in [Activation::Relu, Activation::GeluNew, Activation::Silu] {
+        let mut t = b.upload(&x).unwrap();
+        b.activate(&mut t, None, n, act).unwrap();
+        let want: Vec<f32> = x.iter().map(|&v| reference::act(v, act)).collect();
+        assert_close(
+            &format!("{act:?}"),
+            &b.download(&t, n).unwrap(),
+            &want,
+            F32_TOL,
+        );
+        let mut g = b.upload(&x).unwrap();
+        b.activate(&mut g, Some(&b.upload(&up).unwrap()), n, act)
+            .unwrap();
+        let want: Vec<f32> = x
+            .iter()
+            .zip(&up)
+            .map(|(&v, &u)| reference::act(v, act) * u)
+            .collect();
+        assert_close(
+            &format!("gated {act:?}"),
+            &b.download(&g, n).unwrap(),
+            &want,
+            F32_TOL,
+        );
+    }
+}
+
+fn check_attention<B: Backend>(b: &B, rng: &mut Rng) {
+    for (batch, heads, d_kv, q_len, kv_len, kv_stride) in [
+        (1, 1, 4, 1, 1, 1),
+        (2, 3, 8, 5, 5, 5),
+        (3, 4, 16, 1, 7, 12),
+        (2, 6, 8, 9, 9, 9),
+    ] {
+        let s = AttnShape {
+            batch,
+            heads,
+            d_kv,
+            q_len,
+            kv_len,
+            kv_stride,
+        };
+        let inner = heads * d_kv;
+        let q: Vec<f32> = rng
+            .vec(batch * q_len * inner)
+            .iter()
+            .map(|v| v * 3.0)
+            .collect();
+        let k = rng.vec(batch * kv_stride * inner);
+        let v = rng.vec(batch * kv_stride * inner);
+        let bias = rng.vec(heads * q_len * kv_len);
+        // Pad the tail of each sequence but the first, keeping at least one key.
+        let mut mask = vec![0.0f32; batch * kv_len];
+        for bi in 1..batch {
+            let keep = 1 + rng.below(kv_len);
+            mask[bi * kv_len + keep..(bi + 1) * kv_len].fill(f32::NEG_INFINITY);
+        }
+        for (use_bias, use_mask) in [(false, false), (true, false), (false, true), (true, true)] {
+            let want = reference::attention(
+                &q,
+                &k,
+                &v,
+                use_bias.then_some(&bias[..]),
+                use_mask.then_some(&mask[..]),
+                s,
+            );
+            let (bt, mt) = (b.upload(&bias).unwrap(), b.upload(&mask).unwrap());
+            let mut out = b.zeros(want.len()).unwrap();
+            b.attention(
+                &b.upload(&q).unwrap(),
+                &b.upload(&k).unwrap(),
+                &b.upload(&v).unwrap(),
+                use_bias.then_some(&bt),
+                use_mask.then_some(&mt),
+                &mut out,
+                s,
+            )
+            .unwrap();
+            let what = format!("attention {s:?} bias={use_bias} mask={use_mask}");
+            assert_close(
+                &what,
+                &b.download(&out, want.len()).unwrap(),
+                &want,
+                F32_TOL,
+            );
+        }
+    }
+}
+
+fn check_data_movement<B: Backend>(b: &B, rng: &mut Rng) {
+    // embed
+    let table = rng.vec(10 * 4);
+    let mut out = b.zeros(3 * 4).unwrap();
+    b.embed(&[7, 0, 7], &b.upload(&table).unwrap(), &mut out, 4)
+        .unwrap();
+    let got = b.download(&out, 12).unwrap();
+    assert_eq!(&got[..4], &table[28..32]);
+    assert_eq!(&got[4..8], &table[..4]);
+    assert!(
+        b.embed(&[10], &b.upload(&table).unwrap(), &mut out, 4)
+            .is_err(),
+        "id past the table"
+    );
+    // write_position then gather_rows (reordering a cache)
+    let (batch, stride, width) = (3, 5, 2);
+    let mut cache = b.zeros(batch * stride * width).unwrap();
+    let src = rng.vec(batch * width);
+    b.write_position(
+        &b.upload(&src).unwrap(),
+        &mut cache,
+        batch,
+        width,
+        stride,
+        4,
+    )
+    .unwrap();
+    let c = b.download(&cache, batch * stride * width).unwrap();
+    for bi in 0..batch {
+        let at = (bi * stride + 4) * width;
+        assert_eq!(&c[at..at + width], &src[bi * width..(bi + 1) * width]);
+    }
+    assert!(b
+        .write_position(
+            &b.upload(&src).unwrap(),
+            &mut cache,
+            batch,
+            width,
+            stride,
+            5
+        )
+        .is_err());
+    let g = b.gather_rows(&cache, &[2, 0], stride * width).unwrap();
+    let g = b.download(&g, 2 * stride * width).unwrap();
+    assert_eq!(&g[..stride * width], &c[2 * stride * width..]);
+    assert_eq!(&g[stride * width..], &c[..stride * width]);
+    // argmax (first maximum wins) and fill_column
+    let mut x = b
+        .upload(&[1.0, 5.0, 5.0, 0.0, -1.0, -3.0, -2.0, -1.0])
+        .unwrap();
+    assert_eq!(b.argmax_rows(&x, 2, 4).unwrap(), vec![1, 0]);
+    b.fill_column(&mut x, 2, 4, 1, f32::NEG_INFINITY).unwrap();
+    assert_eq!(b.argmax_rows(&x, 2, 4).unwrap(), vec![2, 0]);
+    // scale
+    let mut s = b.upload(&[2.0, 4.0, 8.0]).unwrap();
+    b.scale(&mut s, 2, 0.5).unwrap();
+    assert_eq!(b.download(&s, 3).unwrap(), vec![1.0, 2.0, 8.0]);
+}
+
+#[test]
+fn matmul_matches_reference() {
+    for b in backends() {
+        check_matmul(&b, &mut Rng::new(1));
+    }
+}
+
+#[test]
+fn rms_norm_matches_reference() {
+    for b in backends() {
+        check_rms_norm(&b, &mut Rng::new(2));
+    }
+}
+
+#[test]
+fn activations_match_reference() {
+    for b in backends() {
+        check_activations(&b, &mut Rng::new(3));
+    }
+}
+
+#[test]
+fn attention_matches_reference() {
+    for b in backends() {
+        check_attention(&b, &mut Rng::new(4));
+    }
+}
+
+#[test]
+fn data_movement_is_exact() {
+    for b in backends() {
+        check_data_movement(&b, &mut Rng::new(5));
+    }
+}
+
+#[test]
+fn undersized_buffers_are_errors_not_panics() {
+    let b = CpuBackend::new(1).unwrap();
+    let small = b.zeros(3).unwrap();
+    let mut out = b.zeros(4).unwrap();
+    let d = MatDims { m: 2, n: 2, k: 2 };
+    assert!(b.matmul_nt(&small, &small, &mut out, d, false).is_err());
+    assert!(b.download(&small, 4).is_err());
+    assert!(b.argmax_rows(&small, 2, 2).is_err());
+}

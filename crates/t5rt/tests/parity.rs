@@ -1,0 +1,171 @@
+//! Parity with Hugging Face transformers (fp32) on the committed fixtures: encoder output and
+//! per-step logits within 1e-4 of the largest magnitude, greedy tokens exactly, and batch
+//! invariance (a sequence decoded alone equals the same sequence in a padded batch).
+
+mod common;
+
+use common::{assert_close, fixtures, load_model, Reference};
+use t5rt::model::relpos::bucket;
+use t5rt::{generate, Backend, GenerateOptions};
+
+const TOL: f32 = 1e-4;
+const VARIANTS: [&str; 4] = ["t5-v1_0", "t5-v1_1", "mt5", "spell-numbers"];
+
+fn model_dir(variant: &str) -> std::path::PathBuf {
+    if variant == "spell-numbers" {
+        common::bundled_model()
+    } else {
+        fixtures().join(variant)
+    }
+}
+
+fn check_encoder(variant: &str) {
+    let r = Reference::load(variant);
+    let model = load_model(&model_dir(variant), 2);
+    let inputs = r.ids("/inputs");
+    let enc = model.encode(&inputs).unwrap();
+    let (shape, want) = r.tensor("encoder_hidden");
+    let (batch, len, d) = (shape[0], shape[1], shape[2]);
+    assert_eq!((enc.batch, enc.src_len), (batch, len));
+    let got = model
+        .backend
+        .download(&enc.hidden, batch * len * d)
+        .unwrap();
+    // Compare the positions that hold tokens; padding rows are not part of the output.
+    let (mut g, mut w) = (Vec::new(), Vec::new());
+    for (b, seq) in inputs.iter().enumerate() {
+        let range = b * len * d..(b * len + seq.len()) * d;
+        g.extend_from_slice(&got[range.clone()]);
+        w.extend_from_slice(&want[range]);
+    }
+    assert_close(&format!("{variant} encoder"), &g, &w, TOL);
+}
+
+fn check_logits(variant: &str) {
+    let r = Reference::load(variant);
+    let model = load_model(&model_dir(variant), 2);
+    let inputs = r.ids("/inputs");
+    let dec_in = r.ids("/decoder_input_ids");
+    let (shape, want) = r.tensor("logits");
+    let (batch, steps, vocab) = (shape[0], shape[1], shape[2]);
+    let enc = model.encode(&inputs).unwrap();
+    let mut state = model.start_decoding(&enc, steps).unwrap();
+    let mut worst = 0.0f32;
+    for s in 0..steps {
+        let tokens: Vec<u32> = dec_in.iter().map(|seq| seq[s]).collect();
+        let logits = model.decode_step(&tokens, &mut state).unwrap();
+        let got = model.backend.download(logits, batch * vocab).unwrap();
+        let w: Vec<f32> = (0..batch)
+            .flat_map(|b| want[(b * steps + s) * vocab..(b * steps + s + 1) * vocab].to_vec())
+            .collect();
+        worst = worst.max(common::relative_error(&got, &w));
+        assert_close(&format!("{variant} logits step {s}"), &got, &w, TOL);
+    }
+    eprintln!("parity {variant} logits, all {steps} steps: {worst:.2e}");
+}
+
+fn check_greedy(variant: &str, key: &str) {
+    let r = Reference::load(variant);
+    let model = load_model(&model_dir(variant), 2);
+    let inputs = r.ids("/inputs");
+    let want = r.ids(&format!("/{key}/outputs"));
+    let opts = GenerateOptions {
+        max_new_tokens: r.usize(&format!("/{key}/max_new_tokens")),
+        min_new_tokens: r.usize(&format!("/{key}/min_new_tokens")),
+        batch_size: inputs.len(),
+        ..GenerateOptions::default()
+    };
+    let got = generate(&model, &inputs, &opts, |_| {}).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "{variant} {key}: input {i} differs from Hugging Face");
+    }
+    // Batch invariance: alone, in batches of 3, and all together give the same tokens.
+    for batch_size in [1, 3] {
+        let again = generate(
+            &model,
+            &inputs,
+            &GenerateOptions {
+                batch_size,
+                ..opts.clone()
+            },
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(
+            again, got,
+            "{variant} {key}: batch size {batch_size} changed the output"
+        );
+    }
+    let tokens: usize = got.iter().map(Vec::len).sum();
+    eprintln!(
+        "parity {variant} {key}: {} sequences, {tokens} tokens, all equal to HF",
+        got.len()
+    );
+}
+
+fn check_buckets(variant: &str) {
+    let r = Reference::load(variant);
+    let rel = &r.json["relpos"];
+    let buckets = rel["num_buckets"].as_u64().unwrap() as usize;
+    let max_distance = rel["max_distance"].as_u64().unwrap() as usize;
+    let relative: Vec<i64> = rel["relative"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    for (key, bidirectional) in [("bidirectional", true), ("causal", false)] {
+        let want = rel[key].as_array().unwrap();
+        for (r, w) in relative.iter().zip(want) {
+            let got = bucket(*r, bidirectional, buckets, max_distance);
+            assert_eq!(
+                got as u64,
+                w.as_u64().unwrap(),
+                "{variant} {key} bucket of {r}"
+            );
+        }
+    }
+}
+
+macro_rules! parity_tests {
+    ($($name:ident => $variant:expr),* $(,)?) => {
+        mod encoder { $(#[test] fn $name() { super::check_encoder($variant) })* }
+        mod logits { $(#[test] fn $name() { super::check_logits($variant) })* }
+        mod greedy { $(#[test] fn $name() { super::check_greedy($variant, "greedy") })* }
+        mod greedy_min_new_tokens { $(#[test] fn $name() { super::check_greedy($variant, "greedy_min") })* }
+        mod relpos_buckets { $(#[test] fn $name() { super::check_buckets($variant) })* }
+    };
+}
+
+parity_tests! {
+    t5_v1_0 => "t5-v1_0",
+    t5_v1_1 => "t5-v1_1",
+    mt5 => "mt5",
+    spell_numbers => "spell-numbers",
+}
+
+#[test]
+fn every_variant_has_a_fixture() {
+    for v in VARIANTS {
+        assert!(
+            fixtures().join(v).join("reference.json").is_file(),
+            "{v}: run tools/make_fixtures.py"
+        );
+    }
+}
+
+#[test]
+fn bundled_model_text_matches_hugging_face() {
+    let r = Reference::load("spell-numbers");
+    let ckpt = t5rt::Checkpoint::open(&common::bundled_model()).unwrap();
+    let tok = ckpt.tokenizer.as_ref().unwrap();
+    let texts: Vec<String> = serde_json::from_value(r.json["texts"].clone()).unwrap();
+    let decoded: Vec<String> = serde_json::from_value(r.json["decoded"].clone()).unwrap();
+    // Our tokenizer gives HF's ids for the same texts...
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
+    assert_eq!(ids, r.ids("/inputs"));
+    // ...and decoding HF's outputs gives HF's text.
+    for (out, want) in r.ids("/greedy/outputs").iter().zip(&decoded) {
+        assert_eq!(&tok.decode(out).unwrap(), want);
+    }
+}
