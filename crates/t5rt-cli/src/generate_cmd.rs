@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use t5rt::{Checkpoint, CpuBackend, GenerateOptions, T5Tokenizer};
+use t5rt::{Backend, Checkpoint, CpuBackend, GenerateOptions, T5Tokenizer};
 
 use crate::default_model;
 use crate::inputs::{read_file, InputFormat, Request};

@@ -212,6 +212,15 @@ fn check_data_movement<B: Backend>(b: &B, rng: &mut Rng) {
     let g = b.download(&g, 2 * stride * width).unwrap();
     assert_eq!(&g[..stride * width], &c[2 * stride * width..]);
     assert_eq!(&g[stride * width..], &c[..stride * width]);
+    // widen_rows: each row keeps its values and gains zeros
+    let w = b
+        .widen_rows(&b.upload(&[1.0, 2.0, 3.0, 4.0]).unwrap(), 2, 2, 3)
+        .unwrap();
+    assert_eq!(
+        b.download(&w, 6).unwrap(),
+        vec![1.0, 2.0, 0.0, 3.0, 4.0, 0.0]
+    );
+    assert!(b.widen_rows(&b.upload(&[1.0]).unwrap(), 2, 2, 3).is_err());
     // argmax (first maximum wins) and fill_column
     let mut x = b
         .upload(&[1.0, 5.0, 5.0, 0.0, -1.0, -3.0, -2.0, -1.0])

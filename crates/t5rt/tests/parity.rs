@@ -41,7 +41,8 @@ fn check_encoder(variant: &str) {
     assert_close(&format!("{variant} encoder"), &g, &w, TOL);
 }
 
-fn check_logits(variant: &str) {
+/// Teacher-forced logits per step; `initial_capacity` 1 makes the caches grow 1 -> 2 -> 4 -> 8.
+fn check_logits(variant: &str, initial_capacity: usize) {
     let r = Reference::load(variant);
     let model = load_model(&model_dir(variant), 2);
     let inputs = r.ids("/inputs");
@@ -49,7 +50,9 @@ fn check_logits(variant: &str) {
     let (shape, want) = r.tensor("logits");
     let (batch, steps, vocab) = (shape[0], shape[1], shape[2]);
     let enc = model.encode(&inputs).unwrap();
-    let mut state = model.start_decoding(&enc, steps).unwrap();
+    let mut state = model
+        .start_decoding_with_capacity(&enc, steps, initial_capacity)
+        .unwrap();
     let mut worst = 0.0f32;
     for s in 0..steps {
         let tokens: Vec<u32> = dec_in.iter().map(|seq| seq[s]).collect();
@@ -59,7 +62,12 @@ fn check_logits(variant: &str) {
             .flat_map(|b| want[(b * steps + s) * vocab..(b * steps + s + 1) * vocab].to_vec())
             .collect();
         worst = worst.max(common::relative_error(&got, &w));
-        assert_close(&format!("{variant} logits step {s}"), &got, &w, TOL);
+        assert_close(
+            &format!("{variant} logits step {s} (cache from {initial_capacity})"),
+            &got,
+            &w,
+            TOL,
+        );
     }
     eprintln!("parity {variant} logits, all {steps} steps: {worst:.2e}");
 }
@@ -130,7 +138,8 @@ fn check_buckets(variant: &str) {
 macro_rules! parity_tests {
     ($($name:ident => $variant:expr),* $(,)?) => {
         mod encoder { $(#[test] fn $name() { super::check_encoder($variant) })* }
-        mod logits { $(#[test] fn $name() { super::check_logits($variant) })* }
+        mod logits { $(#[test] fn $name() { super::check_logits($variant, 64) })* }
+        mod logits_growing_cache { $(#[test] fn $name() { super::check_logits($variant, 1) })* }
         mod greedy { $(#[test] fn $name() { super::check_greedy($variant, "greedy") })* }
         mod greedy_min_new_tokens { $(#[test] fn $name() { super::check_greedy($variant, "greedy_min") })* }
         mod relpos_buckets { $(#[test] fn $name() { super::check_buckets($variant) })* }

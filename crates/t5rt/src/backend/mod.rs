@@ -119,6 +119,16 @@ pub trait Backend: Send + Sync {
         row_len: usize,
     ) -> Result<Self::Tensor>;
 
+    /// New tensor of `rows` rows of `new_len` values: row `i` starts with row `i` of `src`
+    /// (`old_len` values) and is zero after it. Grows key/value caches.
+    fn widen_rows(
+        &self,
+        src: &Self::Tensor,
+        rows: usize,
+        old_len: usize,
+        new_len: usize,
+    ) -> Result<Self::Tensor>;
+
     /// Index of the largest value of each of `rows` rows of width `n` (first one on ties).
     fn argmax_rows(&self, x: &Self::Tensor, rows: usize, n: usize) -> Result<Vec<u32>>;
 

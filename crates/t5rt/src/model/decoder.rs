@@ -8,18 +8,34 @@ use super::relpos::position_bias;
 use super::state::{DecoderScratch, DecoderState, EncoderOutput, ScratchDims};
 use super::T5Model;
 
+/// Positions the self-attention caches hold before their first doubling.
+pub const INITIAL_CACHE_POSITIONS: usize = 256;
+
 impl<B: Backend> T5Model<B> {
-    /// Prepares decoding of `enc`'s batch for up to `capacity` steps: preallocates the
-    /// self-attention caches and projects the cross-attention keys/values, once.
+    /// Prepares decoding of `enc`'s batch for up to `max_steps` steps: preallocates the
+    /// self-attention caches (for up to [`INITIAL_CACHE_POSITIONS`] positions; they double
+    /// when full) and projects the cross-attention keys/values, once.
     pub fn start_decoding(
         &self,
         enc: &EncoderOutput<B::Tensor>,
+        max_steps: usize,
+    ) -> Result<DecoderState<B::Tensor>> {
+        let initial = max_steps.min(INITIAL_CACHE_POSITIONS);
+        self.start_decoding_with_capacity(enc, max_steps, initial)
+    }
+
+    /// [`Self::start_decoding`] with the caches first sized for `capacity` positions.
+    pub fn start_decoding_with_capacity(
+        &self,
+        enc: &EncoderOutput<B::Tensor>,
+        max_steps: usize,
         capacity: usize,
     ) -> Result<DecoderState<B::Tensor>> {
         let cfg = &self.config;
         let b = &self.backend;
         let (d, inner) = (cfg.d_model, cfg.inner_dim());
-        let capacity = capacity.max(1);
+        let max_steps = max_steps.max(1);
+        let capacity = capacity.clamp(1, max_steps);
         let rows = enc.batch * enc.src_len;
         let proj = MatDims {
             m: rows,
@@ -51,6 +67,7 @@ impl<B: Backend> T5Model<B> {
             batch: enc.batch,
             step: 0,
             capacity,
+            max_steps,
             src_len: enc.src_len,
             self_k,
             self_v,
@@ -78,11 +95,14 @@ impl<B: Backend> T5Model<B> {
                 tokens.len()
             )));
         }
-        if pos >= state.capacity {
+        if pos >= state.max_steps {
             return Err(T5Error::Input(format!(
-                "decoding past the {} positions the state was started with",
-                state.capacity
+                "decoding past the {} steps the state was started for",
+                state.max_steps
             )));
+        }
+        if pos >= state.capacity {
+            state.grow(b)?;
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(T5Error::Input(format!(

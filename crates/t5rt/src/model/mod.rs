@@ -12,6 +12,7 @@ use crate::config::T5Config;
 use crate::error::Result;
 use crate::weights::TensorStore;
 
+pub use decoder::INITIAL_CACHE_POSITIONS;
 pub use params::T5Params;
 pub use state::{DecoderState, EncoderOutput};
 

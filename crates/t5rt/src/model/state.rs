@@ -72,8 +72,10 @@ pub struct DecoderState<T> {
     pub(crate) batch: usize,
     /// Tokens fed so far (the position of the next one).
     pub(crate) step: usize,
-    /// Positions each self-attention cache holds.
+    /// Positions each self-attention cache holds now (grows by doubling up to `max_steps`).
     pub(crate) capacity: usize,
+    /// Steps this state may decode at most.
+    pub(crate) max_steps: usize,
     pub(crate) src_len: usize,
     /// Per layer: [batch, capacity, inner]
     pub(crate) self_k: Vec<T>,
@@ -98,6 +100,17 @@ impl<T> DecoderState<T> {
     /// Tokens fed so far.
     pub fn step(&self) -> usize {
         self.step
+    }
+
+    /// Doubles the self-attention caches (up to `max_steps` positions), keeping their content.
+    pub(crate) fn grow<B: Backend<Tensor = T>>(&mut self, backend: &B) -> Result<()> {
+        let inner = self.dims.inner;
+        let new_capacity = (self.capacity * 2).clamp(1, self.max_steps);
+        for t in self.self_k.iter_mut().chain(self.self_v.iter_mut()) {
+            *t = backend.widen_rows(t, self.batch, self.capacity * inner, new_capacity * inner)?;
+        }
+        self.capacity = new_capacity;
+        Ok(())
     }
 
     /// Keeps (and reorders to) the given rows: `rows[i]` becomes row `i`. Drops finished

@@ -211,6 +211,26 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
+    fn widen_rows(
+        &self,
+        src: &Vec<f32>,
+        rows: usize,
+        old_len: usize,
+        new_len: usize,
+    ) -> Result<Vec<f32>> {
+        check_len("widen_rows", src.len(), rows * old_len)?;
+        if new_len < old_len {
+            return Err(T5Error::Backend(format!(
+                "widen_rows: {new_len} < {old_len}"
+            )));
+        }
+        let mut out = vec![0.0; rows * new_len];
+        for (dst, row) in out.chunks_exact_mut(new_len).zip(src.chunks_exact(old_len)) {
+            dst[..old_len].copy_from_slice(row);
+        }
+        Ok(out)
+    }
+
     fn argmax_rows(&self, x: &Vec<f32>, rows: usize, n: usize) -> Result<Vec<u32>> {
         check_len("argmax_rows", x.len(), rows * n)?;
         Ok(x[..rows * n].chunks_exact(n).map(kernels::argmax).collect())

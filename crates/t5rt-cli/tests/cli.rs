@@ -1,0 +1,194 @@
+//! The `t5rt` binary end to end: the bundled model, JSONL in and out, and clear failures.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn t5rt(args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_t5rt"));
+    cmd.args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("t5rt runs");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+fn fixture(variant: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(variant)
+}
+
+fn reference(variant: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(variant).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn bundled_model_spells_a_number() {
+    let o = t5rt(&["generate", "spell: 1984", "spell: 42"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "one thousand nine hundred eighty-four\nforty-two\n"
+    );
+    assert!(
+        stderr(&o).contains("tokens/s"),
+        "summary line: {}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn jsonl_ids_in_jsonl_out_match_hugging_face() {
+    // The t5-v1_0 fixture has no tokenizer: ids in, ids out, in input order.
+    let r = reference("t5-v1_0");
+    let input: String = r["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|ids| format!("{{\"input_ids\": {ids}}}\n"))
+        .collect();
+    let model = fixture("t5-v1_0");
+    let o = t5rt(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            "-",
+            "--max-new-tokens",
+            "24",
+            "--batch-size",
+            "3",
+        ],
+        Some(&input),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let want = r["greedy"]["outputs"].as_array().unwrap();
+    assert_eq!(lines.len(), want.len());
+    for (line, w) in lines.iter().zip(want) {
+        assert_eq!(&line["output_ids"], w);
+        assert!(line["text"].is_null());
+    }
+}
+
+#[test]
+fn text_file_to_jsonl_file_with_the_bundled_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inp, out) = (tmp.path().join("in.txt"), tmp.path().join("out.jsonl"));
+    std::fs::write(&inp, "spell: 7\nspell: 300\n").unwrap();
+    let o = t5rt(
+        &[
+            "generate",
+            "--input",
+            inp.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["text"], "seven");
+    assert_eq!(lines[1]["text"], "three hundred");
+    let ids = lines[1]["output_ids"].as_array().unwrap();
+    assert_eq!(ids.last().unwrap(), 1, "output_ids end with EOS");
+}
+
+#[test]
+fn failures_exit_non_zero_with_a_message() {
+    let model = fixture("t5-v1_0");
+    let m = model.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, Option<&str>, &str)> = vec![
+        (
+            vec!["generate", "--model", "/no/such/model", "hi"],
+            None,
+            "/no/such/model",
+        ),
+        (
+            vec!["generate", "--input", "-"],
+            Some("{\"text\": \"spell: 1\"}\n{broken\n"),
+            "line 2",
+        ),
+        (
+            vec!["generate", "--input", "-", "--input-format", "jsonl"],
+            Some("{\"foo\": 1}\n"),
+            "line 1",
+        ),
+        (vec!["generate", "--input", "-"], Some(""), "no inputs"),
+        (
+            vec!["generate", "--input", "-"],
+            Some("spell: 1\n\nspell: 2\n"),
+            "line 2: empty",
+        ),
+        (vec!["generate", ""], None, "empty"),
+        (vec!["generate"], None, "nothing to generate"),
+        (
+            vec!["generate", "--model", m, "some text"],
+            None,
+            "tokenizer.json",
+        ),
+        (
+            vec!["generate", "--max-input-tokens", "3", "spell: 123456"],
+            None,
+            "more than the limit of 3",
+        ),
+        (
+            vec!["generate", "--input", "/no/such/file.txt"],
+            None,
+            "/no/such/file.txt",
+        ),
+    ];
+    for (args, stdin, needle) in cases {
+        let o = t5rt(&args, stdin);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = stderr(&o);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let o = t5rt(&["generate", "--help"], None);
+    let help = stdout(&o);
+    for flag in [
+        "--model",
+        "--input",
+        "--output",
+        "--max-new-tokens",
+        "--min-new-tokens",
+        "--batch-size",
+        "--threads",
+        "--max-input-tokens",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}

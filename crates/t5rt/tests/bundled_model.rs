@@ -1,0 +1,37 @@
+//! The bundled model does its job: exact match on its held-out numbers, measured by t5rt.
+
+mod common;
+
+use t5rt::{generate, Checkpoint, CpuBackend, GenerateOptions};
+
+#[test]
+fn heldout_exact_match_is_at_least_95_percent() {
+    let dir = common::bundled_model();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let tok = ckpt.tokenizer.as_ref().expect("bundled tokenizer");
+    let model = ckpt.load_model(CpuBackend::new(2).unwrap()).unwrap();
+    let lines = std::fs::read_to_string(dir.join("heldout.jsonl")).unwrap();
+    let (mut inputs, mut expected) = (Vec::new(), Vec::new());
+    for line in lines.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        inputs.push(tok.encode(v["text"].as_str().unwrap()).unwrap());
+        expected.push(v["expected"].as_str().unwrap().to_string());
+    }
+    let opts = GenerateOptions {
+        max_new_tokens: 40,
+        batch_size: 64,
+        ..GenerateOptions::default()
+    };
+    let outputs = generate(&model, &inputs, &opts, |_| {}).unwrap();
+    let correct = outputs
+        .iter()
+        .zip(&expected)
+        .filter(|(ids, want)| tok.decode(ids).unwrap() == **want)
+        .count();
+    let em = correct as f64 / expected.len() as f64;
+    eprintln!(
+        "bundled model held-out exact match: {correct}/{} = {em:.4}",
+        expected.len()
+    );
+    assert!(em >= 0.95, "held-out exact match {em:.4} < 0.95");
+}
