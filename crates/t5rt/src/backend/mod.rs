@@ -37,6 +37,12 @@ pub trait Backend: Send + Sync {
     /// A flat f32 buffer in this device's memory.
     type Tensor: Send + Sync;
 
+    /// Runs `f` in the backend's execution context (the CPU backend's thread pool), so that
+    /// the many small kernel calls of a decoding loop do not each hop between threads.
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     /// Human-readable device name, for logs and errors.
     fn name(&self) -> String;
     fn upload(&self, data: &[f32]) -> Result<Self::Tensor>;

@@ -63,26 +63,17 @@ pub fn generate<B: Backend>(
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Vec<u32>>> {
     opts.validate()?;
-    for (i, seq) in inputs.iter().enumerate() {
-        if seq.is_empty() {
-            return Err(T5Error::Input(format!("input {i} is empty")));
-        }
-        if seq.len() > opts.max_input_tokens {
-            return Err(T5Error::Input(format!(
-                "input {i} has {} tokens, more than the limit of {} (raise --max-input-tokens to allow it)",
-                seq.len(),
-                opts.max_input_tokens
-            )));
-        }
-        if let Some(&bad) = seq
-            .iter()
-            .find(|&&id| id as usize >= model.config.vocab_size)
-        {
-            return Err(T5Error::Input(format!(
-                "input {i} holds token id {bad}, outside the vocabulary of {} ids",
-                model.config.vocab_size
-            )));
-        }
+    model.check_inputs(inputs)?;
+    if let Some((i, seq)) = inputs
+        .iter()
+        .enumerate()
+        .find(|(_, seq)| seq.len() > opts.max_input_tokens)
+    {
+        return Err(T5Error::Input(format!(
+            "input {i} has {} tokens, more than the limit of {} (raise --max-input-tokens to allow it)",
+            seq.len(),
+            opts.max_input_tokens
+        )));
     }
     // Longest first, so each padded batch holds sequences of similar length.
     let mut order: Vec<usize> = (0..inputs.len()).collect();
@@ -91,7 +82,9 @@ pub fn generate<B: Backend>(
     let mut done = 0;
     for chunk in order.chunks(opts.batch_size) {
         let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| inputs[i].clone()).collect();
-        let results = greedy_batch(model, &batch, opts.max_new_tokens, opts.min_new_tokens)?;
+        let results = model.backend.run(|| {
+            greedy_batch(model, &batch, opts.max_new_tokens, opts.min_new_tokens)
+        })?;
         for (&i, out) in chunk.iter().zip(results) {
             outputs[i] = out;
         }

@@ -13,7 +13,7 @@ impl<B: Backend> T5Model<B> {
     pub fn encode(&self, inputs: &[Vec<u32>]) -> Result<EncoderOutput<B::Tensor>> {
         let cfg = &self.config;
         let b = &self.backend;
-        self.check_ids(inputs)?;
+        self.check_inputs(inputs)?;
         let batch = inputs.len();
         let src_len = inputs.iter().map(Vec::len).max().unwrap_or(0);
         let rows = batch * src_len;
@@ -113,21 +113,22 @@ impl<B: Backend> T5Model<B> {
         })
     }
 
-    /// Every sequence non-empty, every id inside the vocabulary.
-    fn check_ids(&self, inputs: &[Vec<u32>]) -> Result<()> {
+    /// Checks a batch before any work: at least one sequence, none empty, every id inside
+    /// the vocabulary. Errors name the input by its index.
+    pub fn check_inputs(&self, inputs: &[Vec<u32>]) -> Result<()> {
         if inputs.is_empty() {
             return Err(T5Error::Input("no sequences to encode".into()));
         }
         for (i, seq) in inputs.iter().enumerate() {
             if seq.is_empty() {
-                return Err(T5Error::Input(format!("sequence {i} is empty")));
+                return Err(T5Error::Input(format!("input {i} is empty")));
             }
             if let Some(&bad) = seq
                 .iter()
                 .find(|&&id| id as usize >= self.config.vocab_size)
             {
                 return Err(T5Error::Input(format!(
-                    "sequence {i} holds token id {bad}, outside the vocabulary of {} ids",
+                    "input {i} holds token id {bad}, outside the vocabulary of {} ids",
                     self.config.vocab_size
                 )));
             }

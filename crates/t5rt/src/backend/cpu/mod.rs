@@ -45,6 +45,10 @@ fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 impl Backend for CpuBackend {
     type Tensor = Vec<f32>;
 
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     fn name(&self) -> String {
         format!("cpu ({} threads)", self.threads)
     }
