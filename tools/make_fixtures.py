@@ -77,12 +77,15 @@ def versions():
             "numpy": np.__version__}
 
 
-def reinit(model, seed, eos_boost, residual_gain=3.0, eos_id=1):
+def reinit(model, seed, eos_boost, residual_gain=3.0, q_gain=1.0, eos_id=1):
     """Seeded normal init with per-matrix scales chosen so greedy outputs vary.
 
     The residual-producing projections (attention `o`, FFN `wo`) get `residual_gain` times the
     usual 1/sqrt(fan_in) scale, so the layers outweigh the token's own embedding in the residual
-    stream; otherwise a tied model mostly predicts the token it was fed.
+    stream; otherwise a tied model mostly predicts the token it was fed. `q_gain` scales the
+    query projections (d_kv ** -0.5 gives T5's own init, where the attention scaling is folded
+    into q; without it attention logits are sqrt(d_kv) times larger and, over many layers,
+    amplify rounding noise until f32 itself cannot decide greedy tokens).
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -95,6 +98,7 @@ def reinit(model, seed, eos_boost, residual_gain=3.0, eos_id=1):
                 p.copy_(torch.randn(p.shape, generator=g))
             else:  # Linear weights [out, in]
                 gain = residual_gain if name.endswith((".o.weight", ".wo.weight")) else 1.0
+                gain *= q_gain if name.endswith(".q.weight") else 1.0
                 p.copy_(torch.randn(p.shape, generator=g) * gain / p.shape[1] ** 0.5)
         # Make EOS likely enough that some sequences stop early and others do not.
         head = model.shared.weight if model.config.tie_word_embeddings else model.lm_head.weight

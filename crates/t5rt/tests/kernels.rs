@@ -27,7 +27,7 @@ fn check_matmul<B: Backend>(b: &B, rng: &mut Rng) {
         let d = MatDims { m, n, k };
         let (x, w, init) = (rng.vec(m * k), rng.vec(n * k), rng.vec(m * n));
         let want = reference::matmul_nt(&x, &w, d);
-        let (xt, wt) = (b.upload(&x).unwrap(), b.upload(&w).unwrap());
+        let (xt, wt) = (b.upload(&x).unwrap(), b.upload_linear(&w, n, k).unwrap());
         let mut out = b.upload(&init).unwrap();
         b.matmul_nt(&xt, &wt, &mut out, d, false).unwrap();
         assert_close(

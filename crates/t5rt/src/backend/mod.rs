@@ -9,7 +9,7 @@ pub mod cpu;
 use crate::config::Activation;
 use crate::error::Result;
 
-/// Dimensions of `out[m, n] = x[m, k] · w[n, k]ᵀ` (weights stay in Hugging Face's `[out, in]` layout).
+/// Dimensions of `out[m, n] = x[m, k] · w[n, k]ᵀ` (`w` as in the checkpoint, `[out, in]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MatDims {
     pub m: usize,
@@ -50,7 +50,12 @@ pub trait Backend: Send + Sync {
     fn download(&self, t: &Self::Tensor, len: usize) -> Result<Vec<f32>>;
     fn zeros(&self, len: usize) -> Result<Self::Tensor>;
 
-    /// `out = x · wᵀ`, or `out += x · wᵀ` with `accumulate` (the residual add, fused).
+    /// Uploads a linear layer's weight, given in the checkpoint's `[n = out, k = in]` layout,
+    /// in whatever layout this backend's [`Backend::matmul_nt`] reads fastest.
+    fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<Self::Tensor>;
+
+    /// `out = x · wᵀ`, or `out += x · wᵀ` with `accumulate` (the residual add, fused);
+    /// `w` comes from [`Backend::upload_linear`].
     fn matmul_nt(
         &self,
         x: &Self::Tensor,

@@ -82,9 +82,9 @@ pub fn generate<B: Backend>(
     let mut done = 0;
     for chunk in order.chunks(opts.batch_size) {
         let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| inputs[i].clone()).collect();
-        let results = model.backend.run(|| {
-            greedy_batch(model, &batch, opts.max_new_tokens, opts.min_new_tokens)
-        })?;
+        let results = model
+            .backend
+            .run(|| greedy_batch(model, &batch, opts.max_new_tokens, opts.min_new_tokens))?;
         for (&i, out) in chunk.iter().zip(results) {
             outputs[i] = out;
         }

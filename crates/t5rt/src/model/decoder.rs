@@ -215,14 +215,11 @@ impl<B: Backend> T5Model<B> {
             d,
             eps,
         )?;
-        let head = match &self.params.lm_head {
-            Some(lm_head) => lm_head,
-            None => {
-                // Tied embeddings (t5 v1.0): scale by d_model ** -0.5 before the shared head.
-                b.scale(&mut s.normed, batch * d, (d as f32).powf(-0.5))?;
-                &self.params.shared
-            }
-        };
+        if cfg.tie_word_embeddings {
+            // Tied embeddings (t5 v1.0): scale by d_model ** -0.5 before the shared head.
+            b.scale(&mut s.normed, batch * d, (d as f32).powf(-0.5))?;
+        }
+        let head = &self.params.lm_head;
         let vocab = cfg.vocab_size;
         b.matmul_nt(
             &s.normed,

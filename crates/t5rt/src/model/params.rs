@@ -5,7 +5,8 @@ use crate::config::T5Config;
 use crate::error::Result;
 use crate::weights::TensorStore;
 
-/// q, k, v, o projections, each `[out, in]` as in the checkpoint.
+/// q, k, v, o projections. Shapes below are the checkpoint's `[out, in]`; on the device each
+/// linear weight is in the layout its backend chose in [`Backend::upload_linear`].
 pub struct AttentionWeights<T> {
     /// [inner, d_model]
     pub q: T,
@@ -63,8 +64,9 @@ pub struct T5Params<T> {
     pub decoder_norm: T,
     /// [num_buckets, heads], host
     pub decoder_relpos: Vec<f32>,
-    /// [vocab, d_model]; `None` when tied to `shared`.
-    pub lm_head: Option<T>,
+    /// [vocab, d_model] as a linear weight; with tied embeddings, a copy of `shared` in the
+    /// linear layout (the decoder output is then scaled by `d_model ** -0.5`).
+    pub lm_head: T,
 }
 
 struct Loader<'a, B: Backend> {
@@ -82,13 +84,19 @@ impl<B: Backend> Loader<'_, B> {
         self.backend.upload(&self.host(name, shape)?)
     }
 
+    /// A linear weight `[out, in]`, stored as the backend's matmul wants it.
+    fn linear(&self, name: &str, out: usize, inp: usize) -> Result<B::Tensor> {
+        self.backend
+            .upload_linear(&self.host(name, &[out, inp])?, out, inp)
+    }
+
     fn attention(&self, prefix: &str) -> Result<AttentionWeights<B::Tensor>> {
         let (d, inner) = (self.cfg.d_model, self.cfg.inner_dim());
         Ok(AttentionWeights {
-            q: self.tensor(&format!("{prefix}.q.weight"), &[inner, d])?,
-            k: self.tensor(&format!("{prefix}.k.weight"), &[inner, d])?,
-            v: self.tensor(&format!("{prefix}.v.weight"), &[inner, d])?,
-            o: self.tensor(&format!("{prefix}.o.weight"), &[d, inner])?,
+            q: self.linear(&format!("{prefix}.q.weight"), inner, d)?,
+            k: self.linear(&format!("{prefix}.k.weight"), inner, d)?,
+            v: self.linear(&format!("{prefix}.v.weight"), inner, d)?,
+            o: self.linear(&format!("{prefix}.o.weight"), d, inner)?,
         })
     }
 
@@ -96,16 +104,16 @@ impl<B: Backend> Loader<'_, B> {
         let (d, ff) = (self.cfg.d_model, self.cfg.d_ff);
         let (wi, wi_gate_linear) = if self.cfg.is_gated_act {
             (
-                self.tensor(&format!("{prefix}.wi_0.weight"), &[ff, d])?,
-                Some(self.tensor(&format!("{prefix}.wi_1.weight"), &[ff, d])?),
+                self.linear(&format!("{prefix}.wi_0.weight"), ff, d)?,
+                Some(self.linear(&format!("{prefix}.wi_1.weight"), ff, d)?),
             )
         } else {
-            (self.tensor(&format!("{prefix}.wi.weight"), &[ff, d])?, None)
+            (self.linear(&format!("{prefix}.wi.weight"), ff, d)?, None)
         };
         Ok(FfnWeights {
             wi,
             wi_gate_linear,
-            wo: self.tensor(&format!("{prefix}.wo.weight"), &[d, ff])?,
+            wo: self.linear(&format!("{prefix}.wo.weight"), d, ff)?,
         })
     }
 
@@ -168,11 +176,12 @@ impl<T> T5Params<T> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
+        let head_name = if cfg.tie_word_embeddings {
+            shared_name
         } else {
-            Some(l.tensor("lm_head.weight", &vocab_shape)?)
+            "lm_head.weight"
         };
+        let lm_head = l.linear(head_name, cfg.vocab_size, cfg.d_model)?;
         Ok(T5Params {
             shared,
             encoder,

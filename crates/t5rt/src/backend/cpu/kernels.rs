@@ -9,7 +9,8 @@ use crate::config::Activation;
 /// other threads costs more than it saves (measured on the bundled model, batch 1).
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
-/// `out[m, n] (+)= x[m, k] · w[n, k]ᵀ` through the `gemm` crate.
+/// `out[m, n] (+)= x[m, k] · w[n, k]ᵀ` through the `gemm` crate; `w` is stored transposed,
+/// `[k, n]` row-major (see `upload_linear`).
 pub(super) fn matmul_nt(
     x: &[f32],
     w: &[f32],
@@ -25,7 +26,7 @@ pub(super) fn matmul_nt(
     };
     let (m, n, k) = (d.m, d.n, d.k);
     // SAFETY: the caller checked x holds m*k values, w n*k and out m*n; the strides below
-    // stay inside those ranges: out and x are row-major, wᵀ is read column-wise from w.
+    // stay inside those ranges: out, x and the stored wᵀ are all row-major.
     unsafe {
         gemm::gemm(
             m,
@@ -39,8 +40,8 @@ pub(super) fn matmul_nt(
             1,
             k as isize,
             w.as_ptr(),
-            k as isize,
             1,
+            n as isize,
             1.0,
             1.0,
             false,
