@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use t5rt::{Backend, Checkpoint, CpuBackend, GenerateOptions, T5Tokenizer};
+use t5rt::{
+    Backend, Checkpoint, CpuBackend, EarlyStopping, GenerationConfig, Hypothesis, T5Tokenizer,
+};
 
 use crate::default_model;
 use crate::inputs::{read_file, InputFormat, Request};
@@ -64,12 +66,102 @@ pub struct GenerateArgs {
     /// Inputs longer than this many tokens are refused (never silently truncated).
     #[arg(long, value_name = "N", default_value_t = 1024)]
     max_input_tokens: usize,
+
+    /// Beam search with N beams (1 = greedy search, or sampling with --do-sample).
+    #[arg(long, value_name = "N", default_value_t = 1, help_heading = "Decoding")]
+    num_beams: usize,
+
+    /// Beam scores are divided by length ** P: > 0 favours longer outputs, < 0 shorter ones.
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 1.0,
+        allow_negative_numbers = true,
+        help_heading = "Decoding"
+    )]
+    length_penalty: f64,
+
+    /// When beam search stops: true (num_beams hypotheses done), false (no running beam can
+    /// win, judged at the current length), never (judged at the longest length).
+    #[arg(
+        long,
+        value_name = "WHEN",
+        default_value = "false",
+        help_heading = "Decoding"
+    )]
+    early_stopping: EarlyStopping,
+
+    /// Sequences returned per input, best first (at most --num-beams unless sampling); JSONL
+    /// lines then carry "sequences": [{"output_ids", "text", "score"}, ...].
+    #[arg(long, value_name = "N", default_value_t = 1, help_heading = "Decoding")]
+    num_return_sequences: usize,
+
+    /// No n-gram of this size occurs twice in an output (0 = off).
+    #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Decoding")]
+    no_repeat_ngram_size: usize,
+
+    /// > 1 discourages tokens already generated (1 = off).
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 1.0,
+        help_heading = "Decoding"
+    )]
+    repetition_penalty: f32,
+
+    /// Sample the next token instead of taking the most likely one.
+    #[arg(long, help_heading = "Sampling")]
+    do_sample: bool,
+
+    /// Sampling temperature (> 0; lower is more conservative).
+    #[arg(
+        long,
+        value_name = "T",
+        default_value_t = 1.0,
+        help_heading = "Sampling"
+    )]
+    temperature: f32,
+
+    /// Sample among the K most likely tokens (0 = all).
+    #[arg(
+        long,
+        value_name = "K",
+        default_value_t = 50,
+        help_heading = "Sampling"
+    )]
+    top_k: usize,
+
+    /// Sample among the most likely tokens whose probabilities add up to P.
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 1.0,
+        help_heading = "Sampling"
+    )]
+    top_p: f32,
+
+    /// Seed of the sampler: the same seed and inputs give the same outputs.
+    #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Sampling")]
+    seed: u64,
+
+    /// Stop a sequence once its text contains STRING (repeatable; greedy and sampling).
+    #[arg(long = "stop", value_name = "STRING", help_heading = "Decoding")]
+    stop: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Sequence<'a> {
+    output_ids: &'a [u32],
+    text: Option<&'a str>,
+    score: Option<f32>,
 }
 
 #[derive(Serialize)]
 struct OutputLine<'a> {
     text: Option<&'a str>,
     output_ids: &'a [u32],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sequences: Option<Vec<Sequence<'a>>>,
 }
 
 fn encode_requests(requests: &[Request], tokenizer: Option<&T5Tokenizer>) -> Result<Vec<Vec<u32>>> {
@@ -111,18 +203,28 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let tokenizer = ckpt.tokenizer.as_ref();
     let inputs = encode_requests(&requests, tokenizer)?;
-    let opts = GenerateOptions {
-        max_new_tokens: args
-            .max_new_tokens
-            .or(ckpt.generation.max_new_tokens)
-            .unwrap_or(GenerateOptions::default().max_new_tokens),
-        min_new_tokens: args
-            .min_new_tokens
-            .or(ckpt.generation.min_new_tokens)
-            .unwrap_or(0),
-        batch_size: args.batch_size,
-        max_input_tokens: args.max_input_tokens,
-    };
+    let mut cfg = GenerationConfig::from_model(&ckpt.generation);
+    if let Some(n) = args.max_new_tokens {
+        cfg.max_new_tokens = n;
+    }
+    if let Some(n) = args.min_new_tokens {
+        cfg.min_new_tokens = n;
+    }
+    cfg.batch_size = args.batch_size;
+    cfg.max_input_tokens = args.max_input_tokens;
+    cfg.num_beams = args.num_beams;
+    cfg.length_penalty = args.length_penalty;
+    cfg.early_stopping = args.early_stopping;
+    cfg.num_return_sequences = args.num_return_sequences;
+    cfg.no_repeat_ngram_size = args.no_repeat_ngram_size;
+    cfg.repetition_penalty = args.repetition_penalty;
+    cfg.do_sample = args.do_sample;
+    cfg.temperature = args.temperature;
+    cfg.top_k = args.top_k;
+    cfg.top_p = args.top_p;
+    cfg.seed = args.seed;
+    cfg.stop_strings = args.stop.clone();
+    cfg.validate(&ckpt.config)?;
     let model = ckpt.load_model(CpuBackend::new(args.threads)?)?;
     let load_secs = started.elapsed().as_secs_f64();
 
@@ -137,17 +239,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ProgressBar::hidden()
     };
     let gen_started = Instant::now();
-    let outputs = t5rt::generate(&model, &inputs, &opts, |done| bar.set_position(done as u64))?;
+    let outputs = t5rt::generate(&model, &inputs, &cfg, tokenizer, |done| {
+        bar.set_position(done as u64)
+    })?;
     bar.finish_and_clear();
     let gen_secs = gen_started.elapsed().as_secs_f64();
 
-    let texts = match tokenizer {
-        Some(tok) => outputs
-            .iter()
-            .map(|ids| tok.decode(ids).map(Some))
-            .collect::<t5rt::Result<Vec<_>>>()?,
-        None => vec![None; outputs.len()],
-    };
+    let texts = outputs
+        .iter()
+        .map(|hyps| {
+            hyps.iter()
+                .map(|h| tokenizer.map(|tok| tok.decode(&h.ids)).transpose())
+                .collect::<t5rt::Result<Vec<Option<String>>>>()
+        })
+        .collect::<t5rt::Result<Vec<_>>>()?;
     let jsonl_out = jsonl_in || args.output.is_some();
     let mut sink: Box<dyn Write> = match args.output.as_deref() {
         None | Some("-") => Box::new(BufWriter::new(std::io::stdout().lock())),
@@ -155,26 +260,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             std::fs::File::create(path).with_context(|| format!("cannot create {path}"))?,
         )),
     };
-    for (ids, text) in outputs.iter().zip(&texts) {
-        if jsonl_out {
-            let line = OutputLine {
-                text: text.as_deref(),
-                output_ids: ids,
-            };
-            serde_json::to_writer(&mut sink, &line)?;
-            writeln!(sink)?;
-        } else {
-            match text {
-                Some(t) => writeln!(sink, "{t}")?,
-                None => bail!("this model has no tokenizer.json to decode with; use --output FILE for JSONL ids"),
-            }
-        }
+    for (hyps, texts) in outputs.iter().zip(&texts) {
+        write_result(
+            &mut sink,
+            hyps,
+            texts,
+            jsonl_out,
+            cfg.num_return_sequences > 1,
+        )?;
     }
     sink.flush()?;
 
-    let tokens: usize = outputs.iter().map(Vec::len).sum();
+    let tokens: usize = outputs.iter().flatten().map(|h| h.ids.len()).sum();
     eprintln!(
-        "t5rt: {} sequences, {} new tokens in {:.2} s ({:.0} tokens/s, {}; model loaded in {:.2} s)",
+        "t5rt: {} inputs, {} new tokens in {:.2} s ({:.0} tokens/s, {}; model loaded in {:.2} s)",
         outputs.len(),
         tokens,
         gen_secs,
@@ -182,5 +281,43 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         model.backend.name(),
         load_secs
     );
+    Ok(())
+}
+
+/// One input's result: a JSONL line, or the best sequence's text.
+fn write_result(
+    sink: &mut dyn Write,
+    hyps: &[Hypothesis],
+    texts: &[Option<String>],
+    jsonl: bool,
+    with_sequences: bool,
+) -> Result<()> {
+    let best = &hyps[0];
+    if jsonl {
+        let sequences = with_sequences.then(|| {
+            hyps.iter()
+                .zip(texts)
+                .map(|(h, t)| Sequence {
+                    output_ids: &h.ids,
+                    text: t.as_deref(),
+                    score: h.score,
+                })
+                .collect()
+        });
+        let line = OutputLine {
+            text: texts[0].as_deref(),
+            output_ids: &best.ids,
+            sequences,
+        };
+        serde_json::to_writer(&mut *sink, &line)?;
+        writeln!(sink)?;
+    } else {
+        match &texts[0] {
+            Some(t) => writeln!(sink, "{t}")?,
+            None => bail!(
+                "this model has no tokenizer.json to decode with; use --output FILE for JSONL ids"
+            ),
+        }
+    }
     Ok(())
 }

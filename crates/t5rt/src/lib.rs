@@ -1,13 +1,13 @@
 //! t5rt: fast inference for T5-family encoder-decoder models (t5, FLAN-T5 / T5 v1.1, mT5).
 //!
 //! ```no_run
-//! use t5rt::{Checkpoint, CpuBackend, GenerateOptions};
+//! use t5rt::{Checkpoint, CpuBackend, GenerationConfig};
 //! let ckpt = Checkpoint::open("path/to/flan-t5-small".as_ref())?;
 //! let model = ckpt.load_model(CpuBackend::new(0)?)?;
 //! let tok = ckpt.tokenizer.as_ref().expect("tokenizer.json");
 //! let ids = tok.encode("translate English to German: Hello")?;
-//! let out = t5rt::generate(&model, &[ids], &GenerateOptions::default(), |_| {})?;
-//! println!("{}", tok.decode(&out[0])?);
+//! let out = t5rt::generate(&model, &[ids], &GenerationConfig::default(), Some(tok), |_| {})?;
+//! println!("{}", tok.decode(&out[0][0].ids)?);
 //! # Ok::<(), t5rt::T5Error>(())
 //! ```
 
@@ -25,7 +25,7 @@ pub use backend::Backend;
 pub use checkpoint::Checkpoint;
 pub use config::{Activation, GenerationDefaults, T5Config};
 pub use error::{Result, T5Error};
-pub use generate::{generate, greedy_batch, GenerateOptions};
+pub use generate::{generate, EarlyStopping, GenerationConfig, Hypothesis};
 pub use model::{DecoderState, EncoderOutput, T5Model};
 pub use tokenizer::T5Tokenizer;
 pub use weights::{HostTensor, TensorStore};

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
-use t5rt::{generate, Checkpoint, CpuBackend, GenerateOptions, T5Error, TensorStore};
+use t5rt::{generate, Checkpoint, CpuBackend, GenerationConfig, T5Error, TensorStore};
 
 /// A copy of the t5-v1_1 fixture checkpoint in a temporary directory.
 fn fixture_copy() -> (tempfile::TempDir, PathBuf) {
@@ -218,16 +218,16 @@ fn fixture_model() -> t5rt::T5Model<CpuBackend> {
 #[test]
 fn bad_requests() {
     let model = fixture_model();
-    let opts = GenerateOptions {
+    let opts = GenerationConfig {
         max_new_tokens: 4,
-        ..GenerateOptions::default()
+        ..GenerationConfig::default()
     };
-    let cases: Vec<(Vec<Vec<u32>>, GenerateOptions, &str)> = vec![
+    let cases: Vec<(Vec<Vec<u32>>, GenerationConfig, &str)> = vec![
         (vec![vec![]], opts.clone(), "empty"),
         (vec![vec![5, 1], vec![]], opts.clone(), "input 1 is empty"),
         (
             vec![vec![5; 11]],
-            GenerateOptions {
+            GenerationConfig {
                 max_input_tokens: 10,
                 ..opts.clone()
             },
@@ -240,7 +240,7 @@ fn bad_requests() {
         ),
         (
             vec![vec![5, 1]],
-            GenerateOptions {
+            GenerationConfig {
                 max_new_tokens: 0,
                 ..opts.clone()
             },
@@ -248,7 +248,7 @@ fn bad_requests() {
         ),
         (
             vec![vec![5, 1]],
-            GenerateOptions {
+            GenerationConfig {
                 min_new_tokens: 5,
                 ..opts.clone()
             },
@@ -256,7 +256,7 @@ fn bad_requests() {
         ),
         (
             vec![vec![5, 1]],
-            GenerateOptions {
+            GenerationConfig {
                 batch_size: 0,
                 ..opts.clone()
             },
@@ -264,7 +264,7 @@ fn bad_requests() {
         ),
     ];
     for (inputs, o, needle) in cases {
-        let err = generate(&model, &inputs, &o, |_| {})
+        let err = generate(&model, &inputs, &o, None, |_| {})
             .unwrap_err()
             .to_string();
         assert!(err.contains(needle), "{inputs:?}: {err}");

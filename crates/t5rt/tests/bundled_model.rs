@@ -2,7 +2,7 @@
 
 mod common;
 
-use t5rt::{generate, Checkpoint, CpuBackend, GenerateOptions};
+use t5rt::{generate, Checkpoint, CpuBackend, GenerationConfig};
 
 #[test]
 fn heldout_exact_match_is_at_least_95_percent() {
@@ -17,16 +17,16 @@ fn heldout_exact_match_is_at_least_95_percent() {
         inputs.push(tok.encode(v["text"].as_str().unwrap()).unwrap());
         expected.push(v["expected"].as_str().unwrap().to_string());
     }
-    let opts = GenerateOptions {
+    let opts = GenerationConfig {
         max_new_tokens: 40,
         batch_size: 64,
-        ..GenerateOptions::default()
+        ..GenerationConfig::default()
     };
-    let outputs = generate(&model, &inputs, &opts, |_| {}).unwrap();
+    let outputs = generate(&model, &inputs, &opts, None, |_| {}).unwrap();
     let correct = outputs
         .iter()
         .zip(&expected)
-        .filter(|(ids, want)| tok.decode(ids).unwrap() == **want)
+        .filter(|(hyps, want)| tok.decode(&hyps[0].ids).unwrap() == **want)
         .count();
     let em = correct as f64 / expected.len() as f64;
     eprintln!(

@@ -105,11 +105,12 @@ fn check_activations<B: Backend>(b: &B, rng: &mut Rng) {
 }
 
 fn check_attention<B: Backend>(b: &B, rng: &mut Rng) {
-    for (batch, heads, d_kv, q_len, kv_len, kv_stride) in [
-        (1, 1, 4, 1, 1, 1),
-        (2, 3, 8, 5, 5, 5),
-        (3, 4, 16, 1, 7, 12),
-        (2, 6, 8, 9, 9, 9),
+    for (batch, heads, d_kv, q_len, kv_len, kv_stride, kv_group) in [
+        (1, 1, 4, 1, 1, 1, 1),
+        (2, 3, 8, 5, 5, 5, 1),
+        (3, 4, 16, 1, 7, 12, 1),
+        (2, 6, 8, 9, 9, 9, 1),
+        (6, 2, 8, 1, 7, 7, 3), // beams: 2 sources x 3 rows share keys/values
     ] {
         let s = AttnShape {
             batch,
@@ -118,19 +119,21 @@ fn check_attention<B: Backend>(b: &B, rng: &mut Rng) {
             q_len,
             kv_len,
             kv_stride,
+            kv_group,
         };
+        let kv_batch = batch / kv_group;
         let inner = heads * d_kv;
         let q: Vec<f32> = rng
             .vec(batch * q_len * inner)
             .iter()
             .map(|v| v * 3.0)
             .collect();
-        let k = rng.vec(batch * kv_stride * inner);
-        let v = rng.vec(batch * kv_stride * inner);
+        let k = rng.vec(kv_batch * kv_stride * inner);
+        let v = rng.vec(kv_batch * kv_stride * inner);
         let bias = rng.vec(heads * q_len * kv_len);
         // Pad the tail of each sequence but the first, keeping at least one key.
-        let mut mask = vec![0.0f32; batch * kv_len];
-        for bi in 1..batch {
+        let mut mask = vec![0.0f32; kv_batch * kv_len];
+        for bi in 1..kv_batch {
             let keep = 1 + rng.below(kv_len);
             mask[bi * kv_len + keep..(bi + 1) * kv_len].fill(f32::NEG_INFINITY);
         }

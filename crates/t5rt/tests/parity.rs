@@ -6,7 +6,7 @@ mod common;
 
 use common::{assert_close, fixtures, load_model, Reference};
 use t5rt::model::relpos::bucket;
-use t5rt::{generate, Backend, GenerateOptions};
+use t5rt::{generate, Backend, GenerationConfig, Hypothesis};
 
 const TOL: f32 = 1e-4;
 const VARIANTS: [&str; 4] = ["t5-v1_0", "t5-v1_1", "mt5", "spell-numbers"];
@@ -51,7 +51,7 @@ fn check_logits(variant: &str, initial_capacity: usize) {
     let (batch, steps, vocab) = (shape[0], shape[1], shape[2]);
     let enc = model.encode(&inputs).unwrap();
     let mut state = model
-        .start_decoding_with_capacity(&enc, steps, initial_capacity)
+        .start_decoding_with_capacity(&enc, steps, initial_capacity, 1)
         .unwrap();
     let mut worst = 0.0f32;
     for s in 0..steps {
@@ -72,33 +72,33 @@ fn check_logits(variant: &str, initial_capacity: usize) {
     eprintln!("parity {variant} logits, all {steps} steps: {worst:.2e}");
 }
 
+/// The best sequence's ids of each input.
+fn best_ids(out: Vec<Vec<Hypothesis>>) -> Vec<Vec<u32>> {
+    out.into_iter().map(|mut h| h.swap_remove(0).ids).collect()
+}
+
 fn check_greedy(variant: &str, key: &str) {
     let r = Reference::load(variant);
     let model = load_model(&model_dir(variant), 2);
     let inputs = r.ids("/inputs");
     let want = r.ids(&format!("/{key}/outputs"));
-    let opts = GenerateOptions {
+    let opts = GenerationConfig {
         max_new_tokens: r.usize(&format!("/{key}/max_new_tokens")),
         min_new_tokens: r.usize(&format!("/{key}/min_new_tokens")),
         batch_size: inputs.len(),
-        ..GenerateOptions::default()
+        ..GenerationConfig::default()
     };
-    let got = generate(&model, &inputs, &opts, |_| {}).unwrap();
+    let got = best_ids(generate(&model, &inputs, &opts, None, |_| {}).unwrap());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g, w, "{variant} {key}: input {i} differs from Hugging Face");
     }
     // Batch invariance: alone, in batches of 3, and all together give the same tokens.
     for batch_size in [1, 3] {
-        let again = generate(
-            &model,
-            &inputs,
-            &GenerateOptions {
-                batch_size,
-                ..opts.clone()
-            },
-            |_| {},
-        )
-        .unwrap();
+        let cfg = GenerationConfig {
+            batch_size,
+            ..opts.clone()
+        };
+        let again = best_ids(generate(&model, &inputs, &cfg, None, |_| {}).unwrap());
         assert_eq!(
             again, got,
             "{variant} {key}: batch size {batch_size} changed the output"

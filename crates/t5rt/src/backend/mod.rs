@@ -19,9 +19,11 @@ pub struct MatDims {
 
 /// Shapes of one attention call.
 ///
-/// q, out: `[batch, q_len, heads * d_kv]`; k, v: `[batch, kv_stride, heads * d_kv]` of which the
-/// first `kv_len` rows per sequence are attended; bias: `[heads, q_len, kv_len]`, shared by the
-/// batch; mask: `[batch, kv_len]`, additive (0 or -inf), per sequence.
+/// q, out: `[batch, q_len, heads * d_kv]`; k, v: `[batch / kv_group, kv_stride, heads * d_kv]` of
+/// which the first `kv_len` rows per sequence are attended; query sequence `b` reads key/value
+/// sequence `b / kv_group` (beams share their source's cross-attention keys/values); bias:
+/// `[heads, q_len, kv_len]`, shared by the batch; mask: `[batch / kv_group, kv_len]`, additive
+/// (0 or -inf).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnShape {
     pub batch: usize,
@@ -30,6 +32,7 @@ pub struct AttnShape {
     pub q_len: usize,
     pub kv_len: usize,
     pub kv_stride: usize,
+    pub kv_group: usize,
 }
 
 /// A compute device. The CPU implementation is the reference every other one is tested against.

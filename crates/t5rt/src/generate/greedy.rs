@@ -1,39 +1,82 @@
-//! Greedy search over one padded batch; finished sequences leave the batch at once.
+//! Greedy search and sampling over one padded batch: one token per sequence per step.
+//! Finished sequences leave the batch at once.
 
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::model::T5Model;
 
-/// Greedy decoding of one batch. Returns, per input, the generated ids after the decoder
-/// start token, up to and including EOS when produced.
-pub fn greedy_batch<B: Backend>(
+use super::config::GenerationConfig;
+use super::logits::{argmax, Processors};
+use super::sampling::Sampler;
+use super::stop::StopStrings;
+
+/// Decodes each input once. `streams[i]` names input `i`'s random stream when sampling.
+/// Returns the generated ids after the decoder start token, up to and including EOS.
+pub(crate) fn decode_rows<B: Backend>(
     model: &T5Model<B>,
     inputs: &[Vec<u32>],
-    max_new_tokens: usize,
-    min_new_tokens: usize,
+    cfg: &GenerationConfig,
+    streams: &[u64],
+    stop: Option<&StopStrings>,
 ) -> Result<Vec<Vec<u32>>> {
-    let cfg = &model.config;
+    let mc = &model.config;
     let backend = &model.backend;
+    let (vocab, eos) = (mc.vocab_size, mc.eos_token_id);
+    let limit = cfg.new_token_limit();
+    let procs = Processors::new(cfg, eos);
+    let on_host = cfg.do_sample || procs.needs_host();
+    let mut samplers: Vec<Sampler> = if cfg.do_sample {
+        streams.iter().map(|&s| Sampler::new(cfg.seed, s)).collect()
+    } else {
+        Vec::new()
+    };
+
     let enc = model.encode(inputs)?;
-    let mut state = model.start_decoding(&enc, max_new_tokens)?;
+    let mut state = model.start_decoding(&enc, limit)?;
     drop(enc);
-    let mut outputs = vec![Vec::with_capacity(max_new_tokens); inputs.len()];
-    // `active[r]` is the input index decoded in row r of the state.
+    // seqs[i]: HF's decoder input_ids of input i: the start token, then what was generated.
+    let mut seqs: Vec<Vec<u32>> = (0..inputs.len())
+        .map(|_| {
+            let mut s = Vec::with_capacity(limit + 1);
+            s.push(mc.decoder_start_token_id);
+            s
+        })
+        .collect();
+    // `active[r]` is the input decoded in row r of the state.
     let mut active: Vec<usize> = (0..inputs.len()).collect();
-    let mut tokens = vec![cfg.decoder_start_token_id; inputs.len()];
-    for step in 0..max_new_tokens {
+    let mut tokens = vec![mc.decoder_start_token_id; inputs.len()];
+    for step in 0..limit {
         let rows = active.len();
         let logits = model.decode_step(&tokens, &mut state)?;
-        if step < min_new_tokens {
-            // min_new_tokens: EOS is banned until enough tokens were generated (as HF does).
-            let eos = cfg.eos_token_id as usize;
-            backend.fill_column(logits, rows, cfg.vocab_size, eos, f32::NEG_INFINITY)?;
-        }
-        let next = backend.argmax_rows(logits, rows, cfg.vocab_size)?;
+        let next = if on_host {
+            let mut host = backend.download(logits, rows * vocab)?;
+            let mut next = Vec::with_capacity(rows);
+            for (r, row) in host.chunks_exact_mut(vocab).enumerate() {
+                let i = active[r];
+                procs.apply(&seqs[i], row);
+                next.push(if cfg.do_sample {
+                    samplers[i].sample(cfg, row)
+                } else {
+                    argmax(row)
+                });
+            }
+            next
+        } else {
+            if step < cfg.min_new_tokens {
+                // min_new_tokens: EOS is banned until enough tokens were generated (as HF does).
+                backend.fill_column(logits, rows, vocab, eos as usize, f32::NEG_INFINITY)?;
+            }
+            backend.argmax_rows(logits, rows, vocab)?
+        };
         let mut keep = Vec::with_capacity(rows);
         for (r, &id) in next.iter().enumerate() {
-            outputs[active[r]].push(id);
-            if id != cfg.eos_token_id {
+            let seq = &mut seqs[active[r]];
+            seq.push(id);
+            let stopped = match stop {
+                Some(stop) if id != eos => stop.hit(&seq[1..])?,
+                _ => false,
+            };
+            if id != eos && !stopped {
                 keep.push(r);
             }
         }
@@ -47,5 +90,5 @@ pub fn greedy_batch<B: Backend>(
         }
         tokens = keep.iter().map(|&r| next[r]).collect();
     }
-    Ok(outputs)
+    Ok(seqs.into_iter().map(|mut s| s.split_off(1)).collect())
 }

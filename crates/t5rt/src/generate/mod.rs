@@ -1,90 +1,79 @@
-//! Search strategies. They only call `encode`, `start_decoding`, `decode_step` and
-//! `DecoderState::select`; batching of requests into padded batches happens here, once.
+//! Search strategies: greedy, sampling ([`greedy`], [`sampling`]) and beam search ([`beam`]),
+//! with Hugging Face's logits processors ([`logits`]). They only call `encode`,
+//! `start_decoding` / `start_grouped_decoding`, `decode_step` and `DecoderState::select`;
+//! grouping requests into padded batches happens here, once.
 
+mod beam;
+mod config;
 mod greedy;
+mod logits;
+mod sampling;
+mod stop;
 
 use crate::backend::Backend;
 use crate::error::{Result, T5Error};
 use crate::model::T5Model;
+use crate::tokenizer::T5Tokenizer;
 
-pub use greedy::greedy_batch;
+pub use config::{EarlyStopping, GenerationConfig};
+pub use stop::StopStrings;
 
-/// Options of greedy generation.
+/// One generated sequence: the ids after the decoder start token, up to and including EOS
+/// when produced, and its beam score (length-normalised log-probability; beam search only).
 #[derive(Debug, Clone, PartialEq)]
-pub struct GenerateOptions {
-    /// Tokens generated at most per sequence (EOS included).
-    pub max_new_tokens: usize,
-    /// EOS is banned until this many tokens were generated (as HF's `min_new_tokens`).
-    pub min_new_tokens: usize,
-    /// Sequences decoded together at most.
-    pub batch_size: usize,
-    /// Longest input accepted, in tokens; longer inputs are refused, not truncated.
-    pub max_input_tokens: usize,
+pub struct Hypothesis {
+    pub ids: Vec<u32>,
+    pub score: Option<f32>,
 }
 
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        GenerateOptions {
-            max_new_tokens: 128,
-            min_new_tokens: 0,
-            batch_size: 16,
-            max_input_tokens: 1024,
-        }
-    }
-}
-
-impl GenerateOptions {
-    fn validate(&self) -> Result<()> {
-        if self.max_new_tokens == 0 {
-            return Err(T5Error::Input("max_new_tokens must be at least 1".into()));
-        }
-        if self.min_new_tokens > self.max_new_tokens {
-            return Err(T5Error::Input(format!(
-                "min_new_tokens ({}) is larger than max_new_tokens ({})",
-                self.min_new_tokens, self.max_new_tokens
-            )));
-        }
-        if self.batch_size == 0 {
-            return Err(T5Error::Input("batch_size must be at least 1".into()));
-        }
-        Ok(())
-    }
-}
-
-/// Greedy generation for any number of inputs. Inputs are grouped by length into padded
-/// batches of at most `batch_size` (a sequence's tokens do not depend on its batch), and the
-/// outputs come back in input order: the ids after the decoder start token, up to and
-/// including EOS when produced. `progress` is called with the number of sequences finished
-/// after each batch. Every input is checked before any work starts.
+/// Generates for any number of inputs and returns, per input and in input order, the
+/// `num_return_sequences` best (beam search) or drawn (sampling) sequences, best first.
+///
+/// Inputs are grouped by length into padded batches of at most `batch_size` inputs; a
+/// sequence's tokens do not depend on its batch. Every input and option is checked before
+/// any work starts. `tokenizer` is needed only for stop strings. `progress` is called with
+/// the number of inputs finished after each batch.
 pub fn generate<B: Backend>(
     model: &T5Model<B>,
     inputs: &[Vec<u32>],
-    opts: &GenerateOptions,
+    cfg: &GenerationConfig,
+    tokenizer: Option<&T5Tokenizer>,
     mut progress: impl FnMut(usize),
-) -> Result<Vec<Vec<u32>>> {
-    opts.validate()?;
+) -> Result<Vec<Vec<Hypothesis>>> {
+    cfg.validate(&model.config)?;
     model.check_inputs(inputs)?;
     if let Some((i, seq)) = inputs
         .iter()
         .enumerate()
-        .find(|(_, seq)| seq.len() > opts.max_input_tokens)
+        .find(|(_, seq)| seq.len() > cfg.max_input_tokens)
     {
         return Err(T5Error::Input(format!(
             "input {i} has {} tokens, more than the limit of {} (raise --max-input-tokens to allow it)",
             seq.len(),
-            opts.max_input_tokens
+            cfg.max_input_tokens
         )));
     }
+    let stop = match (cfg.stop_strings.is_empty(), tokenizer) {
+        (true, _) => None,
+        (false, Some(tokenizer)) => Some(StopStrings {
+            strings: &cfg.stop_strings,
+            tokenizer,
+        }),
+        (false, None) => {
+            return Err(T5Error::Input(
+                "stop strings need the model's tokenizer.json".into(),
+            ))
+        }
+    };
     // Longest first, so each padded batch holds sequences of similar length.
     let mut order: Vec<usize> = (0..inputs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(inputs[i].len()));
     let mut outputs = vec![Vec::new(); inputs.len()];
     let mut done = 0;
-    for chunk in order.chunks(opts.batch_size) {
-        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| inputs[i].clone()).collect();
+    for chunk in order.chunks(cfg.batch_size) {
         let results = model
             .backend
-            .run(|| greedy_batch(model, &batch, opts.max_new_tokens, opts.min_new_tokens))?;
+            .run(|| generate_batch(model, inputs, chunk, cfg, stop.as_ref()))?;
         for (&i, out) in chunk.iter().zip(results) {
             outputs[i] = out;
         }
@@ -92,4 +81,42 @@ pub fn generate<B: Backend>(
         progress(done);
     }
     Ok(outputs)
+}
+
+/// One padded batch: the inputs `chunk` names.
+fn generate_batch<B: Backend>(
+    model: &T5Model<B>,
+    inputs: &[Vec<u32>],
+    chunk: &[usize],
+    cfg: &GenerationConfig,
+    stop: Option<&StopStrings>,
+) -> Result<Vec<Vec<Hypothesis>>> {
+    if cfg.num_beams > 1 {
+        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| inputs[i].clone()).collect();
+        return beam::beam_search(model, &batch, cfg);
+    }
+    // Greedy or sampling: each input decoded num_return_sequences times, each copy with its
+    // own random stream (input index * n + copy), so results do not depend on batching.
+    let n = cfg.num_return_sequences;
+    let mut batch = Vec::with_capacity(chunk.len() * n);
+    let mut streams = Vec::with_capacity(chunk.len() * n);
+    for &i in chunk {
+        for j in 0..n {
+            batch.push(inputs[i].clone());
+            streams.push((i * n + j) as u64);
+        }
+    }
+    let outs = greedy::decode_rows(model, &batch, cfg, &streams, stop)?;
+    Ok(outs
+        .chunks(n)
+        .map(|copies| {
+            copies
+                .iter()
+                .map(|ids| Hypothesis {
+                    ids: ids.clone(),
+                    score: None,
+                })
+                .collect()
+        })
+        .collect())
 }

@@ -21,21 +21,41 @@ impl<B: Backend> T5Model<B> {
         max_steps: usize,
     ) -> Result<DecoderState<B::Tensor>> {
         let initial = max_steps.min(INITIAL_CACHE_POSITIONS);
-        self.start_decoding_with_capacity(enc, max_steps, initial)
+        self.start_decoding_with_capacity(enc, max_steps, initial, 1)
     }
 
-    /// [`Self::start_decoding`] with the caches first sized for `capacity` positions.
+    /// Like [`Self::start_decoding`], with `group` decoded rows per source sequence (the beams
+    /// of beam search): row `r` decodes source `r / group`, and the cross-attention keys/values
+    /// are projected and stored once per source, shared by its rows.
+    pub fn start_grouped_decoding(
+        &self,
+        enc: &EncoderOutput<B::Tensor>,
+        max_steps: usize,
+        group: usize,
+    ) -> Result<DecoderState<B::Tensor>> {
+        let initial = max_steps.min(INITIAL_CACHE_POSITIONS);
+        self.start_decoding_with_capacity(enc, max_steps, initial, group)
+    }
+
+    /// [`Self::start_grouped_decoding`] with the caches first sized for `capacity` positions.
     pub fn start_decoding_with_capacity(
         &self,
         enc: &EncoderOutput<B::Tensor>,
         max_steps: usize,
         capacity: usize,
+        group: usize,
     ) -> Result<DecoderState<B::Tensor>> {
         let cfg = &self.config;
         let b = &self.backend;
         let (d, inner) = (cfg.d_model, cfg.inner_dim());
+        if group == 0 {
+            return Err(T5Error::Input(
+                "a decoding group needs at least one row".into(),
+            ));
+        }
         let max_steps = max_steps.max(1);
         let capacity = capacity.clamp(1, max_steps);
+        let batch = enc.batch * group;
         let rows = enc.batch * enc.src_len;
         let proj = MatDims {
             m: rows,
@@ -47,8 +67,8 @@ impl<B: Backend> T5Model<B> {
         let mut cross_k = Vec::with_capacity(cfg.num_decoder_layers);
         let mut cross_v = Vec::with_capacity(cfg.num_decoder_layers);
         for layer in &self.params.decoder {
-            self_k.push(b.zeros(enc.batch * capacity * inner)?);
-            self_v.push(b.zeros(enc.batch * capacity * inner)?);
+            self_k.push(b.zeros(batch * capacity * inner)?);
+            self_v.push(b.zeros(batch * capacity * inner)?);
             let mut k = b.zeros(rows * inner)?;
             let mut v = b.zeros(rows * inner)?;
             b.matmul_nt(&enc.hidden, &layer.cross_attn.k, &mut k, proj, false)?;
@@ -64,7 +84,8 @@ impl<B: Backend> T5Model<B> {
         };
         let all: Vec<usize> = (0..enc.batch).collect();
         Ok(DecoderState {
-            batch: enc.batch,
+            batch,
+            group,
             step: 0,
             capacity,
             max_steps,
@@ -74,7 +95,7 @@ impl<B: Backend> T5Model<B> {
             cross_k,
             cross_v,
             cross_mask: b.gather_rows(&enc.mask, &all, enc.src_len)?,
-            scratch: DecoderScratch::new(b, enc.batch, dims)?,
+            scratch: DecoderScratch::new(b, batch, dims)?,
             dims,
         })
     }
@@ -132,10 +153,12 @@ impl<B: Backend> T5Model<B> {
             q_len: 1,
             kv_len: pos + 1,
             kv_stride: state.capacity,
+            kv_group: 1,
         };
         let cross_shape = AttnShape {
             kv_len: state.src_len,
             kv_stride: state.src_len,
+            kv_group: state.group,
             ..self_shape
         };
         let proj = MatDims {

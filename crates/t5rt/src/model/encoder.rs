@@ -53,6 +53,7 @@ impl<B: Backend> T5Model<B> {
             q_len: src_len,
             kv_len: src_len,
             kv_stride: src_len,
+            kv_group: 1,
         };
         let proj = MatDims {
             m: rows,

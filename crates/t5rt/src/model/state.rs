@@ -68,8 +68,10 @@ impl<T> DecoderScratch<T> {
 /// Decoding state of a batch: self-attention caches that grow one position per step in
 /// preallocated buffers, and cross-attention keys/values projected once from the encoder.
 pub struct DecoderState<T> {
-    /// Sequences in the batch now (rows of every buffer below).
+    /// Rows decoded now (rows of the self-attention caches and scratch).
     pub(crate) batch: usize,
+    /// Rows per source: row `r` decodes source `r / group` (beams; 1 otherwise).
+    pub(crate) group: usize,
     /// Tokens fed so far (the position of the next one).
     pub(crate) step: usize,
     /// Positions each self-attention cache holds now (grows by doubling up to `max_steps`).
@@ -81,11 +83,11 @@ pub struct DecoderState<T> {
     pub(crate) self_k: Vec<T>,
     /// Per layer: [batch, capacity, inner]
     pub(crate) self_v: Vec<T>,
-    /// Per layer: [batch, src_len, inner]
+    /// Per layer: [batch / group, src_len, inner]
     pub(crate) cross_k: Vec<T>,
-    /// Per layer: [batch, src_len, inner]
+    /// Per layer: [batch / group, src_len, inner]
     pub(crate) cross_v: Vec<T>,
-    /// [batch, src_len] additive padding mask of the source
+    /// [batch / group, src_len] additive padding mask of the source
     pub(crate) cross_mask: T,
     pub(crate) scratch: DecoderScratch<T>,
     pub(crate) dims: ScratchDims,
@@ -113,19 +115,34 @@ impl<T> DecoderState<T> {
         Ok(())
     }
 
-    /// Keeps (and reorders to) the given rows: `rows[i]` becomes row `i`. Drops finished
-    /// sequences in greedy search; beam search reorders beams through the same method.
+    /// Keeps (and reorders to) the given rows: `rows[i]` becomes row `i`. Greedy search drops
+    /// finished sequences with it; beam search reorders beams with it. In a grouped state
+    /// (beams), row `i` must stay within its source (`rows[i] / group == i / group`): the
+    /// shared cross-attention keys/values then stay where they are.
     pub fn select<B: Backend<Tensor = T>>(&mut self, backend: &B, rows: &[usize]) -> Result<()> {
         let inner = self.dims.inner;
         let self_row = self.capacity * inner;
-        let cross_row = self.src_len * inner;
+        if self.group > 1 {
+            let stays = rows.len() == self.batch
+                && rows
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &r)| r / self.group == i / self.group);
+            if !stays {
+                return Err(crate::error::T5Error::Input(
+                    "beam rows can only be reordered within their source".into(),
+                ));
+            }
+        } else {
+            let cross_row = self.src_len * inner;
+            for t in self.cross_k.iter_mut().chain(self.cross_v.iter_mut()) {
+                *t = backend.gather_rows(t, rows, cross_row)?;
+            }
+            self.cross_mask = backend.gather_rows(&self.cross_mask, rows, self.src_len)?;
+        }
         for t in self.self_k.iter_mut().chain(self.self_v.iter_mut()) {
             *t = backend.gather_rows(t, rows, self_row)?;
         }
-        for t in self.cross_k.iter_mut().chain(self.cross_v.iter_mut()) {
-            *t = backend.gather_rows(t, rows, cross_row)?;
-        }
-        self.cross_mask = backend.gather_rows(&self.cross_mask, rows, self.src_len)?;
         if rows.len() > self.scratch.rows {
             self.scratch = DecoderScratch::new(backend, rows.len(), self.dims)?;
         }

@@ -103,20 +103,21 @@ pub(super) fn attention(
         .enumerate()
         .for_each(|(row, out_row)| {
             let (b, qi) = (row / s.q_len, row % s.q_len);
+            let kv_b = b / s.kv_group; // beams read their source's keys/values
             let q_row = &q[row * inner..(row + 1) * inner];
             let mut probs = vec![0.0f32; s.kv_len];
             for h in 0..s.heads {
                 let qh = &q_row[h * s.d_kv..(h + 1) * s.d_kv];
                 // scores = q·k (no 1/sqrt(d_kv): T5 folds it into the weights) + bias + mask
                 for (j, p) in probs.iter_mut().enumerate() {
-                    let kb = ((b * s.kv_stride + j) * s.heads + h) * s.d_kv;
+                    let kb = ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
                     let kh = &k[kb..kb + s.d_kv];
                     let mut score: f32 = qh.iter().zip(kh).map(|(a, b)| a * b).sum();
                     if let Some(bias) = bias {
                         score += bias[(h * s.q_len + qi) * s.kv_len + j];
                     }
                     if let Some(mask) = mask {
-                        score += mask[b * s.kv_len + j];
+                        score += mask[kv_b * s.kv_len + j];
                     }
                     *p = score;
                 }
@@ -128,7 +129,7 @@ pub(super) fn attention(
                     if p == 0.0 {
                         continue; // masked key: exactly zero weight
                     }
-                    let vb = ((b * s.kv_stride + j) * s.heads + h) * s.d_kv;
+                    let vb = ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
                     for (o, &val) in oh.iter_mut().zip(&v[vb..vb + s.d_kv]) {
                         *o += p * val;
                     }

@@ -173,8 +173,15 @@ impl Backend for CpuBackend {
         let inner = s.heads * s.d_kv;
         check_len("attention q", q.len(), s.batch * s.q_len * inner)?;
         check_len("attention out", out.len(), s.batch * s.q_len * inner)?;
-        check_len("attention k", k.len(), s.batch * s.kv_stride * inner)?;
-        check_len("attention v", v.len(), s.batch * s.kv_stride * inner)?;
+        if s.kv_group == 0 || s.batch % s.kv_group != 0 {
+            return Err(T5Error::Backend(format!(
+                "attention: batch {} is not a multiple of kv_group {}",
+                s.batch, s.kv_group
+            )));
+        }
+        let kv_batch = s.batch / s.kv_group;
+        check_len("attention k", k.len(), kv_batch * s.kv_stride * inner)?;
+        check_len("attention v", v.len(), kv_batch * s.kv_stride * inner)?;
         if s.kv_len > s.kv_stride || s.kv_len == 0 {
             return Err(T5Error::Backend(format!(
                 "attention over {} keys with a stride of {}",
@@ -185,7 +192,7 @@ impl Backend for CpuBackend {
             check_len("attention bias", b.len(), s.heads * s.q_len * s.kv_len)?;
         }
         if let Some(m) = mask {
-            check_len("attention mask", m.len(), s.batch * s.kv_len)?;
+            check_len("attention mask", m.len(), kv_batch * s.kv_len)?;
         }
         let bias = bias.map(|b| b.as_slice());
         let mask = mask.map(|m| m.as_slice());

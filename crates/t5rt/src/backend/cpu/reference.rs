@@ -63,7 +63,8 @@ pub fn attention(
         for qi in 0..s.q_len {
             for h in 0..s.heads {
                 let q_at = (b * s.q_len + qi) * inner + h * s.d_kv;
-                let kv_at = |j: usize| ((b * s.kv_stride + j) * s.heads + h) * s.d_kv;
+                let kv_b = b / s.kv_group;
+                let kv_at = |j: usize| ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
                 let mut scores: Vec<f64> = (0..s.kv_len)
                     .map(|j| {
                         let mut acc = 0.0f64;
@@ -74,7 +75,7 @@ pub fn attention(
                             acc += bias[(h * s.q_len + qi) * s.kv_len + j] as f64;
                         }
                         if let Some(mask) = mask {
-                            acc += mask[b * s.kv_len + j] as f64;
+                            acc += mask[kv_b * s.kv_len + j] as f64;
                         }
                         acc
                     })
