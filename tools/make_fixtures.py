@@ -68,6 +68,24 @@ INPUT_LENGTHS = [3, 11, 1, 29, 7, 18, 40]  # plus the trailing EOS each
 MAX_NEW_TOKENS = 24
 MIN_NEW_TOKENS = (8, 12)  # (min_new_tokens, max_new_tokens) of the second greedy run
 LOGIT_STEPS = 6
+BEAM_MAX_NEW_TOKENS = 12
+# Beam search and processor cases (HF generate() keyword arguments), run on the padded batch.
+BEAM_CASES = [
+    dict(num_beams=2, length_penalty=1.0, early_stopping=False, num_return_sequences=1),
+    dict(num_beams=4, length_penalty=1.0, early_stopping=True, num_return_sequences=2),
+    dict(num_beams=3, length_penalty=0.6, early_stopping="never", num_return_sequences=3),
+    dict(num_beams=4, length_penalty=2.0, early_stopping=False, num_return_sequences=4,
+         no_repeat_ngram_size=2),
+    dict(num_beams=4, length_penalty=-0.5, early_stopping=False, num_return_sequences=2,
+         repetition_penalty=1.5),
+    dict(num_beams=5, length_penalty=1.0, early_stopping="never", num_return_sequences=2,
+         min_new_tokens=4, no_repeat_ngram_size=3, repetition_penalty=0.8),
+]
+GREEDY_PROCESSOR_CASES = [
+    dict(no_repeat_ngram_size=2),
+    dict(no_repeat_ngram_size=3, repetition_penalty=1.3),
+    dict(repetition_penalty=0.7, min_new_tokens=3),
+]
 RELPOS_RANGE = 300
 
 
@@ -104,6 +122,32 @@ def reinit(model, seed, eos_boost, residual_gain=3.0, q_gain=1.0, eos_id=1):
         head = model.shared.weight if model.config.tie_word_embeddings else model.lm_head.weight
         head[eos_id] *= eos_boost
     return model
+
+
+@torch.no_grad()
+def beam_reference(model, inputs, case):
+    """HF beam search on the padded batch: per input, n-best ids and sequence scores."""
+    ids, mask = pad_batch(inputs)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=BEAM_MAX_NEW_TOKENS,
+                         do_sample=False, use_cache=False, return_dict_in_generate=True,
+                         output_scores=True, **case)
+    n = case["num_return_sequences"]
+    eos = model.config.eos_token_id
+    rows = [strip_generated(r, eos) for r in out.sequences.tolist()]
+    scores = out.sequences_scores.tolist()
+    return {"params": dict(case, max_new_tokens=BEAM_MAX_NEW_TOKENS),
+            "outputs": [rows[i * n:(i + 1) * n] for i in range(len(inputs))],
+            "scores": [scores[i * n:(i + 1) * n] for i in range(len(inputs))]}
+
+
+@torch.no_grad()
+def greedy_processor_reference(model, inputs, case):
+    ids, mask = pad_batch(inputs)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS,
+                         do_sample=False, num_beams=1, use_cache=False, **case)
+    eos = model.config.eos_token_id
+    return {"params": dict(case, max_new_tokens=MAX_NEW_TOKENS),
+            "outputs": [strip_generated(r, eos) for r in out.tolist()]}
 
 
 def pad_batch(seqs, pad=0):
@@ -146,7 +190,13 @@ def reference(model, inputs):
     logits = model(input_ids=ids, attention_mask=mask,
                    decoder_input_ids=torch.tensor(dec_in), use_cache=False).logits
     tensors = {"encoder_hidden": enc.contiguous(), "logits": logits.contiguous()}
+    # Bad words: the first two tokens of the first long greedy output, so the ban bites.
+    long_out = next(o for o in outputs if len(o) >= 3)
+    processor_cases = GREEDY_PROCESSOR_CASES + [
+        dict(bad_words_ids=[[long_out[0]], [long_out[1], long_out[2]]])]
     meta = {
+        "beam": [beam_reference(model, inputs, case) for case in BEAM_CASES],
+        "greedy_processors": [greedy_processor_reference(model, inputs, c) for c in processor_cases],
         "inputs": inputs,
         "greedy": {"max_new_tokens": MAX_NEW_TOKENS, "min_new_tokens": 0, "outputs": outputs},
         "greedy_min": {"max_new_tokens": MIN_NEW_TOKENS[1], "min_new_tokens": MIN_NEW_TOKENS[0],

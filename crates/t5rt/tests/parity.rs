@@ -6,7 +6,7 @@ mod common;
 
 use common::{assert_close, fixtures, load_model, Reference};
 use t5rt::model::relpos::bucket;
-use t5rt::{generate, Backend, GenerationConfig, Hypothesis};
+use t5rt::{generate, Backend, EarlyStopping, GenerationConfig, Hypothesis};
 
 const TOL: f32 = 1e-4;
 const VARIANTS: [&str; 4] = ["t5-v1_0", "t5-v1_1", "mt5", "spell-numbers"];
@@ -111,6 +111,112 @@ fn check_greedy(variant: &str, key: &str) {
     );
 }
 
+/// A GenerationConfig from the fixture's HF generate() keyword arguments.
+fn config_from(params: &serde_json::Value, batch_size: usize) -> GenerationConfig {
+    let f = |k: &str| params.get(k).and_then(|v| v.as_f64());
+    let u = |k: &str| params.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+    let early_stopping = match &params["early_stopping"] {
+        serde_json::Value::Bool(true) => EarlyStopping::True,
+        serde_json::Value::String(s) if s == "never" => EarlyStopping::Never,
+        _ => EarlyStopping::False,
+    };
+    let bad_words_ids = params
+        .get("bad_words_ids")
+        .map(|v| serde_json::from_value(v.clone()).unwrap())
+        .unwrap_or_default();
+    GenerationConfig {
+        max_new_tokens: u("max_new_tokens").unwrap(),
+        min_new_tokens: u("min_new_tokens").unwrap_or(0),
+        num_beams: u("num_beams").unwrap_or(1),
+        num_return_sequences: u("num_return_sequences").unwrap_or(1),
+        length_penalty: f("length_penalty").unwrap_or(1.0),
+        early_stopping,
+        no_repeat_ngram_size: u("no_repeat_ngram_size").unwrap_or(0),
+        repetition_penalty: f("repetition_penalty").unwrap_or(1.0) as f32,
+        bad_words_ids,
+        batch_size,
+        ..GenerationConfig::default()
+    }
+}
+
+/// Beam search: identical n-best token sequences and scores within 1e-4, in the padded batch,
+/// and the same again with other batch sizes.
+fn check_beam(variant: &str) {
+    let r = Reference::load(variant);
+    let model = load_model(&model_dir(variant), 2);
+    let inputs = r.ids("/inputs");
+    let cases = r.json["beam"].as_array().unwrap();
+    let mut worst_score = 0.0f64;
+    for case in cases {
+        let params = &case["params"];
+        let cfg = config_from(params, inputs.len());
+        let got = generate(&model, &inputs, &cfg, None, |_| {}).unwrap();
+        let want_ids: Vec<Vec<Vec<u32>>> = serde_json::from_value(case["outputs"].clone()).unwrap();
+        let want_scores: Vec<Vec<f64>> = serde_json::from_value(case["scores"].clone()).unwrap();
+        for (i, hyps) in got.iter().enumerate() {
+            let ids: Vec<&Vec<u32>> = hyps.iter().map(|h| &h.ids).collect();
+            let want: Vec<&Vec<u32>> = want_ids[i].iter().collect();
+            assert_eq!(
+                ids, want,
+                "{variant} {params}: input {i} differs from Hugging Face"
+            );
+            for (h, w) in hyps.iter().zip(&want_scores[i]) {
+                let err = (h.score.unwrap() as f64 - w).abs();
+                worst_score = worst_score.max(err);
+                assert!(
+                    err <= 1e-4 * w.abs().max(1.0),
+                    "{variant} {params}: input {i} score {:?} vs {w}",
+                    h.score
+                );
+            }
+        }
+        for batch_size in [1, 3] {
+            let again = generate(
+                &model,
+                &inputs,
+                &GenerationConfig {
+                    batch_size,
+                    ..cfg.clone()
+                },
+                None,
+                |_| {},
+            )
+            .unwrap();
+            assert_eq!(
+                again, got,
+                "{variant} {params}: batch size {batch_size} changed the output"
+            );
+        }
+    }
+    eprintln!(
+        "parity {variant} beam: {} cases, token-exact, worst score error {worst_score:.2e}",
+        cases.len()
+    );
+}
+
+/// Greedy search with logits processors (no-repeat n-gram, repetition penalty, bad words).
+fn check_greedy_processors(variant: &str) {
+    let r = Reference::load(variant);
+    let model = load_model(&model_dir(variant), 2);
+    let inputs = r.ids("/inputs");
+    for case in r.json["greedy_processors"].as_array().unwrap() {
+        let cfg = config_from(&case["params"], inputs.len());
+        let want: Vec<Vec<u32>> = serde_json::from_value(case["outputs"].clone()).unwrap();
+        for batch_size in [inputs.len(), 1] {
+            let cfg = GenerationConfig {
+                batch_size,
+                ..cfg.clone()
+            };
+            let got = best_ids(generate(&model, &inputs, &cfg, None, |_| {}).unwrap());
+            assert_eq!(
+                got, want,
+                "{variant} {}: differs from Hugging Face",
+                case["params"]
+            );
+        }
+    }
+}
+
 fn check_buckets(variant: &str) {
     let r = Reference::load(variant);
     let rel = &r.json["relpos"];
@@ -142,6 +248,8 @@ macro_rules! parity_tests {
         mod logits_growing_cache { $(#[test] fn $name() { super::check_logits($variant, 1) })* }
         mod greedy { $(#[test] fn $name() { super::check_greedy($variant, "greedy") })* }
         mod greedy_min_new_tokens { $(#[test] fn $name() { super::check_greedy($variant, "greedy_min") })* }
+        mod beam { $(#[test] fn $name() { super::check_beam($variant) })* }
+        mod greedy_processors { $(#[test] fn $name() { super::check_greedy_processors($variant) })* }
         mod relpos_buckets { $(#[test] fn $name() { super::check_buckets($variant) })* }
     };
 }
