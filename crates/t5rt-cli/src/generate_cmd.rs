@@ -67,78 +67,55 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     max_input_tokens: usize,
 
-    /// Beam search with N beams (1 = greedy search, or sampling with --do-sample).
-    #[arg(long, value_name = "N", default_value_t = 1, help_heading = "Decoding")]
-    num_beams: usize,
+    /// Beam search with N beams; 1 is greedy search (or sampling with --do-sample)
+    /// [default: the model's generation_config.json, else 1; likewise below].
+    #[arg(long, value_name = "N", help_heading = "Decoding")]
+    num_beams: Option<usize>,
 
-    /// Beam scores are divided by length ** P: > 0 favours longer outputs, < 0 shorter ones.
+    /// Beam scores are divided by length ** P: > 0 favours longer outputs, < 0 shorter ones
+    /// [default: 1.0].
     #[arg(
         long,
         value_name = "P",
-        default_value_t = 1.0,
         allow_negative_numbers = true,
         help_heading = "Decoding"
     )]
-    length_penalty: f64,
+    length_penalty: Option<f64>,
 
     /// When beam search stops: true (num_beams hypotheses done), false (no running beam can
-    /// win, judged at the current length), never (judged at the longest length).
-    #[arg(
-        long,
-        value_name = "WHEN",
-        default_value = "false",
-        help_heading = "Decoding"
-    )]
-    early_stopping: EarlyStopping,
+    /// win, judged at the current length), never (judged at the longest length)
+    /// [default: false].
+    #[arg(long, value_name = "WHEN", help_heading = "Decoding")]
+    early_stopping: Option<EarlyStopping>,
 
     /// Sequences returned per input, best first (at most --num-beams unless sampling); JSONL
     /// lines then carry "sequences": [{"output_ids", "text", "score"}, ...].
-    #[arg(long, value_name = "N", default_value_t = 1, help_heading = "Decoding")]
-    num_return_sequences: usize,
+    #[arg(long, value_name = "N", help_heading = "Decoding")]
+    num_return_sequences: Option<usize>,
 
-    /// No n-gram of this size occurs twice in an output (0 = off).
-    #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Decoding")]
-    no_repeat_ngram_size: usize,
+    /// No n-gram of this size occurs twice in an output (0 = off) [default: 0].
+    #[arg(long, value_name = "N", help_heading = "Decoding")]
+    no_repeat_ngram_size: Option<usize>,
 
-    /// > 1 discourages tokens already generated (1 = off).
-    #[arg(
-        long,
-        value_name = "P",
-        default_value_t = 1.0,
-        help_heading = "Decoding"
-    )]
-    repetition_penalty: f32,
+    /// > 1 discourages tokens already generated (1 = off) [default: 1.0].
+    #[arg(long, value_name = "P", help_heading = "Decoding")]
+    repetition_penalty: Option<f32>,
 
     /// Sample the next token instead of taking the most likely one.
     #[arg(long, help_heading = "Sampling")]
     do_sample: bool,
 
-    /// Sampling temperature (> 0; lower is more conservative).
-    #[arg(
-        long,
-        value_name = "T",
-        default_value_t = 1.0,
-        help_heading = "Sampling"
-    )]
-    temperature: f32,
+    /// Sampling temperature (> 0; lower is more conservative) [default: 1.0].
+    #[arg(long, value_name = "T", help_heading = "Sampling")]
+    temperature: Option<f32>,
 
-    /// Sample among the K most likely tokens (0 = all).
-    #[arg(
-        long,
-        value_name = "K",
-        default_value_t = 50,
-        help_heading = "Sampling"
-    )]
-    top_k: usize,
+    /// Sample among the K most likely tokens (0 = all) [default: 50, as in Hugging Face].
+    #[arg(long, value_name = "K", help_heading = "Sampling")]
+    top_k: Option<usize>,
 
-    /// Sample among the most likely tokens whose probabilities add up to P.
-    #[arg(
-        long,
-        value_name = "P",
-        default_value_t = 1.0,
-        help_heading = "Sampling"
-    )]
-    top_p: f32,
+    /// Sample among the most likely tokens whose probabilities add up to P [default: 1.0].
+    #[arg(long, value_name = "P", help_heading = "Sampling")]
+    top_p: Option<f32>,
 
     /// Seed of the sampler: the same seed and inputs give the same outputs.
     #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Sampling")]
@@ -212,16 +189,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     cfg.batch_size = args.batch_size;
     cfg.max_input_tokens = args.max_input_tokens;
-    cfg.num_beams = args.num_beams;
-    cfg.length_penalty = args.length_penalty;
-    cfg.early_stopping = args.early_stopping;
-    cfg.num_return_sequences = args.num_return_sequences;
-    cfg.no_repeat_ngram_size = args.no_repeat_ngram_size;
-    cfg.repetition_penalty = args.repetition_penalty;
-    cfg.do_sample = args.do_sample;
-    cfg.temperature = args.temperature;
-    cfg.top_k = args.top_k;
-    cfg.top_p = args.top_p;
+    // User options override the model's generation_config.json only where given.
+    macro_rules! given {
+        ($($field:ident),*) => { $(if let Some(v) = args.$field { cfg.$field = v; })* };
+    }
+    given!(
+        num_beams,
+        length_penalty,
+        early_stopping,
+        num_return_sequences,
+        no_repeat_ngram_size,
+        repetition_penalty,
+        temperature,
+        top_k,
+        top_p
+    );
+    cfg.do_sample |= args.do_sample;
     cfg.seed = args.seed;
     cfg.stop_strings = args.stop.clone();
     cfg.validate(&ckpt.config)?;

@@ -192,3 +192,85 @@ fn help_explains_every_flag() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+#[test]
+fn beams_and_n_best_in_jsonl() {
+    let o = t5rt(
+        &[
+            "generate",
+            "--num-beams",
+            "4",
+            "--num-return-sequences",
+            "3",
+            "--early-stopping",
+            "never",
+            "--output",
+            "-",
+            "spell: 1984",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(line["text"], "one thousand nine hundred eighty-four");
+    let seqs = line["sequences"].as_array().unwrap();
+    assert_eq!(seqs.len(), 3);
+    assert_eq!(seqs[0]["output_ids"], line["output_ids"], "best first");
+    let scores: Vec<f64> = seqs.iter().map(|s| s["score"].as_f64().unwrap()).collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "scores descend: {scores:?}"
+    );
+}
+
+#[test]
+fn sampling_is_reproducible_by_seed() {
+    let run = |seed: &str| {
+        let args = [
+            "generate",
+            "--do-sample",
+            "--temperature",
+            "50",
+            "--top-k",
+            "0",
+            "--seed",
+            seed,
+            "spell: 123",
+            "spell: 4567",
+        ];
+        let o = t5rt(&args, None);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    assert_eq!(run("5"), run("5"));
+    assert_ne!(
+        run("5"),
+        run("6"),
+        "at temperature 50 two seeds should differ"
+    );
+}
+
+#[test]
+fn stop_string_and_bad_decoding_options() {
+    let o = t5rt(&["generate", "--stop", "thousand", "spell: 731999"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "seven hundred thirty-one thousand\n");
+    for (args, needle) in [
+        (
+            vec!["generate", "--num-return-sequences", "2", "spell: 1"],
+            "num_return_sequences",
+        ),
+        (
+            vec!["generate", "--early-stopping", "sometimes", "spell: 1"],
+            "sometimes",
+        ),
+        (
+            vec!["generate", "--do-sample", "--top-p", "0", "spell: 1"],
+            "top_p",
+        ),
+    ] {
+        let o = t5rt(&args, None);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
+}

@@ -260,13 +260,29 @@ impl T5Config {
     }
 }
 
-/// Defaults a model ships in `generation_config.json`; user options override them.
+/// Defaults a model ships in `generation_config.json`; user options override them
+/// (see `GenerationConfig::from_model`). Keys t5rt does not use are ignored, as HF's files
+/// carry many (`transformers_version`, `_from_model_config`, ...).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerationDefaults {
     pub max_new_tokens: Option<usize>,
     pub min_new_tokens: Option<usize>,
+    pub min_length: Option<usize>,
     pub eos_token_id: Option<u32>,
     pub decoder_start_token_id: Option<u32>,
+    pub num_beams: Option<usize>,
+    pub num_return_sequences: Option<usize>,
+    pub length_penalty: Option<f64>,
+    pub early_stopping: Option<crate::generate::EarlyStopping>,
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub no_repeat_ngram_size: Option<usize>,
+    pub bad_words_ids: Option<Vec<Vec<u32>>>,
+    pub forced_bos_token_id: Option<u32>,
+    pub forced_eos_token_id: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,8 +290,22 @@ struct RawGenerationConfig {
     max_new_tokens: Option<i64>,
     max_length: Option<i64>,
     min_new_tokens: Option<i64>,
+    min_length: Option<i64>,
     eos_token_id: Option<OneOrMany>,
     decoder_start_token_id: Option<i64>,
+    num_beams: Option<i64>,
+    num_return_sequences: Option<i64>,
+    length_penalty: Option<f64>,
+    early_stopping: Option<serde_json::Value>,
+    do_sample: Option<bool>,
+    temperature: Option<f64>,
+    top_k: Option<i64>,
+    top_p: Option<f64>,
+    repetition_penalty: Option<f64>,
+    no_repeat_ngram_size: Option<i64>,
+    bad_words_ids: Option<Vec<Vec<i64>>>,
+    forced_bos_token_id: Option<i64>,
+    forced_eos_token_id: Option<OneOrMany>,
 }
 
 impl GenerationDefaults {
@@ -292,24 +322,65 @@ impl GenerationDefaults {
                 None => Ok(None),
             }
         };
+        let vocab = config.vocab_size;
+        let id = |field: &str, v: Option<i64>| -> Result<Option<u32>> {
+            v.map(|v| token_id(field, Some(v), 0, vocab)).transpose()
+        };
         let max_new_tokens = match count("max_new_tokens", raw.max_new_tokens)? {
             Some(n) => Some(n),
             None => count("max_length", raw.max_length)?.map(|n| n.saturating_sub(1)),
         };
-        let vocab = config.vocab_size;
-        let eos = match raw.eos_token_id.as_ref().and_then(OneOrMany::first) {
-            Some(id) => Some(token_id("eos_token_id", Some(id), 1, vocab)?),
-            None => None,
+        let early_stopping = match raw.early_stopping {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Bool(true)) => Some(crate::generate::EarlyStopping::True),
+            Some(serde_json::Value::Bool(false)) => Some(crate::generate::EarlyStopping::False),
+            Some(serde_json::Value::String(s)) if s == "never" => {
+                Some(crate::generate::EarlyStopping::Never)
+            }
+            Some(other) => {
+                return Err(T5Error::config(
+                    "early_stopping",
+                    format!("{other} is not true, false or \"never\""),
+                ))
+            }
         };
-        let start = match raw.decoder_start_token_id {
-            Some(id) => Some(token_id("decoder_start_token_id", Some(id), 0, vocab)?),
+        let bad_words_ids = match raw.bad_words_ids {
+            Some(seqs) => Some(
+                seqs.into_iter()
+                    .map(|seq| {
+                        seq.into_iter()
+                            .map(|t| token_id("bad_words_ids", Some(t), 0, vocab))
+                            .collect::<Result<Vec<u32>>>()
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
             None => None,
         };
         Ok(GenerationDefaults {
             max_new_tokens,
             min_new_tokens: count("min_new_tokens", raw.min_new_tokens)?,
-            eos_token_id: eos,
-            decoder_start_token_id: start,
+            min_length: count("min_length", raw.min_length)?,
+            eos_token_id: id(
+                "eos_token_id",
+                raw.eos_token_id.as_ref().and_then(OneOrMany::first),
+            )?,
+            decoder_start_token_id: id("decoder_start_token_id", raw.decoder_start_token_id)?,
+            num_beams: count("num_beams", raw.num_beams)?,
+            num_return_sequences: count("num_return_sequences", raw.num_return_sequences)?,
+            length_penalty: raw.length_penalty,
+            early_stopping,
+            do_sample: raw.do_sample,
+            temperature: raw.temperature.map(|v| v as f32),
+            top_k: count("top_k", raw.top_k)?,
+            top_p: raw.top_p.map(|v| v as f32),
+            repetition_penalty: raw.repetition_penalty.map(|v| v as f32),
+            no_repeat_ngram_size: count("no_repeat_ngram_size", raw.no_repeat_ngram_size)?,
+            bad_words_ids,
+            forced_bos_token_id: id("forced_bos_token_id", raw.forced_bos_token_id)?,
+            forced_eos_token_id: id(
+                "forced_eos_token_id",
+                raw.forced_eos_token_id.as_ref().and_then(OneOrMany::first),
+            )?,
         })
     }
 }
@@ -374,5 +445,18 @@ mod tests {
             .unwrap();
         assert_eq!(g.max_new_tokens, Some(19));
         assert_eq!(g.eos_token_id, Some(1));
+        let g = GenerationDefaults::from_json_str(
+            r#"{"num_beams": 4, "early_stopping": "never", "length_penalty": 0.6,
+                "no_repeat_ngram_size": 3, "bad_words_ids": [[5, 6]], "transformers_version": "x"}"#,
+            &c,
+        )
+        .unwrap();
+        assert_eq!(g.num_beams, Some(4));
+        assert_eq!(
+            g.early_stopping,
+            Some(crate::generate::EarlyStopping::Never)
+        );
+        assert_eq!(g.bad_words_ids, Some(vec![vec![5, 6]]));
+        assert!(GenerationDefaults::from_json_str(r#"{"early_stopping": 3}"#, &c).is_err());
     }
 }

@@ -5,7 +5,7 @@ mod common;
 use t5rt::{generate, Checkpoint, CpuBackend, GenerationConfig};
 
 #[test]
-fn heldout_exact_match_is_at_least_95_percent() {
+fn heldout_exact_match_is_at_least_95_percent_greedy_and_beam_4() {
     let dir = common::bundled_model();
     let ckpt = Checkpoint::open(&dir).unwrap();
     let tok = ckpt.tokenizer.as_ref().expect("bundled tokenizer");
@@ -17,21 +17,27 @@ fn heldout_exact_match_is_at_least_95_percent() {
         inputs.push(tok.encode(v["text"].as_str().unwrap()).unwrap());
         expected.push(v["expected"].as_str().unwrap().to_string());
     }
-    let opts = GenerationConfig {
-        max_new_tokens: 40,
-        batch_size: 64,
-        ..GenerationConfig::default()
-    };
-    let outputs = generate(&model, &inputs, &opts, None, |_| {}).unwrap();
-    let correct = outputs
-        .iter()
-        .zip(&expected)
-        .filter(|(hyps, want)| tok.decode(&hyps[0].ids).unwrap() == **want)
-        .count();
-    let em = correct as f64 / expected.len() as f64;
-    eprintln!(
-        "bundled model held-out exact match: {correct}/{} = {em:.4}",
-        expected.len()
-    );
-    assert!(em >= 0.95, "held-out exact match {em:.4} < 0.95");
+    for num_beams in [1, 4] {
+        let opts = GenerationConfig {
+            max_new_tokens: 40,
+            batch_size: 64,
+            num_beams,
+            ..GenerationConfig::default()
+        };
+        let outputs = generate(&model, &inputs, &opts, None, |_| {}).unwrap();
+        let correct = outputs
+            .iter()
+            .zip(&expected)
+            .filter(|(hyps, want)| tok.decode(&hyps[0].ids).unwrap() == **want)
+            .count();
+        let em = correct as f64 / expected.len() as f64;
+        eprintln!(
+            "bundled model held-out exact match, {num_beams} beam(s): {correct}/{} = {em:.4}",
+            expected.len()
+        );
+        assert!(
+            em >= 0.95,
+            "{num_beams} beam(s): held-out exact match {em:.4} < 0.95"
+        );
+    }
 }

@@ -146,7 +146,7 @@ fn check_beam(variant: &str) {
     let model = load_model(&model_dir(variant), 2);
     let inputs = r.ids("/inputs");
     let cases = r.json["beam"].as_array().unwrap();
-    let mut worst_score = 0.0f64;
+    let (mut worst_abs, mut worst_rel) = (0.0f64, 0.0f64);
     for case in cases {
         let params = &case["params"];
         let cfg = config_from(params, inputs.len());
@@ -162,7 +162,8 @@ fn check_beam(variant: &str) {
             );
             for (h, w) in hyps.iter().zip(&want_scores[i]) {
                 let err = (h.score.unwrap() as f64 - w).abs();
-                worst_score = worst_score.max(err);
+                worst_abs = worst_abs.max(err);
+                worst_rel = worst_rel.max(err / w.abs().max(1.0));
                 assert!(
                     err <= 1e-4 * w.abs().max(1.0),
                     "{variant} {params}: input {i} score {:?} vs {w}",
@@ -189,7 +190,7 @@ fn check_beam(variant: &str) {
         }
     }
     eprintln!(
-        "parity {variant} beam: {} cases, token-exact, worst score error {worst_score:.2e}",
+        "parity {variant} beam: {} cases, token-exact, score error worst {worst_abs:.2e} absolute, {worst_rel:.2e} relative",
         cases.len()
     );
 }

@@ -111,14 +111,27 @@ impl GenerationConfig {
     /// Defaults, then the model's `generation_config.json`; user options are applied on the
     /// result (set fields directly, then call [`GenerationConfig::validate`]).
     pub fn from_model(defaults: &GenerationDefaults) -> Self {
-        let mut c = GenerationConfig::default();
-        if let Some(n) = defaults.max_new_tokens {
-            c.max_new_tokens = n;
+        let d = defaults;
+        let c = GenerationConfig::default();
+        GenerationConfig {
+            max_new_tokens: d.max_new_tokens.unwrap_or(c.max_new_tokens),
+            min_new_tokens: d.min_new_tokens.unwrap_or(c.min_new_tokens),
+            min_length: d.min_length.unwrap_or(c.min_length),
+            num_beams: d.num_beams.unwrap_or(c.num_beams),
+            num_return_sequences: d.num_return_sequences.unwrap_or(c.num_return_sequences),
+            length_penalty: d.length_penalty.unwrap_or(c.length_penalty),
+            early_stopping: d.early_stopping.unwrap_or(c.early_stopping),
+            do_sample: d.do_sample.unwrap_or(c.do_sample),
+            temperature: d.temperature.unwrap_or(c.temperature),
+            top_k: d.top_k.unwrap_or(c.top_k),
+            top_p: d.top_p.unwrap_or(c.top_p),
+            repetition_penalty: d.repetition_penalty.unwrap_or(c.repetition_penalty),
+            no_repeat_ngram_size: d.no_repeat_ngram_size.unwrap_or(c.no_repeat_ngram_size),
+            bad_words_ids: d.bad_words_ids.clone().unwrap_or(c.bad_words_ids.clone()),
+            forced_bos_token_id: d.forced_bos_token_id.or(c.forced_bos_token_id),
+            forced_eos_token_id: d.forced_eos_token_id.or(c.forced_eos_token_id),
+            ..c
         }
-        if let Some(n) = defaults.min_new_tokens {
-            c.min_new_tokens = n;
-        }
-        c
     }
 
     /// New tokens allowed: `max_new_tokens`, or fewer when `max_length` says so.
