@@ -1,5 +1,6 @@
 //! `t5rt`: run T5-family models from the command line.
 
+mod bench_cmd;
 mod default_model;
 mod generate_cmd;
 mod inputs;
@@ -23,14 +24,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate text with greedy decoding.
+    /// Generate text: greedy search, beam search or sampling.
     Generate(generate_cmd::GenerateArgs),
+    /// Measure tokens/s on synthetic inputs (EOS suppressed), encoder and decoder apart.
+    Bench(bench_cmd::BenchArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate_cmd::run(args),
+        Command::Bench(args) => bench_cmd::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

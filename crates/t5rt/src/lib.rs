@@ -25,7 +25,9 @@ pub use backend::Backend;
 pub use checkpoint::Checkpoint;
 pub use config::{Activation, GenerationDefaults, T5Config};
 pub use error::{Result, T5Error};
-pub use generate::{generate, EarlyStopping, GenerationConfig, Hypothesis};
+pub use generate::{
+    generate, generate_with_stats, EarlyStopping, GenerationConfig, GenerationStats, Hypothesis,
+};
 pub use model::{DecoderState, EncoderOutput, T5Model};
 pub use tokenizer::T5Tokenizer;
 pub use weights::{HostTensor, TensorStore};

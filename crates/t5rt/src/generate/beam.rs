@@ -54,12 +54,13 @@ fn normalise(x: f32, len: usize, length_penalty: f64) -> f32 {
 }
 
 /// Beam search for one batch of sources. Returns, per source, the best
-/// `num_return_sequences` hypotheses (generated ids after the start token) with their scores.
+/// `num_return_sequences` hypotheses (generated ids after the start token) with their scores,
+/// and the seconds spent in the encoder.
 pub(crate) fn beam_search<B: Backend>(
     model: &T5Model<B>,
     inputs: &[Vec<u32>],
     cfg: &GenerationConfig,
-) -> Result<Vec<Vec<Hypothesis>>> {
+) -> Result<(Vec<Vec<Hypothesis>>, f64)> {
     let mc = &model.config;
     let backend = &model.backend;
     let (vocab, eos, start) = (mc.vocab_size, mc.eos_token_id, mc.decoder_start_token_id);
@@ -70,7 +71,9 @@ pub(crate) fn beam_search<B: Backend>(
     let lp = cfg.length_penalty;
     let procs = Processors::new(cfg, eos);
 
+    let started = std::time::Instant::now();
     let enc = model.encode(inputs)?;
+    let encode_secs = started.elapsed().as_secs_f64();
     let mut state = model.start_grouped_decoding(&enc, limit, k)?;
     drop(enc);
     let mut sources: Vec<Source> = (0..inputs.len())
@@ -189,7 +192,7 @@ pub(crate) fn beam_search<B: Backend>(
         }
         state.select(backend, &reorder)?;
     }
-    Ok(sources
+    let hyps = sources
         .into_iter()
         .map(|src| {
             src.slots
@@ -201,5 +204,6 @@ pub(crate) fn beam_search<B: Backend>(
                 })
                 .collect()
         })
-        .collect())
+        .collect();
+    Ok((hyps, encode_secs))
 }

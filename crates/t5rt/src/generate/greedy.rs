@@ -11,14 +11,15 @@ use super::sampling::Sampler;
 use super::stop::StopStrings;
 
 /// Decodes each input once. `streams[i]` names input `i`'s random stream when sampling.
-/// Returns the generated ids after the decoder start token, up to and including EOS.
+/// Returns the generated ids after the decoder start token, up to and including EOS, and
+/// the seconds spent in the encoder.
 pub(crate) fn decode_rows<B: Backend>(
     model: &T5Model<B>,
     inputs: &[Vec<u32>],
     cfg: &GenerationConfig,
     streams: &[u64],
     stop: Option<&StopStrings>,
-) -> Result<Vec<Vec<u32>>> {
+) -> Result<(Vec<Vec<u32>>, f64)> {
     let mc = &model.config;
     let backend = &model.backend;
     let (vocab, eos) = (mc.vocab_size, mc.eos_token_id);
@@ -31,7 +32,9 @@ pub(crate) fn decode_rows<B: Backend>(
         Vec::new()
     };
 
+    let started = std::time::Instant::now();
     let enc = model.encode(inputs)?;
+    let encode_secs = started.elapsed().as_secs_f64();
     let mut state = model.start_decoding(&enc, limit)?;
     drop(enc);
     // seqs[i]: HF's decoder input_ids of input i: the start token, then what was generated.
@@ -90,5 +93,6 @@ pub(crate) fn decode_rows<B: Backend>(
         }
         tokens = keep.iter().map(|&r| next[r]).collect();
     }
-    Ok(seqs.into_iter().map(|mut s| s.split_off(1)).collect())
+    let outputs = seqs.into_iter().map(|mut s| s.split_off(1)).collect();
+    Ok((outputs, encode_secs))
 }

@@ -26,6 +26,17 @@ pub struct Hypothesis {
     pub score: Option<f32>,
 }
 
+/// Where generation spent its time (wall clock), summed over batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerationStats {
+    /// Seconds in the encoder.
+    pub encode_secs: f64,
+    /// Seconds in everything after it: cross-attention projections, decoding steps, search.
+    pub decode_secs: f64,
+    /// Tokens generated, over all returned sequences.
+    pub new_tokens: usize,
+}
+
 /// Generates for any number of inputs and returns, per input and in input order, the
 /// `num_return_sequences` best (beam search) or drawn (sampling) sequences, best first.
 ///
@@ -38,8 +49,19 @@ pub fn generate<B: Backend>(
     inputs: &[Vec<u32>],
     cfg: &GenerationConfig,
     tokenizer: Option<&T5Tokenizer>,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> Result<Vec<Vec<Hypothesis>>> {
+    Ok(generate_with_stats(model, inputs, cfg, tokenizer, progress)?.0)
+}
+
+/// [`generate`], also reporting where the time went.
+pub fn generate_with_stats<B: Backend>(
+    model: &T5Model<B>,
+    inputs: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    tokenizer: Option<&T5Tokenizer>,
+    mut progress: impl FnMut(usize),
+) -> Result<(Vec<Vec<Hypothesis>>, GenerationStats)> {
     cfg.validate(&model.config)?;
     model.check_inputs(inputs)?;
     if let Some((i, seq)) = inputs
@@ -70,27 +92,32 @@ pub fn generate<B: Backend>(
     order.sort_by_key(|&i| std::cmp::Reverse(inputs[i].len()));
     let mut outputs = vec![Vec::new(); inputs.len()];
     let mut done = 0;
+    let mut stats = GenerationStats::default();
     for chunk in order.chunks(cfg.batch_size) {
-        let results = model
+        let started = std::time::Instant::now();
+        let (results, encode_secs) = model
             .backend
             .run(|| generate_batch(model, inputs, chunk, cfg, stop.as_ref()))?;
+        stats.encode_secs += encode_secs;
+        stats.decode_secs += started.elapsed().as_secs_f64() - encode_secs;
+        stats.new_tokens += results.iter().flatten().map(|h| h.ids.len()).sum::<usize>();
         for (&i, out) in chunk.iter().zip(results) {
             outputs[i] = out;
         }
         done += chunk.len();
         progress(done);
     }
-    Ok(outputs)
+    Ok((outputs, stats))
 }
 
-/// One padded batch: the inputs `chunk` names.
+/// One padded batch: the inputs `chunk` names. Also returns the seconds spent encoding.
 fn generate_batch<B: Backend>(
     model: &T5Model<B>,
     inputs: &[Vec<u32>],
     chunk: &[usize],
     cfg: &GenerationConfig,
     stop: Option<&StopStrings>,
-) -> Result<Vec<Vec<Hypothesis>>> {
+) -> Result<(Vec<Vec<Hypothesis>>, f64)> {
     if cfg.num_beams > 1 {
         let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| inputs[i].clone()).collect();
         return beam::beam_search(model, &batch, cfg);
@@ -106,8 +133,8 @@ fn generate_batch<B: Backend>(
             streams.push((i * n + j) as u64);
         }
     }
-    let outs = greedy::decode_rows(model, &batch, cfg, &streams, stop)?;
-    Ok(outs
+    let (outs, encode_secs) = greedy::decode_rows(model, &batch, cfg, &streams, stop)?;
+    let hyps = outs
         .chunks(n)
         .map(|copies| {
             copies
@@ -118,5 +145,6 @@ fn generate_batch<B: Backend>(
                 })
                 .collect()
         })
-        .collect())
+        .collect();
+    Ok((hyps, encode_secs))
 }

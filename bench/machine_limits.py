@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""The machine's limits next to the results: memory read bandwidth, f32 matmul peak, and the
+resulting floor for one batch-1 decoding step of each benchmark model (weights read per step
+divided by bandwidth).
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv-bench/bin/python bench/machine_limits.py
+
+(OPENBLAS_CORETYPE is set on some machines here for old OpenBLAS builds; it slows a current
+numpy, so the measurement unsets it for this command only.)
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+THREADS = 2
+MODELS = {  # d_model, d_ff, decoder layers, vocab, gated
+    "t5-small": (512, 2048, 6, 32128, False),
+    "t5-base": (768, 3072, 12, 32128, False),
+    "flan-t5-small": (512, 1024, 8, 32128, True),
+}
+
+
+def bandwidth_gbs(threads):
+    """Read bandwidth: summing a 1 GiB f32 array, split over `threads` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+    a = np.ones(256 * 1024 * 1024, dtype=np.float32)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as ex:
+        for _ in range(5):
+            t0 = time.perf_counter()
+            list(ex.map(np.sum, parts))
+            best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def matmul_gflops():
+    n = 2048
+    a = np.random.rand(n, n).astype(np.float32)
+    b = np.random.rand(n, n).astype(np.float32)
+    a @ b
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def decoder_bytes_per_step(d, ff, layers, vocab, gated):
+    """f32 weights a batch-1 step reads: self q,k,v,o + cross q,o (cross k,v are cached per
+    request) + FFN per layer, and the LM head."""
+    ffn = (3 if gated else 2) * d * ff
+    per_layer = 6 * d * d + ffn
+    return 4 * (layers * per_layer + vocab * d)
+
+
+def main():
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    bw1, bw2 = bandwidth_gbs(1), bandwidth_gbs(THREADS)
+    peak = matmul_gflops()
+    floors = {}
+    for name, spec in MODELS.items():
+        b = decoder_bytes_per_step(*spec)
+        floors[name] = {"weight_mib_per_step": round(b / 2**20, 1),
+                        "floor_ms_per_step": round(b / (bw2 * 1e9) * 1e3, 2),
+                        "ceiling_tokens_per_s_batch1": round(bw2 * 1e9 / b, 1)}
+    out = {"read_bandwidth_gbs": {"1_thread": round(bw1, 1), f"{THREADS}_threads": round(bw2, 1)},
+           "f32_matmul_gflops_numpy": round(peak, 1), "batch1_decode_floor": floors}
+    print(json.dumps(out, indent=1))
+    path = Path(__file__).resolve().parent / "results" / "machine_limits.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

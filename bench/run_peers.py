@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""Peer benchmark: t5rt against Hugging Face transformers, ONNX Runtime (optimum) and
+CTranslate2 on the same random-init weights, same shapes, same thread count, one run.
+
+    bench/setup.sh                      # .venv-bench with bench/requirements.txt
+    cargo build --release -j2
+    .venv-bench/bin/python bench/run_peers.py [--models t5-small,t5-base] [--repeats 3]
+
+For each model (real t5-small / t5-base / flan-t5-small configurations, random weights
+initialised as tools/make_fixtures.py does) it saves an HF checkpoint under bench/models/
+(git-ignored), exports it for ONNX Runtime (optimum, with past key values) and CTranslate2
+(float32 and int8), then measures cases a-d (see `t5rt bench --help`) with EOS suppressed
+(min = max new tokens), each system in its own process so that peak memory is its own.
+Greedy ids on case a are checked against Hugging Face for every system. Results go to
+bench/results/<model>.json and bench/RESULTS.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+CASES = {"a": (1, 32, 32), "b": (1, 512, 64), "c": (8, 128, 64), "d": (32, 128, 64)}
+MODELS = {
+    "t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
+                     num_decoder_layers=6, num_heads=8, feed_forward_proj="relu",
+                     tie_word_embeddings=True),
+    "t5-base": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
+                    num_decoder_layers=12, num_heads=12, feed_forward_proj="relu",
+                    tie_word_embeddings=True),
+    "flan-t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
+                          num_decoder_layers=8, num_heads=6, feed_forward_proj="gated-gelu",
+                          tie_word_embeddings=False),
+}
+SEED = 0
+THREADS = 2
+
+
+def synthetic_inputs(batch, length, vocab, seed=SEED):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return rng.integers(2, vocab, size=(batch, length)).tolist()
+
+
+# ---------------------------------------------------------------- model preparation
+
+def prepare(name, out):
+    """HF checkpoint + synthetic tokenizer + ONNX export + CTranslate2 conversions."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from make_fixtures import reinit
+
+    hf = out / "hf"
+    if not (hf / "model.safetensors").is_file():
+        torch.manual_seed(SEED)
+        cfg = T5Config(dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                       relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                       **MODELS[name])
+        model = T5ForConditionalGeneration(cfg).eval()
+        gain = 20.0 if cfg.tie_word_embeddings else 3.0
+        reinit(model, SEED, 2.0, gain, q_gain=cfg.d_kv ** -0.5)
+        model.save_pretrained(hf, safe_serialization=True)
+        # A word-level tokenizer with one token per id, so CTranslate2 has a vocabulary.
+        vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+        vocab.update({f"t{i}": i for i in range(3, cfg.vocab_size)})
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                unk_token="<unk>").save_pretrained(hf)
+    onnx = out / "onnx"
+    if not (onnx / "config.json").is_file():
+        from optimum.onnxruntime import ORTModelForSeq2SeqLM
+        ORTModelForSeq2SeqLM.from_pretrained(hf, export=True, use_cache=True).save_pretrained(onnx)
+    import ctranslate2.converters
+    for quant in ("float32", "int8"):
+        ct2 = out / f"ct2-{quant}"
+        if not (ct2 / "model.bin").is_file():
+            ctranslate2.converters.TransformersConverter(str(hf)).convert(
+                str(ct2), quantization=quant, force=True)
+
+
+# ---------------------------------------------------------------- one system, one process
+
+def run_system(system, model_dir, cases, repeats, warmup):
+    """Runs in a worker process; returns per-case timings and case-a greedy ids."""
+    results = {}
+    vocab = 32128
+    if system == "hf":
+        import torch
+        from transformers import T5ForConditionalGeneration
+        torch.set_num_threads(THREADS)
+        model = T5ForConditionalGeneration.from_pretrained(model_dir / "hf").eval()
+
+        def generate(ids, new):
+            with torch.no_grad():
+                out = model.generate(input_ids=torch.tensor(ids), max_new_tokens=new,
+                                     min_new_tokens=new, do_sample=False, num_beams=1, use_cache=True)
+            return [r[1:] for r in out.tolist()]
+    elif system == "ort":
+        import onnxruntime
+        import torch
+        from optimum.onnxruntime import ORTModelForSeq2SeqLM
+        torch.set_num_threads(THREADS)
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = THREADS
+        opts.inter_op_num_threads = 1
+        model = ORTModelForSeq2SeqLM.from_pretrained(model_dir / "onnx", session_options=opts,
+                                                     use_cache=True)
+
+        def generate(ids, new):
+            out = model.generate(input_ids=torch.tensor(ids), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, num_beams=1)
+            return [r[1:] for r in out.tolist()]
+    elif system.startswith("ct2-"):
+        import ctranslate2
+        translator = ctranslate2.Translator(str(model_dir / system), device="cpu",
+                                            inter_threads=1, intra_threads=THREADS)
+
+        def generate(ids, new):
+            src = [[f"t{i}" for i in row] for row in ids]
+            res = translator.translate_batch(src, beam_size=1, max_decoding_length=new,
+                                             min_decoding_length=new, max_batch_size=len(src))
+            tok = {f"t{i}": i for i in range(3, vocab)} | {"<pad>": 0, "</s>": 1, "<unk>": 2}
+            return [[tok[t] for t in r.hypotheses[0]] for r in res]
+    else:
+        raise SystemExit(f"unknown system {system}")
+
+    for case in cases:
+        batch, length, new = CASES[case]
+        ids = synthetic_inputs(batch, length, vocab)
+        times = []
+        for run in range(warmup + repeats):
+            t0 = time.perf_counter()
+            out = generate(ids, new)
+            dt = time.perf_counter() - t0
+            assert all(len(r) == new for r in out), f"{system} {case}: lengths {[len(r) for r in out]}"
+            if run >= warmup:
+                times.append(dt)
+        times.sort()
+        results[case] = {"tokens_per_s": batch * new / times[len(times) // 2],
+                         "min_s": times[0], "max_s": times[-1]}
+        if case == "a":
+            results[case]["ids"] = out
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"system": system, "cases": results, "peak_rss_mib": peak}
+
+
+def run_t5rt(binary, model_dir, cases, repeats, warmup, work):
+    out = work / "t5rt.json"
+    cmd = [binary, "bench", "--model", str(model_dir / "hf"), "--threads", str(THREADS),
+           "--repeats", str(repeats), "--warmup", str(warmup), "--json", str(out)]
+    for c in cases:
+        cmd += ["--case", c]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    rep = json.loads(out.read_text())
+    res = {c["name"]: {"tokens_per_s": c["tokens_per_s"]["median"],
+                       "min_s": c["total_s"]["min"], "max_s": c["total_s"]["max"],
+                       "encode_s": c["encode_s"]["median"], "decode_s": c["decode_s"]["median"]}
+           for c in rep["cases"]}
+    peak = max(c["peak_rss_mib"] or 0 for c in rep["cases"])
+    # Case a greedy ids through `t5rt generate` on the same synthetic inputs.
+    if "a" in cases:
+        b, n, new = CASES["a"]
+        ids = synthetic_inputs(b, n, 32128)
+        inp = work / "case_a.jsonl"
+        inp.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in ids))
+        gen = subprocess.run([binary, "generate", "--model", str(model_dir / "hf"), "--input", str(inp),
+                              "--max-new-tokens", str(new), "--min-new-tokens", str(new),
+                              "--threads", str(THREADS), "--output", "-"],
+                             check=True, capture_output=True, text=True)
+        res["a"]["ids"] = [json.loads(l)["output_ids"] for l in gen.stdout.splitlines()]
+    return {"system": "t5rt", "cases": res, "peak_rss_mib": peak}
+
+
+def versions():
+    import importlib.metadata as md
+    return {p: md.version(p) for p in ("torch", "transformers", "optimum", "optimum-onnx",
+                                       "onnxruntime", "ctranslate2")}
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+    return {"cpu": cpu, "cores": os.cpu_count(), "avx512f": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "avx512_vnni": "avx512_vnni" in flags,
+            "kernel": platform.release()}
+
+
+def write_markdown(all_results, meta, path):
+    systems = ["hf", "ort", "ct2-float32", "ct2-int8", "t5rt"]
+    names = {"hf": "HF torch f32", "ort": "ORT f32", "ct2-float32": "CT2 f32",
+             "ct2-int8": "CT2 int8", "t5rt": "t5rt f32"}
+    lines = ["# Benchmark results", "",
+             f"Made by `bench/run_peers.py` on {meta['date']}: {meta['machine']['cpu']}, "
+             f"{meta['machine']['cores']} cores, {THREADS} threads for every system. Versions: "
+             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f", {meta['t5rt']}.",
+             "", "Tokens/s (new tokens over wall time, median of the timed runs, EOS suppressed); "
+             "cases a = 1x32 in, 32 new; b = 1x512, 64; c = 8x128, 64; d = 32x128, 64. "
+             "`t5rt / best f32` divides t5rt's figure by the best f32 peer's; "
+             "`greedy = HF` says whether the system's case-a ids equal Hugging Face's.", ""]
+    for model, res in all_results.items():
+        lines += [f"## {model}", "",
+                  "| case | " + " | ".join(names[s] for s in systems) + " | t5rt / best f32 peer |",
+                  "|---" * (len(systems) + 2) + "|"]
+        for case in CASES:
+            row = [case]
+            for s in systems:
+                v = res[s]["cases"].get(case, {}).get("tokens_per_s")
+                row.append(f"{v:.1f}" if v else "-")
+            peers = [res[s]["cases"][case]["tokens_per_s"] for s in ("hf", "ort", "ct2-float32")
+                     if case in res[s]["cases"]]
+            ratio = res["t5rt"]["cases"][case]["tokens_per_s"] / max(peers) if peers else None
+            row.append(f"{ratio:.2f}x" if ratio else "-")
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", "| | " + " | ".join(names[s] for s in systems) + " |",
+                  "|---" * (len(systems) + 1) + "|",
+                  "| peak RSS MiB | " + " | ".join(f"{res[s]['peak_rss_mib']:.0f}" for s in systems) + " |",
+                  "| greedy = HF (case a) | " + " | ".join(
+                      "yes" if res[s]["cases"]["a"].get("ids") == res["hf"]["cases"]["a"]["ids"] else "NO"
+                      for s in systems) + " |", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="t5-small,t5-base,flan-t5-small")
+    ap.add_argument("--cases", default="a,b,c,d")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--t5rt", default=str(ROOT / "target" / "release" / "t5rt"))
+    ap.add_argument("--worker", nargs=2, metavar=("SYSTEM", "MODEL_DIR"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    cases = args.cases.split(",")
+    if args.worker:
+        system, model_dir = args.worker
+        print(json.dumps(run_system(system, Path(model_dir), cases, args.repeats, args.warmup)))
+        return
+    results_dir = ROOT / "bench" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    t5rt_version = subprocess.run([args.t5rt, "--version"], capture_output=True, text=True).stdout.strip()
+    all_results = {}
+    for name in args.models.split(","):
+        model_dir = ROOT / "bench" / "models" / name
+        print(f"== {name}: preparing", flush=True)
+        prepare(name, model_dir)
+        res = {}
+        for system in ("hf", "ort", "ct2-float32", "ct2-int8"):
+            print(f"== {name}: {system}", flush=True)
+            out = subprocess.run([sys.executable, __file__, "--worker", system, str(model_dir),
+                                  "--cases", args.cases, "--repeats", str(args.repeats),
+                                  "--warmup", str(args.warmup)],
+                                 check=True, capture_output=True, text=True)
+            res[system] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"== {name}: t5rt", flush=True)
+        res["t5rt"] = run_t5rt(args.t5rt, model_dir, cases, args.repeats, args.warmup, model_dir)
+        for s, r in res.items():
+            print(f"   {s:12s} " + "  ".join(f"{c}: {v['tokens_per_s']:.1f}" for c, v in r["cases"].items()),
+                  flush=True)
+        (results_dir / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+        all_results[name] = res
+    meta = {"date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions(),
+            "t5rt": t5rt_version}
+    (results_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_markdown(all_results, meta, ROOT / "bench" / "RESULTS.md")
+    print((ROOT / "bench" / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

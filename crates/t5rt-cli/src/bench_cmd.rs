@@ -1,0 +1,246 @@
+//! `t5rt bench`: tokens/s on synthetic inputs of fixed shapes, EOS suppressed so every
+//! sequence generates exactly the requested number of tokens.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use t5rt::{Backend, Checkpoint, CpuBackend, GenerationConfig};
+
+use crate::default_model;
+
+/// The standard cases of the benchmark.
+const STANDARD: [(&str, usize, usize, usize); 4] = [
+    ("a", 1, 32, 32),   // latency
+    ("b", 1, 512, 64),  // long input
+    ("c", 8, 128, 64),  // small batch
+    ("d", 32, 128, 64), // throughput
+];
+
+#[derive(Args)]
+#[command(
+    after_help = "Standard cases (BATCH:INPUT:NEW): a = 1:32:32 (latency), b = 1:512:64 \
+    (long input), c = 8:128:64, d = 32:128:64 (throughput).\n\
+    Example: t5rt bench --model ./t5-small --case a --case 4:64:16 --json out.json"
+)]
+pub struct BenchArgs {
+    /// Checkpoint directory [default: the bundled model].
+    #[arg(short, long, value_name = "DIR")]
+    model: Option<PathBuf>,
+
+    /// A standard case (a, b, c, d) or BATCH:INPUT:NEW; repeatable [default: a b c d].
+    #[arg(long = "case", value_name = "CASE")]
+    cases: Vec<String>,
+
+    /// Timed runs per case, after the warm-up.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    repeats: usize,
+
+    /// Untimed runs per case first.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    warmup: usize,
+
+    /// CPU threads (0 = one per core).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    threads: usize,
+
+    /// Seed of the synthetic input ids (uniform in [2, vocab)).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    seed: u64,
+
+    /// Also write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(mut xs: Vec<f64>) -> Spread {
+        xs.sort_by(f64::total_cmp);
+        let n = xs.len();
+        let median = if n % 2 == 1 {
+            xs[n / 2]
+        } else {
+            (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+        };
+        Spread {
+            median,
+            min: xs[0],
+            max: xs[n - 1],
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CaseResult {
+    name: String,
+    batch: usize,
+    input_tokens: usize,
+    new_tokens: usize,
+    tokens_per_s: Spread,
+    encode_s: Spread,
+    decode_s: Spread,
+    total_s: Spread,
+    /// Peak resident memory of the process so far (VmHWM), MiB.
+    peak_rss_mib: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    engine: String,
+    model: String,
+    device: String,
+    cpu: Option<String>,
+    threads: usize,
+    repeats: usize,
+    warmup: usize,
+    cases: Vec<CaseResult>,
+}
+
+fn parse_case(spec: &str) -> Result<(String, usize, usize, usize)> {
+    if let Some(&(name, b, i, n)) = STANDARD.iter().find(|c| c.0 == spec) {
+        return Ok((name.to_string(), b, i, n));
+    }
+    let parts: Vec<&str> = spec.split(':').collect();
+    let nums: Vec<usize> = parts.iter().filter_map(|p| p.parse().ok()).collect();
+    if parts.len() != 3 || nums.len() != 3 || nums.contains(&0) {
+        bail!("case `{spec}`: expected a, b, c, d or BATCH:INPUT:NEW with positive numbers");
+    }
+    Ok((spec.to_string(), nums[0], nums[1], nums[2]))
+}
+
+/// A field of /proc/self/status in MiB (Linux only).
+fn proc_status_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn cpu_name() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split(':').nth(1)?.trim().to_string())
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let specs = if args.cases.is_empty() {
+        STANDARD.iter().map(|c| c.0.to_string()).collect()
+    } else {
+        args.cases.clone()
+    };
+    let cases = specs
+        .iter()
+        .map(|s| parse_case(s))
+        .collect::<Result<Vec<_>>>()?;
+    let (ckpt, model_name) = match &args.model {
+        Some(dir) => (
+            Checkpoint::open(dir).with_context(|| format!("loading {}", dir.display()))?,
+            dir.display().to_string(),
+        ),
+        None => (
+            default_model::checkpoint()?,
+            default_model::NAME.to_string(),
+        ),
+    };
+    let model = ckpt.load_model(CpuBackend::new(args.threads)?)?;
+    let vocab = model.config.vocab_size as u32;
+    let mut results = Vec::new();
+    println!(
+        "{:<12} {:>5} {:>6} {:>5} {:>12} {:>17} {:>9} {:>9} {:>9}",
+        "case",
+        "batch",
+        "input",
+        "new",
+        "tokens/s",
+        "(min-max)",
+        "encode s",
+        "decode s",
+        "peak MiB"
+    );
+    for (name, batch, input, new) in cases {
+        let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+        let inputs: Vec<Vec<u32>> = (0..batch)
+            .map(|_| (0..input).map(|_| rng.random_range(2..vocab)).collect())
+            .collect();
+        let cfg = GenerationConfig {
+            max_new_tokens: new,
+            min_new_tokens: new, // EOS suppressed: every sequence generates `new` tokens
+            batch_size: batch,
+            max_input_tokens: input,
+            ..GenerationConfig::default()
+        };
+        let (mut tps, mut enc, mut dec, mut tot) = (vec![], vec![], vec![], vec![]);
+        for run in 0..args.warmup + args.repeats {
+            let started = Instant::now();
+            let (out, stats) = t5rt::generate_with_stats(&model, &inputs, &cfg, None, |_| {})?;
+            let secs = started.elapsed().as_secs_f64();
+            let tokens: usize = out.iter().flatten().map(|h| h.ids.len()).sum();
+            if tokens != batch * new {
+                bail!(
+                    "case {name}: generated {tokens} tokens, expected {}",
+                    batch * new
+                );
+            }
+            if run >= args.warmup {
+                tps.push(tokens as f64 / secs);
+                enc.push(stats.encode_secs);
+                dec.push(stats.decode_secs);
+                tot.push(secs);
+            }
+        }
+        let r = CaseResult {
+            name,
+            batch,
+            input_tokens: input,
+            new_tokens: new,
+            tokens_per_s: Spread::of(tps),
+            encode_s: Spread::of(enc),
+            decode_s: Spread::of(dec),
+            total_s: Spread::of(tot),
+            peak_rss_mib: proc_status_mib("VmHWM:"),
+        };
+        println!(
+            "{:<12} {:>5} {:>6} {:>5} {:>12.1} {:>17} {:>9.4} {:>9.4} {:>9}",
+            r.name,
+            r.batch,
+            r.input_tokens,
+            r.new_tokens,
+            r.tokens_per_s.median,
+            format!("({:.1}-{:.1})", r.tokens_per_s.min, r.tokens_per_s.max),
+            r.encode_s.median,
+            r.decode_s.median,
+            r.peak_rss_mib.map_or("?".into(), |m| format!("{m:.0}")),
+        );
+        results.push(r);
+    }
+    let report = Report {
+        engine: format!("t5rt {} f32", env!("CARGO_PKG_VERSION")),
+        model: model_name,
+        device: model.backend.name(),
+        cpu: cpu_name(),
+        threads: args.threads,
+        repeats: args.repeats,
+        warmup: args.warmup,
+        cases: results,
+    };
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
