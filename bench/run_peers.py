@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -151,8 +150,13 @@ def run_system(system, model_dir, cases, repeats, warmup):
                          "min_s": times[0], "max_s": times[-1]}
         if case == "a":
             results[case]["ids"] = out
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"system": system, "cases": results, "peak_rss_mib": peak}
+    return {"system": system, "cases": results, "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib():
+    """VmHWM of this process (ru_maxrss would include the parent's peak at fork time)."""
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def run_t5rt(binary, model_dir, cases, repeats, warmup, work):
