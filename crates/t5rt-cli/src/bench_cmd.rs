@@ -157,6 +157,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ),
     };
     let model = ckpt.load_model(CpuBackend::new(args.threads)?)?;
+    drop(ckpt); // release the weights' memory map: the model holds its own copy
     let vocab = model.config.vocab_size as u32;
     let mut results = Vec::new();
     println!(

@@ -9,7 +9,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use t5rt::{
-    Backend, Checkpoint, CpuBackend, EarlyStopping, GenerationConfig, Hypothesis, T5Tokenizer,
+    Backend, Checkpoint, CpuBackend, EarlyStopping, GenerationConfig, Hypothesis, T5Model,
+    T5Tokenizer,
 };
 
 use crate::default_model;
@@ -178,9 +179,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         Some(dir) => Checkpoint::open(dir).with_context(|| format!("loading {}", dir.display()))?,
         None => default_model::checkpoint().context(default_model::NAME)?,
     };
-    let tokenizer = ckpt.tokenizer.as_ref();
+    // The weights' memory map is released once they are on the device.
+    let Checkpoint {
+        config,
+        store,
+        tokenizer,
+        generation,
+    } = ckpt;
+    let tokenizer = tokenizer.as_ref();
     let inputs = encode_requests(&requests, tokenizer)?;
-    let mut cfg = GenerationConfig::from_model(&ckpt.generation);
+    let mut cfg = GenerationConfig::from_model(&generation);
     if let Some(n) = args.max_new_tokens {
         cfg.max_new_tokens = n;
     }
@@ -207,8 +215,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     cfg.do_sample |= args.do_sample;
     cfg.seed = args.seed;
     cfg.stop_strings = args.stop.clone();
-    cfg.validate(&ckpt.config)?;
-    let model = ckpt.load_model(CpuBackend::new(args.threads)?)?;
+    cfg.validate(&config)?;
+    let model = T5Model::load(config, &store, CpuBackend::new(args.threads)?)?;
+    drop(store);
     let load_secs = started.elapsed().as_secs_f64();
 
     let bar = if args.input.is_some() {

@@ -11,8 +11,14 @@ use t5rt::{Activation, CpuBackend};
 const F32_TOL: f32 = 2e-6;
 
 fn backends() -> Vec<CpuBackend> {
-    // One thread and two: threading must not change results beyond rounding.
-    vec![CpuBackend::new(1).unwrap(), CpuBackend::new(2).unwrap()]
+    // One thread and two, run-time-detected SIMD kernels and the portable fallback: neither
+    // threading nor the kernel choice may change results beyond rounding.
+    vec![
+        CpuBackend::new(1).unwrap(),
+        CpuBackend::new(2).unwrap(),
+        CpuBackend::portable(1).unwrap(),
+        CpuBackend::portable(2).unwrap(),
+    ]
 }
 
 fn check_matmul<B: Backend>(b: &B, rng: &mut Rng) {
@@ -21,6 +27,8 @@ fn check_matmul<B: Backend>(b: &B, rng: &mut Rng) {
         (1, 64, 48),
         (3, 17, 33),
         (7, 128, 96),
+        (8, 1100, 40), // the streaming kernel's widest case, tiles not a multiple of n
+        (9, 70, 33),   // the first case for gemm
         (40, 100, 64),
         (1, 1000, 64),
     ] {

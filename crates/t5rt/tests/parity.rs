@@ -183,10 +183,19 @@ fn check_beam(variant: &str) {
                 |_| {},
             )
             .unwrap();
-            assert_eq!(
-                again, got,
-                "{variant} {params}: batch size {batch_size} changed the output"
-            );
+            // Same tokens; scores equal up to rounding (batches of other sizes may take
+            // another matmul kernel, summing in another order).
+            for (a, g) in again.iter().flatten().zip(got.iter().flatten()) {
+                assert_eq!(
+                    a.ids, g.ids,
+                    "{variant} {params}: batch size {batch_size} changed the output"
+                );
+                let (sa, sg) = (a.score.unwrap(), g.score.unwrap());
+                assert!(
+                    (sa - sg).abs() <= 1e-5 * sg.abs().max(1.0),
+                    "{variant} {params}: score {sa} vs {sg}"
+                );
+            }
         }
     }
     eprintln!(

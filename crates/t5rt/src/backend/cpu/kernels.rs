@@ -18,7 +18,13 @@ pub(super) fn matmul_nt(
     d: MatDims,
     accumulate: bool,
     threads: usize,
+    simd: bool,
 ) {
+    if d.m <= super::matvec::MAX_ROWS {
+        // Decoding steps: stream the weight once (see matvec.rs).
+        super::matvec::matmul_small_m(x, w, out, (d.m, d.n, d.k), accumulate, simd);
+        return;
+    }
     let parallelism = if threads > 1 && d.m * d.n * d.k >= PARALLEL_MIN_MACS {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -86,7 +92,106 @@ pub(super) fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-/// Attention, one output row (one query position of one sequence, all heads) per task.
+/// A pointer that may cross threads: tasks write disjoint elements through it.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: used only to let parallel tasks write disjoint parts of one buffer.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Attention over many queries (the encoder): per (sequence, head), scores = q·kᵀ and
+/// out = softmax(scores + bias + mask)·v as two `gemm` calls.
+pub(super) fn attention_gemm(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: Option<&[f32]>,
+    mask: Option<&[f32]>,
+    out: &mut [f32],
+    s: AttnShape,
+) {
+    let inner = s.heads * s.d_kv;
+    let dst = SharedMut(out.as_mut_ptr());
+    (0..s.batch * s.heads).into_par_iter().for_each(|task| {
+        let (b, h) = (task / s.heads, task % s.heads);
+        let kv_b = b / s.kv_group;
+        let q0 = b * s.q_len * inner + h * s.d_kv;
+        let kv0 = kv_b * s.kv_stride * inner + h * s.d_kv;
+        let mut scores = vec![0.0f32; s.q_len * s.kv_len];
+        // SAFETY: the caller checked every buffer against `s`; the strides below address
+        // q[b, i, h, :], k/v[kv_b, j, h, :] and out[b, i, h, :] only, and each task writes the
+        // out elements of its own (b, h), disjoint from every other task's.
+        unsafe {
+            // scores[i, j] = Σ_t q[b, i, h, t] · k[kv_b, j, h, t] (no 1/sqrt(d_kv): T5)
+            gemm::gemm(
+                s.q_len,
+                s.kv_len,
+                s.d_kv,
+                scores.as_mut_ptr(),
+                1,
+                s.kv_len as isize,
+                false,
+                q.as_ptr().add(q0),
+                1,
+                inner as isize,
+                k.as_ptr().add(kv0),
+                inner as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (i, row) in scores.chunks_exact_mut(s.kv_len).enumerate() {
+            if let Some(bias) = bias {
+                let b_row = &bias[(h * s.q_len + i) * s.kv_len..(h * s.q_len + i + 1) * s.kv_len];
+                row.iter_mut().zip(b_row).for_each(|(x, b)| *x += b);
+            }
+            if let Some(mask) = mask {
+                let m_row = &mask[kv_b * s.kv_len..(kv_b + 1) * s.kv_len];
+                row.iter_mut().zip(m_row).for_each(|(x, m)| *x += m);
+            }
+            softmax_in_place(row);
+        }
+        // SAFETY: as above.
+        unsafe {
+            // out[b, i, h, :] = Σ_j p[i, j] · v[kv_b, j, h, :]
+            gemm::gemm(
+                s.q_len,
+                s.d_kv,
+                s.kv_len,
+                dst.get().add(q0),
+                1,
+                inner as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                s.kv_len as isize,
+                v.as_ptr().add(kv0),
+                1,
+                inner as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+}
+
+/// Attention for few queries (decoding steps), one (query, head) per task.
 pub(super) fn attention(
     q: &[f32],
     k: &[f32],
@@ -98,44 +203,61 @@ pub(super) fn attention(
 ) {
     let inner = s.heads * s.d_kv;
     let rows = s.batch * s.q_len;
+    // One task per (query row, head): batch-1 decoding still spreads over the threads.
     out[..rows * inner]
-        .par_chunks_exact_mut(inner)
+        .par_chunks_exact_mut(s.d_kv)
         .enumerate()
-        .for_each(|(row, out_row)| {
+        .for_each(|(task, oh)| {
+            let (row, h) = (task / s.heads, task % s.heads);
             let (b, qi) = (row / s.q_len, row % s.q_len);
             let kv_b = b / s.kv_group; // beams read their source's keys/values
-            let q_row = &q[row * inner..(row + 1) * inner];
-            let mut probs = vec![0.0f32; s.kv_len];
-            for h in 0..s.heads {
-                let qh = &q_row[h * s.d_kv..(h + 1) * s.d_kv];
-                // scores = q·k (no 1/sqrt(d_kv): T5 folds it into the weights) + bias + mask
-                for (j, p) in probs.iter_mut().enumerate() {
+            let qh = &q[row * inner + h * s.d_kv..row * inner + (h + 1) * s.d_kv];
+            // scores = q·k (no 1/sqrt(d_kv): T5 folds it into the weights) + bias + mask
+            let mut probs: Vec<f32> = (0..s.kv_len)
+                .map(|j| {
                     let kb = ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
-                    let kh = &k[kb..kb + s.d_kv];
-                    let mut score: f32 = qh.iter().zip(kh).map(|(a, b)| a * b).sum();
+                    let mut score = dot(qh, &k[kb..kb + s.d_kv]);
                     if let Some(bias) = bias {
                         score += bias[(h * s.q_len + qi) * s.kv_len + j];
                     }
                     if let Some(mask) = mask {
                         score += mask[kv_b * s.kv_len + j];
                     }
-                    *p = score;
+                    score
+                })
+                .collect();
+            softmax_in_place(&mut probs);
+            // out_h = Σ_j p_j · v_j
+            oh.fill(0.0);
+            for (j, &p) in probs.iter().enumerate() {
+                if p == 0.0 {
+                    continue; // masked key: exactly zero weight
                 }
-                softmax_in_place(&mut probs);
-                // out_h = Σ_j p_j · v_j
-                let oh = &mut out_row[h * s.d_kv..(h + 1) * s.d_kv];
-                oh.fill(0.0);
-                for (j, &p) in probs.iter().enumerate() {
-                    if p == 0.0 {
-                        continue; // masked key: exactly zero weight
-                    }
-                    let vb = ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
-                    for (o, &val) in oh.iter_mut().zip(&v[vb..vb + s.d_kv]) {
-                        *o += p * val;
-                    }
+                let vb = ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
+                for (o, &val) in oh.iter_mut().zip(&v[vb..vb + s.d_kv]) {
+                    *o += p * val;
                 }
             }
         });
+}
+
+/// Dot product with 16 independent partial sums, so the compiler can vectorise it.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Numerically stable softmax in f32.

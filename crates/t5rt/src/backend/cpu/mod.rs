@@ -2,6 +2,7 @@
 //! [`reference`] holds scalar versions of every kernel, the oracle the tests compare against.
 
 mod kernels;
+mod matvec;
 pub mod reference;
 
 use rayon::prelude::*;
@@ -14,18 +15,34 @@ use crate::error::{Result, T5Error};
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
+    /// AVX-512 kernels (detected at run time; off in the portable build of the kernels).
+    simd: bool,
 }
 
 impl CpuBackend {
-    /// A backend using `threads` threads (0 = one per core).
+    /// A backend using `threads` threads (0 = one per core), with the fastest kernels this
+    /// CPU runs; `T5RT_PORTABLE=1` in the environment forces the portable ones.
     pub fn new(threads: usize) -> Result<Self> {
+        let portable = std::env::var("T5RT_PORTABLE").is_ok_and(|v| v == "1");
+        let mut b = Self::portable(threads)?;
+        b.simd = !portable && matvec::avx512_available();
+        Ok(b)
+    }
+
+    /// A backend with portable kernels only (no CPU-specific SIMD paths of t5rt's own; the
+    /// `gemm` crate still picks its own).
+    pub fn portable(threads: usize) -> Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("t5rt-cpu-{i}"))
             .build()
             .map_err(|e| T5Error::Backend(format!("cannot start {threads} CPU threads: {e}")))?;
         let threads = pool.current_num_threads();
-        Ok(CpuBackend { pool, threads })
+        Ok(CpuBackend {
+            pool,
+            threads,
+            simd: false,
+        })
     }
 
     pub fn threads(&self) -> usize {
@@ -50,7 +67,8 @@ impl Backend for CpuBackend {
     }
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", self.threads)
+        let simd = if self.simd { ", avx512" } else { "" };
+        format!("cpu ({} threads{simd})", self.threads)
     }
 
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
@@ -91,7 +109,7 @@ impl Backend for CpuBackend {
         check_len("matmul w", w.len(), d.n * d.k)?;
         check_len("matmul out", out.len(), d.m * d.n)?;
         self.pool
-            .install(|| kernels::matmul_nt(x, w, out, d, accumulate, self.threads));
+            .install(|| kernels::matmul_nt(x, w, out, d, accumulate, self.threads, self.simd));
         Ok(())
     }
 
@@ -196,8 +214,13 @@ impl Backend for CpuBackend {
         }
         let bias = bias.map(|b| b.as_slice());
         let mask = mask.map(|m| m.as_slice());
-        self.pool
-            .install(|| kernels::attention(q, k, v, bias, mask, &mut out[..], s));
+        self.pool.install(|| {
+            if s.q_len > 1 {
+                kernels::attention_gemm(q, k, v, bias, mask, &mut out[..], s)
+            } else {
+                kernels::attention(q, k, v, bias, mask, &mut out[..], s)
+            }
+        });
         Ok(())
     }
 
