@@ -232,6 +232,27 @@ def write_markdown(all_results, meta, path):
                   "| greedy = HF (case a) | " + " | ".join(
                       "yes" if res[s]["cases"]["a"].get("ids") == res["hf"]["cases"]["a"]["ids"] else "NO"
                       for s in systems) + " |", ""]
+    limits_path = path.parent / "results" / "machine_limits.json"
+    if limits_path.is_file():
+        lim = json.loads(limits_path.read_text())
+        bw = lim["read_bandwidth_gbs"]
+        lines += ["## The machine's limits", "",
+                  f"Measured by `bench/machine_limits.py`: read bandwidth {bw['1_thread']} GB/s (1 thread), "
+                  f"{bw[f'{THREADS}_threads']} GB/s ({THREADS} threads); f32 matmul (numpy/OpenBLAS, 2048^3) "
+                  f"{lim['f32_matmul_gflops_numpy']} GFLOP/s. The batch-1 floor of a decoding step is the f32 "
+                  "weights it must read (self q,k,v,o, cross q,o, FFN per layer, and the LM head; cross k,v "
+                  "are cached per request) over the bandwidth. t5rt's step time is its case-a decoder time "
+                  "over 32 steps (it includes the first step's cross-attention projections).", "",
+                  "| model | weights read per step | floor ms/step | t5rt ms/step (case a) | t5rt / floor |",
+                  "|---|---|---|---|---|"]
+        for model, res in all_results.items():
+            f = lim["batch1_decode_floor"].get(model)
+            dec = res["t5rt"]["cases"].get("a", {}).get("decode_s")
+            if f and dec:
+                ms = dec / CASES["a"][2] * 1e3
+                lines.append(f"| {model} | {f['weight_mib_per_step']} MiB | {f['floor_ms_per_step']} | "
+                             f"{ms:.2f} | {ms / f['floor_ms_per_step']:.2f}x |")
+        lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -243,8 +264,17 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--t5rt", default=str(ROOT / "target" / "release" / "t5rt"))
     ap.add_argument("--worker", nargs=2, metavar=("SYSTEM", "MODEL_DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="rewrite bench/RESULTS.md from bench/results/*.json without measuring")
     args = ap.parse_args()
     cases = args.cases.split(",")
+    if args.markdown_only:
+        results_dir = ROOT / "bench" / "results"
+        meta = json.loads((results_dir / "meta.json").read_text())
+        all_results = {m: json.loads((results_dir / f"{m}.json").read_text())
+                       for m in args.models.split(",") if (results_dir / f"{m}.json").is_file()}
+        write_markdown(all_results, meta, ROOT / "bench" / "RESULTS.md")
+        return
     if args.worker:
         system, model_dir = args.worker
         print(json.dumps(run_system(system, Path(model_dir), cases, args.repeats, args.warmup)))

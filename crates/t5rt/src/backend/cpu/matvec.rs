@@ -1,15 +1,16 @@
 //! Products with few rows (decoding steps): `out[m, n] (+)= x[m, k] · W[k, n]`, `W` stored
-//! `[k, n]` row-major. The weight is streamed from memory once, in column tiles whose
-//! accumulators stay in L1, so batch-1 decoding runs at memory bandwidth rather than at the
-//! speed of a general matrix multiply's packing. Each output row accumulates over `k` in the
-//! same order whatever `m` is, so a row's result does not depend on the rest of its batch.
+//! `[k, n]` row-major. The weight is streamed from memory once: each thread takes a contiguous
+//! block of its rows and walks it in column tiles whose accumulators stay in L1, so batch-1
+//! decoding runs near memory bandwidth. Each output row accumulates over `k` in the same order
+//! whatever `m` is, so a row's result does not depend on the rest of its batch (it does depend
+//! on the thread count, through the order the per-thread partial sums are added).
 
 use rayon::prelude::*;
 
 /// Most rows the streaming kernel takes; larger products go to `gemm`.
 pub(super) const MAX_ROWS: usize = 4;
 
-/// Columns per tile: `MAX_ROWS * TILE` accumulators (16 KiB) stay in L1.
+/// Columns per tile: `MAX_ROWS * TILE` accumulators (8 KiB) stay in L1.
 const TILE: usize = 512;
 
 /// Shape of one call: `m` rows, `n` columns, `k` inner; and the tile `[c0, c0 + width)`.
@@ -20,12 +21,15 @@ struct Tile {
     k: usize,
     c0: usize,
     width: usize,
+    /// The rows of the weight this call covers.
+    k0: usize,
+    k1: usize,
 }
 
 /// One column tile for all `m` rows, accumulated into `acc` (`[m, width]`).
 #[inline(always)]
 fn tile_body(x: &[f32], w: &[f32], acc: &mut [f32], t: Tile) {
-    for kk in 0..t.k {
+    for kk in t.k0..t.k1 {
         let wrow = &w[kk * t.n + t.c0..kk * t.n + t.c0 + t.width];
         for mi in 0..t.m {
             let xv = x[mi * t.k + kk];
@@ -71,36 +75,58 @@ pub(super) fn matmul_small_m(
     simd: bool,
 ) {
     debug_assert!(m <= MAX_ROWS);
-    let tiles = n.div_ceil(TILE);
-    // Each tile computes [m, width] into its own buffer; results are scattered afterwards.
-    let results: Vec<(usize, Vec<f32>)> = (0..tiles)
+    // Threads split the rows of the weight (the k range): each streams a contiguous block of
+    // it into its own partial sums, summed afterwards in task order.
+    let tasks = rayon::current_num_threads().clamp(1, k.div_ceil(64));
+    let rows_per = k.div_ceil(tasks);
+    let partials: Vec<Vec<f32>> = (0..tasks)
         .into_par_iter()
         .map(|t| {
-            let c0 = t * TILE;
-            let width = TILE.min(n - c0);
-            let mut acc = vec![0.0f32; m * width];
-            let tile = Tile { m, n, k, c0, width };
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: `simd` is only set when `avx512_available()` said yes.
-                unsafe { tile_body_avx512(x, w, &mut acc, tile) };
-                return (c0, acc);
+            let (k0, k1) = (t * rows_per, ((t + 1) * rows_per).min(k));
+            let mut part = vec![0.0f32; m * n];
+            let mut acc = vec![0.0f32; m * TILE];
+            for c0 in (0..n).step_by(TILE) {
+                let width = TILE.min(n - c0);
+                let acc = &mut acc[..m * width];
+                acc.fill(0.0);
+                let tile = Tile {
+                    m,
+                    n,
+                    k,
+                    c0,
+                    width,
+                    k0,
+                    k1,
+                };
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: `simd` is only set when `avx512_available()` said yes.
+                    unsafe { tile_body_avx512(x, w, acc, tile) };
+                } else {
+                    tile_body(x, w, acc, tile);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = simd;
+                    tile_body(x, w, acc, tile);
+                }
+                for mi in 0..m {
+                    part[mi * n + c0..mi * n + c0 + width]
+                        .copy_from_slice(&acc[mi * width..(mi + 1) * width]);
+                }
             }
-            let _ = simd;
-            tile_body(x, w, &mut acc, tile);
-            (c0, acc)
+            part
         })
         .collect();
-    for (c0, acc) in results {
-        let width = acc.len() / m;
-        for mi in 0..m {
-            let dst = &mut out[mi * n + c0..mi * n + c0 + width];
-            let src = &acc[mi * width..(mi + 1) * width];
-            if accumulate {
-                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-            } else {
-                dst.copy_from_slice(src);
-            }
-        }
+    let mut partials = partials.into_iter();
+    let mut sum = partials.next().expect("at least one task");
+    for p in partials {
+        sum.iter_mut().zip(&p).for_each(|(s, p)| *s += p);
+    }
+    let out = &mut out[..m * n];
+    if accumulate {
+        out.iter_mut().zip(&sum).for_each(|(d, s)| *d += s);
+    } else {
+        out.copy_from_slice(&sum);
     }
 }
