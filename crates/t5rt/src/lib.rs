@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+mod math;
 pub mod model;
 pub mod tokenizer;
 pub mod weights;

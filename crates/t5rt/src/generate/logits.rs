@@ -6,6 +6,7 @@
 //! tokens generated so far.
 
 use super::config::GenerationConfig;
+pub(crate) use crate::math::{argmax, softmax_in_place};
 
 /// The processors of one generation request.
 pub(crate) struct Processors<'a> {
@@ -142,34 +143,12 @@ pub(crate) fn warp(cfg: &GenerationConfig, scores: &mut [f32]) {
     }
 }
 
-/// Softmax in place (f32, max-subtracted).
-pub(crate) fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    x.iter_mut().for_each(|v| *v /= sum);
-}
-
 /// Log-softmax in place (f32), as beam search scores tokens.
 pub(crate) fn log_softmax_in_place(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = x.iter().map(|v| (v - max).exp()).sum();
     let log_sum = sum.ln();
     x.iter_mut().for_each(|v| *v = *v - max - log_sum);
-}
-
-/// Index of the first largest value.
-pub(crate) fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[cfg(test)]

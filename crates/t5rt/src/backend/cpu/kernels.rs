@@ -4,6 +4,7 @@ use rayon::prelude::*;
 
 use crate::backend::{AttnShape, MatDims};
 use crate::config::Activation;
+use crate::math::softmax_in_place;
 
 /// Products smaller than this many multiply-adds run on one thread: below it, waking the
 /// other threads costs more than it saves (measured on the bundled model, batch 1).
@@ -79,17 +80,6 @@ pub(super) fn act(x: f32, act: Activation) -> f32 {
         }
         Activation::Silu => x / (1.0 + (-x).exp()),
     }
-}
-
-/// Index of the first largest value.
-pub(super) fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// A pointer that may cross threads: tasks write disjoint elements through it.
@@ -258,16 +248,4 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// Numerically stable softmax in f32.
-pub(super) fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|v| *v *= inv);
 }

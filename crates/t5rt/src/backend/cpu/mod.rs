@@ -280,7 +280,10 @@ impl Backend for CpuBackend {
 
     fn argmax_rows(&self, x: &Vec<f32>, rows: usize, n: usize) -> Result<Vec<u32>> {
         check_len("argmax_rows", x.len(), rows * n)?;
-        Ok(x[..rows * n].chunks_exact(n).map(kernels::argmax).collect())
+        Ok(x[..rows * n]
+            .chunks_exact(n)
+            .map(crate::math::argmax)
+            .collect())
     }
 
     fn fill_column(
