@@ -96,6 +96,32 @@ impl SharedMut {
     }
 }
 
+/// One row of attention scores (head `h`, query `qi`, key/value sequence `kv_b`) to
+/// probabilities: `softmax(scores + bias[h, qi, :] + mask[kv_b, :])`.
+fn scores_to_probs(
+    row: &mut [f32],
+    bias: Option<&[f32]>,
+    mask: Option<&[f32]>,
+    s: AttnShape,
+    h: usize,
+    qi: usize,
+    kv_b: usize,
+) {
+    if let Some(bias) = bias {
+        let at = (h * s.q_len + qi) * s.kv_len;
+        row.iter_mut()
+            .zip(&bias[at..at + s.kv_len])
+            .for_each(|(x, b)| *x += b);
+    }
+    if let Some(mask) = mask {
+        let at = kv_b * s.kv_len;
+        row.iter_mut()
+            .zip(&mask[at..at + s.kv_len])
+            .for_each(|(x, m)| *x += m);
+    }
+    softmax_in_place(row);
+}
+
 /// Attention over many queries (the encoder): per (sequence, head), scores = q·kᵀ and
 /// out = softmax(scores + bias + mask)·v as two `gemm` calls.
 pub(super) fn attention_gemm(
@@ -143,15 +169,7 @@ pub(super) fn attention_gemm(
             );
         }
         for (i, row) in scores.chunks_exact_mut(s.kv_len).enumerate() {
-            if let Some(bias) = bias {
-                let b_row = &bias[(h * s.q_len + i) * s.kv_len..(h * s.q_len + i + 1) * s.kv_len];
-                row.iter_mut().zip(b_row).for_each(|(x, b)| *x += b);
-            }
-            if let Some(mask) = mask {
-                let m_row = &mask[kv_b * s.kv_len..(kv_b + 1) * s.kv_len];
-                row.iter_mut().zip(m_row).for_each(|(x, m)| *x += m);
-            }
-            softmax_in_place(row);
+            scores_to_probs(row, bias, mask, s, h, i, kv_b);
         }
         // SAFETY: as above.
         unsafe {
@@ -202,21 +220,14 @@ pub(super) fn attention(
             let (b, qi) = (row / s.q_len, row % s.q_len);
             let kv_b = b / s.kv_group; // beams read their source's keys/values
             let qh = &q[row * inner + h * s.d_kv..row * inner + (h + 1) * s.d_kv];
-            // scores = q·k (no 1/sqrt(d_kv): T5 folds it into the weights) + bias + mask
+            // scores = q·k (no 1/sqrt(d_kv): T5 folds it into the weights)
             let mut probs: Vec<f32> = (0..s.kv_len)
                 .map(|j| {
                     let kb = ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
-                    let mut score = dot(qh, &k[kb..kb + s.d_kv]);
-                    if let Some(bias) = bias {
-                        score += bias[(h * s.q_len + qi) * s.kv_len + j];
-                    }
-                    if let Some(mask) = mask {
-                        score += mask[kv_b * s.kv_len + j];
-                    }
-                    score
+                    dot(qh, &k[kb..kb + s.d_kv])
                 })
                 .collect();
-            softmax_in_place(&mut probs);
+            scores_to_probs(&mut probs, bias, mask, s, h, qi, kv_b);
             // out_h = Σ_j p_j · v_j
             oh.fill(0.0);
             for (j, &p) in probs.iter().enumerate() {
