@@ -22,7 +22,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use backend::cpu::CpuBackend;
-pub use backend::Backend;
+pub use backend::{Backend, WeightDtype};
 pub use checkpoint::Checkpoint;
 pub use config::{Activation, GenerationDefaults, T5Config};
 pub use error::{Result, T5Error};

@@ -9,6 +9,47 @@ pub mod cpu;
 use crate::config::Activation;
 use crate::error::Result;
 
+/// How a backend stores the weights of linear layers (everything else stays f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// The checkpoint's values in f32: the parity baseline.
+    #[default]
+    F32,
+    /// bf16 weights; activations rounded to bf16 for the product, accumulated in f32.
+    Bf16,
+    /// int8 weights with one f32 scale per output channel; activations quantized to 8 bits
+    /// per row at run time, products accumulated exactly in i32.
+    Int8,
+}
+
+impl WeightDtype {
+    pub const ALL: [WeightDtype; 3] = [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+            WeightDtype::Int8 => "int8",
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| format!("unknown dtype `{s}`: expected f32, bf16 or int8"))
+    }
+}
+
 /// Dimensions of `out[m, n] = x[m, k] · w[n, k]ᵀ` (`w` as in the checkpoint, `[out, in]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MatDims {
@@ -39,6 +80,8 @@ pub struct AttnShape {
 pub trait Backend: Send + Sync {
     /// A flat f32 buffer in this device's memory.
     type Tensor: Send + Sync;
+    /// A linear layer's weight, in the layout and precision the backend's matmul reads.
+    type Weight: Send + Sync;
 
     /// Runs `f` in the backend's execution context (the CPU backend's thread pool), so that
     /// the many small kernel calls of a decoding loop do not each hop between threads.
@@ -54,15 +97,20 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, len: usize) -> Result<Self::Tensor>;
 
     /// Uploads a linear layer's weight, given in the checkpoint's `[n = out, k = in]` layout,
-    /// in whatever layout this backend's [`Backend::matmul_nt`] reads fastest.
-    fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<Self::Tensor>;
+    /// in whatever layout and [`WeightDtype`] this backend's [`Backend::matmul_nt`] reads.
+    fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<Self::Weight>;
+
+    /// The precision [`Backend::upload_linear`] stores weights in.
+    fn weight_dtype(&self) -> WeightDtype {
+        WeightDtype::F32
+    }
 
     /// `out = x · wᵀ`, or `out += x · wᵀ` with `accumulate` (the residual add, fused);
     /// `w` comes from [`Backend::upload_linear`].
     fn matmul_nt(
         &self,
         x: &Self::Tensor,
-        w: &Self::Tensor,
+        w: &Self::Weight,
         out: &mut Self::Tensor,
         dims: MatDims,
         accumulate: bool,

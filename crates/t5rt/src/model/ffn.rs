@@ -12,7 +12,7 @@ use super::params::FfnWeights;
 pub(crate) fn feed_forward<B: Backend>(
     b: &B,
     cfg: &T5Config,
-    w: &FfnWeights<B::Tensor>,
+    w: &FfnWeights<B::Weight>,
     normed: &B::Tensor,
     x: &mut B::Tensor,
     ff: &mut B::Tensor,

@@ -21,7 +21,7 @@ pub use state::{DecoderState, EncoderOutput};
 pub struct T5Model<B: Backend> {
     pub config: T5Config,
     pub backend: B,
-    pub(crate) params: T5Params<B::Tensor>,
+    pub(crate) params: T5Params<B::Tensor, B::Weight>,
 }
 
 impl<B: Backend> T5Model<B> {

@@ -28,45 +28,45 @@ pub struct FfnWeights<T> {
     pub wo: T,
 }
 
-pub struct EncoderLayer<T> {
+pub struct EncoderLayer<T, W> {
     /// [d_model]
     pub attn_norm: T,
-    pub attn: AttentionWeights<T>,
+    pub attn: AttentionWeights<W>,
     /// [d_model]
     pub ffn_norm: T,
-    pub ffn: FfnWeights<T>,
+    pub ffn: FfnWeights<W>,
 }
 
-pub struct DecoderLayer<T> {
+pub struct DecoderLayer<T, W> {
     /// [d_model]
     pub self_norm: T,
-    pub self_attn: AttentionWeights<T>,
+    pub self_attn: AttentionWeights<W>,
     /// [d_model]
     pub cross_norm: T,
-    pub cross_attn: AttentionWeights<T>,
+    pub cross_attn: AttentionWeights<W>,
     /// [d_model]
     pub ffn_norm: T,
-    pub ffn: FfnWeights<T>,
+    pub ffn: FfnWeights<W>,
 }
 
 /// Every weight of a T5 model, on the device (relative-bias tables stay on the host, where
 /// the bias is computed once per pass).
-pub struct T5Params<T> {
+pub struct T5Params<T, W> {
     /// [vocab, d_model]
     pub shared: T,
-    pub encoder: Vec<EncoderLayer<T>>,
+    pub encoder: Vec<EncoderLayer<T, W>>,
     /// [d_model]
     pub encoder_norm: T,
     /// [num_buckets, heads], host
     pub encoder_relpos: Vec<f32>,
-    pub decoder: Vec<DecoderLayer<T>>,
+    pub decoder: Vec<DecoderLayer<T, W>>,
     /// [d_model]
     pub decoder_norm: T,
     /// [num_buckets, heads], host
     pub decoder_relpos: Vec<f32>,
     /// [vocab, d_model] as a linear weight; with tied embeddings, a copy of `shared` in the
     /// linear layout (the decoder output is then scaled by `d_model ** -0.5`).
-    pub lm_head: T,
+    pub lm_head: W,
 }
 
 struct Loader<'a, B: Backend> {
@@ -85,12 +85,12 @@ impl<B: Backend> Loader<'_, B> {
     }
 
     /// A linear weight `[out, in]`, stored as the backend's matmul wants it.
-    fn linear(&self, name: &str, out: usize, inp: usize) -> Result<B::Tensor> {
+    fn linear(&self, name: &str, out: usize, inp: usize) -> Result<B::Weight> {
         self.backend
             .upload_linear(&self.host(name, &[out, inp])?, out, inp)
     }
 
-    fn attention(&self, prefix: &str) -> Result<AttentionWeights<B::Tensor>> {
+    fn attention(&self, prefix: &str) -> Result<AttentionWeights<B::Weight>> {
         let (d, inner) = (self.cfg.d_model, self.cfg.inner_dim());
         Ok(AttentionWeights {
             q: self.linear(&format!("{prefix}.q.weight"), inner, d)?,
@@ -100,7 +100,7 @@ impl<B: Backend> Loader<'_, B> {
         })
     }
 
-    fn ffn(&self, prefix: &str) -> Result<FfnWeights<B::Tensor>> {
+    fn ffn(&self, prefix: &str) -> Result<FfnWeights<B::Weight>> {
         let (d, ff) = (self.cfg.d_model, self.cfg.d_ff);
         let (wi, wi_gate_linear) = if self.cfg.is_gated_act {
             (
@@ -130,9 +130,9 @@ impl<B: Backend> Loader<'_, B> {
     }
 }
 
-impl<T> T5Params<T> {
+impl<T, W> T5Params<T, W> {
     /// Reads every tensor the config calls for, checking names and shapes.
-    pub fn load<B: Backend<Tensor = T>>(
+    pub fn load<B: Backend<Tensor = T, Weight = W>>(
         store: &TensorStore,
         backend: &B,
         cfg: &T5Config,

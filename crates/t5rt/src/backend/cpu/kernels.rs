@@ -84,14 +84,14 @@ pub(super) fn act(x: f32, act: Activation) -> f32 {
 
 /// A pointer that may cross threads: tasks write disjoint elements through it.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(super) struct SharedMut(pub(super) *mut f32);
 // SAFETY: used only to let parallel tasks write disjoint parts of one buffer.
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
     /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw field.
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }

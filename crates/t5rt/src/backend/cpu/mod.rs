@@ -3,13 +3,15 @@
 
 mod kernels;
 mod matvec;
+pub mod packed;
 pub mod reference;
 
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, MatDims};
+use super::{AttnShape, Backend, MatDims, WeightDtype};
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
+use packed::{PackedKind, PackedWeight};
 
 /// Runs every kernel on its own rayon pool of `threads` threads.
 pub struct CpuBackend {
@@ -17,6 +19,27 @@ pub struct CpuBackend {
     threads: usize,
     /// AVX-512 kernels (detected at run time; off in the portable build of the kernels).
     simd: bool,
+    /// AVX-512 BF16 and VNNI kernels for packed weights (detected at run time).
+    simd_dot: bool,
+    dtype: WeightDtype,
+}
+
+/// A linear weight on the CPU.
+pub enum CpuWeight {
+    /// f32, stored transposed `[k, n]`.
+    F32(Vec<f32>),
+    /// bf16 or int8, packed for dot-product instructions (see [`packed`]).
+    Packed(PackedWeight),
+}
+
+impl CpuWeight {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            CpuWeight::F32(v) => v.len() * 4,
+            CpuWeight::Packed(p) => p.bytes(),
+        }
+    }
 }
 
 impl CpuBackend {
@@ -26,6 +49,7 @@ impl CpuBackend {
         let portable = std::env::var("T5RT_PORTABLE").is_ok_and(|v| v == "1");
         let mut b = Self::portable(threads)?;
         b.simd = !portable && matvec::avx512_available();
+        b.simd_dot = !portable && packed::avx512_vnni_bf16_available();
         Ok(b)
     }
 
@@ -42,7 +66,15 @@ impl CpuBackend {
             pool,
             threads,
             simd: false,
+            simd_dot: false,
+            dtype: WeightDtype::F32,
         })
+    }
+
+    /// Stores linear weights as `dtype` (f32 by default).
+    pub fn with_dtype(mut self, dtype: WeightDtype) -> Self {
+        self.dtype = dtype;
+        self
     }
 
     pub fn threads(&self) -> usize {
@@ -61,14 +93,20 @@ fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 
 impl Backend for CpuBackend {
     type Tensor = Vec<f32>;
+    type Weight = CpuWeight;
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
     }
 
     fn name(&self) -> String {
-        let simd = if self.simd { ", avx512" } else { "" };
-        format!("cpu ({} threads{simd})", self.threads)
+        let simd = match (self.dtype, self.simd, self.simd_dot) {
+            (WeightDtype::F32, true, _) => ", avx512",
+            (WeightDtype::Bf16, _, true) => ", avx512-bf16",
+            (WeightDtype::Int8, _, true) => ", avx512-vnni",
+            _ => ", portable",
+        };
+        format!("cpu ({} threads, {}{simd})", self.threads, self.dtype)
     }
 
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
@@ -77,15 +115,27 @@ impl Backend for CpuBackend {
 
     /// Stored transposed, `[k, n]` row-major: with it `gemm` reads the weight in place
     /// instead of packing a copy of it on every call (2.4x faster decoding at batch 16).
-    fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
+    fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<CpuWeight> {
         check_len("upload_linear", w.len(), n * k)?;
+        let kind = match self.dtype {
+            WeightDtype::F32 => None,
+            WeightDtype::Bf16 => Some(PackedKind::Bf16),
+            WeightDtype::Int8 => Some(PackedKind::Int8),
+        };
+        if let Some(kind) = kind {
+            return Ok(CpuWeight::Packed(PackedWeight::pack(w, n, k, kind)));
+        }
         let mut t = vec![0.0; n * k];
         for (i, row) in w.chunks_exact(k).take(n).enumerate() {
             for (j, &v) in row.iter().enumerate() {
                 t[j * n + i] = v;
             }
         }
-        Ok(t)
+        Ok(CpuWeight::F32(t))
+    }
+
+    fn weight_dtype(&self) -> WeightDtype {
+        self.dtype
     }
 
     fn download(&self, t: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
@@ -100,16 +150,31 @@ impl Backend for CpuBackend {
     fn matmul_nt(
         &self,
         x: &Vec<f32>,
-        w: &Vec<f32>,
+        w: &CpuWeight,
         out: &mut Vec<f32>,
         d: MatDims,
         accumulate: bool,
     ) -> Result<()> {
         check_len("matmul x", x.len(), d.m * d.k)?;
-        check_len("matmul w", w.len(), d.n * d.k)?;
         check_len("matmul out", out.len(), d.m * d.n)?;
-        self.pool
-            .install(|| kernels::matmul_nt(x, w, out, d, accumulate, self.threads, self.simd));
+        match w {
+            CpuWeight::F32(w) => {
+                check_len("matmul w", w.len(), d.n * d.k)?;
+                self.pool.install(|| {
+                    kernels::matmul_nt(x, w, out, d, accumulate, self.threads, self.simd)
+                });
+            }
+            CpuWeight::Packed(w) => {
+                if (w.n, w.k) != (d.n, d.k) {
+                    return Err(T5Error::Backend(format!(
+                        "matmul: the weight is {}x{}, the op wants {}x{}",
+                        w.n, w.k, d.n, d.k
+                    )));
+                }
+                self.pool
+                    .install(|| packed::matmul_packed(x, w, out, d.m, accumulate, self.simd_dot));
+            }
+        }
         Ok(())
     }
 

@@ -18,6 +18,40 @@ pub fn matmul_nt(x: &[f32], w: &[f32], d: MatDims) -> Vec<f32> {
     out
 }
 
+/// f32 to the nearest bf16 (ties to even), as an f32.
+pub fn round_bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// `matmul_nt` with both operands rounded to bf16 first (the bf16 weight path's contract).
+pub fn matmul_nt_bf16(x: &[f32], w: &[f32], d: MatDims) -> Vec<f32> {
+    let x: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
+    let w: Vec<f32> = w.iter().map(|&v| round_bf16(v)).collect();
+    matmul_nt(&x, &w, d)
+}
+
+/// Each row of `v` (width `k`) quantized symmetrically to integers in [-127, 127]: the scale
+/// is `max|row| / 127` and `q = round(x / scale)`, both in f32, ties to even; then scaled back
+/// (in f64, so the product with the other operand's scale stays exact enough).
+pub fn fake_quant_rows(v: &[f32], k: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(v.len());
+    for row in v.chunks_exact(k) {
+        let max = row.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        out.extend(row.iter().map(|&x| {
+            let q = (x / scale).round_ties_even().clamp(-127.0, 127.0);
+            (q as f64 * scale as f64) as f32
+        }));
+    }
+    out
+}
+
+/// `matmul_nt` with activations quantized per row and weights per output channel (the int8
+/// weight path's contract).
+pub fn matmul_nt_int8(x: &[f32], w: &[f32], d: MatDims) -> Vec<f32> {
+    matmul_nt(&fake_quant_rows(x, d.k), &fake_quant_rows(w, d.k), d)
+}
+
 /// RMSNorm over rows of width `w.len()`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let d = w.len();

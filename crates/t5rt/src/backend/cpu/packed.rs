@@ -1,0 +1,372 @@
+//! Reduced-precision linear layers: bf16 and int8 weights, packed at load time for AVX-512
+//! dot-product instructions (`vdpbf16ps`, `vpdpbusd`), with portable scalar versions of the
+//! same arithmetic.
+//!
+//! Layout: a weight `[n, k]` becomes 32-bit lanes `[k / G, n_pad]`, each lane holding `G`
+//! consecutive `k` values of one output column (G = 2 for bf16, 4 for int8; `k` and `n` padded
+//! with zeros). A row of 16 lanes is one 64-byte load, and the `G` matching activation values
+//! of a row are one 32-bit broadcast. Each task owns 64 output columns and walks them down the
+//! whole `k` range for 4 rows at a time, with the accumulators in registers; the 64-column
+//! block of the weight (at most a few hundred KiB) stays in L2 while the rows go by.
+//!
+//! Arithmetic:
+//! - bf16: activations are rounded to bf16 (nearest-even), products are exact in f32, and each
+//!   pair of products is summed, then added to the f32 accumulator: `acc += (x1·w1 + x0·w0)`,
+//!   as `vdpbf16ps` does.
+//! - int8: each weight column has the scale `max|w| / 127` and values `round(w / scale)` (f32
+//!   arithmetic, ties to even);
+//!   each activation row is quantized the same way at run time, then offset by 128 to u8 (the
+//!   operand type of `vpdpbusd`). Sums are exact in i32; the offset is taken back with the
+//!   column sums: `Σ (q+128)·w = Σ q·w + 128·Σ w`.
+
+use rayon::prelude::*;
+
+use super::kernels::SharedMut;
+
+/// Output columns per task, four vectors of 16 lanes.
+const BLOCK: usize = 64;
+/// Rows per register tile.
+const MR: usize = 4;
+/// Rows per task when there are many (encoder passes), so that both threads get work.
+const ROWS_PER_TASK: usize = 64;
+
+/// How the lanes of a [`PackedWeight`] are to be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackedKind {
+    Bf16,
+    Int8,
+}
+
+impl PackedKind {
+    /// Values of `k` per 32-bit lane.
+    fn group(self) -> usize {
+        match self {
+            PackedKind::Bf16 => 2,
+            PackedKind::Int8 => 4,
+        }
+    }
+}
+
+/// A linear weight in bf16 or int8, packed as described in the module docs.
+pub struct PackedWeight {
+    pub kind: PackedKind,
+    pub n: usize,
+    pub k: usize,
+    /// `k / G`, rounded up.
+    kg: usize,
+    /// `n` rounded up to a multiple of 16.
+    n_pad: usize,
+    lanes: Vec<u32>,
+    /// int8: the scale of each column (`n_pad` values); empty for bf16.
+    scales: Vec<f32>,
+    /// int8: the sum of each column's quantized values (`n_pad`); empty for bf16.
+    col_sums: Vec<i32>,
+}
+
+/// f32 to bf16 bits, rounding to nearest even (NaN stays NaN).
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+#[inline(always)]
+fn bf16_value(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// Symmetric 8-bit quantization of `v`: `(scale, values)` with `v ≈ scale · q`, `|q| <= 127`.
+pub fn quantize_i8(v: &[f32]) -> (f32, impl Iterator<Item = i8> + '_) {
+    let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+    let q = v
+        .iter()
+        .map(move |x| (x / scale).round_ties_even().clamp(-127.0, 127.0) as i8);
+    (scale, q)
+}
+
+impl PackedWeight {
+    /// Packs a checkpoint weight `[n, k]` (row-major) as `kind`.
+    pub fn pack(w: &[f32], n: usize, k: usize, kind: PackedKind) -> Self {
+        let g = kind.group();
+        let (kg, n_pad) = (k.div_ceil(g), n.div_ceil(16) * 16);
+        let mut lanes = vec![0u32; kg * n_pad];
+        let (mut scales, mut col_sums) = (Vec::new(), Vec::new());
+        match kind {
+            PackedKind::Bf16 => {
+                for (c, row) in w.chunks_exact(k).take(n).enumerate() {
+                    for (kk, &v) in row.iter().enumerate() {
+                        lanes[(kk / 2) * n_pad + c] |= (bf16_bits(v) as u32) << (16 * (kk % 2));
+                    }
+                }
+            }
+            PackedKind::Int8 => {
+                scales = vec![1.0; n_pad];
+                col_sums = vec![0; n_pad];
+                for (c, row) in w.chunks_exact(k).take(n).enumerate() {
+                    let (scale, q) = quantize_i8(row);
+                    scales[c] = scale;
+                    for (kk, q) in q.enumerate() {
+                        col_sums[c] += q as i32;
+                        lanes[(kk / 4) * n_pad + c] |= (q as u8 as u32) << (8 * (kk % 4));
+                    }
+                }
+            }
+        }
+        PackedWeight {
+            kind,
+            n,
+            k,
+            kg,
+            n_pad,
+            lanes,
+            scales,
+            col_sums,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.lanes.len() * 4 + self.scales.len() * 4 + self.col_sums.len() * 4
+    }
+}
+
+/// Activations in the weight's lane format: `[m, kg]` lanes, and for int8 a scale per row.
+fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight) -> (Vec<u32>, Vec<f32>) {
+    let kg = w.kg;
+    let mut lanes = vec![0u32; m * kg];
+    let mut scales = Vec::new();
+    match w.kind {
+        PackedKind::Bf16 => {
+            for (dst, row) in lanes.chunks_exact_mut(kg).zip(x.chunks_exact(k)) {
+                let pairs = row.chunks_exact(2);
+                let tail = pairs.remainder();
+                for (d, p) in dst.iter_mut().zip(pairs) {
+                    *d = bf16_bits(p[0]) as u32 | (bf16_bits(p[1]) as u32) << 16;
+                }
+                if let [last] = tail {
+                    dst[kg - 1] = bf16_bits(*last) as u32;
+                }
+            }
+        }
+        PackedKind::Int8 => {
+            scales.reserve(m);
+            for (dst, row) in lanes.chunks_exact_mut(kg).zip(x.chunks_exact(k)) {
+                let (scale, q) = quantize_i8(row);
+                scales.push(scale);
+                // Padding lanes hold u8 128 (q = 0) so the column-sum correction stays exact.
+                dst.fill(0x8080_8080);
+                for (kk, q) in q.enumerate() {
+                    let byte = (q as i32 + 128) as u32;
+                    let sh = 8 * (kk % 4);
+                    dst[kk / 4] = (dst[kk / 4] & !(0xff << sh)) | byte << sh;
+                }
+            }
+        }
+    }
+    (lanes, scales)
+}
+
+/// One register tile's raw sums: f32 for bf16, i32 (as bits) for int8.
+type TileAcc = [[u32; BLOCK]; MR];
+
+/// The portable tile: `rows` rows from `x` (row stride `kg`), columns `[c0, c0 + width)`.
+fn tile_portable(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize) -> TileAcc {
+    let (kg, n_pad) = (w.kg, w.n_pad);
+    let mut acc: TileAcc = [[0; BLOCK]; MR];
+    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+        let xr = &x[r * kg..(r + 1) * kg];
+        match w.kind {
+            PackedKind::Bf16 => {
+                let mut a = [0.0f32; BLOCK];
+                for (g, &xv) in xr.iter().enumerate() {
+                    let (x0, x1) = (bf16_value(xv as u16), bf16_value((xv >> 16) as u16));
+                    let wrow = &w.lanes[g * n_pad + c0..g * n_pad + c0 + width];
+                    for (a, &wv) in a.iter_mut().zip(wrow) {
+                        let (w0, w1) = (bf16_value(wv as u16), bf16_value((wv >> 16) as u16));
+                        *a += x1 * w1 + x0 * w0;
+                    }
+                }
+                acc.iter_mut().zip(a).for_each(|(d, v)| *d = v.to_bits());
+            }
+            PackedKind::Int8 => {
+                let mut a = [0i32; BLOCK];
+                for (g, &xv) in xr.iter().enumerate() {
+                    let xb = xv.to_le_bytes();
+                    let wrow = &w.lanes[g * n_pad + c0..g * n_pad + c0 + width];
+                    for (a, &wv) in a.iter_mut().zip(wrow) {
+                        let wb = wv.to_le_bytes();
+                        for i in 0..4 {
+                            *a = a.wrapping_add(xb[i] as i32 * wb[i] as i8 as i32);
+                        }
+                    }
+                }
+                acc.iter_mut().zip(a).for_each(|(d, v)| *d = v as u32);
+            }
+        }
+    }
+    acc
+}
+
+/// The AVX-512 tile for `R` rows and `V` vectors of 16 columns.
+///
+/// # Safety
+/// The CPU must support AVX-512F, BF16 and VNNI; `x` holds `R` rows of `kg` lanes and the
+/// weight has `kg` rows of `n_pad >= c0 + 16 V` lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vnni")]
+unsafe fn tile_avx512<const R: usize, const V: usize>(
+    x: &[u32],
+    w: &PackedWeight,
+    c0: usize,
+) -> TileAcc {
+    use std::arch::x86_64::*;
+    let (kg, n_pad) = (w.kg, w.n_pad);
+    debug_assert!(x.len() >= R * kg && c0 + 16 * V <= n_pad);
+    let xp = x.as_ptr();
+    let mut wp = w.lanes.as_ptr().add(c0);
+    let mut acc = [[_mm512_setzero_si512(); V]; R];
+    match w.kind {
+        PackedKind::Bf16 => {
+            for g in 0..kg {
+                let mut wv = [_mm512_setzero_si512(); V];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm512_loadu_si512(wp.add(16 * v) as *const _);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xb: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*xp.add(r * kg + g) as i32));
+                    for (a, &wv) in acc.iter_mut().zip(&wv) {
+                        let sum = _mm512_dpbf16_ps(
+                            _mm512_castsi512_ps(*a),
+                            xb,
+                            std::mem::transmute::<__m512i, __m512bh>(wv),
+                        );
+                        *a = _mm512_castps_si512(sum);
+                    }
+                }
+                wp = wp.add(n_pad);
+            }
+        }
+        PackedKind::Int8 => {
+            for g in 0..kg {
+                let mut wv = [_mm512_setzero_si512(); V];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm512_loadu_si512(wp.add(16 * v) as *const _);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xb = _mm512_set1_epi32(*xp.add(r * kg + g) as i32);
+                    for (a, &wv) in acc.iter_mut().zip(&wv) {
+                        *a = _mm512_dpbusd_epi32(*a, xb, wv);
+                    }
+                }
+                wp = wp.add(n_pad);
+            }
+        }
+    }
+    let mut out: TileAcc = [[0; BLOCK]; MR];
+    for (o, acc) in out.iter_mut().zip(&acc) {
+        for (v, a) in acc.iter().enumerate() {
+            _mm512_storeu_si512(o.as_mut_ptr().add(16 * v) as *mut _, *a);
+        }
+    }
+    out
+}
+
+/// Dispatches to the tile instantiated for `rows` rows and `width / 16` vectors.
+#[cfg(target_arch = "x86_64")]
+fn tile_simd(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize) -> TileAcc {
+    macro_rules! by_width {
+        ($r:literal) => {
+            // SAFETY: `avx512_vnni_bf16_available()` was checked by the backend; `x` holds
+            // `rows` rows and the padded weight holds `c0 + width` lanes per row.
+            unsafe {
+                match width.div_ceil(16) {
+                    1 => tile_avx512::<$r, 1>(x, w, c0),
+                    2 => tile_avx512::<$r, 2>(x, w, c0),
+                    3 => tile_avx512::<$r, 3>(x, w, c0),
+                    _ => tile_avx512::<$r, 4>(x, w, c0),
+                }
+            }
+        };
+    }
+    match rows {
+        1 => by_width!(1),
+        2 => by_width!(2),
+        3 => by_width!(3),
+        _ => by_width!(4),
+    }
+}
+
+/// Whether the AVX-512 BF16 and VNNI tiles may run here.
+pub(super) fn avx512_vnni_bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::matvec::avx512_available()
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out[m, n] (+)= x[m, k] · wᵀ` in the weight's precision (see the module docs).
+pub(super) fn matmul_packed(
+    x: &[f32],
+    w: &PackedWeight,
+    out: &mut [f32],
+    m: usize,
+    accumulate: bool,
+    simd: bool,
+) {
+    let (n, k) = (w.n, w.k);
+    let (xl, xscales) = prepare(&x[..m * k], m, k, w);
+    let col_blocks = n.div_ceil(BLOCK);
+    let row_tasks = m.div_ceil(ROWS_PER_TASK);
+    let outp = SharedMut(out.as_mut_ptr());
+    (0..col_blocks * row_tasks).into_par_iter().for_each(|t| {
+        let (cb, rt) = (t % col_blocks, t / col_blocks);
+        let c0 = cb * BLOCK;
+        let width = BLOCK.min(n - c0);
+        let r_end = ((rt + 1) * ROWS_PER_TASK).min(m);
+        for r0 in (rt * ROWS_PER_TASK..r_end).step_by(MR) {
+            let rows = MR.min(r_end - r0);
+            let xs = &xl[r0 * w.kg..(r0 + rows) * w.kg];
+            #[cfg(target_arch = "x86_64")]
+            let acc = if simd {
+                tile_simd(xs, w, rows, c0, width)
+            } else {
+                tile_portable(xs, w, rows, c0, width)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let acc = {
+                let _ = simd;
+                tile_portable(xs, w, rows, c0, width)
+            };
+            for (r, acc) in acc.iter().enumerate().take(rows) {
+                // SAFETY: this task alone writes columns [c0, c0 + width) of rows
+                // [r0, r0 + rows); the caller checked `out` holds m * n values.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(outp.get().add((r0 + r) * n + c0), width)
+                };
+                for (c, d) in dst.iter_mut().enumerate() {
+                    let v = match w.kind {
+                        PackedKind::Bf16 => f32::from_bits(acc[c]),
+                        PackedKind::Int8 => {
+                            let col = c0 + c;
+                            let dot = acc[c] as i32 as i64 - 128 * w.col_sums[col] as i64;
+                            dot as f32 * (xscales[r0 + r] * w.scales[col])
+                        }
+                    };
+                    *d = if accumulate { *d + v } else { v };
+                }
+            }
+        }
+    });
+}
