@@ -78,14 +78,32 @@ fn bf16_value(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
 }
 
-/// Symmetric 8-bit quantization of `v`: `(scale, values)` with `v ≈ scale · q`, `|q| <= 127`.
-pub fn quantize_i8(v: &[f32]) -> (f32, impl Iterator<Item = i8> + '_) {
-    let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-    let q = v
+/// Rounds to the nearest integer, ties to even, for `|v| <= 2^22` (all this module needs, after
+/// clamping): inline and vectorisable, unlike `round_ties_even`, which is a libm call on
+/// baseline x86-64.
+#[inline(always)]
+fn round_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    (v + MAGIC) - MAGIC
+}
+
+/// The scale of symmetric 8-bit quantization of `v`: `max|v| / 127` (1 if all are zero).
+#[inline]
+fn i8_scale(v: &[f32]) -> f32 {
+    let max = v
         .iter()
-        .map(move |x| (x / scale).round_ties_even().clamp(-127.0, 127.0) as i8);
-    (scale, q)
+        .fold(0.0f32, |m, x| if x.abs() > m { x.abs() } else { m });
+    if max > 0.0 {
+        max / 127.0
+    } else {
+        1.0
+    }
+}
+
+/// `round(v / scale)`, clamped to [-127, 127].
+#[inline(always)]
+fn quantize_one(v: f32, scale: f32) -> i8 {
+    round_small((v / scale).clamp(-127.0, 127.0)) as i8
 }
 
 impl PackedWeight {
@@ -107,9 +125,9 @@ impl PackedWeight {
                 scales = vec![1.0; n_pad];
                 col_sums = vec![0; n_pad];
                 for (c, row) in w.chunks_exact(k).take(n).enumerate() {
-                    let (scale, q) = quantize_i8(row);
+                    let scale = i8_scale(row);
                     scales[c] = scale;
-                    for (kk, q) in q.enumerate() {
+                    for (kk, q) in row.iter().map(|&v| quantize_one(v, scale)).enumerate() {
                         col_sums[c] += q as i32;
                         lanes[(kk / 4) * n_pad + c] |= (q as u8 as u32) << (8 * (kk % 4));
                     }
@@ -138,10 +156,16 @@ impl PackedWeight {
 fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight) -> (Vec<u32>, Vec<f32>) {
     let kg = w.kg;
     let mut lanes = vec![0u32; m * kg];
-    let mut scales = Vec::new();
+    let mut scales = vec![0.0f32; m];
+    // Big batches (encoder passes) are converted in parallel, a few rows per task.
+    let rows_per_task = (4096 / k.max(1)).max(1);
+    let row_tasks = lanes
+        .par_chunks_mut(kg * rows_per_task)
+        .zip(x.par_chunks(k * rows_per_task))
+        .zip(scales.par_chunks_mut(rows_per_task));
     match w.kind {
-        PackedKind::Bf16 => {
-            for (dst, row) in lanes.chunks_exact_mut(kg).zip(x.chunks_exact(k)) {
+        PackedKind::Bf16 => row_tasks.for_each(|((dst, x), _)| {
+            for (dst, row) in dst.chunks_exact_mut(kg).zip(x.chunks_exact(k)) {
                 let pairs = row.chunks_exact(2);
                 let tail = pairs.remainder();
                 for (d, p) in dst.iter_mut().zip(pairs) {
@@ -151,21 +175,23 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight) -> (Vec<u32>, Vec<f3
                     dst[kg - 1] = bf16_bits(*last) as u32;
                 }
             }
-        }
-        PackedKind::Int8 => {
-            scales.reserve(m);
-            for (dst, row) in lanes.chunks_exact_mut(kg).zip(x.chunks_exact(k)) {
-                let (scale, q) = quantize_i8(row);
-                scales.push(scale);
-                // Padding lanes hold u8 128 (q = 0) so the column-sum correction stays exact.
+        }),
+        PackedKind::Int8 => row_tasks.for_each(|((dst, x), scales)| {
+            for ((dst, row), scale) in dst.chunks_exact_mut(kg).zip(x.chunks_exact(k)).zip(scales) {
+                *scale = i8_scale(row);
+                // Padding holds u8 128 (q = 0), so the column-sum correction stays exact.
                 dst.fill(0x8080_8080);
-                for (kk, q) in q.enumerate() {
-                    let byte = (q as i32 + 128) as u32;
-                    let sh = 8 * (kk % 4);
-                    dst[kk / 4] = (dst[kk / 4] & !(0xff << sh)) | byte << sh;
+                // SAFETY: a u32 slice viewed as its bytes; on little-endian x86 byte `kk % 4`
+                // of lane `kk / 4` is byte `kk` of the row, the order `pack` uses.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u8, dst.len() * 4)
+                };
+                let s = *scale;
+                for (b, &v) in bytes.iter_mut().zip(row) {
+                    *b = (quantize_one(v, s) as i32 + 128) as u8;
                 }
             }
-        }
+        }),
     }
     (lanes, scales)
 }
@@ -316,6 +342,16 @@ pub(super) fn avx512_vnni_bf16_available() -> bool {
     }
 }
 
+/// `dst = vals` or `dst += vals`.
+#[inline(always)]
+fn store(dst: &mut [f32], vals: impl Iterator<Item = f32>, accumulate: bool) {
+    if accumulate {
+        dst.iter_mut().zip(vals).for_each(|(d, v)| *d += v);
+    } else {
+        dst.iter_mut().zip(vals).for_each(|(d, v)| *d = v);
+    }
+}
+
 /// `out[m, n] (+)= x[m, k] · wᵀ` in the weight's precision (see the module docs).
 pub(super) fn matmul_packed(
     x: &[f32],
@@ -355,16 +391,22 @@ pub(super) fn matmul_packed(
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(outp.get().add((r0 + r) * n + c0), width)
                 };
-                for (c, d) in dst.iter_mut().enumerate() {
-                    let v = match w.kind {
-                        PackedKind::Bf16 => f32::from_bits(acc[c]),
-                        PackedKind::Int8 => {
-                            let col = c0 + c;
-                            let dot = acc[c] as i32 as i64 - 128 * w.col_sums[col] as i64;
-                            dot as f32 * (xscales[r0 + r] * w.scales[col])
-                        }
-                    };
-                    *d = if accumulate { *d + v } else { v };
+                let acc = &acc[..width];
+                match w.kind {
+                    PackedKind::Bf16 => {
+                        store(dst, acc.iter().map(|&a| f32::from_bits(a)), accumulate)
+                    }
+                    PackedKind::Int8 => {
+                        let xs = xscales[r0 + r];
+                        let sums = &w.col_sums[c0..c0 + width];
+                        let scales = &w.scales[c0..c0 + width];
+                        // The true sum fits in i32 (|q| <= 127, k < 2^17), so wrapping
+                        // arithmetic gives it exactly.
+                        let vals = acc.iter().zip(sums).zip(scales).map(|((&a, &cs), &ws)| {
+                            (a as i32).wrapping_sub(cs.wrapping_mul(128)) as f32 * (xs * ws)
+                        });
+                        store(dst, vals, accumulate)
+                    }
                 }
             }
         }
