@@ -12,13 +12,64 @@ pub(crate) fn argmax(row: &[f32]) -> u32 {
 }
 
 /// Numerically stable softmax in place, in f32 (max subtracted first).
+#[inline(always)]
 pub(crate) fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
+    let max = x
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    x.iter_mut().for_each(|v| *v = exp(*v - max));
+    let sum: f32 = x.iter().sum();
     let inv = 1.0 / sum;
     x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `e^x` in f32, within 2 ulp of the exact value for x in [-87, 88]; 0 below -87 (and for
+/// -inf), +inf above 88. Plain arithmetic (Cephes' `expf` polynomial), so loops over it
+/// vectorise, where `f32::exp` is a libm call per value.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let xc = if x < -87.0 { -87.0 } else if x > 88.0 { 88.0 } else { x };
+    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else if x > 88.0 {
+        f32::INFINITY
+    } else {
+        y * scale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exp_is_within_two_ulp() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = super::exp(x) as f64;
+            let ulp = (want as f32).to_bits();
+            let ulp = (f32::from_bits(ulp + 1) as f64 - want as f32 as f64).abs();
+            worst = worst.max((got - want).abs() / ulp);
+            x += 0.000_37;
+        }
+        assert!(worst <= 2.0, "exp: {worst} ulp");
+        assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(super::exp(-1e30), 0.0);
+        assert_eq!(super::exp(0.0), 1.0);
+        assert_eq!(super::exp(100.0), f32::INFINITY);
+    }
 }

@@ -98,6 +98,7 @@ impl SharedMut {
 
 /// One row of attention scores (head `h`, query `qi`, key/value sequence `kv_b`) to
 /// probabilities: `softmax(scores + bias[h, qi, :] + mask[kv_b, :])`.
+#[inline(always)]
 fn scores_to_probs(
     row: &mut [f32],
     bias: Option<&[f32]>,
@@ -208,42 +209,78 @@ pub(super) fn attention(
     mask: Option<&[f32]>,
     out: &mut [f32],
     s: AttnShape,
+    simd: bool,
 ) {
     let inner = s.heads * s.d_kv;
     let rows = s.batch * s.q_len;
+    let a = AttnArgs { q, k, v, bias, mask, s };
     // One task per (query row, head): batch-1 decoding still spreads over the threads.
     out[..rows * inner]
         .par_chunks_exact_mut(s.d_kv)
         .enumerate()
         .for_each(|(task, oh)| {
-            let (row, h) = (task / s.heads, task % s.heads);
-            let (b, qi) = (row / s.q_len, row % s.q_len);
-            let kv_b = b / s.kv_group; // beams read their source's keys/values
-            let qh = &q[row * inner + h * s.d_kv..row * inner + (h + 1) * s.d_kv];
-            // scores = q·k (no 1/sqrt(d_kv): T5 folds it into the weights)
-            let mut probs: Vec<f32> = (0..s.kv_len)
-                .map(|j| {
-                    let kb = ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
-                    dot(qh, &k[kb..kb + s.d_kv])
-                })
-                .collect();
-            scores_to_probs(&mut probs, bias, mask, s, h, qi, kv_b);
-            // out_h = Σ_j p_j · v_j
-            oh.fill(0.0);
-            for (j, &p) in probs.iter().enumerate() {
-                if p == 0.0 {
-                    continue; // masked key: exactly zero weight
-                }
-                let vb = ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
-                for (o, &val) in oh.iter_mut().zip(&v[vb..vb + s.d_kv]) {
-                    *o += p * val;
-                }
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` is only set when `avx512_available()` said yes.
+                return unsafe { attend_one_avx512(&a, task, oh) };
             }
+            let _ = simd;
+            attend_one(&a, task, oh)
         });
 }
 
+/// The inputs of one decode-attention call.
+struct AttnArgs<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    bias: Option<&'a [f32]>,
+    mask: Option<&'a [f32]>,
+    s: AttnShape,
+}
+
+/// [`attend_one`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX-512VL and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+unsafe fn attend_one_avx512(a: &AttnArgs, task: usize, oh: &mut [f32]) {
+    attend_one(a, task, oh)
+}
+
+/// Task `task` = (query row, head): `oh = softmax(q·kᵀ + bias + mask)·v` for one head.
+#[inline(always)]
+fn attend_one(a: &AttnArgs, task: usize, oh: &mut [f32]) {
+    let s = a.s;
+    let inner = s.heads * s.d_kv;
+    let (row, h) = (task / s.heads, task % s.heads);
+    let (b, qi) = (row / s.q_len, row % s.q_len);
+    let kv_b = b / s.kv_group; // beams read their source's keys/values
+    let qh = &a.q[row * inner + h * s.d_kv..row * inner + (h + 1) * s.d_kv];
+    // scores = q·k (no 1/sqrt(d_kv): T5 folds it into the weights)
+    let mut probs: Vec<f32> = (0..s.kv_len)
+        .map(|j| {
+            let kb = ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
+            dot(qh, &a.k[kb..kb + s.d_kv])
+        })
+        .collect();
+    scores_to_probs(&mut probs, a.bias, a.mask, s, h, qi, kv_b);
+    // out_h = Σ_j p_j · v_j
+    oh.fill(0.0);
+    for (j, &p) in probs.iter().enumerate() {
+        if p == 0.0 {
+            continue; // masked key: exactly zero weight
+        }
+        let vb = ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
+        for (o, &val) in oh.iter_mut().zip(&a.v[vb..vb + s.d_kv]) {
+            *o += p * val;
+        }
+    }
+}
+
 /// Dot product with 16 independent partial sums, so the compiler can vectorise it.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));

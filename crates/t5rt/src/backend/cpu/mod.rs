@@ -283,7 +283,7 @@ impl Backend for CpuBackend {
             if s.q_len > 1 {
                 kernels::attention_gemm(q, k, v, bias, mask, &mut out[..], s)
             } else {
-                kernels::attention(q, k, v, bias, mask, &mut out[..], s)
+                kernels::attention(q, k, v, bias, mask, &mut out[..], s, self.simd)
             }
         });
         Ok(())
