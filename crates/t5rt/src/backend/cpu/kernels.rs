@@ -110,15 +110,17 @@ fn scores_to_probs(
 ) {
     if let Some(bias) = bias {
         let at = (h * s.q_len + qi) * s.kv_len;
-        row.iter_mut()
-            .zip(&bias[at..at + s.kv_len])
-            .for_each(|(x, b)| *x += b);
+        let bias = &bias[at..at + s.kv_len];
+        for i in 0..row.len() {
+            row[i] += bias[i];
+        }
     }
     if let Some(mask) = mask {
         let at = kv_b * s.kv_len;
-        row.iter_mut()
-            .zip(&mask[at..at + s.kv_len])
-            .for_each(|(x, m)| *x += m);
+        let mask = &mask[at..at + s.kv_len];
+        for i in 0..row.len() {
+            row[i] += mask[i];
+        }
     }
     softmax_in_place(row);
 }
@@ -200,7 +202,12 @@ pub(super) fn attention_gemm(
     });
 }
 
-/// Attention for few queries (decoding steps), one (query, head) per task.
+/// Attention for few queries (decoding steps). A task takes one query row and a group of
+/// heads, and walks the keys in order: key `j` of all its heads is one contiguous run of
+/// memory, so the caches stream at full bandwidth (one task per head would read them with a
+/// 2 KiB stride that defeats the prefetchers). Batch-1 decoding splits the heads into
+/// groups so that every thread has work.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention(
     q: &[f32],
     k: &[f32],
@@ -213,19 +220,30 @@ pub(super) fn attention(
 ) {
     let inner = s.heads * s.d_kv;
     let rows = s.batch * s.q_len;
-    let a = AttnArgs { q, k, v, bias, mask, s };
-    // One task per (query row, head): batch-1 decoding still spreads over the threads.
+    let want = 2 * rayon::current_num_threads();
+    let groups = (1..=s.heads)
+        .find(|g| s.heads % g == 0 && rows * g >= want)
+        .unwrap_or(s.heads);
+    let a = AttnArgs {
+        q,
+        k,
+        v,
+        bias,
+        mask,
+        s,
+        heads_per_task: s.heads / groups,
+    };
     out[..rows * inner]
-        .par_chunks_exact_mut(s.d_kv)
+        .par_chunks_exact_mut(a.heads_per_task * s.d_kv)
         .enumerate()
         .for_each(|(task, oh)| {
             #[cfg(target_arch = "x86_64")]
             if simd {
                 // SAFETY: `simd` is only set when `avx512_available()` said yes.
-                return unsafe { attend_one_avx512(&a, task, oh) };
+                return unsafe { attend_avx512(&a, task, oh) };
             }
             let _ = simd;
-            attend_one(&a, task, oh)
+            attend(&a, task, oh)
         });
 }
 
@@ -237,44 +255,59 @@ struct AttnArgs<'a> {
     bias: Option<&'a [f32]>,
     mask: Option<&'a [f32]>,
     s: AttnShape,
+    heads_per_task: usize,
 }
 
-/// [`attend_one`] compiled for AVX-512.
+/// [`attend`] compiled for AVX-512.
 ///
 /// # Safety
 /// The CPU must support AVX-512F, AVX-512VL and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,fma")]
-unsafe fn attend_one_avx512(a: &AttnArgs, task: usize, oh: &mut [f32]) {
-    attend_one(a, task, oh)
+unsafe fn attend_avx512(a: &AttnArgs, task: usize, oh: &mut [f32]) {
+    attend(a, task, oh)
 }
 
-/// Task `task` = (query row, head): `oh = softmax(q·kᵀ + bias + mask)·v` for one head.
+/// One task: query row `task / groups`, heads `[h0, h0 + heads_per_task)`;
+/// `oh[h] = softmax(q_h·k_hᵀ + bias + mask)·v_h`.
 #[inline(always)]
-fn attend_one(a: &AttnArgs, task: usize, oh: &mut [f32]) {
+fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
     let s = a.s;
-    let inner = s.heads * s.d_kv;
-    let (row, h) = (task / s.heads, task % s.heads);
+    let (inner, hn, d) = (s.heads * s.d_kv, a.heads_per_task, s.d_kv);
+    let groups = s.heads / hn;
+    let (row, h0) = (task / groups, (task % groups) * hn);
     let (b, qi) = (row / s.q_len, row % s.q_len);
     let kv_b = b / s.kv_group; // beams read their source's keys/values
-    let qh = &a.q[row * inner + h * s.d_kv..row * inner + (h + 1) * s.d_kv];
-    // scores = q·k (no 1/sqrt(d_kv): T5 folds it into the weights)
-    let mut probs: Vec<f32> = (0..s.kv_len)
-        .map(|j| {
-            let kb = ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
-            dot(qh, &a.k[kb..kb + s.d_kv])
-        })
-        .collect();
-    scores_to_probs(&mut probs, a.bias, a.mask, s, h, qi, kv_b);
-    // out_h = Σ_j p_j · v_j
-    oh.fill(0.0);
-    for (j, &p) in probs.iter().enumerate() {
-        if p == 0.0 {
-            continue; // masked key: exactly zero weight
+    let q = &a.q[row * inner + h0 * d..row * inner + (h0 + hn) * d];
+    // scores[h, j] = q_h·k_h[j] (no 1/sqrt(d_kv): T5 folds it into the weights).
+    // (Plain loops, not iterator adaptors: those are separate functions that would not be
+    // compiled with the caller's target features.)
+    let mut probs = vec![0.0f32; hn * s.kv_len];
+    for j in 0..s.kv_len {
+        let kb = (kv_b * s.kv_stride + j) * inner + h0 * d;
+        let key = &a.k[kb..kb + hn * d];
+        for h in 0..hn {
+            probs[h * s.kv_len + j] = dot(&q[h * d..(h + 1) * d], &key[h * d..(h + 1) * d]);
         }
-        let vb = ((kv_b * s.kv_stride + j) * s.heads + h) * s.d_kv;
-        for (o, &val) in oh.iter_mut().zip(&a.v[vb..vb + s.d_kv]) {
-            *o += p * val;
+    }
+    for h in 0..hn {
+        let row = &mut probs[h * s.kv_len..(h + 1) * s.kv_len];
+        scores_to_probs(row, a.bias, a.mask, s, h0 + h, qi, kv_b);
+    }
+    // out_h = Σ_j p_hj · v_h[j]
+    oh.fill(0.0);
+    for j in 0..s.kv_len {
+        let vb = (kv_b * s.kv_stride + j) * inner + h0 * d;
+        let val = &a.v[vb..vb + hn * d];
+        for h in 0..hn {
+            let p = probs[h * s.kv_len + j];
+            if p == 0.0 {
+                continue; // masked key: exactly zero weight
+            }
+            let (o, val) = (&mut oh[h * d..(h + 1) * d], &val[h * d..(h + 1) * d]);
+            for t in 0..d {
+                o[t] += p * val[t];
+            }
         }
     }
 }
@@ -283,17 +316,22 @@ fn attend_one(a: &AttnArgs, task: usize, oh: &mut [f32]) {
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
+    let n = a.len().min(b.len());
+    let whole = n / 16 * 16;
+    let mut i = 0;
+    while i < whole {
+        for l in 0..16 {
+            acc[l] += a[i + l] * b[i + l];
         }
+        i += 16;
     }
-    acc.iter().sum::<f32>() + tail
+    let mut tail = 0.0f32;
+    for t in whole..n {
+        tail += a[t] * b[t];
+    }
+    let mut sum = 0.0f32;
+    for v in acc {
+        sum += v;
+    }
+    sum + tail
 }
