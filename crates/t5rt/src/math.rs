@@ -2,13 +2,11 @@
 
 /// Index of the first largest value.
 pub(crate) fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
+    // The maximum first (a reduction the compiler vectorises), then its first position.
+    let max = row
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    row.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 /// Numerically stable softmax in place, in f32 (max subtracted first). Written as index loops
@@ -41,7 +39,13 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let xc = if x < -87.0 { -87.0 } else if x > 88.0 { 88.0 } else { x };
+    let xc = if x < -87.0 {
+        -87.0
+    } else if x > 88.0 {
+        88.0
+    } else {
+        x
+    };
     let n = (xc * LOG2E + MAGIC) - MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;

@@ -125,6 +125,39 @@ fn scores_to_probs(
     softmax_in_place(row);
 }
 
+/// [`scores_to_probs`] for every query row `i` of `scores` (`[q_len, kv_len]`).
+#[inline(always)]
+fn probs_rows(
+    scores: &mut [f32],
+    bias: Option<&[f32]>,
+    mask: Option<&[f32]>,
+    s: AttnShape,
+    h: usize,
+    kv_b: usize,
+) {
+    for i in 0..s.q_len {
+        let row = &mut scores[i * s.kv_len..(i + 1) * s.kv_len];
+        scores_to_probs(row, bias, mask, s, h, i, kv_b);
+    }
+}
+
+/// [`probs_rows`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX-512VL and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+unsafe fn probs_rows_avx512(
+    scores: &mut [f32],
+    bias: Option<&[f32]>,
+    mask: Option<&[f32]>,
+    s: AttnShape,
+    h: usize,
+    kv_b: usize,
+) {
+    probs_rows(scores, bias, mask, s, h, kv_b)
+}
+
 /// Attention over many queries (the encoder): per (sequence, head), scores = q·kᵀ and
 /// out = softmax(scores + bias + mask)·v as two `gemm` calls.
 pub(super) fn attention_gemm(
@@ -135,6 +168,7 @@ pub(super) fn attention_gemm(
     mask: Option<&[f32]>,
     out: &mut [f32],
     s: AttnShape,
+    simd: bool,
 ) {
     let inner = s.heads * s.d_kv;
     let dst = SharedMut(out.as_mut_ptr());
@@ -171,9 +205,15 @@ pub(super) fn attention_gemm(
                 gemm::Parallelism::None,
             );
         }
-        for (i, row) in scores.chunks_exact_mut(s.kv_len).enumerate() {
-            scores_to_probs(row, bias, mask, s, h, i, kv_b);
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is only set when `avx512_available()` said yes.
+            unsafe { probs_rows_avx512(&mut scores, bias, mask, s, h, kv_b) };
+        } else {
+            probs_rows(&mut scores, bias, mask, s, h, kv_b);
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        probs_rows(&mut scores, bias, mask, s, h, kv_b);
         // SAFETY: as above.
         unsafe {
             // out[b, i, h, :] = Σ_j p[i, j] · v[kv_b, j, h, :]

@@ -281,7 +281,7 @@ impl Backend for CpuBackend {
         let mask = mask.map(|m| m.as_slice());
         self.pool.install(|| {
             if s.q_len > 1 {
-                kernels::attention_gemm(q, k, v, bias, mask, &mut out[..], s)
+                kernels::attention_gemm(q, k, v, bias, mask, &mut out[..], s, self.simd)
             } else {
                 kernels::attention(q, k, v, bias, mask, &mut out[..], s, self.simd)
             }

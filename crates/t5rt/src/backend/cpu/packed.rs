@@ -13,8 +13,8 @@
 //! - bf16: activations are rounded to bf16 (nearest-even), products are exact in f32, and each
 //!   pair of products is summed, then added to the f32 accumulator: `acc += (x1·w1 + x0·w0)`,
 //!   as `vdpbf16ps` does.
-//! - int8: each weight column has the scale `max|w| / 127` and values `round(w / scale)` (f32
-//!   arithmetic, ties to even);
+//! - int8: each weight column has the scale `max|w| / 127` and values `round(w · (1 / scale))`
+//!   (f32 arithmetic, ties to even);
 //!   each activation row is quantized the same way at run time, then offset by 128 to u8 (the
 //!   operand type of `vpdpbusd`). Sums are exact in i32; the offset is taken back with the
 //!   column sums: `Σ (q+128)·w = Σ q·w + 128·Σ w`.
@@ -100,10 +100,10 @@ fn i8_scale(v: &[f32]) -> f32 {
     }
 }
 
-/// `round(v / scale)`, clamped to [-127, 127].
+/// `round(v · inv)`, clamped to [-127, 127]; `inv = 1 / scale`, in f32.
 #[inline(always)]
-fn quantize_one(v: f32, scale: f32) -> i8 {
-    round_small((v / scale).clamp(-127.0, 127.0)) as i8
+fn quantize_one(v: f32, inv: f32) -> i8 {
+    round_small((v * inv).clamp(-127.0, 127.0)) as i8
 }
 
 impl PackedWeight {
@@ -127,7 +127,8 @@ impl PackedWeight {
                 for (c, row) in w.chunks_exact(k).take(n).enumerate() {
                     let scale = i8_scale(row);
                     scales[c] = scale;
-                    for (kk, q) in row.iter().map(|&v| quantize_one(v, scale)).enumerate() {
+                    let inv = 1.0 / scale;
+                    for (kk, q) in row.iter().map(|&v| quantize_one(v, inv)).enumerate() {
                         col_sums[c] += q as i32;
                         lanes[(kk / 4) * n_pad + c] |= (q as u8 as u32) << (8 * (kk % 4));
                     }
@@ -150,6 +151,27 @@ impl PackedWeight {
     pub fn bytes(&self) -> usize {
         self.lanes.len() * 4 + self.scales.len() * 4 + self.col_sums.len() * 4
     }
+}
+
+/// `bytes[i] = round(row[i] · inv) + 128`.
+fn quantize_row(row: &[f32], bytes: &mut [u8], inv: f32) {
+    #[inline(always)]
+    fn body(row: &[f32], bytes: &mut [u8], inv: f32) {
+        for i in 0..row.len().min(bytes.len()) {
+            bytes[i] = (quantize_one(row[i], inv) as i32 + 128) as u8;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn body_avx512(row: &[f32], bytes: &mut [u8], inv: f32) {
+        body(row, bytes, inv)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::matvec::avx512_available() && std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: just checked.
+        return unsafe { body_avx512(row, bytes, inv) };
+    }
+    body(row, bytes, inv)
 }
 
 /// Activations in the weight's lane format: `[m, kg]` lanes, and for int8 a scale per row.
@@ -186,10 +208,7 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight) -> (Vec<u32>, Vec<f3
                 let bytes = unsafe {
                     std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u8, dst.len() * 4)
                 };
-                let s = *scale;
-                for (b, &v) in bytes.iter_mut().zip(row) {
-                    *b = (quantize_one(v, s) as i32 + 128) as u8;
-                }
+                quantize_row(row, &mut bytes[..row.len()], 1.0 / *scale);
             }
         }),
     }

@@ -31,15 +31,16 @@ pub fn matmul_nt_bf16(x: &[f32], w: &[f32], d: MatDims) -> Vec<f32> {
 }
 
 /// Each row of `v` (width `k`) quantized symmetrically to integers in [-127, 127]: the scale
-/// is `max|row| / 127` and `q = round(x / scale)`, both in f32, ties to even; then scaled back
+/// is `max|row| / 127` and `q = round(x · (1 / scale))`, all in f32, ties to even; then scaled back
 /// (in f64, so the product with the other operand's scale stays exact enough).
 pub fn fake_quant_rows(v: &[f32], k: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(v.len());
     for row in v.chunks_exact(k) {
         let max = row.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
         let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        let inv = 1.0 / scale;
         out.extend(row.iter().map(|&x| {
-            let q = (x / scale).round_ties_even().clamp(-127.0, 127.0);
+            let q = (x * inv).round_ties_even().clamp(-127.0, 127.0);
             (q as f64 * scale as f64) as f32
         }));
     }
