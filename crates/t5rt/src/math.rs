@@ -9,25 +9,48 @@ pub(crate) fn argmax(row: &[f32]) -> u32 {
     row.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
-/// Numerically stable softmax in place, in f32 (max subtracted first). Written as index loops
-/// so that it inlines, and vectorises, in callers compiled with wider SIMD.
+/// Numerically stable softmax in place, in f32 (max subtracted first). Written as plain
+/// loops with 16 partial results, so that it inlines and vectorises in callers compiled with
+/// wider SIMD (a float reduction in one accumulator cannot be reordered, so cannot vectorise).
 #[inline(always)]
 pub(crate) fn softmax_in_place(x: &mut [f32]) {
-    let mut max = f32::NEG_INFINITY;
-    for i in 0..x.len() {
-        if x[i] > max {
-            max = x[i];
+    let max = reduce16(x, f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
+    for v in x.iter_mut() {
+        *v = exp(*v - max);
+    }
+    let sum = reduce16(x, 0.0, |a, v| a + v);
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// The largest `|v|` (0 for an empty slice).
+#[inline(always)]
+pub(crate) fn max_abs(x: &[f32]) -> f32 {
+    reduce16(x, 0.0, |m, v| if v.abs() > m { v.abs() } else { m })
+}
+
+/// Folds `x` with `f` in 16 interleaved lanes, then folds the lanes: the order a vector
+/// unit uses, so the compiler may vectorise it.
+#[inline(always)]
+fn reduce16(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            lanes[i] = f(lanes[i], c[i]);
         }
     }
-    let mut sum = 0.0f32;
-    for i in 0..x.len() {
-        x[i] = exp(x[i] - max);
-        sum += x[i];
+    let mut acc = init;
+    for &v in tail {
+        acc = f(acc, v);
     }
-    let inv = 1.0 / sum;
-    for i in 0..x.len() {
-        x[i] *= inv;
+    for l in lanes {
+        acc = f(acc, l);
     }
+    acc
 }
 
 /// `e^x` in f32, within 2 ulp of the exact value for x in [-87, 88]; 0 below -87 (and for

@@ -90,9 +90,7 @@ fn round_small(v: f32) -> f32 {
 /// The scale of symmetric 8-bit quantization of `v`: `max|v| / 127` (1 if all are zero).
 #[inline]
 fn i8_scale(v: &[f32]) -> f32 {
-    let max = v
-        .iter()
-        .fold(0.0f32, |m, x| if x.abs() > m { x.abs() } else { m });
+    let max = crate::math::max_abs(v);
     if max > 0.0 {
         max / 127.0
     } else {
@@ -103,7 +101,16 @@ fn i8_scale(v: &[f32]) -> f32 {
 /// `round(v · inv)`, clamped to [-127, 127]; `inv = 1 / scale`, in f32.
 #[inline(always)]
 fn quantize_one(v: f32, inv: f32) -> i8 {
-    round_small((v * inv).clamp(-127.0, 127.0)) as i8
+    let y = v * inv;
+    // (Comparisons, not `clamp`, whose NaN rules keep the loop from vectorising.)
+    let y = if y > 127.0 {
+        127.0
+    } else if y < -127.0 {
+        -127.0
+    } else {
+        y
+    };
+    round_small(y) as i32 as i8
 }
 
 impl PackedWeight {
