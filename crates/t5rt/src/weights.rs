@@ -32,6 +32,29 @@ impl Bytes {
             Bytes::Static(s) => s,
         }
     }
+
+    /// Drops the pages of `[start, end)` from this process's resident memory once a tensor
+    /// was converted, so that loading never holds the file and its converted copy at once
+    /// (peak memory is then the model, not twice the checkpoint). The pages stay in the OS
+    /// page cache and fault back in if read again.
+    fn release(&self, start: usize, end: usize) {
+        #[cfg(unix)]
+        if let Bytes::Mapped(m) = self {
+            const PAGE: usize = 4096;
+            let (lo, hi) = (start / PAGE * PAGE, end.div_ceil(PAGE) * PAGE);
+            let hi = hi.min(m.len());
+            if hi > lo {
+                // SAFETY: the map is read-only and file-backed: dropped pages are re-read
+                // from the file on the next access, so no data is lost. A failure only
+                // means the memory stays resident.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (start, end);
+    }
 }
 
 struct Shard {
@@ -203,8 +226,9 @@ impl TensorStore {
             });
         }
         let (begin, end) = info.data_offsets;
-        let bytes = &shard.bytes.as_slice()[shard.data_start + begin..shard.data_start + end];
-        let data = decode(name, info.dtype, bytes)?;
+        let (start, end) = (shard.data_start + begin, shard.data_start + end);
+        let data = decode(name, info.dtype, &shard.bytes.as_slice()[start..end])?;
+        shard.bytes.release(start, end);
         debug_assert_eq!(
             data.len(),
             expected.iter().product::<usize>(),
