@@ -159,10 +159,10 @@ def peak_rss_mib():
     return int(line.split()[1]) / 1024
 
 
-def run_t5rt(binary, model_dir, cases, repeats, warmup, work):
-    out = work / "t5rt.json"
+def run_t5rt(binary, model_dir, cases, repeats, warmup, work, dtype="f32"):
+    out = work / f"t5rt-{dtype}.json"
     cmd = [binary, "bench", "--model", str(model_dir / "hf"), "--threads", str(THREADS),
-           "--repeats", str(repeats), "--warmup", str(warmup), "--json", str(out)]
+           "--dtype", dtype, "--repeats", str(repeats), "--warmup", str(warmup), "--json", str(out)]
     for c in cases:
         cmd += ["--case", c]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -180,10 +180,10 @@ def run_t5rt(binary, model_dir, cases, repeats, warmup, work):
         inp.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in ids))
         gen = subprocess.run([binary, "generate", "--model", str(model_dir / "hf"), "--input", str(inp),
                               "--max-new-tokens", str(new), "--min-new-tokens", str(new),
-                              "--threads", str(THREADS), "--output", "-"],
+                              "--threads", str(THREADS), "--dtype", dtype, "--output", "-"],
                              check=True, capture_output=True, text=True)
         res["a"]["ids"] = [json.loads(l)["output_ids"] for l in gen.stdout.splitlines()]
-    return {"system": "t5rt", "cases": res, "peak_rss_mib": peak}
+    return {"system": f"t5rt-{dtype}", "cases": res, "peak_rss_mib": peak}
 
 
 def versions():
@@ -200,38 +200,65 @@ def machine():
             "kernel": platform.release()}
 
 
+T5RT = ["t5rt", "t5rt-bf16", "t5rt-int8"]
+DTYPE_OF = {"t5rt": "f32", "t5rt-bf16": "bf16", "t5rt-int8": "int8"}
+
+
+def id_agreement(got, want):
+    """Fraction of positions where two id lists (lists of rows) agree."""
+    pairs = [(a, b) for g, w in zip(got, want) for a, b in zip(g, w)]
+    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
+
+
 def write_markdown(all_results, meta, path):
-    systems = ["hf", "ort", "ct2-float32", "ct2-int8", "t5rt"]
+    peers = ["hf", "ort", "ct2-float32", "ct2-int8"]
     names = {"hf": "HF torch f32", "ort": "ORT f32", "ct2-float32": "CT2 f32",
-             "ct2-int8": "CT2 int8", "t5rt": "t5rt f32"}
+             "ct2-int8": "CT2 int8", "t5rt": "t5rt f32", "t5rt-bf16": "t5rt bf16",
+             "t5rt-int8": "t5rt int8"}
     lines = ["# Benchmark results", "",
              f"Made by `bench/run_peers.py` on {meta['date']}: {meta['machine']['cpu']}, "
              f"{meta['machine']['cores']} cores, {THREADS} threads for every system. Versions: "
              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f", {meta['t5rt']}.",
              "", "Tokens/s (new tokens over wall time, median of the timed runs, EOS suppressed); "
              "cases a = 1x32 in, 32 new; b = 1x512, 64; c = 8x128, 64; d = 32x128, 64. "
-             "`t5rt / best f32` divides t5rt's figure by the best f32 peer's; "
-             "`greedy = HF` says whether the system's case-a ids equal Hugging Face's.", ""]
+             "`f32 / best f32` divides t5rt f32's figure by the best f32 peer's; `bf16 / CT2 int8` and "
+             "`int8 / CT2 int8` divide t5rt's reduced-precision figures by CTranslate2 int8's. "
+             "`greedy = HF` says whether the system's case-a ids equal Hugging Face's (for the "
+             "reduced precisions, the share of equal ids).", ""]
     for model, res in all_results.items():
+        systems = peers + [s for s in T5RT if s in res]
+        ratio_cols = ["f32 / best f32"] + [f"{DTYPE_OF[s]} / CT2 int8" for s in T5RT[1:] if s in res]
         lines += [f"## {model}", "",
-                  "| case | " + " | ".join(names[s] for s in systems) + " | t5rt / best f32 peer |",
-                  "|---" * (len(systems) + 2) + "|"]
+                  "| case | " + " | ".join(names[s] for s in systems) + " | " + " | ".join(ratio_cols) + " |",
+                  "|---" * (len(systems) + len(ratio_cols) + 1) + "|"]
         for case in CASES:
             row = [case]
             for s in systems:
                 v = res[s]["cases"].get(case, {}).get("tokens_per_s")
                 row.append(f"{v:.1f}" if v else "-")
-            peers = [res[s]["cases"][case]["tokens_per_s"] for s in ("hf", "ort", "ct2-float32")
-                     if case in res[s]["cases"]]
-            ratio = res["t5rt"]["cases"][case]["tokens_per_s"] / max(peers) if peers else None
+            f32_peers = [res[s]["cases"][case]["tokens_per_s"] for s in ("hf", "ort", "ct2-float32")
+                         if case in res[s]["cases"]]
+            ratio = res["t5rt"]["cases"][case]["tokens_per_s"] / max(f32_peers) if f32_peers else None
             row.append(f"{ratio:.2f}x" if ratio else "-")
+            for s in T5RT[1:]:
+                if s in res:
+                    ct2 = res["ct2-int8"]["cases"].get(case, {}).get("tokens_per_s")
+                    mine = res[s]["cases"].get(case, {}).get("tokens_per_s")
+                    row.append(f"{mine / ct2:.2f}x" if ct2 and mine else "-")
             lines.append("| " + " | ".join(row) + " |")
+        hf_ids = res["hf"]["cases"]["a"]["ids"]
+
+        def agree(s):
+            ids = res[s]["cases"]["a"].get("ids")
+            if ids == hf_ids:
+                return "yes"
+            if ids is None:
+                return "-"
+            return f"NO ({100 * id_agreement(ids, hf_ids):.0f}% of ids)"
         lines += ["", "| | " + " | ".join(names[s] for s in systems) + " |",
                   "|---" * (len(systems) + 1) + "|",
                   "| peak RSS MiB | " + " | ".join(f"{res[s]['peak_rss_mib']:.0f}" for s in systems) + " |",
-                  "| greedy = HF (case a) | " + " | ".join(
-                      "yes" if res[s]["cases"]["a"].get("ids") == res["hf"]["cases"]["a"]["ids"] else "NO"
-                      for s in systems) + " |", ""]
+                  "| greedy = HF (case a) | " + " | ".join(agree(s) for s in systems) + " |", ""]
     limits_path = path.parent / "results" / "machine_limits.json"
     if limits_path.is_file():
         lim = json.loads(limits_path.read_text())
@@ -239,19 +266,24 @@ def write_markdown(all_results, meta, path):
         lines += ["## The machine's limits", "",
                   f"Measured by `bench/machine_limits.py`: read bandwidth {bw['1_thread']} GB/s (1 thread), "
                   f"{bw[f'{THREADS}_threads']} GB/s ({THREADS} threads); f32 matmul (numpy/OpenBLAS, 2048^3) "
-                  f"{lim['f32_matmul_gflops_numpy']} GFLOP/s. The batch-1 floor of a decoding step is the f32 "
+                  f"{lim['f32_matmul_gflops_numpy']} GFLOP/s. The batch-1 floor of a decoding step is the "
                   "weights it must read (self q,k,v,o, cross q,o, FFN per layer, and the LM head; cross k,v "
-                  "are cached per request) over the bandwidth. t5rt's step time is its case-a decoder time "
-                  "over 32 steps (it includes the first step's cross-attention projections).", "",
-                  "| model | weights read per step | floor ms/step | t5rt ms/step (case a) | t5rt / floor |",
-                  "|---|---|---|---|---|"]
+                  "are cached per request) over the bandwidth: f32 as measured, bf16 half of it, int8 a "
+                  "quarter. t5rt's step time is its case-a decoder time over 32 steps (it includes the "
+                  "first step's cross-attention projections). Step times below the floor mean part of "
+                  "the weights stayed in the 32 MiB L3 cache between steps.", "",
+                  "| model | dtype | weights read per step | floor ms/step | t5rt ms/step (case a) | t5rt / floor |",
+                  "|---|---|---|---|---|---|"]
         for model, res in all_results.items():
             f = lim["batch1_decode_floor"].get(model)
-            dec = res["t5rt"]["cases"].get("a", {}).get("decode_s")
-            if f and dec:
-                ms = dec / CASES["a"][2] * 1e3
-                lines.append(f"| {model} | {f['weight_mib_per_step']} MiB | {f['floor_ms_per_step']} | "
-                             f"{ms:.2f} | {ms / f['floor_ms_per_step']:.2f}x |")
+            for s in T5RT:
+                dec = res.get(s, {}).get("cases", {}).get("a", {}).get("decode_s")
+                if f and dec:
+                    div = {"f32": 1, "bf16": 2, "int8": 4}[DTYPE_OF[s]]
+                    mib, floor = f["weight_mib_per_step"] / div, f["floor_ms_per_step"] / div
+                    ms = dec / CASES["a"][2] * 1e3
+                    lines.append(f"| {model} | {DTYPE_OF[s]} | {mib:.1f} MiB | {floor:.2f} | "
+                                 f"{ms:.2f} | {ms / floor:.2f}x |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
@@ -295,8 +327,10 @@ def main():
                                   "--warmup", str(args.warmup)],
                                  check=True, capture_output=True, text=True)
             res[system] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"== {name}: t5rt", flush=True)
-        res["t5rt"] = run_t5rt(args.t5rt, model_dir, cases, args.repeats, args.warmup, model_dir)
+        for system in T5RT:
+            print(f"== {name}: {system}", flush=True)
+            res[system] = run_t5rt(args.t5rt, model_dir, cases, args.repeats, args.warmup, model_dir,
+                                   DTYPE_OF[system])
         for s, r in res.items():
             print(f"   {s:12s} " + "  ".join(f"{c}: {v['tokens_per_s']:.1f}" for c, v in r["cases"].items()),
                   flush=True)
