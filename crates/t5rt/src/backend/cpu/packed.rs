@@ -1,23 +1,28 @@
-//! Reduced-precision linear layers: bf16 and int8 weights, packed at load time for AVX-512
-//! dot-product instructions (`vdpbf16ps`, `vpdpbusd`), with portable scalar versions of the
-//! same arithmetic.
+//! Linear layers: weights packed at load time for the AVX-512 kernels that read them (f32 FMA,
+//! bf16 `vdpbf16ps`, int8 `vpdpbusd`), with portable scalar versions of the same arithmetic.
 //!
-//! Layout: a weight `[n, k]` becomes 32-bit lanes `[k / G, n_pad]`, each lane holding `G`
-//! consecutive `k` values of one output column (G = 2 for bf16, 4 for int8; `k` and `n` padded
-//! with zeros). A row of 16 lanes is one 64-byte load, and the `G` matching activation values
-//! of a row are one 32-bit broadcast. Each task owns 64 output columns and walks them down the
-//! whole `k` range for 4 rows at a time, with the accumulators in registers; the 64-column
-//! block of the weight (at most a few hundred KiB) stays in L2 while the rows go by.
+//! Layout: a weight `[n, k]` becomes 32-bit lanes, each holding `G` consecutive `k` values of
+//! one output column (G = 1 for f32, 2 for bf16, 4 for int8; `k` padded with zeros to a
+//! multiple of G, `n` to a multiple of 16). Lanes are stored in panels of 64 columns: panel
+//! `p` is `[k / G, 64]` row-major and contiguous, so a task that owns those 64 output columns
+//! reads one contiguous run of memory (the prefetchers stream it at full bandwidth, which a
+//! `[k, n]` layout read 64 columns at a time, at a stride of `4n` bytes, does not allow).
+//! Sixteen lanes are one 64-byte load; the `G` matching activation values of a row are one
+//! 32-bit broadcast. A task walks its panel down the whole `k` range for 4 rows at a time,
+//! accumulators in registers; the panel (at most a few hundred KiB) stays in L2 while the
+//! rows go by. Every output is summed over `k` in order, whatever the batch or thread count,
+//! so a row's result does not depend on the rest of its batch.
 //!
 //! Arithmetic:
+//! - f32: `acc += x·w` in order of `k` (fused multiply-add on AVX-512; a multiply, then an add,
+//!   in the portable version).
 //! - bf16: activations are rounded to bf16 (nearest-even), products are exact in f32, and each
 //!   pair of products is summed, then added to the f32 accumulator: `acc += (x1·w1 + x0·w0)`,
 //!   as `vdpbf16ps` does.
 //! - int8: each weight column has the scale `max|w| / 127` and values `round(w · (1 / scale))`
-//!   (f32 arithmetic, ties to even);
-//!   each activation row is quantized the same way at run time, then offset by 128 to u8 (the
-//!   operand type of `vpdpbusd`). Sums are exact in i32; the offset is taken back with the
-//!   column sums: `Σ (q+128)·w = Σ q·w + 128·Σ w`.
+//!   (f32 arithmetic, ties to even); each activation row is quantized the same way at run time,
+//!   then offset by 128 to u8 (the operand type of `vpdpbusd`). Sums are exact in i32; the
+//!   offset is taken back with the column sums: `Σ (q+128)·w = Σ q·w + 128·Σ w`.
 
 use rayon::prelude::*;
 
@@ -33,6 +38,7 @@ const ROWS_PER_TASK: usize = 64;
 /// How the lanes of a [`PackedWeight`] are to be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PackedKind {
+    F32,
     Bf16,
     Int8,
 }
@@ -41,13 +47,14 @@ impl PackedKind {
     /// Values of `k` per 32-bit lane.
     fn group(self) -> usize {
         match self {
+            PackedKind::F32 => 1,
             PackedKind::Bf16 => 2,
             PackedKind::Int8 => 4,
         }
     }
 }
 
-/// A linear weight in bf16 or int8, packed as described in the module docs.
+/// A linear weight, packed as described in the module docs.
 pub struct PackedWeight {
     pub kind: PackedKind,
     pub n: usize,
@@ -57,9 +64,9 @@ pub struct PackedWeight {
     /// `n` rounded up to a multiple of 16.
     n_pad: usize,
     lanes: Vec<u32>,
-    /// int8: the scale of each column (`n_pad` values); empty for bf16.
+    /// int8: the scale of each column (`n_pad` values); empty otherwise.
     scales: Vec<f32>,
-    /// int8: the sum of each column's quantized values (`n_pad`); empty for bf16.
+    /// int8: the sum of each column's quantized values (`n_pad`); empty otherwise.
     col_sums: Vec<i32>,
 }
 
@@ -120,11 +127,19 @@ impl PackedWeight {
         let (kg, n_pad) = (k.div_ceil(g), n.div_ceil(16) * 16);
         let mut lanes = vec![0u32; kg * n_pad];
         let (mut scales, mut col_sums) = (Vec::new(), Vec::new());
+        let at = |g: usize, c: usize| lane_index(kg, n_pad, g, c);
         match kind {
+            PackedKind::F32 => {
+                for (c, row) in w.chunks_exact(k).take(n).enumerate() {
+                    for (kk, &v) in row.iter().enumerate() {
+                        lanes[at(kk, c)] = v.to_bits();
+                    }
+                }
+            }
             PackedKind::Bf16 => {
                 for (c, row) in w.chunks_exact(k).take(n).enumerate() {
                     for (kk, &v) in row.iter().enumerate() {
-                        lanes[(kk / 2) * n_pad + c] |= (bf16_bits(v) as u32) << (16 * (kk % 2));
+                        lanes[at(kk / 2, c)] |= (bf16_bits(v) as u32) << (16 * (kk % 2));
                     }
                 }
             }
@@ -137,7 +152,7 @@ impl PackedWeight {
                     let inv = 1.0 / scale;
                     for (kk, q) in row.iter().map(|&v| quantize_one(v, inv)).enumerate() {
                         col_sums[c] += q as i32;
-                        lanes[(kk / 4) * n_pad + c] |= (q as u8 as u32) << (8 * (kk % 4));
+                        lanes[at(kk / 4, c)] |= (q as u8 as u32) << (8 * (kk % 4));
                     }
                 }
             }
@@ -158,6 +173,19 @@ impl PackedWeight {
     pub fn bytes(&self) -> usize {
         self.lanes.len() * 4 + self.scales.len() * 4 + self.col_sums.len() * 4
     }
+}
+
+/// Width of the panel that holds column block `p` (64, or less for the last one).
+#[inline(always)]
+fn panel_width(n_pad: usize, p: usize) -> usize {
+    BLOCK.min(n_pad - p * BLOCK)
+}
+
+/// Where lane (`g`, column `c`) lives: panels of 64 columns, each `[kg, width]` row-major.
+#[inline(always)]
+fn lane_index(kg: usize, n_pad: usize, g: usize, c: usize) -> usize {
+    let p = c / BLOCK;
+    p * BLOCK * kg + g * panel_width(n_pad, p) + c % BLOCK
 }
 
 /// `bytes[i] = round(row[i] · inv) + 128`.
@@ -193,6 +221,7 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight) -> (Vec<u32>, Vec<f3
         .zip(x.par_chunks(k * rows_per_task))
         .zip(scales.par_chunks_mut(rows_per_task));
     match w.kind {
+        PackedKind::F32 => unreachable!("f32 activations are read in place"),
         PackedKind::Bf16 => row_tasks.for_each(|((dst, x), _)| {
             for (dst, row) in dst.chunks_exact_mut(kg).zip(x.chunks_exact(k)) {
                 let pairs = row.chunks_exact(2);
@@ -222,52 +251,132 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight) -> (Vec<u32>, Vec<f3
     (lanes, scales)
 }
 
-/// One register tile's raw sums: f32 for bf16, i32 (as bits) for int8.
+/// One register tile's raw sums: f32 for f32 and bf16, i32 (as bits) for int8.
 type TileAcc = [[u32; BLOCK]; MR];
 
-/// The portable tile: `rows` rows from `x` (row stride `kg`), columns `[c0, c0 + width)`.
+/// The portable tile: `rows` rows from `x` (row stride `kg`), the panel of columns starting at
+/// `c0`, `width` of them.
+#[inline(always)]
 fn tile_portable(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize) -> TileAcc {
-    let (kg, n_pad) = (w.kg, w.n_pad);
+    let kg = w.kg;
+    let pw = panel_width(w.n_pad, c0 / BLOCK);
+    let panel = &w.lanes[c0 * kg..c0 * kg + kg * pw];
     let mut acc: TileAcc = [[0; BLOCK]; MR];
     for (r, acc) in acc.iter_mut().enumerate().take(rows) {
         let xr = &x[r * kg..(r + 1) * kg];
         match w.kind {
-            PackedKind::Bf16 => {
+            PackedKind::F32 => {
                 let mut a = [0.0f32; BLOCK];
-                for (g, &xv) in xr.iter().enumerate() {
-                    let (x0, x1) = (bf16_value(xv as u16), bf16_value((xv >> 16) as u16));
-                    let wrow = &w.lanes[g * n_pad + c0..g * n_pad + c0 + width];
-                    for (a, &wv) in a.iter_mut().zip(wrow) {
-                        let (w0, w1) = (bf16_value(wv as u16), bf16_value((wv >> 16) as u16));
-                        *a += x1 * w1 + x0 * w0;
+                for g in 0..kg {
+                    let xv = f32::from_bits(xr[g]);
+                    let wrow = &panel[g * pw..g * pw + width];
+                    for c in 0..width {
+                        a[c] += xv * f32::from_bits(wrow[c]);
                     }
                 }
-                acc.iter_mut().zip(a).for_each(|(d, v)| *d = v.to_bits());
+                for c in 0..BLOCK {
+                    acc[c] = a[c].to_bits();
+                }
+            }
+            PackedKind::Bf16 => {
+                let mut a = [0.0f32; BLOCK];
+                for g in 0..kg {
+                    let xv = xr[g];
+                    let (x0, x1) = (bf16_value(xv as u16), bf16_value((xv >> 16) as u16));
+                    let wrow = &panel[g * pw..g * pw + width];
+                    for c in 0..width {
+                        let wv = wrow[c];
+                        let (w0, w1) = (bf16_value(wv as u16), bf16_value((wv >> 16) as u16));
+                        a[c] += x1 * w1 + x0 * w0;
+                    }
+                }
+                for c in 0..BLOCK {
+                    acc[c] = a[c].to_bits();
+                }
             }
             PackedKind::Int8 => {
                 let mut a = [0i32; BLOCK];
-                for (g, &xv) in xr.iter().enumerate() {
-                    let xb = xv.to_le_bytes();
-                    let wrow = &w.lanes[g * n_pad + c0..g * n_pad + c0 + width];
-                    for (a, &wv) in a.iter_mut().zip(wrow) {
-                        let wb = wv.to_le_bytes();
+                for g in 0..kg {
+                    let xb = xr[g].to_le_bytes();
+                    let wrow = &panel[g * pw..g * pw + width];
+                    for c in 0..width {
+                        let wb = wrow[c].to_le_bytes();
                         for i in 0..4 {
-                            *a = a.wrapping_add(xb[i] as i32 * wb[i] as i8 as i32);
+                            a[c] = a[c].wrapping_add(xb[i] as i32 * wb[i] as i8 as i32);
                         }
                     }
                 }
-                acc.iter_mut().zip(a).for_each(|(d, v)| *d = v as u32);
+                for c in 0..BLOCK {
+                    acc[c] = a[c] as u32;
+                }
             }
         }
     }
     acc
 }
 
+/// [`tile_portable`] compiled for AVX2 (the same arithmetic: no fused multiply-adds).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_portable_avx2(
+    x: &[u32],
+    w: &PackedWeight,
+    rows: usize,
+    c0: usize,
+    width: usize,
+) -> TileAcc {
+    tile_portable(x, w, rows, c0, width)
+}
+
+/// The AVX-512 f32 tile for `R` rows and `V` vectors of 16 columns.
+///
+/// # Safety
+/// The CPU must support AVX-512F and FMA; `x` holds `R` rows of `kg` lanes and the panel at
+/// `c0` is at least `16 V` lanes wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn tile_avx512_f32<const R: usize, const V: usize>(
+    x: &[u32],
+    w: &PackedWeight,
+    c0: usize,
+) -> TileAcc {
+    use std::arch::x86_64::*;
+    let kg = w.kg;
+    let pw = panel_width(w.n_pad, c0 / BLOCK);
+    debug_assert!(x.len() >= R * kg && 16 * V <= pw);
+    let xp = x.as_ptr();
+    let mut wp = w.lanes.as_ptr().add(c0 * kg);
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    for g in 0..kg {
+        let mut wv = [_mm512_setzero_ps(); V];
+        for (v, wv) in wv.iter_mut().enumerate() {
+            *wv = _mm512_loadu_ps(wp.add(16 * v) as *const f32);
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xb = _mm512_set1_ps(f32::from_bits(*xp.add(r * kg + g)));
+            for (a, &wv) in acc.iter_mut().zip(&wv) {
+                *a = _mm512_fmadd_ps(xb, wv, *a);
+            }
+        }
+        wp = wp.add(pw);
+    }
+    let mut out: TileAcc = [[0; BLOCK]; MR];
+    for (o, acc) in out.iter_mut().zip(&acc) {
+        for (v, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(o.as_mut_ptr().add(16 * v) as *mut f32, *a);
+        }
+    }
+    out
+}
+
 /// The AVX-512 tile for `R` rows and `V` vectors of 16 columns.
 ///
 /// # Safety
 /// The CPU must support AVX-512F, BF16 and VNNI; `x` holds `R` rows of `kg` lanes and the
-/// weight has `kg` rows of `n_pad >= c0 + 16 V` lanes.
+/// panel at `c0` is at least `16 V` lanes wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vnni")]
 unsafe fn tile_avx512<const R: usize, const V: usize>(
@@ -276,12 +385,14 @@ unsafe fn tile_avx512<const R: usize, const V: usize>(
     c0: usize,
 ) -> TileAcc {
     use std::arch::x86_64::*;
-    let (kg, n_pad) = (w.kg, w.n_pad);
-    debug_assert!(x.len() >= R * kg && c0 + 16 * V <= n_pad);
+    let kg = w.kg;
+    let pw = panel_width(w.n_pad, c0 / BLOCK);
+    debug_assert!(x.len() >= R * kg && 16 * V <= pw);
     let xp = x.as_ptr();
-    let mut wp = w.lanes.as_ptr().add(c0);
+    let mut wp = w.lanes.as_ptr().add(c0 * kg);
     let mut acc = [[_mm512_setzero_si512(); V]; R];
     match w.kind {
+        PackedKind::F32 => unreachable!("f32 tiles are tile_avx512_f32"),
         PackedKind::Bf16 => {
             for g in 0..kg {
                 let mut wv = [_mm512_setzero_si512(); V];
@@ -300,7 +411,7 @@ unsafe fn tile_avx512<const R: usize, const V: usize>(
                         *a = _mm512_castps_si512(sum);
                     }
                 }
-                wp = wp.add(n_pad);
+                wp = wp.add(pw);
             }
         }
         PackedKind::Int8 => {
@@ -315,7 +426,7 @@ unsafe fn tile_avx512<const R: usize, const V: usize>(
                         *a = _mm512_dpbusd_epi32(*a, xb, wv);
                     }
                 }
-                wp = wp.add(n_pad);
+                wp = wp.add(pw);
             }
         }
     }
@@ -328,29 +439,91 @@ unsafe fn tile_avx512<const R: usize, const V: usize>(
     out
 }
 
-/// Dispatches to the tile instantiated for `rows` rows and `width / 16` vectors.
+/// Dispatches to the AVX-512 tile instantiated for `rows` rows and `width / 16` vectors.
+///
+/// # Safety
+/// `isa.avx512` (f32) or `isa.avx512_dot` (bf16, int8) must hold.
 #[cfg(target_arch = "x86_64")]
-fn tile_simd(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize) -> TileAcc {
+unsafe fn tile_simd(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize) -> TileAcc {
     macro_rules! by_width {
-        ($r:literal) => {
-            // SAFETY: `avx512_vnni_bf16_available()` was checked by the backend; `x` holds
-            // `rows` rows and the padded weight holds `c0 + width` lanes per row.
-            unsafe {
-                match width.div_ceil(16) {
-                    1 => tile_avx512::<$r, 1>(x, w, c0),
-                    2 => tile_avx512::<$r, 2>(x, w, c0),
-                    3 => tile_avx512::<$r, 3>(x, w, c0),
-                    _ => tile_avx512::<$r, 4>(x, w, c0),
-                }
+        ($f:ident, $r:literal) => {
+            match width.div_ceil(16) {
+                1 => $f::<$r, 1>(x, w, c0),
+                2 => $f::<$r, 2>(x, w, c0),
+                3 => $f::<$r, 3>(x, w, c0),
+                _ => $f::<$r, 4>(x, w, c0),
             }
         };
     }
-    match rows {
-        1 => by_width!(1),
-        2 => by_width!(2),
-        3 => by_width!(3),
-        _ => by_width!(4),
+    macro_rules! by_rows {
+        ($f:ident) => {
+            match rows {
+                1 => by_width!($f, 1),
+                2 => by_width!($f, 2),
+                3 => by_width!($f, 3),
+                _ => by_width!($f, 4),
+            }
+        };
     }
+    match w.kind {
+        PackedKind::F32 => by_rows!(tile_avx512_f32),
+        _ => by_rows!(tile_avx512),
+    }
+}
+
+/// The instruction sets the tiles may use, detected once by the backend.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Isa {
+    pub avx2: bool,
+    /// AVX-512F with FMA: the f32 tiles.
+    pub avx512: bool,
+    /// AVX-512 BF16 and VNNI: the bf16 and int8 tiles.
+    pub avx512_dot: bool,
+}
+
+impl Isa {
+    /// What this CPU runs (nothing beyond the baseline when `portable`).
+    pub fn detect(portable: bool) -> Self {
+        if portable {
+            return Isa::default();
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx512 = super::matvec::avx512_available();
+            Isa {
+                avx2: std::arch::is_x86_feature_detected!("avx2"),
+                avx512,
+                avx512_dot: avx512 && avx512_vnni_bf16_available(),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::default()
+    }
+
+    fn simd_for(&self, kind: PackedKind) -> bool {
+        match kind {
+            PackedKind::F32 => self.avx512,
+            _ => self.avx512_dot,
+        }
+    }
+}
+
+/// One tile on the best path `isa` allows.
+#[inline(always)]
+fn tile(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize, isa: Isa) -> TileAcc {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa.simd_for(w.kind) {
+            // SAFETY: the instruction set was detected.
+            return unsafe { tile_simd(x, w, rows, c0, width) };
+        }
+        if isa.avx2 {
+            // SAFETY: as above.
+            return unsafe { tile_portable_avx2(x, w, rows, c0, width) };
+        }
+    }
+    let _ = isa;
+    tile_portable(x, w, rows, c0, width)
 }
 
 /// Whether the AVX-512 BF16 and VNNI tiles may run here.
@@ -385,10 +558,22 @@ pub(super) fn matmul_packed(
     out: &mut [f32],
     m: usize,
     accumulate: bool,
-    simd: bool,
+    isa: Isa,
 ) {
     let (n, k) = (w.n, w.k);
-    let (xl, xscales) = prepare(&x[..m * k], m, k, w);
+    let x = &x[..m * k];
+    let in_place = w.kind == PackedKind::F32;
+    let (prepared, xscales) = if in_place {
+        (Vec::new(), Vec::new())
+    } else {
+        prepare(x, m, k, w)
+    };
+    let xl: &[u32] = if in_place {
+        // SAFETY: f32 and u32 have the same size and alignment; the tiles read the bits.
+        unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u32, x.len()) }
+    } else {
+        &prepared
+    };
     let col_blocks = n.div_ceil(BLOCK);
     let row_tasks = m.div_ceil(ROWS_PER_TASK);
     let outp = SharedMut(out.as_mut_ptr());
@@ -400,17 +585,7 @@ pub(super) fn matmul_packed(
         for r0 in (rt * ROWS_PER_TASK..r_end).step_by(MR) {
             let rows = MR.min(r_end - r0);
             let xs = &xl[r0 * w.kg..(r0 + rows) * w.kg];
-            #[cfg(target_arch = "x86_64")]
-            let acc = if simd {
-                tile_simd(xs, w, rows, c0, width)
-            } else {
-                tile_portable(xs, w, rows, c0, width)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let acc = {
-                let _ = simd;
-                tile_portable(xs, w, rows, c0, width)
-            };
+            let acc = tile(xs, w, rows, c0, width, isa);
             for (r, acc) in acc.iter().enumerate().take(rows) {
                 // SAFETY: this task alone writes columns [c0, c0 + width) of rows
                 // [r0, r0 + rows); the caller checked `out` holds m * n values.
@@ -419,7 +594,7 @@ pub(super) fn matmul_packed(
                 };
                 let acc = &acc[..width];
                 match w.kind {
-                    PackedKind::Bf16 => {
+                    PackedKind::F32 | PackedKind::Bf16 => {
                         store(dst, acc.iter().map(|&a| f32::from_bits(a)), accumulate)
                     }
                     PackedKind::Int8 => {
