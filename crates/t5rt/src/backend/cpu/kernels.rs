@@ -2,62 +2,9 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{AttnShape, MatDims};
+use crate::backend::AttnShape;
 use crate::config::Activation;
 use crate::math::softmax_in_place;
-
-/// Products smaller than this many multiply-adds run on one thread: below it, waking the
-/// other threads costs more than it saves (measured on the bundled model, batch 1).
-const PARALLEL_MIN_MACS: usize = 1 << 18;
-
-/// `out[m, n] (+)= x[m, k] · w[n, k]ᵀ` through the `gemm` crate; `w` is stored transposed,
-/// `[k, n]` row-major (see `upload_linear`).
-pub(super) fn matmul_nt(
-    x: &[f32],
-    w: &[f32],
-    out: &mut [f32],
-    d: MatDims,
-    accumulate: bool,
-    threads: usize,
-    simd: bool,
-) {
-    if d.m <= super::matvec::MAX_ROWS {
-        // Decoding steps: stream the weight once (see matvec.rs).
-        super::matvec::matmul_small_m(x, w, out, (d.m, d.n, d.k), accumulate, simd);
-        return;
-    }
-    let parallelism = if threads > 1 && d.m * d.n * d.k >= PARALLEL_MIN_MACS {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    let (m, n, k) = (d.m, d.n, d.k);
-    // SAFETY: the caller checked x holds m*k values, w n*k and out m*n; the strides below
-    // stay inside those ranges: out, x and the stored wᵀ are all row-major.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
 
 /// One row of T5's RMSNorm; the mean of squares is accumulated in f32, as HF does.
 pub(super) fn rms_norm_row(x: &[f32], w: &[f32], out: &mut [f32], eps: f32) {

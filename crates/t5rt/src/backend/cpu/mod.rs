@@ -1,8 +1,8 @@
-//! The CPU backend: `gemm` for matrix products, `rayon` for threads, plain loops elsewhere.
+//! The CPU backend: packed-weight tiles for linear layers ([`packed`]), `gemm` for the
+//! encoder's attention products, `rayon` for threads, plain loops elsewhere.
 //! [`reference`] holds scalar versions of every kernel, the oracle the tests compare against.
 
 mod kernels;
-mod matvec;
 pub mod packed;
 pub mod reference;
 
@@ -17,8 +17,6 @@ use packed::{Isa, PackedKind, PackedWeight};
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
-    /// AVX-512 kernels (detected at run time; off in the portable build of the kernels).
-    simd: bool,
     /// What the linear-layer tiles may use (detected at run time).
     isa: Isa,
     dtype: WeightDtype,
@@ -33,7 +31,6 @@ impl CpuBackend {
     pub fn new(threads: usize) -> Result<Self> {
         let portable = std::env::var("T5RT_PORTABLE").is_ok_and(|v| v == "1");
         let mut b = Self::portable(threads)?;
-        b.simd = !portable && matvec::avx512_available();
         b.isa = Isa::detect(portable);
         Ok(b)
     }
@@ -50,7 +47,6 @@ impl CpuBackend {
         Ok(CpuBackend {
             pool,
             threads,
-            simd: false,
             isa: Isa::default(),
             dtype: WeightDtype::F32,
         })
@@ -248,9 +244,9 @@ impl Backend for CpuBackend {
         let mask = mask.map(|m| m.as_slice());
         self.pool.install(|| {
             if s.q_len > 1 {
-                kernels::attention_gemm(q, k, v, bias, mask, &mut out[..], s, self.simd)
+                kernels::attention_gemm(q, k, v, bias, mask, &mut out[..], s, self.isa.avx512)
             } else {
-                kernels::attention(q, k, v, bias, mask, &mut out[..], s, self.simd)
+                kernels::attention(q, k, v, bias, mask, &mut out[..], s, self.isa.avx512)
             }
         });
         Ok(())

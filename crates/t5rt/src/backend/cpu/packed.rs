@@ -189,7 +189,7 @@ fn lane_index(kg: usize, n_pad: usize, g: usize, c: usize) -> usize {
 }
 
 /// `bytes[i] = round(row[i] · inv) + 128`.
-fn quantize_row(row: &[f32], bytes: &mut [u8], inv: f32) {
+fn quantize_row(row: &[f32], bytes: &mut [u8], inv: f32, isa: Isa) {
     #[inline(always)]
     fn body(row: &[f32], bytes: &mut [u8], inv: f32) {
         for i in 0..row.len().min(bytes.len()) {
@@ -202,15 +202,16 @@ fn quantize_row(row: &[f32], bytes: &mut [u8], inv: f32) {
         body(row, bytes, inv)
     }
     #[cfg(target_arch = "x86_64")]
-    if super::matvec::avx512_available() && std::arch::is_x86_feature_detected!("avx512bw") {
-        // SAFETY: just checked.
+    if isa.avx512_dot {
+        // SAFETY: AVX-512BW comes with the detected dot-product set.
         return unsafe { body_avx512(row, bytes, inv) };
     }
+    let _ = isa;
     body(row, bytes, inv)
 }
 
 /// Activations in the weight's lane format: `[m, kg]` lanes, and for int8 a scale per row.
-fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight) -> (Vec<u32>, Vec<f32>) {
+fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u32>, Vec<f32>) {
     let kg = w.kg;
     let mut lanes = vec![0u32; m * kg];
     let mut scales = vec![0.0f32; m];
@@ -244,7 +245,7 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight) -> (Vec<u32>, Vec<f3
                 let bytes = unsafe {
                     std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u8, dst.len() * 4)
                 };
-                quantize_row(row, &mut bytes[..row.len()], 1.0 / *scale);
+                quantize_row(row, &mut bytes[..row.len()], 1.0 / *scale, isa);
             }
         }),
     }
@@ -489,7 +490,7 @@ impl Isa {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            let avx512 = super::matvec::avx512_available();
+            let avx512 = avx512_available();
             Isa {
                 avx2: std::arch::is_x86_feature_detected!("avx2"),
                 avx512,
@@ -526,11 +527,25 @@ fn tile(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize, isa: 
     tile_portable(x, w, rows, c0, width)
 }
 
+/// Whether AVX-512F, AVX-512VL and FMA are here (the f32 tiles and the attention kernels).
+pub(super) fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the AVX-512 BF16 and VNNI tiles may run here.
 pub(super) fn avx512_vnni_bf16_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        super::matvec::avx512_available()
+        avx512_available()
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512bf16")
             && std::arch::is_x86_feature_detected!("avx512vnni")
@@ -566,7 +581,7 @@ pub(super) fn matmul_packed(
     let (prepared, xscales) = if in_place {
         (Vec::new(), Vec::new())
     } else {
-        prepare(x, m, k, w)
+        prepare(x, m, k, w, isa)
     };
     let xl: &[u32] = if in_place {
         // SAFETY: f32 and u32 have the same size and alignment; the tiles read the bits.
