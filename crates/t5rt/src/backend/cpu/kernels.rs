@@ -305,20 +305,25 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let n = a.len().min(b.len());
     let whole = n / 16 * 16;
-    let mut i = 0;
-    while i < whole {
+    for c in 0..whole / 16 {
+        // Fixed-size chunks: no bounds checks inside, so the 16 lanes are one vector.
+        let x: &[f32; 16] = a[16 * c..16 * c + 16].try_into().expect("16 values");
+        let y: &[f32; 16] = b[16 * c..16 * c + 16].try_into().expect("16 values");
         for l in 0..16 {
-            acc[l] += a[i + l] * b[i + l];
+            acc[l] += x[l] * y[l];
         }
-        i += 16;
     }
     let mut tail = 0.0f32;
     for t in whole..n {
         tail += a[t] * b[t];
     }
-    let mut sum = 0.0f32;
-    for v in acc {
-        sum += v;
+    // A tree over the lanes (vector shuffles), not 16 dependent scalar adds.
+    let mut width = 8;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
     }
-    sum + tail
+    acc[0] + tail
 }
