@@ -15,17 +15,44 @@ pub(super) fn rms_norm_row(x: &[f32], w: &[f32], out: &mut [f32], eps: f32) {
     }
 }
 
+/// `x = act(x)`, or `x = act(x) * up`, over one chunk.
+#[inline(always)]
+pub(super) fn activate_chunk(x: &mut [f32], up: Option<&[f32]>, a: Activation) {
+    match up {
+        None => {
+            for v in x.iter_mut() {
+                *v = act(*v, a);
+            }
+        }
+        Some(up) => {
+            for (v, &u) in x.iter_mut().zip(up) {
+                *v = act(*v, a) * u;
+            }
+        }
+    }
+}
+
+/// [`activate_chunk`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX-512VL and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+pub(super) unsafe fn activate_chunk_avx512(x: &mut [f32], up: Option<&[f32]>, a: Activation) {
+    activate_chunk(x, up, a)
+}
+
 /// The feed-forward activation.
-#[inline]
+#[inline(always)]
 pub(super) fn act(x: f32, act: Activation) -> f32 {
     match act {
         Activation::Relu => x.max(0.0),
         // gelu_new: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
         Activation::GeluNew => {
             const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-            0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+            0.5 * x * (1.0 + crate::math::tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
         }
-        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::Silu => x / (1.0 + crate::math::exp(-x)),
     }
 }
 

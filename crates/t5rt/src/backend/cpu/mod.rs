@@ -186,15 +186,23 @@ impl Backend for CpuBackend {
             check_len("activate up", up.len(), len)?;
         }
         const CHUNK: usize = 4096;
+        let simd = self.isa.avx512;
+        let run = move |x: &mut [f32], u: Option<&[f32]>| {
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `isa.avx512` is only set when the CPU has it.
+                return unsafe { kernels::activate_chunk_avx512(x, u, act) };
+            }
+            let _ = simd;
+            kernels::activate_chunk(x, u, act)
+        };
         self.pool.install(|| {
             let xs = x[..len].par_chunks_mut(CHUNK);
             match up {
-                None => xs.for_each(|x| x.iter_mut().for_each(|v| *v = kernels::act(*v, act))),
-                Some(up) => xs.zip(up[..len].par_chunks(CHUNK)).for_each(|(x, u)| {
-                    x.iter_mut()
-                        .zip(u)
-                        .for_each(|(v, u)| *v = kernels::act(*v, act) * u)
-                }),
+                None => xs.for_each(|x| run(x, None)),
+                Some(up) => xs
+                    .zip(up[..len].par_chunks(CHUNK))
+                    .for_each(|(x, u)| run(x, Some(u))),
             }
         });
         Ok(())
