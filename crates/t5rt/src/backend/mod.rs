@@ -125,6 +125,17 @@ pub trait Backend: Send + Sync {
         d: usize,
     ) -> Result<()>;
 
+    /// `out[i, :]` = row `ids[i]` of a linear weight's `[n, k]` view (`k = d`): embedding
+    /// lookups in a head that is tied to the embedding. Backends may support it only for
+    /// weights stored exactly (f32).
+    fn embed_linear(
+        &self,
+        ids: &[u32],
+        w: &Self::Weight,
+        out: &mut Self::Tensor,
+        d: usize,
+    ) -> Result<()>;
+
     /// T5's RMSNorm: `out = w * x / sqrt(mean(x²) + eps)`, no mean subtraction, no bias.
     fn rms_norm(
         &self,

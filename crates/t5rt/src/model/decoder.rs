@@ -173,7 +173,7 @@ impl<B: Backend> T5Model<B> {
         };
         let s = &mut state.scratch;
 
-        b.embed(tokens, &self.params.shared, &mut s.x, d)?;
+        self.embed(tokens, &mut s.x)?;
         for (l, layer) in self.params.decoder.iter().enumerate() {
             // self-attention over the cache, extended by this position
             b.rms_norm(&s.x, &layer.self_norm, &mut s.normed, batch, d, eps)?;

@@ -66,7 +66,7 @@ impl<B: Backend> T5Model<B> {
             k: inner,
         };
 
-        b.embed(&ids, &self.params.shared, &mut x, d)?;
+        self.embed(&ids, &mut x)?;
         for layer in &self.params.encoder {
             // self-attention sublayer
             b.rms_norm(

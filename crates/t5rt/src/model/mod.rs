@@ -25,6 +25,15 @@ pub struct T5Model<B: Backend> {
 }
 
 impl<B: Backend> T5Model<B> {
+    /// `out[i, :]` = the embedding of `ids[i]`.
+    pub(crate) fn embed(&self, ids: &[u32], out: &mut B::Tensor) -> Result<()> {
+        let d = self.config.d_model;
+        match &self.params.shared {
+            Some(table) => self.backend.embed(ids, table, out, d),
+            None => self.backend.embed_linear(ids, &self.params.lm_head, out, d),
+        }
+    }
+
     /// Reads every weight the config names from `store` onto `backend`.
     pub fn load(config: T5Config, store: &TensorStore, backend: B) -> Result<Self> {
         let params = T5Params::load(store, &backend, &config)?;

@@ -52,8 +52,10 @@ pub struct DecoderLayer<T, W> {
 /// Every weight of a T5 model, on the device (relative-bias tables stay on the host, where
 /// the bias is computed once per pass).
 pub struct T5Params<T, W> {
-    /// [vocab, d_model]
-    pub shared: T,
+    /// [vocab, d_model], the embedding table; `None` when it is tied to `lm_head` and the
+    /// head is stored exactly (f32): lookups then read the head, and the model holds the
+    /// table once.
+    pub shared: Option<T>,
     pub encoder: Vec<EncoderLayer<T, W>>,
     /// [d_model]
     pub encoder_norm: T,
@@ -151,7 +153,13 @@ impl<T, W> T5Params<T, W> {
         } else {
             "shared.weight"
         };
-        let shared = l.tensor(shared_name, &vocab_shape)?;
+        let shared_in_head =
+            cfg.tie_word_embeddings && backend.weight_dtype() == crate::backend::WeightDtype::F32;
+        let shared = if shared_in_head {
+            None
+        } else {
+            Some(l.tensor(shared_name, &vocab_shape)?)
+        };
         let encoder = (0..cfg.num_layers)
             .map(|i| {
                 let p = format!("encoder.block.{i}.layer");

@@ -153,6 +153,31 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn embed_linear(
+        &self,
+        ids: &[u32],
+        w: &CpuWeight,
+        out: &mut Vec<f32>,
+        d: usize,
+    ) -> Result<()> {
+        check_len("embed out", out.len(), ids.len() * d)?;
+        if w.k != d {
+            return Err(T5Error::Backend(format!(
+                "embed_linear: rows of {} values, {d} wanted",
+                w.k
+            )));
+        }
+        for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+            if id as usize >= w.n {
+                return Err(T5Error::Input(format!(
+                    "token id {id} is outside the vocabulary"
+                )));
+            }
+            w.read_row(id as usize, row)?;
+        }
+        Ok(())
+    }
+
     fn rms_norm(
         &self,
         x: &Vec<f32>,

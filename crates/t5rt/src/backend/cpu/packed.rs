@@ -27,6 +27,7 @@
 use rayon::prelude::*;
 
 use super::kernels::SharedMut;
+use crate::error::T5Error;
 
 /// Output columns per task, four vectors of 16 lanes.
 const BLOCK: usize = 64;
@@ -167,6 +168,21 @@ impl PackedWeight {
             scales,
             col_sums,
         }
+    }
+
+    /// Row `c` of the `[n, k]` weight this was packed from, into `out` (f32 weights only:
+    /// they are stored exactly).
+    pub fn read_row(&self, c: usize, out: &mut [f32]) -> Result<(), T5Error> {
+        if self.kind != PackedKind::F32 {
+            return Err(T5Error::Backend(format!(
+                "reading rows of a {:?} weight back as f32",
+                self.kind
+            )));
+        }
+        for (kk, o) in out.iter_mut().enumerate().take(self.k) {
+            *o = f32::from_bits(self.lanes[lane_index(self.kg, self.n_pad, kk, c)]);
+        }
+        Ok(())
     }
 
     /// Bytes held.
