@@ -8,7 +8,7 @@
 //! reads one contiguous run of memory (the prefetchers stream it at full bandwidth, which a
 //! `[k, n]` layout read 64 columns at a time, at a stride of `4n` bytes, does not allow).
 //! Sixteen lanes are one 64-byte load; the `G` matching activation values of a row are one
-//! 32-bit broadcast. A task walks its panel down the whole `k` range for 4 rows at a time,
+//! 32-bit broadcast. A task walks its panel down the whole `k` range for 6 rows at a time,
 //! accumulators in registers; the panel (at most a few hundred KiB) stays in L2 while the
 //! rows go by. Every output is summed over `k` in order, whatever the batch or thread count,
 //! so a row's result does not depend on the rest of its batch.
@@ -31,10 +31,11 @@ use crate::error::T5Error;
 
 /// Output columns per task, four vectors of 16 lanes.
 const BLOCK: usize = 64;
-/// Rows per register tile.
-const MR: usize = 4;
+/// Rows per register tile: 6 rows x 4 vectors = 24 accumulators, plus 4 weight vectors and a
+/// broadcast, in the 32 AVX-512 registers.
+const MR: usize = 6;
 /// Rows per task when there are many (encoder passes), so that both threads get work.
-const ROWS_PER_TASK: usize = 64;
+const ROWS_PER_TASK: usize = 60;
 
 /// How the lanes of a [`PackedWeight`] are to be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -478,7 +479,9 @@ unsafe fn tile_simd(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: 
                 1 => by_width!($f, 1),
                 2 => by_width!($f, 2),
                 3 => by_width!($f, 3),
-                _ => by_width!($f, 4),
+                4 => by_width!($f, 4),
+                5 => by_width!($f, 5),
+                _ => by_width!($f, 6),
             }
         };
     }
