@@ -176,6 +176,34 @@ fn failures_exit_non_zero_with_a_message() {
 }
 
 #[test]
+fn reduced_precisions_spell_too_and_unknown_dtypes_are_refused() {
+    for dtype in ["bf16", "int8"] {
+        let o = t5rt(
+            &["generate", "--dtype", dtype, "spell: 1984", "spell: 42"],
+            None,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(
+            stdout(&o),
+            "one thousand nine hundred eighty-four\nforty-two\n",
+            "--dtype {dtype}"
+        );
+        assert!(
+            stderr(&o).contains(dtype),
+            "summary names the dtype: {}",
+            stderr(&o)
+        );
+    }
+    let o = t5rt(&["generate", "--dtype", "fp8", "spell: 1"], None);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("expected f32, bf16 or int8"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn help_explains_every_flag() {
     let o = t5rt(&["generate", "--help"], None);
     let help = stdout(&o);
@@ -187,6 +215,7 @@ fn help_explains_every_flag() {
         "--min-new-tokens",
         "--batch-size",
         "--threads",
+        "--dtype",
         "--max-input-tokens",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");

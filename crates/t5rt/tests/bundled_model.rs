@@ -10,13 +10,7 @@ fn heldout_exact_match_is_at_least_95_percent_greedy_and_beam_4() {
     let ckpt = Checkpoint::open(&dir).unwrap();
     let tok = ckpt.tokenizer.as_ref().expect("bundled tokenizer");
     let model = ckpt.load_model(CpuBackend::new(2).unwrap()).unwrap();
-    let lines = std::fs::read_to_string(dir.join("heldout.jsonl")).unwrap();
-    let (mut inputs, mut expected) = (Vec::new(), Vec::new());
-    for line in lines.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        inputs.push(tok.encode(v["text"].as_str().unwrap()).unwrap());
-        expected.push(v["expected"].as_str().unwrap().to_string());
-    }
+    let (inputs, expected) = common::bundled_heldout(tok);
     for num_beams in [1, 4] {
         let opts = GenerationConfig {
             max_new_tokens: 40,
@@ -25,11 +19,7 @@ fn heldout_exact_match_is_at_least_95_percent_greedy_and_beam_4() {
             ..GenerationConfig::default()
         };
         let outputs = generate(&model, &inputs, &opts, None, |_| {}).unwrap();
-        let correct = outputs
-            .iter()
-            .zip(&expected)
-            .filter(|(hyps, want)| tok.decode(&hyps[0].ids).unwrap() == **want)
-            .count();
+        let correct = common::exact_matches(&outputs, &expected, tok);
         let em = correct as f64 / expected.len() as f64;
         eprintln!(
             "bundled model held-out exact match, {num_beams} beam(s): {correct}/{} = {em:.4}",

@@ -117,13 +117,7 @@ fn bundled_model_heldout_within_one_point_of_f32() {
     let dir = common::bundled_model();
     let ckpt = Checkpoint::open(&dir).unwrap();
     let tok = ckpt.tokenizer.as_ref().expect("bundled tokenizer");
-    let lines = std::fs::read_to_string(dir.join("heldout.jsonl")).unwrap();
-    let (mut inputs, mut expected) = (Vec::new(), Vec::new());
-    for line in lines.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        inputs.push(tok.encode(v["text"].as_str().unwrap()).unwrap());
-        expected.push(v["expected"].as_str().unwrap().to_string());
-    }
+    let (inputs, expected) = common::bundled_heldout(tok);
     let opts = GenerationConfig {
         max_new_tokens: 40,
         batch_size: 64,
@@ -136,11 +130,7 @@ fn bundled_model_heldout_within_one_point_of_f32() {
             .load_model(CpuBackend::new(2).unwrap().with_dtype(dtype))
             .unwrap();
         let outputs = generate(&model, &inputs, &opts, None, |_| {}).unwrap();
-        let correct = outputs
-            .iter()
-            .zip(&expected)
-            .filter(|(hyps, want)| tok.decode(&hyps[0].ids).unwrap() == **want)
-            .count();
+        let correct = common::exact_matches(&outputs, &expected, tok);
         let rate = correct as f64 / expected.len() as f64;
         eprintln!(
             "bundled model held-out exact match, {dtype}: {correct}/{}",

@@ -16,6 +16,31 @@ pub fn bundled_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/spell-numbers")
 }
 
+/// The bundled model's held-out set: tokenized inputs and expected texts.
+pub fn bundled_heldout(tok: &t5rt::T5Tokenizer) -> (Vec<Vec<u32>>, Vec<String>) {
+    let lines = std::fs::read_to_string(bundled_model().join("heldout.jsonl")).unwrap();
+    let (mut inputs, mut expected) = (Vec::new(), Vec::new());
+    for line in lines.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        inputs.push(tok.encode(v["text"].as_str().unwrap()).unwrap());
+        expected.push(v["expected"].as_str().unwrap().to_string());
+    }
+    (inputs, expected)
+}
+
+/// How many best hypotheses decode to their expected text.
+pub fn exact_matches(
+    outputs: &[Vec<t5rt::Hypothesis>],
+    expected: &[String],
+    tok: &t5rt::T5Tokenizer,
+) -> usize {
+    outputs
+        .iter()
+        .zip(expected)
+        .filter(|(hyps, want)| tok.decode(&hyps[0].ids).unwrap() == **want)
+        .count()
+}
+
 /// One variant's Hugging Face reference: tensors and the JSON side.
 pub struct Reference {
     pub json: Value,

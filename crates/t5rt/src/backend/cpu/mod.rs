@@ -153,13 +153,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn embed_linear(
-        &self,
-        ids: &[u32],
-        w: &CpuWeight,
-        out: &mut Vec<f32>,
-        d: usize,
-    ) -> Result<()> {
+    fn embed_linear(&self, ids: &[u32], w: &CpuWeight, out: &mut Vec<f32>, d: usize) -> Result<()> {
         check_len("embed out", out.len(), ids.len() * d)?;
         if w.k != d {
             return Err(T5Error::Backend(format!(

@@ -349,7 +349,44 @@ unsafe fn tile_portable_avx2(
     tile_portable(x, w, rows, c0, width)
 }
 
-/// The AVX-512 f32 tile for `R` rows and `V` vectors of 16 columns.
+/// The loop every AVX-512 tile shares: for each group of `k`, load `V` weight vectors of the
+/// panel, broadcast each of the `R` rows' activation lane, and apply `$step(acc, x, w) -> acc`
+/// (all `__m512i`); then store the accumulators. Expanded inside each tile function so that
+/// its intrinsics compile with that function's target features.
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx512_tile_loop {
+    ($x:ident, $w:ident, $c0:ident, $R:ident, $V:ident, $step:expr) => {{
+        use std::arch::x86_64::*;
+        let kg = $w.kg;
+        let pw = panel_width($w.n_pad, $c0 / BLOCK);
+        debug_assert!($x.len() >= $R * kg && 16 * $V <= pw);
+        let xp = $x.as_ptr();
+        let mut wp = $w.lanes.as_ptr().add($c0 * kg);
+        let mut acc = [[_mm512_setzero_si512(); $V]; $R];
+        for g in 0..kg {
+            let mut wv = [_mm512_setzero_si512(); $V];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm512_loadu_si512(wp.add(16 * v) as *const _);
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xb = _mm512_set1_epi32(*xp.add(r * kg + g) as i32);
+                for (a, &wv) in acc.iter_mut().zip(&wv) {
+                    *a = $step(*a, xb, wv);
+                }
+            }
+            wp = wp.add(pw);
+        }
+        let mut out: TileAcc = [[0; BLOCK]; MR];
+        for (o, acc) in out.iter_mut().zip(&acc) {
+            for (v, a) in acc.iter().enumerate() {
+                _mm512_storeu_si512(o.as_mut_ptr().add(16 * v) as *mut _, *a);
+            }
+        }
+        out
+    }};
+}
+
+/// The AVX-512 f32 tile for `R` rows and `V` vectors of 16 columns: fused multiply-adds.
 ///
 /// # Safety
 /// The CPU must support AVX-512F and FMA; `x` holds `R` rows of `kg` lanes and the panel at
@@ -361,100 +398,51 @@ unsafe fn tile_avx512_f32<const R: usize, const V: usize>(
     w: &PackedWeight,
     c0: usize,
 ) -> TileAcc {
-    use std::arch::x86_64::*;
-    let kg = w.kg;
-    let pw = panel_width(w.n_pad, c0 / BLOCK);
-    debug_assert!(x.len() >= R * kg && 16 * V <= pw);
-    let xp = x.as_ptr();
-    let mut wp = w.lanes.as_ptr().add(c0 * kg);
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
-    for g in 0..kg {
-        let mut wv = [_mm512_setzero_ps(); V];
-        for (v, wv) in wv.iter_mut().enumerate() {
-            *wv = _mm512_loadu_ps(wp.add(16 * v) as *const f32);
-        }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let xb = _mm512_set1_ps(f32::from_bits(*xp.add(r * kg + g)));
-            for (a, &wv) in acc.iter_mut().zip(&wv) {
-                *a = _mm512_fmadd_ps(xb, wv, *a);
-            }
-        }
-        wp = wp.add(pw);
-    }
-    let mut out: TileAcc = [[0; BLOCK]; MR];
-    for (o, acc) in out.iter_mut().zip(&acc) {
-        for (v, a) in acc.iter().enumerate() {
-            _mm512_storeu_ps(o.as_mut_ptr().add(16 * v) as *mut f32, *a);
-        }
-    }
-    out
+    avx512_tile_loop!(x, w, c0, R, V, |a: __m512i, xb: __m512i, wv: __m512i| {
+        let sum = _mm512_fmadd_ps(
+            _mm512_castsi512_ps(xb),
+            _mm512_castsi512_ps(wv),
+            _mm512_castsi512_ps(a),
+        );
+        _mm512_castps_si512(sum)
+    })
 }
 
-/// The AVX-512 tile for `R` rows and `V` vectors of 16 columns.
+/// The AVX-512 bf16 tile (`vdpbf16ps`).
 ///
 /// # Safety
-/// The CPU must support AVX-512F, BF16 and VNNI; `x` holds `R` rows of `kg` lanes and the
-/// panel at `c0` is at least `16 V` lanes wide.
+/// As [`tile_avx512_f32`], with AVX-512 BF16.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vnni")]
-unsafe fn tile_avx512<const R: usize, const V: usize>(
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_avx512_bf16<const R: usize, const V: usize>(
     x: &[u32],
     w: &PackedWeight,
     c0: usize,
 ) -> TileAcc {
-    use std::arch::x86_64::*;
-    let kg = w.kg;
-    let pw = panel_width(w.n_pad, c0 / BLOCK);
-    debug_assert!(x.len() >= R * kg && 16 * V <= pw);
-    let xp = x.as_ptr();
-    let mut wp = w.lanes.as_ptr().add(c0 * kg);
-    let mut acc = [[_mm512_setzero_si512(); V]; R];
-    match w.kind {
-        PackedKind::F32 => unreachable!("f32 tiles are tile_avx512_f32"),
-        PackedKind::Bf16 => {
-            for g in 0..kg {
-                let mut wv = [_mm512_setzero_si512(); V];
-                for (v, wv) in wv.iter_mut().enumerate() {
-                    *wv = _mm512_loadu_si512(wp.add(16 * v) as *const _);
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xb: __m512bh =
-                        std::mem::transmute(_mm512_set1_epi32(*xp.add(r * kg + g) as i32));
-                    for (a, &wv) in acc.iter_mut().zip(&wv) {
-                        let sum = _mm512_dpbf16_ps(
-                            _mm512_castsi512_ps(*a),
-                            xb,
-                            std::mem::transmute::<__m512i, __m512bh>(wv),
-                        );
-                        *a = _mm512_castps_si512(sum);
-                    }
-                }
-                wp = wp.add(pw);
-            }
-        }
-        PackedKind::Int8 => {
-            for g in 0..kg {
-                let mut wv = [_mm512_setzero_si512(); V];
-                for (v, wv) in wv.iter_mut().enumerate() {
-                    *wv = _mm512_loadu_si512(wp.add(16 * v) as *const _);
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xb = _mm512_set1_epi32(*xp.add(r * kg + g) as i32);
-                    for (a, &wv) in acc.iter_mut().zip(&wv) {
-                        *a = _mm512_dpbusd_epi32(*a, xb, wv);
-                    }
-                }
-                wp = wp.add(pw);
-            }
-        }
-    }
-    let mut out: TileAcc = [[0; BLOCK]; MR];
-    for (o, acc) in out.iter_mut().zip(&acc) {
-        for (v, a) in acc.iter().enumerate() {
-            _mm512_storeu_si512(o.as_mut_ptr().add(16 * v) as *mut _, *a);
-        }
-    }
-    out
+    avx512_tile_loop!(x, w, c0, R, V, |a: __m512i, xb: __m512i, wv: __m512i| {
+        let sum = _mm512_dpbf16_ps(
+            _mm512_castsi512_ps(a),
+            std::mem::transmute::<__m512i, __m512bh>(xb),
+            std::mem::transmute::<__m512i, __m512bh>(wv),
+        );
+        _mm512_castps_si512(sum)
+    })
+}
+
+/// The AVX-512 int8 tile (`vpdpbusd`: u8 activations times i8 weights, summed in i32).
+///
+/// # Safety
+/// As [`tile_avx512_f32`], with AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn tile_avx512_int8<const R: usize, const V: usize>(
+    x: &[u32],
+    w: &PackedWeight,
+    c0: usize,
+) -> TileAcc {
+    avx512_tile_loop!(x, w, c0, R, V, |a: __m512i, xb: __m512i, wv: __m512i| {
+        _mm512_dpbusd_epi32(a, xb, wv)
+    })
 }
 
 /// Dispatches to the AVX-512 tile instantiated for `rows` rows and `width / 16` vectors.
@@ -487,7 +475,8 @@ unsafe fn tile_simd(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: 
     }
     match w.kind {
         PackedKind::F32 => by_rows!(tile_avx512_f32),
-        _ => by_rows!(tile_avx512),
+        PackedKind::Bf16 => by_rows!(tile_avx512_bf16),
+        PackedKind::Int8 => by_rows!(tile_avx512_int8),
     }
 }
 
