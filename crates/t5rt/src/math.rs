@@ -57,11 +57,13 @@ fn reduce16(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 /// -inf), +inf above 88. Plain arithmetic (Cephes' `expf` polynomial), so loops over it
 /// vectorise, where `f32::exp` is a libm call per value.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes' coefficients, as published
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    #[allow(clippy::manual_clamp)] // `clamp`'s NaN rules keep loops from vectorising
     let xc = if x < -87.0 {
         -87.0
     } else if x > 88.0 {
@@ -91,6 +93,7 @@ pub fn exp(x: f32) -> f32 {
 /// `tanh(x)` in f32, within 3e-7 of the exact value: Cephes' `tanhf` (an odd polynomial
 /// below 0.625, `1 - 2 / (e^2|x| + 1)` above), in plain arithmetic that vectorises.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes' coefficients, as published
 pub fn tanh(x: f32) -> f32 {
     let a = x.abs();
     let z = x * x;

@@ -134,6 +134,7 @@ unsafe fn probs_rows_avx512(
 
 /// Attention over many queries (the encoder): per (sequence, head), scores = q·kᵀ and
 /// out = softmax(scores + bias + mask)·v as two `gemm` calls.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention_gemm(
     q: &[f32],
     k: &[f32],
@@ -236,7 +237,7 @@ pub(super) fn attention(
     let rows = s.batch * s.q_len;
     let want = 2 * rayon::current_num_threads();
     let groups = (1..=s.heads)
-        .find(|g| s.heads % g == 0 && rows * g >= want)
+        .find(|g| s.heads.is_multiple_of(*g) && rows * g >= want)
         .unwrap_or(s.heads);
     let a = AttnArgs {
         q,

@@ -246,7 +246,7 @@ impl Backend for CpuBackend {
         let inner = s.heads * s.d_kv;
         check_len("attention q", q.len(), s.batch * s.q_len * inner)?;
         check_len("attention out", out.len(), s.batch * s.q_len * inner)?;
-        if s.kv_group == 0 || s.batch % s.kv_group != 0 {
+        if s.kv_group == 0 || !s.batch.is_multiple_of(s.kv_group) {
             return Err(T5Error::Backend(format!(
                 "attention: batch {} is not a multiple of kv_group {}",
                 s.batch, s.kv_group

@@ -112,6 +112,7 @@ fn i8_scale(v: &[f32]) -> f32 {
 fn quantize_one(v: f32, inv: f32) -> i8 {
     let y = v * inv;
     // (Comparisons, not `clamp`, whose NaN rules keep the loop from vectorising.)
+    #[allow(clippy::manual_clamp)]
     let y = if y > 127.0 {
         127.0
     } else if y < -127.0 {
