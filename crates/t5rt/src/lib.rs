@@ -10,6 +10,9 @@
 //! println!("{}", tok.decode(&out[0][0].ids)?);
 //! # Ok::<(), t5rt::T5Error>(())
 //! ```
+//!
+//! Reduced precision: `CpuBackend::new(0)?.with_dtype(t5rt::WeightDtype::Int8)` (or `Bf16`)
+//! stores the linear layers' weights in that precision (see the README's Precision section).
 
 pub mod backend;
 pub mod checkpoint;

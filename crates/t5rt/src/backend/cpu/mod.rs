@@ -103,6 +103,12 @@ impl Backend for CpuBackend {
             WeightDtype::Bf16 => PackedKind::Bf16,
             WeightDtype::Int8 => PackedKind::Int8,
         };
+        // int8 sums are exact in i32 while k · 127 · 127 < 2^31.
+        if kind == PackedKind::Int8 && k > 130_000 {
+            return Err(T5Error::Backend(format!(
+                "int8 weights with {k} inputs per output: at most 130000 (i32 sums); use bf16"
+            )));
+        }
         Ok(PackedWeight::pack(w, n, k, kind))
     }
 
