@@ -159,8 +159,20 @@ def peak_rss_mib():
     return int(line.split()[1]) / 1024
 
 
+def probe_gbs():
+    """Read bandwidth right now (bench/probe, built by machine_limits.py), or None."""
+    probe = ROOT / "bench" / "probe" / "target" / "bandwidth"
+    if not probe.is_file():
+        return None
+    runs = [float(subprocess.run([str(probe), str(1 << 30), str(THREADS), "10"], check=True,
+                                 capture_output=True, text=True).stdout.split()[0]) for _ in range(3)]
+    return round(sorted(runs)[1], 1)
+
+
 def run_t5rt(binary, model_dir, cases, repeats, warmup, work, dtype="f32"):
     out = work / f"t5rt-{dtype}.json"
+    # This VM's bandwidth moves from minute to minute: measure it next to the run it bounds.
+    bw_before = probe_gbs()
     cmd = [binary, "bench", "--model", str(model_dir / "hf"), "--threads", str(THREADS),
            "--dtype", dtype, "--repeats", str(repeats), "--warmup", str(warmup), "--json", str(out)]
     for c in cases:
@@ -183,7 +195,8 @@ def run_t5rt(binary, model_dir, cases, repeats, warmup, work, dtype="f32"):
                               "--threads", str(THREADS), "--dtype", dtype, "--output", "-"],
                              check=True, capture_output=True, text=True)
         res["a"]["ids"] = [json.loads(l)["output_ids"] for l in gen.stdout.splitlines()]
-    return {"system": f"t5rt-{dtype}", "cases": res, "peak_rss_mib": peak}
+    return {"system": f"t5rt-{dtype}", "cases": res, "peak_rss_mib": peak,
+            "bandwidth_gbs_before": bw_before, "bandwidth_gbs_after": probe_gbs()}
 
 
 def versions():
@@ -275,11 +288,15 @@ def write_markdown(all_results, meta, path):
                   "decoding step is the weights it must read (self q,k,v,o, cross q,o, FFN per layer, "
                   "and the LM head; cross k,v are cached per request) over the median bandwidth: f32 "
                   "as measured, bf16 half of it, int8 a quarter; the last column uses the best run "
-                  "instead. t5rt's step time is its case-a decoder time over 32 steps (it includes "
-                  "the first step's cross-attention projections).", "",
+                  "instead. Because of the drift, the harness also runs the probe just before and "
+                  "just after each t5rt run (median of 3), and the column `at the moment` divides by "
+                  "the floor at the mean of those two figures. t5rt's step time is its case-a "
+                  "decoder time over 32 steps (it includes the first step's cross-attention "
+                  "projections).", "",
                   "| model | dtype | weights read per step | floor ms/step | t5rt ms/step (case a) | "
-                  "t5rt / floor | t5rt / floor at best bandwidth |",
-                  "|---|---|---|---|---|---|---|"]
+                  "t5rt / floor | t5rt / floor at best bandwidth | bandwidth at the moment | "
+                  "t5rt / floor at the moment |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for model, res in all_results.items():
             f = lim["batch1_decode_floor"].get(model)
             for s in T5RT:
@@ -289,8 +306,16 @@ def write_markdown(all_results, meta, path):
                     mib, floor = f["weight_mib_per_step"] / div, f["floor_ms_per_step"] / div
                     floor_best = f["floor_ms_per_step_best_bw"] / div
                     ms = dec / CASES["a"][2] * 1e3
+                    bws = [res[s].get(k) for k in ("bandwidth_gbs_before", "bandwidth_gbs_after")]
+                    bws = [b for b in bws if b]
+                    now = ("-", "-")
+                    if bws:
+                        gbs = sum(bws) / len(bws)
+                        floor_now = mib * 2**20 / (gbs * 1e9) * 1e3
+                        now = (f"{gbs:.1f} GB/s", f"{ms / floor_now:.2f}x")
                     lines.append(f"| {model} | {DTYPE_OF[s]} | {mib:.1f} MiB | {floor:.2f} | "
-                                 f"{ms:.2f} | {ms / floor:.2f}x | {ms / floor_best:.2f}x |")
+                                 f"{ms:.2f} | {ms / floor:.2f}x | {ms / floor_best:.2f}x | "
+                                 f"{now[0]} | {now[1]} |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
