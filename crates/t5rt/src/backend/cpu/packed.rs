@@ -258,12 +258,16 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u3
                 *scale = i8_scale(row);
                 // Padding holds u8 128 (q = 0), so the column-sum correction stays exact.
                 dst.fill(0x8080_8080);
-                // SAFETY: a u32 slice viewed as its bytes; on little-endian x86 byte `kk % 4`
-                // of lane `kk / 4` is byte `kk` of the row, the order `pack` uses.
+                // SAFETY: a u32 slice viewed as its bytes (u8 has no alignment or validity
+                // requirements). Byte `kk` of the row lands in memory byte `kk % 4` of lane
+                // `kk / 4`, which on little-endian targets is the value's byte `kk % 4`, the
+                // order `pack` uses; big-endian targets swap it back below.
                 let bytes = unsafe {
                     std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u8, dst.len() * 4)
                 };
                 quantize_row(row, &mut bytes[..row.len()], 1.0 / *scale, isa);
+                #[cfg(target_endian = "big")]
+                dst.iter_mut().for_each(|l| *l = l.swap_bytes());
             }
         }),
     }
