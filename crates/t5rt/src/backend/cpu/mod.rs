@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::{AttnShape, Backend, MatDims, WeightDtype};
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
-use packed::{Isa, PackedKind, PackedWeight};
+use packed::{Isa, PackedWeight};
 
 /// Runs every kernel on its own rayon pool of `threads` threads.
 pub struct CpuBackend {
@@ -98,13 +98,9 @@ impl Backend for CpuBackend {
 
     fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<CpuWeight> {
         check_len("upload_linear", w.len(), n * k)?;
-        let kind = match self.dtype {
-            WeightDtype::F32 => PackedKind::F32,
-            WeightDtype::Bf16 => PackedKind::Bf16,
-            WeightDtype::Int8 => PackedKind::Int8,
-        };
+        let kind = self.dtype;
         // int8 sums are exact in i32 while k · 127 · 127 < 2^31.
-        if kind == PackedKind::Int8 && k > 130_000 {
+        if kind == WeightDtype::Int8 && k > 130_000 {
             return Err(T5Error::Backend(format!(
                 "int8 weights with {k} inputs per output: at most 130000 (i32 sums); use bf16"
             )));

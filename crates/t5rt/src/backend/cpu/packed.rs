@@ -27,6 +27,7 @@
 use rayon::prelude::*;
 
 use super::kernels::SharedMut;
+use crate::backend::WeightDtype;
 use crate::error::T5Error;
 
 /// Output columns per task, four vectors of 16 lanes.
@@ -37,28 +38,18 @@ const MR: usize = 6;
 /// Rows per task when there are many (encoder passes), so that both threads get work.
 const ROWS_PER_TASK: usize = 60;
 
-/// How the lanes of a [`PackedWeight`] are to be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PackedKind {
-    F32,
-    Bf16,
-    Int8,
-}
-
-impl PackedKind {
-    /// Values of `k` per 32-bit lane.
-    fn group(self) -> usize {
-        match self {
-            PackedKind::F32 => 1,
-            PackedKind::Bf16 => 2,
-            PackedKind::Int8 => 4,
-        }
+/// Values of `k` per 32-bit lane for weights of `dtype`.
+fn group(dtype: WeightDtype) -> usize {
+    match dtype {
+        WeightDtype::F32 => 1,
+        WeightDtype::Bf16 => 2,
+        WeightDtype::Int8 => 4,
     }
 }
 
 /// A linear weight, packed as described in the module docs.
 pub struct PackedWeight {
-    pub kind: PackedKind,
+    pub kind: WeightDtype,
     pub n: usize,
     pub k: usize,
     /// `k / G`, rounded up.
@@ -125,28 +116,28 @@ fn quantize_one(v: f32, inv: f32) -> i8 {
 
 impl PackedWeight {
     /// Packs a checkpoint weight `[n, k]` (row-major) as `kind`.
-    pub fn pack(w: &[f32], n: usize, k: usize, kind: PackedKind) -> Self {
-        let g = kind.group();
+    pub fn pack(w: &[f32], n: usize, k: usize, kind: WeightDtype) -> Self {
+        let g = group(kind);
         let (kg, n_pad) = (k.div_ceil(g), n.div_ceil(16) * 16);
         let mut lanes = vec![0u32; kg * n_pad];
         let (mut scales, mut col_sums) = (Vec::new(), Vec::new());
         let at = |g: usize, c: usize| lane_index(kg, n_pad, g, c);
         match kind {
-            PackedKind::F32 => {
+            WeightDtype::F32 => {
                 for (c, row) in w.chunks_exact(k).take(n).enumerate() {
                     for (kk, &v) in row.iter().enumerate() {
                         lanes[at(kk, c)] = v.to_bits();
                     }
                 }
             }
-            PackedKind::Bf16 => {
+            WeightDtype::Bf16 => {
                 for (c, row) in w.chunks_exact(k).take(n).enumerate() {
                     for (kk, &v) in row.iter().enumerate() {
                         lanes[at(kk / 2, c)] |= (bf16_bits(v) as u32) << (16 * (kk % 2));
                     }
                 }
             }
-            PackedKind::Int8 => {
+            WeightDtype::Int8 => {
                 scales = vec![1.0; n_pad];
                 col_sums = vec![0; n_pad];
                 for (c, row) in w.chunks_exact(k).take(n).enumerate() {
@@ -175,7 +166,7 @@ impl PackedWeight {
     /// Row `c` of the `[n, k]` weight this was packed from, into `out` (f32 weights only:
     /// they are stored exactly).
     pub fn read_row(&self, c: usize, out: &mut [f32]) -> Result<(), T5Error> {
-        if self.kind != PackedKind::F32 {
+        if self.kind != WeightDtype::F32 {
             return Err(T5Error::Backend(format!(
                 "reading rows of a {:?} weight back as f32",
                 self.kind
@@ -240,8 +231,8 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u3
         .zip(x.par_chunks(k * rows_per_task))
         .zip(scales.par_chunks_mut(rows_per_task));
     match w.kind {
-        PackedKind::F32 => unreachable!("f32 activations are read in place"),
-        PackedKind::Bf16 => row_tasks.for_each(|((dst, x), _)| {
+        WeightDtype::F32 => unreachable!("f32 activations are read in place"),
+        WeightDtype::Bf16 => row_tasks.for_each(|((dst, x), _)| {
             for (dst, row) in dst.chunks_exact_mut(kg).zip(x.chunks_exact(k)) {
                 let pairs = row.chunks_exact(2);
                 let tail = pairs.remainder();
@@ -253,7 +244,7 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u3
                 }
             }
         }),
-        PackedKind::Int8 => row_tasks.for_each(|((dst, x), scales)| {
+        WeightDtype::Int8 => row_tasks.for_each(|((dst, x), scales)| {
             for ((dst, row), scale) in dst.chunks_exact_mut(kg).zip(x.chunks_exact(k)).zip(scales) {
                 *scale = i8_scale(row);
                 // Padding holds u8 128 (q = 0), so the column-sum correction stays exact.
@@ -288,7 +279,7 @@ fn tile_portable(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usi
     for (r, acc) in acc.iter_mut().enumerate().take(rows) {
         let xr = &x[r * kg..(r + 1) * kg];
         match w.kind {
-            PackedKind::F32 => {
+            WeightDtype::F32 => {
                 let mut a = [0.0f32; BLOCK];
                 for g in 0..kg {
                     let xv = f32::from_bits(xr[g]);
@@ -301,7 +292,7 @@ fn tile_portable(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usi
                     acc[c] = a[c].to_bits();
                 }
             }
-            PackedKind::Bf16 => {
+            WeightDtype::Bf16 => {
                 let mut a = [0.0f32; BLOCK];
                 for g in 0..kg {
                     let xv = xr[g];
@@ -317,7 +308,7 @@ fn tile_portable(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usi
                     acc[c] = a[c].to_bits();
                 }
             }
-            PackedKind::Int8 => {
+            WeightDtype::Int8 => {
                 let mut a = [0i32; BLOCK];
                 for g in 0..kg {
                     let xb = xr[g].to_le_bytes();
@@ -479,9 +470,9 @@ unsafe fn tile_simd(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: 
         };
     }
     match w.kind {
-        PackedKind::F32 => by_rows!(tile_avx512_f32),
-        PackedKind::Bf16 => by_rows!(tile_avx512_bf16),
-        PackedKind::Int8 => by_rows!(tile_avx512_int8),
+        WeightDtype::F32 => by_rows!(tile_avx512_f32),
+        WeightDtype::Bf16 => by_rows!(tile_avx512_bf16),
+        WeightDtype::Int8 => by_rows!(tile_avx512_int8),
     }
 }
 
@@ -514,9 +505,9 @@ impl Isa {
         Isa::default()
     }
 
-    fn simd_for(&self, kind: PackedKind) -> bool {
+    fn simd_for(&self, kind: WeightDtype) -> bool {
         match kind {
-            PackedKind::F32 => self.avx512,
+            WeightDtype::F32 => self.avx512,
             _ => self.avx512_dot,
         }
     }
@@ -590,7 +581,7 @@ pub(super) fn matmul_packed(
 ) {
     let (n, k) = (w.n, w.k);
     let x = &x[..m * k];
-    let in_place = w.kind == PackedKind::F32;
+    let in_place = w.kind == WeightDtype::F32;
     let (prepared, xscales) = if in_place {
         (Vec::new(), Vec::new())
     } else {
@@ -622,10 +613,10 @@ pub(super) fn matmul_packed(
                 };
                 let acc = &acc[..width];
                 match w.kind {
-                    PackedKind::F32 | PackedKind::Bf16 => {
+                    WeightDtype::F32 | WeightDtype::Bf16 => {
                         store(dst, acc.iter().map(|&a| f32::from_bits(a)), accumulate)
                     }
-                    PackedKind::Int8 => {
+                    WeightDtype::Int8 => {
                         let xs = xscales[r0 + r];
                         let sums = &w.col_sums[c0..c0 + width];
                         let scales = &w.scales[c0..c0 + width];
