@@ -18,6 +18,8 @@ fn backends() -> Vec<CpuBackend> {
         CpuBackend::new(2).unwrap(),
         CpuBackend::portable(1).unwrap(),
         CpuBackend::portable(2).unwrap(),
+        CpuBackend::without_avx512(1).unwrap(),
+        CpuBackend::without_avx512(2).unwrap(),
     ]
 }
 
@@ -290,4 +292,31 @@ fn undersized_buffers_are_errors_not_panics() {
     assert!(b.matmul_nt(&small, &w, &mut out, d, false).is_err());
     assert!(b.download(&small, 4).is_err());
     assert!(b.argmax_rows(&small, 2, 2).is_err());
+}
+
+#[test]
+fn f32_tiles_agree_bitwise_across_instruction_sets() {
+    // The AVX-512 and AVX2 f32 tiles both sum fused multiply-adds in order of k, so where a
+    // CPU has both they must agree exactly; the portable tile (multiply, then add) only
+    // within rounding, which `matmul_matches_reference` checks.
+    let (fast, avx2) = (
+        CpuBackend::new(2).unwrap(),
+        CpuBackend::without_avx512(2).unwrap(),
+    );
+    eprintln!("comparing {} with {}", fast.name(), avx2.name());
+    let mut rng = Rng::new(21);
+    for (m, n, k) in [(1, 100, 64), (7, 130, 33), (13, 64, 300)] {
+        let d = MatDims { m, n, k };
+        let (x, w) = (rng.vec(m * k), rng.vec(n * k));
+        let run = |b: &CpuBackend| {
+            let (xt, wt) = (b.upload(&x).unwrap(), b.upload_linear(&w, n, k).unwrap());
+            let mut out = b.zeros(m * n).unwrap();
+            b.matmul_nt(&xt, &wt, &mut out, d, false).unwrap();
+            b.download(&out, m * n).unwrap()
+        };
+        let (a, b) = (run(&fast), run(&avx2));
+        if fast.name().contains("avx512") && avx2.name().contains("avx2-fma") {
+            assert_eq!(a, b, "{m}x{n}x{k}");
+        }
+    }
 }

@@ -14,6 +14,7 @@ fn backends(dtype: WeightDtype) -> Vec<CpuBackend> {
         CpuBackend::new(2).unwrap().with_dtype(dtype),
         CpuBackend::portable(1).unwrap().with_dtype(dtype),
         CpuBackend::portable(2).unwrap().with_dtype(dtype),
+        CpuBackend::without_avx512(2).unwrap().with_dtype(dtype),
     ]
 }
 

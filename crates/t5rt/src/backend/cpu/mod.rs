@@ -27,11 +27,15 @@ pub type CpuWeight = PackedWeight;
 
 impl CpuBackend {
     /// A backend using `threads` threads (0 = one per core), with the fastest kernels this
-    /// CPU runs; `T5RT_PORTABLE=1` in the environment forces the portable ones.
+    /// CPU runs; in the environment, `T5RT_PORTABLE=1` forces the portable ones and
+    /// `T5RT_NO_AVX512=1` leaves out the AVX-512 ones (what an AVX2 machine runs).
     pub fn new(threads: usize) -> Result<Self> {
-        let portable = std::env::var("T5RT_PORTABLE").is_ok_and(|v| v == "1");
+        let flag = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
         let mut b = Self::portable(threads)?;
-        b.isa = Isa::detect(portable);
+        b.isa = Isa::detect(flag("T5RT_PORTABLE"));
+        if flag("T5RT_NO_AVX512") {
+            b.isa = b.isa.without_avx512();
+        }
         Ok(b)
     }
 
@@ -50,6 +54,14 @@ impl CpuBackend {
             isa: Isa::default(),
             dtype: WeightDtype::F32,
         })
+    }
+
+    /// Like [`CpuBackend::new`] without the AVX-512 kernels (AVX2 ones where the CPU has
+    /// them): what a CPU without AVX-512 runs, for tests and comparisons.
+    pub fn without_avx512(threads: usize) -> Result<Self> {
+        let mut b = Self::portable(threads)?;
+        b.isa = Isa::detect(false).without_avx512();
+        Ok(b)
     }
 
     /// Stores linear weights as `dtype` (f32 by default).
@@ -86,6 +98,7 @@ impl Backend for CpuBackend {
             WeightDtype::F32 if isa.avx512 => ", avx512",
             WeightDtype::Bf16 if isa.avx512_dot => ", avx512-bf16",
             WeightDtype::Int8 if isa.avx512_dot => ", avx512-vnni",
+            WeightDtype::F32 if isa.avx2_fma => ", avx2-fma",
             _ if isa.avx2 => ", avx2",
             _ => ", portable",
         };

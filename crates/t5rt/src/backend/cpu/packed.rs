@@ -441,6 +441,87 @@ unsafe fn tile_avx512_int8<const R: usize, const V: usize>(
     })
 }
 
+/// The AVX2 f32 tile for CPUs without AVX-512: the panel in blocks of `8 S` columns (`S` ymm
+/// vectors: 8 for one row, so batch-1 decoding reads the panel in one pass; 2 for 3 to 6 rows,
+/// 12 accumulators in the 16 ymm registers). Fused multiply-adds in order of `k`, so results
+/// equal the AVX-512 tile's.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x` holds `rows` rows of `kg` lanes.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_avx2_f32(
+    x: &[u32],
+    w: &PackedWeight,
+    rows: usize,
+    c0: usize,
+    width: usize,
+) -> TileAcc {
+    /// Columns `[from, to)` of the panel at `c0` (a multiple of `8 S` of them); returns `to`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block<const R: usize, const S: usize>(
+        x: &[u32],
+        w: &PackedWeight,
+        c0: usize,
+        (from, to): (usize, usize),
+        acc: &mut TileAcc,
+    ) -> usize {
+        use std::arch::x86_64::*;
+        let kg = w.kg;
+        let pw = panel_width(w.n_pad, c0 / BLOCK);
+        debug_assert!(x.len() >= R * kg && to <= pw && (to - from) % (8 * S) == 0);
+        let xp = x.as_ptr() as *const f32;
+        let panel = w.lanes.as_ptr().add(c0 * kg) as *const f32;
+        for sub in (from..to).step_by(8 * S) {
+            let mut a = [[_mm256_setzero_ps(); S]; R];
+            let mut wp = panel.add(sub);
+            for g in 0..kg {
+                let mut wv = [_mm256_setzero_ps(); S];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm256_loadu_ps(wp.add(8 * v));
+                }
+                for (r, a) in a.iter_mut().enumerate() {
+                    let xb = _mm256_set1_ps(*xp.add(r * kg + g));
+                    for (a, &wv) in a.iter_mut().zip(&wv) {
+                        *a = _mm256_fmadd_ps(xb, wv, *a);
+                    }
+                }
+                wp = wp.add(pw);
+            }
+            for (r, a) in a.iter().enumerate() {
+                for (v, a) in a.iter().enumerate() {
+                    _mm256_storeu_ps(acc[r].as_mut_ptr().add(sub + 8 * v) as *mut f32, *a);
+                }
+            }
+        }
+        to
+    }
+    /// Wide blocks of `8 S` columns first, then 16-column blocks for the rest (panel widths
+    /// are multiples of 16).
+    #[inline(always)]
+    unsafe fn rows_of<const R: usize, const S: usize>(
+        x: &[u32],
+        w: &PackedWeight,
+        c0: usize,
+        acc: &mut TileAcc,
+    ) {
+        let pw = panel_width(w.n_pad, c0 / BLOCK);
+        let wide = pw / (8 * S) * (8 * S);
+        let done = block::<R, S>(x, w, c0, (0, wide), acc);
+        block::<R, 2>(x, w, c0, (done, pw), acc);
+    }
+    let _ = width; // whole vectors of the panel; the caller stores `width` columns of them
+    let mut acc: TileAcc = [[0; BLOCK]; MR];
+    match rows {
+        1 => rows_of::<1, 8>(x, w, c0, &mut acc),
+        2 => rows_of::<2, 4>(x, w, c0, &mut acc),
+        3 => rows_of::<3, 2>(x, w, c0, &mut acc),
+        4 => rows_of::<4, 2>(x, w, c0, &mut acc),
+        5 => rows_of::<5, 2>(x, w, c0, &mut acc),
+        _ => rows_of::<6, 2>(x, w, c0, &mut acc),
+    }
+    acc
+}
+
 /// Dispatches to the AVX-512 tile instantiated for `rows` rows and `width / 16` vectors.
 ///
 /// # Safety
@@ -480,6 +561,8 @@ unsafe fn tile_simd(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: 
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Isa {
     pub avx2: bool,
+    /// AVX2 with FMA: the f32 tiles on CPUs without AVX-512.
+    pub avx2_fma: bool,
     /// AVX-512F with FMA: the f32 tiles.
     pub avx512: bool,
     /// AVX-512 BF16 and VNNI: the bf16 and int8 tiles.
@@ -495,14 +578,25 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             let avx512 = avx512_available();
+            let avx2 = std::arch::is_x86_feature_detected!("avx2");
             Isa {
-                avx2: std::arch::is_x86_feature_detected!("avx2"),
+                avx2,
+                avx2_fma: avx2 && std::arch::is_x86_feature_detected!("fma"),
                 avx512,
                 avx512_dot: avx512 && avx512_vnni_bf16_available(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         Isa::default()
+    }
+
+    /// This set without AVX-512: what an AVX2 machine runs (for tests and comparisons).
+    pub fn without_avx512(self) -> Self {
+        Isa {
+            avx512: false,
+            avx512_dot: false,
+            ..self
+        }
     }
 
     fn simd_for(&self, kind: WeightDtype) -> bool {
@@ -521,6 +615,10 @@ fn tile(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize, isa: 
         if isa.simd_for(w.kind) {
             // SAFETY: the instruction set was detected.
             return unsafe { tile_simd(x, w, rows, c0, width) };
+        }
+        if w.kind == WeightDtype::F32 && isa.avx2_fma {
+            // SAFETY: as above.
+            return unsafe { tile_avx2_f32(x, w, rows, c0, width) };
         }
         if isa.avx2 {
             // SAFETY: as above.
