@@ -130,6 +130,7 @@ fn check_attention<B: Backend>(b: &B, rng: &mut Rng) {
             kv_len,
             kv_stride,
             kv_group,
+            kv_bf16: false,
         };
         let kv_batch = batch / kv_group;
         let inner = heads * d_kv;
@@ -171,6 +172,39 @@ fn check_attention<B: Backend>(b: &B, rng: &mut Rng) {
             let what = format!("attention {s:?} bias={use_bias} mask={use_mask}");
             assert_close(
                 &what,
+                &b.download(&out, want.len()).unwrap(),
+                &want,
+                F32_TOL,
+            );
+            if q_len > 1 {
+                continue;
+            }
+            // bf16 caches: the same as the reference on keys/values rounded to bf16.
+            let round =
+                |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| reference::round_bf16(v)).collect() };
+            let s16 = AttnShape { kv_bf16: true, ..s };
+            let want = reference::attention(
+                &q,
+                &round(&k),
+                &round(&v),
+                use_bias.then_some(&bias[..]),
+                use_mask.then_some(&mask[..]),
+                s,
+            );
+            let pack = |x: &[f32]| b.compress_kv(&b.upload(x).unwrap(), x.len()).unwrap();
+            let mut out = b.zeros(want.len()).unwrap();
+            b.attention(
+                &b.upload(&q).unwrap(),
+                &pack(&k),
+                &pack(&v),
+                use_bias.then_some(&bt),
+                use_mask.then_some(&mt),
+                &mut out,
+                s16,
+            )
+            .unwrap();
+            assert_close(
+                &format!("{what} bf16 k/v"),
                 &b.download(&out, want.len()).unwrap(),
                 &want,
                 F32_TOL,

@@ -74,6 +74,9 @@ pub struct AttnShape {
     pub kv_len: usize,
     pub kv_stride: usize,
     pub kv_group: usize,
+    /// k and v hold bf16 values, two per f32 slot (from [`Backend::compress_kv`]); only for
+    /// one query per sequence (decoding steps).
+    pub kv_bf16: bool,
 }
 
 /// A compute device. The CPU implementation is the reference every other one is tested against.
@@ -158,6 +161,10 @@ pub trait Backend: Send + Sync {
 
     /// `x *= s` over the first `len` values.
     fn scale(&self, x: &mut Self::Tensor, len: usize, s: f32) -> Result<()>;
+
+    /// The first `len` values of `t` (`len` even) rounded to bf16 and stored two per slot: a
+    /// key/value cache at half the memory traffic, for attention with `kv_bf16`.
+    fn compress_kv(&self, t: &Self::Tensor, len: usize) -> Result<Self::Tensor>;
 
     /// Softmax attention without `1/sqrt(d_kv)` scaling (T5 folds it into the weights).
     #[allow(clippy::too_many_arguments)]

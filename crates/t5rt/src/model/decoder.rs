@@ -62,6 +62,9 @@ impl<B: Backend> T5Model<B> {
             n: inner,
             k: d,
         };
+        // With reduced-precision weights the cross-attention keys/values are kept in bf16 too
+        // (f32 keeps them exact, for parity).
+        let cross_bf16 = b.weight_dtype() != crate::backend::WeightDtype::F32 && cfg.d_kv % 2 == 0;
         let mut self_k = Vec::with_capacity(cfg.num_decoder_layers);
         let mut self_v = Vec::with_capacity(cfg.num_decoder_layers);
         let mut cross_k = Vec::with_capacity(cfg.num_decoder_layers);
@@ -73,6 +76,11 @@ impl<B: Backend> T5Model<B> {
             let mut v = b.zeros(rows * inner)?;
             b.matmul_nt(&enc.hidden, &layer.cross_attn.k, &mut k, proj, false)?;
             b.matmul_nt(&enc.hidden, &layer.cross_attn.v, &mut v, proj, false)?;
+            if cross_bf16 {
+                // The largest memory stream of batched decoding, halved.
+                k = b.compress_kv(&k, rows * inner)?;
+                v = b.compress_kv(&v, rows * inner)?;
+            }
             cross_k.push(k);
             cross_v.push(v);
         }
@@ -94,6 +102,7 @@ impl<B: Backend> T5Model<B> {
             self_v,
             cross_k,
             cross_v,
+            cross_bf16,
             cross_mask: b.gather_rows(&enc.mask, &all, enc.src_len)?,
             scratch: DecoderScratch::new(b, batch, dims)?,
             dims,
@@ -154,11 +163,13 @@ impl<B: Backend> T5Model<B> {
             kv_len: pos + 1,
             kv_stride: state.capacity,
             kv_group: 1,
+            kv_bf16: false,
         };
         let cross_shape = AttnShape {
             kv_len: state.src_len,
             kv_stride: state.src_len,
             kv_group: state.group,
+            kv_bf16: state.cross_bf16,
             ..self_shape
         };
         let proj = MatDims {

@@ -87,6 +87,8 @@ pub struct DecoderState<T> {
     pub(crate) cross_k: Vec<T>,
     /// Per layer: [batch / group, src_len, inner]
     pub(crate) cross_v: Vec<T>,
+    /// Cross-attention keys/values are stored as bf16 pairs (reduced-precision weights).
+    pub(crate) cross_bf16: bool,
     /// [batch / group, src_len] additive padding mask of the source
     pub(crate) cross_mask: T,
     pub(crate) scratch: DecoderScratch<T>,
@@ -134,7 +136,11 @@ impl<T> DecoderState<T> {
                 ));
             }
         } else {
-            let cross_row = self.src_len * inner;
+            let cross_row = if self.cross_bf16 {
+                self.src_len * inner / 2
+            } else {
+                self.src_len * inner
+            };
             for t in self.cross_k.iter_mut().chain(self.cross_v.iter_mut()) {
                 *t = backend.gather_rows(t, rows, cross_row)?;
             }

@@ -298,9 +298,11 @@ fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
     // (Plain loops, not iterator adaptors: those are separate functions that would not be
     // compiled with the caller's target features.)
     let mut probs = vec![0.0f32; hn * s.kv_len];
+    // bf16 caches: each key/value row is widened here first (two values per slot).
+    let mut wide = vec![0.0f32; if s.kv_bf16 { hn * d } else { 0 }];
     for j in 0..s.kv_len {
         let kb = (kv_b * s.kv_stride + j) * inner + h0 * d;
-        let key = &a.k[kb..kb + hn * d];
+        let key = kv_row(a.k, kb, hn * d, s.kv_bf16, &mut wide);
         for h in 0..hn {
             probs[h * s.kv_len + j] = dot(&q[h * d..(h + 1) * d], &key[h * d..(h + 1) * d]);
         }
@@ -313,7 +315,7 @@ fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
     oh.fill(0.0);
     for j in 0..s.kv_len {
         let vb = (kv_b * s.kv_stride + j) * inner + h0 * d;
-        let val = &a.v[vb..vb + hn * d];
+        let val = kv_row(a.v, vb, hn * d, s.kv_bf16, &mut wide);
         for h in 0..hn {
             let p = probs[h * s.kv_len + j];
             if p == 0.0 {
@@ -325,6 +327,28 @@ fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
             }
         }
     }
+}
+
+/// Values `[at, at + len)` of a key/value cache: a slice of it (f32), or widened into `wide`
+/// (bf16 pairs; `at` and `len` even).
+#[inline(always)]
+fn kv_row<'a>(
+    cache: &'a [f32],
+    at: usize,
+    len: usize,
+    bf16: bool,
+    wide: &'a mut [f32],
+) -> &'a [f32] {
+    if !bf16 {
+        return &cache[at..at + len];
+    }
+    let slots = &cache[at / 2..(at + len) / 2];
+    for (pair, slot) in wide.chunks_exact_mut(2).zip(slots) {
+        let bits = slot.to_bits();
+        pair[0] = f32::from_bits(bits << 16);
+        pair[1] = f32::from_bits(bits & 0xffff_0000);
+    }
+    &wide[..len]
 }
 
 /// Dot product with 16 independent partial sums, so the compiler can vectorise it.

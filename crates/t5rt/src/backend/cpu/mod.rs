@@ -268,8 +268,19 @@ impl Backend for CpuBackend {
             )));
         }
         let kv_batch = s.batch / s.kv_group;
-        check_len("attention k", k.len(), kv_batch * s.kv_stride * inner)?;
-        check_len("attention v", v.len(), kv_batch * s.kv_stride * inner)?;
+        let kv_values = kv_batch * s.kv_stride * inner;
+        let kv_slots = if s.kv_bf16 {
+            if s.q_len > 1 || s.d_kv % 2 != 0 {
+                return Err(T5Error::Backend(
+                    "attention: bf16 keys/values need one query and an even d_kv".into(),
+                ));
+            }
+            kv_values / 2
+        } else {
+            kv_values
+        };
+        check_len("attention k", k.len(), kv_slots)?;
+        check_len("attention v", v.len(), kv_slots)?;
         if s.kv_len > s.kv_stride || s.kv_len == 0 {
             return Err(T5Error::Backend(format!(
                 "attention over {} keys with a stride of {}",
@@ -292,6 +303,25 @@ impl Backend for CpuBackend {
             }
         });
         Ok(())
+    }
+
+    fn compress_kv(&self, t: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
+        check_len("compress_kv", t.len(), len)?;
+        if len % 2 != 0 {
+            return Err(T5Error::Backend(format!(
+                "compress_kv: {len} values do not pair up"
+            )));
+        }
+        Ok(t[..len]
+            .chunks_exact(2)
+            .map(|p| {
+                let (lo, hi) = (
+                    packed::bf16_bits(p[0]) as u32,
+                    packed::bf16_bits(p[1]) as u32,
+                );
+                f32::from_bits(lo | hi << 16)
+            })
+            .collect())
     }
 
     fn write_position(
