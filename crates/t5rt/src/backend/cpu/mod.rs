@@ -270,7 +270,7 @@ impl Backend for CpuBackend {
         let kv_batch = s.batch / s.kv_group;
         let kv_values = kv_batch * s.kv_stride * inner;
         let kv_slots = if s.kv_bf16 {
-            if s.q_len > 1 || s.d_kv % 2 != 0 {
+            if s.q_len > 1 || !s.d_kv.is_multiple_of(2) {
                 return Err(T5Error::Backend(
                     "attention: bf16 keys/values need one query and an even d_kv".into(),
                 ));
@@ -307,7 +307,7 @@ impl Backend for CpuBackend {
 
     fn compress_kv(&self, t: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
         check_len("compress_kv", t.len(), len)?;
-        if len % 2 != 0 {
+        if !len.is_multiple_of(2) {
             return Err(T5Error::Backend(format!(
                 "compress_kv: {len} values do not pair up"
             )));
