@@ -11,16 +11,7 @@ use t5rt::{Activation, CpuBackend};
 const F32_TOL: f32 = 2e-6;
 
 fn backends() -> Vec<CpuBackend> {
-    // One thread and two, run-time-detected SIMD kernels and the portable fallback: neither
-    // threading nor the kernel choice may change results beyond rounding.
-    vec![
-        CpuBackend::new(1).unwrap(),
-        CpuBackend::new(2).unwrap(),
-        CpuBackend::portable(1).unwrap(),
-        CpuBackend::portable(2).unwrap(),
-        CpuBackend::without_avx512(1).unwrap(),
-        CpuBackend::without_avx512(2).unwrap(),
-    ]
+    common::cpu_backends(t5rt::WeightDtype::F32)
 }
 
 fn check_matmul<B: Backend>(b: &B, rng: &mut Rng) {

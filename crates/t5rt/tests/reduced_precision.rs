@@ -8,16 +8,6 @@ use t5rt::backend::cpu::reference;
 use t5rt::backend::{Backend, MatDims};
 use t5rt::{generate, Checkpoint, CpuBackend, GenerationConfig, WeightDtype};
 
-fn backends(dtype: WeightDtype) -> Vec<CpuBackend> {
-    vec![
-        CpuBackend::new(1).unwrap().with_dtype(dtype),
-        CpuBackend::new(2).unwrap().with_dtype(dtype),
-        CpuBackend::portable(1).unwrap().with_dtype(dtype),
-        CpuBackend::portable(2).unwrap().with_dtype(dtype),
-        CpuBackend::without_avx512(2).unwrap().with_dtype(dtype),
-    ]
-}
-
 const SHAPES: [(usize, usize, usize); 10] = [
     (1, 1, 1),
     (1, 64, 48),
@@ -55,7 +45,7 @@ fn check(dtype: WeightDtype, tol: f32) {
         let want = want_fn(&x, &w, d);
         let want_acc: Vec<f32> = want.iter().zip(&init).map(|(a, b)| a + b).collect();
         let mut first: Option<Vec<f32>> = None;
-        for b in backends(dtype) {
+        for b in common::cpu_backends(dtype) {
             let what = format!("{dtype} matmul {m}x{n}x{k} on {}", b.name());
             let got = run(&b, &x, &w, &init, d, false);
             assert_close(&what, &got, &want, tol);

@@ -16,6 +16,20 @@ pub fn bundled_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/spell-numbers")
 }
 
+/// Every CPU kernel path for `dtype`: one thread and two, with the run-time-detected SIMD
+/// kernels, without AVX-512 (what an AVX2 machine runs) and portable. Neither threading nor
+/// the kernel choice may change results beyond rounding.
+pub fn cpu_backends(dtype: t5rt::WeightDtype) -> Vec<CpuBackend> {
+    let make: [fn(usize) -> t5rt::Result<CpuBackend>; 3] = [
+        CpuBackend::new,
+        CpuBackend::without_avx512,
+        CpuBackend::portable,
+    ];
+    make.iter()
+        .flat_map(|f| [1, 2].map(|threads| f(threads).unwrap().with_dtype(dtype)))
+        .collect()
+}
+
 /// The bundled model's held-out set: tokenized inputs and expected texts.
 pub fn bundled_heldout(tok: &t5rt::T5Tokenizer) -> (Vec<Vec<u32>>, Vec<String>) {
     let lines = std::fs::read_to_string(bundled_model().join("heldout.jsonl")).unwrap();

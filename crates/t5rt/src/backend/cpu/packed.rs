@@ -172,8 +172,13 @@ impl PackedWeight {
                 self.kind
             )));
         }
+        // Column `c` runs down its panel at the panel's width.
+        let (start, stride) = (
+            lane_index(self.kg, self.n_pad, 0, c),
+            panel_width(self.n_pad, c / BLOCK),
+        );
         for (kk, o) in out.iter_mut().enumerate().take(self.k) {
-            *o = f32::from_bits(self.lanes[lane_index(self.kg, self.n_pad, kk, c)]);
+            *o = f32::from_bits(self.lanes[start + kk * stride]);
         }
         Ok(())
     }
