@@ -152,12 +152,9 @@ fn encode_requests(requests: &[Request], tokenizer: Option<&T5Tokenizer>) -> Res
     requests
         .iter()
         .enumerate()
-        .map(|(i, r)| match r {
-            Request::Ids(ids) => Ok(ids.clone()),
-            Request::Text(text) => {
-                let tok = tokenizer.ok_or(t5rt::T5Error::NoTokenizer)?;
-                tok.encode(text).with_context(|| format!("input {}", i + 1))
-            }
+        .map(|(i, r)| {
+            r.encode(tokenizer)
+                .with_context(|| format!("input {}", i + 1))
         })
         .collect()
 }

@@ -20,11 +20,7 @@ pub enum InputFormat {
 }
 
 /// One request, as given.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Request {
-    Text(String),
-    Ids(Vec<u32>),
-}
+pub use t5rt::Input as Request;
 
 #[derive(Deserialize)]
 struct JsonLine {

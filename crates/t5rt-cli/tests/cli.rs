@@ -206,6 +206,7 @@ fn reduced_precisions_spell_too_and_unknown_dtypes_are_refused() {
 #[test]
 fn help_explains_every_flag() {
     let o = t5rt(&["generate", "--help"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
     let help = stdout(&o);
     for flag in [
         "--model",

@@ -24,7 +24,7 @@ pub mod model;
 pub mod tokenizer;
 pub mod weights;
 
-pub use backend::cpu::CpuBackend;
+pub use backend::cpu::{CpuBackend, IsaLevel};
 pub use backend::{Backend, WeightDtype};
 pub use checkpoint::Checkpoint;
 pub use config::{Activation, GenerationDefaults, T5Config};
@@ -33,5 +33,5 @@ pub use generate::{
     generate, generate_with_stats, EarlyStopping, GenerationConfig, GenerationStats, Hypothesis,
 };
 pub use model::{DecoderState, EncoderOutput, T5Model};
-pub use tokenizer::T5Tokenizer;
+pub use tokenizer::{Input, T5Tokenizer};
 pub use weights::{HostTensor, TensorStore};

@@ -44,3 +44,22 @@ impl T5Tokenizer {
         self.inner.get_vocab_size(true)
     }
 }
+
+/// One input as a client gives it: text (encoded with the model's tokenizer) or token ids
+/// (used as given).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl Input {
+    /// The token ids to generate from: text goes through `tokenizer`, which a model without
+    /// `tokenizer.json` does not have ([`T5Error::NoTokenizer`]).
+    pub fn encode(&self, tokenizer: Option<&T5Tokenizer>) -> Result<Vec<u32>> {
+        match self {
+            Input::Ids(ids) => Ok(ids.clone()),
+            Input::Text(text) => tokenizer.ok_or(T5Error::NoTokenizer)?.encode(text),
+        }
+    }
+}

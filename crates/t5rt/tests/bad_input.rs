@@ -292,5 +292,12 @@ fn bad_requests() {
 fn text_without_tokenizer_is_a_clear_error() {
     let ckpt = Checkpoint::open(&common::fixtures().join("t5-v1_1")).unwrap();
     assert!(ckpt.tokenizer.is_none());
-    assert!(T5Error::NoTokenizer.to_string().contains("input_ids"));
+    let err = t5rt::Input::Text("hello".into())
+        .encode(ckpt.tokenizer.as_ref())
+        .unwrap_err();
+    assert!(matches!(err, T5Error::NoTokenizer), "{err}");
+    assert!(err.to_string().contains("input_ids"), "{err}");
+    // Ids need no tokenizer.
+    let ids = t5rt::Input::Ids(vec![5, 1]).encode(ckpt.tokenizer.as_ref());
+    assert_eq!(ids.unwrap(), vec![5, 1]);
 }

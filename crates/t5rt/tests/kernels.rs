@@ -324,11 +324,16 @@ fn f32_tiles_agree_bitwise_across_instruction_sets() {
     // The AVX-512 and AVX2 f32 tiles both sum fused multiply-adds in order of k, so where a
     // CPU has both they must agree exactly; the portable tile (multiply, then add) only
     // within rounding, which `matmul_matches_reference` checks.
+    use t5rt::IsaLevel;
+    if !IsaLevel::Avx512bw.available() {
+        common::once("SKIPPED f32 avx512 vs avx2 tiles: this CPU lacks avx512bw".into());
+        return;
+    }
     let (fast, avx2) = (
-        CpuBackend::new(2).unwrap(),
-        CpuBackend::without_avx512(2).unwrap(),
+        CpuBackend::with_isa(2, IsaLevel::Avx512bw).unwrap(),
+        CpuBackend::with_isa(2, IsaLevel::Avx2).unwrap(),
     );
-    eprintln!("comparing {} with {}", fast.name(), avx2.name());
+    eprintln!("ran: comparing {} with {}", fast.name(), avx2.name());
     let mut rng = Rng::new(21);
     for (m, n, k) in [(1, 100, 64), (7, 130, 33), (13, 64, 300)] {
         let d = MatDims { m, n, k };
@@ -339,9 +344,75 @@ fn f32_tiles_agree_bitwise_across_instruction_sets() {
             b.matmul_nt(&xt, &wt, &mut out, d, false).unwrap();
             b.download(&out, m * n).unwrap()
         };
-        let (a, b) = (run(&fast), run(&avx2));
-        if fast.name().contains("avx512") && avx2.name().contains("avx2-fma") {
-            assert_eq!(a, b, "{m}x{n}x{k}");
+        assert_eq!(run(&fast), run(&avx2), "{m}x{n}x{k}");
+    }
+}
+
+/// How a bf16 tile adds a pair of products `x1·w1`, `x0·w0` (exact in f32) to its f32
+/// accumulator, measured on values where the orders differ. The weight path's first pair puts
+/// 1.0 in the accumulator; the second pair is the probe.
+#[derive(Debug, PartialEq)]
+enum DotOrder {
+    /// `(acc + x1·w1) + x0·w0`, each addition rounded: Intel's manual for `vdpbf16ps`.
+    OddFirst,
+    /// `(acc + x0·w0) + x1·w1`.
+    EvenFirst,
+    /// `acc + (x1·w1 + x0·w0)`: the pair summed first (exactly or rounded).
+    PairFirst,
+    Other(f32, f32),
+}
+
+fn measure_dot_order(b: &CpuBackend) -> DotOrder {
+    let run = |p1: (f32, f32), p0: (f32, f32)| {
+        // k = 4: lanes (x0, x1) = (1, 0) then the probe pair; weights likewise.
+        let x = [1.0, 0.0, p0.0, p1.0];
+        let w = [1.0, 0.0, p0.1, p1.1];
+        let d = MatDims { m: 1, n: 1, k: 4 };
+        let (xt, wt) = (b.upload(&x).unwrap(), b.upload_linear(&w, 1, 4).unwrap());
+        let mut out = b.zeros(1).unwrap();
+        b.matmul_nt(&xt, &wt, &mut out, d, false).unwrap();
+        b.download(&out, 1).unwrap()[0]
+    };
+    let tiny = 2f32.powi(-12); // products of 2^-24: half an ulp of 1.0
+                               // a: 1 + 2^-24 + 2^-24. In sequence each addition ties back to 1.0; the pair first
+                               // gives 2^-23, which 1.0 keeps: 1 + 2^-23.
+    let a = run((tiny, tiny), (tiny, tiny));
+    // b: 1 - 1 + 2^-30. Odd first: 0 + 2^-30. Even first: 1 + 2^-30 rounds to 1, minus 1 is 0.
+    let small = 2f32.powi(-15);
+    let b2 = run((-1.0, 1.0), (small, small));
+    match (a, b2) {
+        (1.0, v) if v == 2f32.powi(-30) => DotOrder::OddFirst,
+        (1.0, 0.0) => DotOrder::EvenFirst,
+        (v, _) if v == 1.0 + 2f32.powi(-23) => DotOrder::PairFirst,
+        (a, b) => DotOrder::Other(a, b),
+    }
+}
+
+#[test]
+fn bf16_dot_order() {
+    use t5rt::{IsaLevel, WeightDtype};
+    // The portable tiles follow Intel's description of `vdpbf16ps`.
+    for level in [IsaLevel::Portable, IsaLevel::Avx2] {
+        if level.available() {
+            let b = CpuBackend::with_isa(1, level)
+                .unwrap()
+                .with_dtype(WeightDtype::Bf16);
+            assert_eq!(measure_dot_order(&b), DotOrder::OddFirst, "{}", b.name());
         }
+    }
+    // The hardware: measured and reported; either way the tiles stay within the reduced
+    // precision tests' bound of the f64 reference (one rounding of a pair more or less).
+    if IsaLevel::Avx512Bf16.available() {
+        let b = CpuBackend::with_isa(1, IsaLevel::Avx512Bf16)
+            .unwrap()
+            .with_dtype(WeightDtype::Bf16);
+        let order = measure_dot_order(&b);
+        common::once(format!("vdpbf16ps on this CPU adds a pair as: {order:?}"));
+        assert!(
+            matches!(order, DotOrder::OddFirst | DotOrder::PairFirst),
+            "vdpbf16ps: {order:?}"
+        );
+    } else {
+        common::once("SKIPPED vdpbf16ps order: this CPU lacks avx512_bf16".into());
     }
 }

@@ -55,7 +55,9 @@ fn check(dtype: WeightDtype, tol: f32) {
                 &want_acc,
                 tol,
             );
-            // The SIMD tiles and the portable ones compute the same sums in the same order.
+            // The SIMD tiles and the portable ones sum in the same order (for bf16: the order
+            // Intel's manual gives `vdpbf16ps`; a CPU that rounds the pair otherwise stays
+            // within this bound too, see `bf16_dot_order` in kernels.rs).
             match &first {
                 None => first = Some(got),
                 Some(f) => assert_close(&format!("{what} vs first backend"), &got, f, 1e-6),

@@ -16,18 +16,56 @@ pub fn bundled_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/spell-numbers")
 }
 
-/// Every CPU kernel path for `dtype`: one thread and two, with the run-time-detected SIMD
-/// kernels, without AVX-512 (what an AVX2 machine runs) and portable. Neither threading nor
-/// the kernel choice may change results beyond rounding.
+/// Every CPU kernel path for `dtype` this machine has: each kernel level the CPU supports
+/// that runs a different tile for `dtype` (see `IsaLevel::kernel`), with one thread and two.
+/// Neither threading nor the kernel choice may change results beyond rounding. Prints which
+/// paths ran and which were skipped for lack of CPU features, so that a run on a smaller CPU
+/// says what it did not test.
 pub fn cpu_backends(dtype: t5rt::WeightDtype) -> Vec<CpuBackend> {
-    let make: [fn(usize) -> t5rt::Result<CpuBackend>; 3] = [
-        CpuBackend::new,
-        CpuBackend::without_avx512,
-        CpuBackend::portable,
-    ];
-    make.iter()
-        .flat_map(|f| [1, 2].map(|threads| f(threads).unwrap().with_dtype(dtype)))
+    use t5rt::IsaLevel;
+    // A path: the linear layers' tile, and whether the other kernels use AVX-512.
+    let path = |l: IsaLevel| {
+        let rest = if l.avx512() { "avx512" } else { "baseline" };
+        format!("{} tiles + {rest} elementwise", l.kernel(dtype))
+    };
+    let mut ran: Vec<String> = Vec::new();
+    let mut levels = Vec::new();
+    // Highest level first: the first backend is the one `CpuBackend::new` picks.
+    for level in IsaLevel::ALL.into_iter().rev() {
+        let p = path(level);
+        if level.available() && !ran.contains(&p) {
+            ran.push(p);
+            levels.push(level);
+        } else if !IsaLevel::available_levels().iter().any(|&l| path(l) == p) {
+            once(format!(
+                "SKIPPED {dtype} path `{p}` (level {level}): this CPU lacks {}",
+                level.features()
+            ));
+        }
+    }
+    once(format!("ran {dtype} paths: {}", ran.join("; ")));
+    levels
+        .into_iter()
+        .flat_map(|level| {
+            [1, 2].map(|threads| {
+                CpuBackend::with_isa(threads, level)
+                    .unwrap()
+                    .with_dtype(dtype)
+            })
+        })
         .collect()
+}
+
+/// Writes `line` to stderr once per test binary, past the test harness's output capture
+/// (which takes only `print!` / `eprint!`), so that it shows in a plain `cargo test` run.
+pub fn once(line: String) {
+    use std::io::Write;
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap();
+    if !seen.contains(&line) {
+        let _ = writeln!(std::io::stderr(), "{line}");
+        seen.push(line);
+    }
 }
 
 /// The bundled model's held-out set: tokenized inputs and expected texts.
@@ -119,6 +157,17 @@ pub fn relative_error(got: &[f32], want: &[f32]) -> f32 {
         .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
     assert!(worst.is_finite(), "non-finite values");
     worst / scale
+}
+
+/// Root-mean-square of `got - want` divided by that of `want`: the second parity figure,
+/// more sensitive than the largest error to a small change that moves every value.
+pub fn rms_relative_error(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "length");
+    let sq = |it: &mut dyn Iterator<Item = f64>| it.map(|v| v * v).sum::<f64>();
+    let err = sq(&mut got.iter().zip(want).map(|(g, w)| (g - w) as f64));
+    let norm = sq(&mut want.iter().map(|&w| w as f64)).max(f64::MIN_POSITIVE);
+    assert!(err.is_finite(), "non-finite values");
+    (err / norm).sqrt() as f32
 }
 
 /// Asserts `relative_error(got, want) <= tol` and reports the figure.

@@ -182,7 +182,7 @@ pub(super) fn attention_gemm(
         }
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: `simd` is only set when `avx512_available()` said yes.
+            // SAFETY: `simd` is only set at levels the CPU has (`IsaLevel::checked`).
             unsafe { probs_rows_avx512(&mut scores, bias, mask, s, h, kv_b) };
         } else {
             probs_rows(&mut scores, bias, mask, s, h, kv_b);
@@ -254,7 +254,7 @@ pub(super) fn attention(
         .for_each(|(task, oh)| {
             #[cfg(target_arch = "x86_64")]
             if simd {
-                // SAFETY: `simd` is only set when `avx512_available()` said yes.
+                // SAFETY: `simd` is only set at levels the CPU has (`IsaLevel::checked`).
                 return unsafe { attend_avx512(&a, task, oh) };
             }
             let _ = simd;

@@ -2,6 +2,7 @@
 //! encoder's attention products, `rayon` for threads, plain loops elsewhere.
 //! [`reference`] holds scalar versions of every kernel, the oracle the tests compare against.
 
+mod isa;
 mod kernels;
 pub mod packed;
 pub mod reference;
@@ -11,14 +12,15 @@ use rayon::prelude::*;
 use super::{AttnShape, Backend, MatDims, WeightDtype};
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
-use packed::{Isa, PackedWeight};
+pub use isa::IsaLevel;
+use packed::PackedWeight;
 
 /// Runs every kernel on its own rayon pool of `threads` threads.
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
-    /// What the linear-layer tiles may use (detected at run time).
-    isa: Isa,
+    /// What the kernels may use (detected at run time, or forced lower).
+    isa: IsaLevel,
     dtype: WeightDtype,
 }
 
@@ -27,21 +29,16 @@ pub type CpuWeight = PackedWeight;
 
 impl CpuBackend {
     /// A backend using `threads` threads (0 = one per core), with the fastest kernels this
-    /// CPU runs; in the environment, `T5RT_PORTABLE=1` forces the portable ones and
-    /// `T5RT_NO_AVX512=1` leaves out the AVX-512 ones (what an AVX2 machine runs).
+    /// CPU runs, or the level `T5RT_ISA` names in the environment (`portable`, `avx2`,
+    /// `avx512bw`, `avx512-vnni`, `avx512-bf16`; at most what the CPU has).
     pub fn new(threads: usize) -> Result<Self> {
-        let flag = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
-        let mut b = Self::portable(threads)?;
-        b.isa = Isa::detect(flag("T5RT_PORTABLE"));
-        if flag("T5RT_NO_AVX512") {
-            b.isa = b.isa.without_avx512();
-        }
-        Ok(b)
+        Self::with_isa(threads, IsaLevel::from_env()?)
     }
 
-    /// A backend with portable kernels only (no CPU-specific SIMD paths of t5rt's own; the
-    /// `gemm` crate still picks its own).
-    pub fn portable(threads: usize) -> Result<Self> {
+    /// A backend whose kernels use at most `level` (an error if this CPU lacks it): for
+    /// tests and comparisons of the kernel paths.
+    pub fn with_isa(threads: usize, level: IsaLevel) -> Result<Self> {
+        let isa = level.checked()?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("t5rt-cpu-{i}"))
@@ -51,17 +48,15 @@ impl CpuBackend {
         Ok(CpuBackend {
             pool,
             threads,
-            isa: Isa::default(),
+            isa,
             dtype: WeightDtype::F32,
         })
     }
 
-    /// Like [`CpuBackend::new`] without the AVX-512 kernels (AVX2 ones where the CPU has
-    /// them): what a CPU without AVX-512 runs, for tests and comparisons.
-    pub fn without_avx512(threads: usize) -> Result<Self> {
-        let mut b = Self::portable(threads)?;
-        b.isa = Isa::detect(false).without_avx512();
-        Ok(b)
+    /// A backend with portable kernels only (no CPU-specific SIMD paths of t5rt's own; the
+    /// `gemm` crate still picks its own).
+    pub fn portable(threads: usize) -> Result<Self> {
+        Self::with_isa(threads, IsaLevel::Portable)
     }
 
     /// Stores linear weights as `dtype` (f32 by default).
@@ -72,6 +67,11 @@ impl CpuBackend {
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// The kernel level this backend runs at.
+    pub fn isa(&self) -> IsaLevel {
+        self.isa
     }
 }
 
@@ -93,16 +93,13 @@ impl Backend for CpuBackend {
     }
 
     fn name(&self) -> String {
-        let isa = self.isa;
-        let simd = match self.dtype {
-            WeightDtype::F32 if isa.avx512 => ", avx512",
-            WeightDtype::Bf16 if isa.avx512_dot => ", avx512-bf16",
-            WeightDtype::Int8 if isa.avx512_dot => ", avx512-vnni",
-            WeightDtype::F32 if isa.avx2_fma => ", avx2-fma",
-            _ if isa.avx2 => ", avx2",
-            _ => ", portable",
-        };
-        format!("cpu ({} threads, {}{simd})", self.threads, self.dtype)
+        format!(
+            "cpu ({} threads, {}, {} kernels at level {})",
+            self.threads,
+            self.dtype,
+            self.isa.kernel(self.dtype),
+            self.isa
+        )
     }
 
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
@@ -220,11 +217,11 @@ impl Backend for CpuBackend {
             check_len("activate up", up.len(), len)?;
         }
         const CHUNK: usize = 4096;
-        let simd = self.isa.avx512;
+        let simd = self.isa.avx512();
         let run = move |x: &mut [f32], u: Option<&[f32]>| {
             #[cfg(target_arch = "x86_64")]
             if simd {
-                // SAFETY: `isa.avx512` is only set when the CPU has it.
+                // SAFETY: the backend only runs at levels the CPU has.
                 return unsafe { kernels::activate_chunk_avx512(x, u, act) };
             }
             let _ = simd;
@@ -297,9 +294,9 @@ impl Backend for CpuBackend {
         let mask = mask.map(|m| m.as_slice());
         self.pool.install(|| {
             if s.q_len > 1 {
-                kernels::attention_gemm(q, k, v, bias, mask, &mut out[..], s, self.isa.avx512)
+                kernels::attention_gemm(q, k, v, bias, mask, &mut out[..], s, self.isa.avx512())
             } else {
-                kernels::attention(q, k, v, bias, mask, &mut out[..], s, self.isa.avx512)
+                kernels::attention(q, k, v, bias, mask, &mut out[..], s, self.isa.avx512())
             }
         });
         Ok(())

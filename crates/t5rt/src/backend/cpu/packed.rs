@@ -16,9 +16,13 @@
 //! Arithmetic:
 //! - f32: `acc += x·w` in order of `k` (fused multiply-add on AVX-512; a multiply, then an add,
 //!   in the portable version).
-//! - bf16: activations are rounded to bf16 (nearest-even), products are exact in f32, and each
-//!   pair of products is summed, then added to the f32 accumulator: `acc += (x1·w1 + x0·w0)`,
-//!   as `vdpbf16ps` does.
+//! - bf16: activations are rounded to bf16 (nearest-even) and products are exact in f32. Each
+//!   pair of products goes into the f32 accumulator as two rounded additions in sequence, the
+//!   odd element first: `acc = (acc + x1·w1) + x0·w0`. That is `vdpbf16ps` as Intel's manual
+//!   describes it (SDM vol. 2, VDPBF16PS: two FMAs per lane, round-to-nearest-even, inputs
+//!   and outputs denormal-flushed), not one addition of the pair's sum. The portable tile does
+//!   the same (without the denormal flushing); `bf16_dot_order` in the kernel tests measures
+//!   which order the CPU's `vdpbf16ps` follows where the CPU has it.
 //! - int8: each weight column has the scale `max|w| / 127` and values `round(w · (1 / scale))`
 //!   (f32 arithmetic, ties to even); each activation row is quantized the same way at run time,
 //!   then offset by 128 to u8 (the operand type of `vpdpbusd`). Sums are exact in i32; the
@@ -26,6 +30,7 @@
 
 use rayon::prelude::*;
 
+use super::isa::IsaLevel as Isa;
 use super::kernels::SharedMut;
 use crate::backend::WeightDtype;
 use crate::error::T5Error;
@@ -216,8 +221,8 @@ fn quantize_row(row: &[f32], bytes: &mut [u8], inv: f32, isa: Isa) {
         body(row, bytes, inv)
     }
     #[cfg(target_arch = "x86_64")]
-    if isa.avx512_dot {
-        // SAFETY: AVX-512BW comes with the detected dot-product set.
+    if isa.avx512() {
+        // SAFETY: the backend only runs at levels the CPU has.
         return unsafe { body_avx512(row, bytes, inv) };
     }
     let _ = isa;
@@ -306,7 +311,9 @@ fn tile_portable(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usi
                     for c in 0..width {
                         let wv = wrow[c];
                         let (w0, w1) = (bf16_value(wv as u16), bf16_value((wv >> 16) as u16));
-                        a[c] += x1 * w1 + x0 * w0;
+                        // Two rounded additions, odd element first (the exact products
+                        // make each an FMA), as `vdpbf16ps` per Intel's manual.
+                        a[c] = (a[c] + x1 * w1) + x0 * w0;
                     }
                 }
                 for c in 0..BLOCK {
@@ -530,7 +537,7 @@ unsafe fn tile_avx2_f32(
 /// Dispatches to the AVX-512 tile instantiated for `rows` rows and `width / 16` vectors.
 ///
 /// # Safety
-/// `isa.avx512` (f32) or `isa.avx512_dot` (bf16, int8) must hold.
+/// The CPU must have the tile's level: AVX-512BW (f32), AVX-512 BF16 (bf16) or VNNI (int8).
 #[cfg(target_arch = "x86_64")]
 unsafe fn tile_simd(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize) -> TileAcc {
     macro_rules! by_width {
@@ -562,105 +569,31 @@ unsafe fn tile_simd(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: 
     }
 }
 
-/// The instruction sets the tiles may use, detected once by the backend.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Isa {
-    pub avx2: bool,
-    /// AVX2 with FMA: the f32 tiles on CPUs without AVX-512.
-    pub avx2_fma: bool,
-    /// AVX-512F with FMA: the f32 tiles.
-    pub avx512: bool,
-    /// AVX-512 BF16 and VNNI: the bf16 and int8 tiles.
-    pub avx512_dot: bool,
-}
-
-impl Isa {
-    /// What this CPU runs (nothing beyond the baseline when `portable`).
-    pub fn detect(portable: bool) -> Self {
-        if portable {
-            return Isa::default();
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx512 = avx512_available();
-            let avx2 = std::arch::is_x86_feature_detected!("avx2");
-            Isa {
-                avx2,
-                avx2_fma: avx2 && std::arch::is_x86_feature_detected!("fma"),
-                avx512,
-                avx512_dot: avx512 && avx512_vnni_bf16_available(),
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        Isa::default()
-    }
-
-    /// This set without AVX-512: what an AVX2 machine runs (for tests and comparisons).
-    pub fn without_avx512(self) -> Self {
-        Isa {
-            avx512: false,
-            avx512_dot: false,
-            ..self
-        }
-    }
-
-    fn simd_for(&self, kind: WeightDtype) -> bool {
-        match kind {
-            WeightDtype::F32 => self.avx512,
-            _ => self.avx512_dot,
-        }
-    }
-}
-
 /// One tile on the best path `isa` allows.
 #[inline(always)]
 fn tile(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize, isa: Isa) -> TileAcc {
     #[cfg(target_arch = "x86_64")]
     {
-        if isa.simd_for(w.kind) {
-            // SAFETY: the instruction set was detected.
+        let simd = match w.kind {
+            WeightDtype::F32 => isa.avx512(),
+            WeightDtype::Bf16 => isa >= Isa::Avx512Bf16,
+            WeightDtype::Int8 => isa >= Isa::Avx512Vnni,
+        };
+        if simd {
+            // SAFETY: the backend only runs at levels the CPU has (`IsaLevel::checked`).
             return unsafe { tile_simd(x, w, rows, c0, width) };
         }
-        if w.kind == WeightDtype::F32 && isa.avx2_fma {
+        if w.kind == WeightDtype::F32 && isa >= Isa::Avx2 {
             // SAFETY: as above.
             return unsafe { tile_avx2_f32(x, w, rows, c0, width) };
         }
-        if isa.avx2 {
+        if isa >= Isa::Avx2 {
             // SAFETY: as above.
             return unsafe { tile_portable_avx2(x, w, rows, c0, width) };
         }
     }
     let _ = isa;
     tile_portable(x, w, rows, c0, width)
-}
-
-/// Whether AVX-512F, AVX-512VL and FMA are here (the f32 tiles and the attention kernels).
-pub(super) fn avx512_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether the AVX-512 BF16 and VNNI tiles may run here.
-pub(super) fn avx512_vnni_bf16_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        avx512_available()
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// `dst = vals` or `dst += vals`.

@@ -1,0 +1,167 @@
+//! Instruction-set levels of the CPU kernels: detected at run time, forced lower with
+//! `T5RT_ISA` (for tests and benchmarks), and the one place that says which kernel each
+//! precision runs at each level.
+
+use crate::backend::WeightDtype;
+use crate::error::{Result, T5Error};
+
+/// What the CPU kernels may use. Each level includes every level below it, so a CPU that has
+/// a level can run all the lower ones too (the tests run every level the machine has).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum IsaLevel {
+    /// Baseline x86-64 (SSE2) or any other architecture: plain Rust.
+    #[default]
+    Portable,
+    /// AVX2 and FMA (Haswell and later, AMD Zen 1 to 3).
+    Avx2,
+    /// AVX-512 F, BW and VL with FMA (Skylake-SP and later servers).
+    Avx512bw,
+    /// The above and AVX-512 VNNI (`vpdpbusd`: Cascade Lake, Ice Lake, Zen 4).
+    Avx512Vnni,
+    /// The above and AVX-512 BF16 (`vdpbf16ps`: Cooper Lake, Sapphire Rapids, Zen 4).
+    Avx512Bf16,
+}
+
+impl IsaLevel {
+    /// Every level, lowest first.
+    pub const ALL: [IsaLevel; 5] = [
+        IsaLevel::Portable,
+        IsaLevel::Avx2,
+        IsaLevel::Avx512bw,
+        IsaLevel::Avx512Vnni,
+        IsaLevel::Avx512Bf16,
+    ];
+
+    /// The name `T5RT_ISA` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            IsaLevel::Portable => "portable",
+            IsaLevel::Avx2 => "avx2",
+            IsaLevel::Avx512bw => "avx512bw",
+            IsaLevel::Avx512Vnni => "avx512-vnni",
+            IsaLevel::Avx512Bf16 => "avx512-bf16",
+        }
+    }
+
+    /// The CPU features this level adds to the one below it (as Linux's /proc/cpuinfo names
+    /// them), for messages.
+    pub fn features(self) -> &'static str {
+        match self {
+            IsaLevel::Portable => "none",
+            IsaLevel::Avx2 => "avx2 fma",
+            IsaLevel::Avx512bw => "avx512f avx512bw avx512vl",
+            IsaLevel::Avx512Vnni => "avx512_vnni",
+            IsaLevel::Avx512Bf16 => "avx512_bf16",
+        }
+    }
+
+    /// Whether this CPU has everything the level needs.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                IsaLevel::Portable => true,
+                IsaLevel::Avx2 => has!("avx2") && has!("fma"),
+                IsaLevel::Avx512bw => {
+                    IsaLevel::Avx2.available()
+                        && has!("avx512f")
+                        && has!("avx512bw")
+                        && has!("avx512vl")
+                }
+                IsaLevel::Avx512Vnni => IsaLevel::Avx512bw.available() && has!("avx512vnni"),
+                IsaLevel::Avx512Bf16 => IsaLevel::Avx512Vnni.available() && has!("avx512bf16"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == IsaLevel::Portable
+        }
+    }
+
+    /// The highest level this CPU has.
+    pub fn detect() -> IsaLevel {
+        IsaLevel::ALL
+            .into_iter()
+            .rev()
+            .find(|l| l.available())
+            .unwrap_or(IsaLevel::Portable)
+    }
+
+    /// Every level this CPU has, lowest first.
+    pub fn available_levels() -> Vec<IsaLevel> {
+        IsaLevel::ALL
+            .into_iter()
+            .filter(|l| l.available())
+            .collect()
+    }
+
+    /// The level to run at: `T5RT_ISA` when set (it may only lower the level), else the
+    /// highest one this CPU has.
+    pub fn from_env() -> Result<IsaLevel> {
+        match std::env::var("T5RT_ISA") {
+            Ok(v) if !v.is_empty() => {
+                let level: IsaLevel = v.parse().map_err(T5Error::Backend)?;
+                level.checked()
+            }
+            _ => Ok(IsaLevel::detect()),
+        }
+    }
+
+    /// `self`, or an error naming what this CPU lacks.
+    pub fn checked(self) -> Result<IsaLevel> {
+        if self.available() {
+            return Ok(self);
+        }
+        let missing = IsaLevel::ALL
+            .into_iter()
+            .filter(|l| *l <= self && !l.available())
+            .map(IsaLevel::features)
+            .collect::<Vec<_>>()
+            .join(" ");
+        Err(T5Error::Backend(format!(
+            "kernel level {} needs CPU features this CPU lacks ({missing}); the highest it has is {}",
+            self.name(),
+            IsaLevel::detect().name()
+        )))
+    }
+
+    /// Whether the AVX-512 kernels (f32 tiles, attention, activations, quantization) run.
+    pub fn avx512(self) -> bool {
+        self >= IsaLevel::Avx512bw
+    }
+
+    /// The tile the linear layers of `dtype` run at this level (named in summaries).
+    pub fn kernel(self, dtype: WeightDtype) -> &'static str {
+        use IsaLevel::*;
+        match (dtype, self) {
+            (WeightDtype::F32, Avx512bw | Avx512Vnni | Avx512Bf16) => "avx512 fma",
+            (WeightDtype::F32, Avx2) => "avx2 fma",
+            (WeightDtype::Bf16, Avx512Bf16) => "avx512-bf16 vdpbf16ps",
+            (WeightDtype::Int8, Avx512Vnni | Avx512Bf16) => "avx512-vnni vpdpbusd",
+            (_, Portable) => "portable",
+            // bf16 and int8 without their dot-product instructions: the portable arithmetic,
+            // compiled for AVX2.
+            (_, _) => "portable (avx2)",
+        }
+    }
+}
+
+impl std::str::FromStr for IsaLevel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        IsaLevel::ALL
+            .into_iter()
+            .find(|l| l.name() == s.trim().to_ascii_lowercase())
+            .ok_or_else(|| {
+                let names: Vec<&str> = IsaLevel::ALL.iter().map(|l| l.name()).collect();
+                format!("T5RT_ISA=`{s}`: expected one of {}", names.join(", "))
+            })
+    }
+}
+
+impl std::fmt::Display for IsaLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
