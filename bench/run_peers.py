@@ -125,11 +125,14 @@ def run_system(system, model_dir, cases, repeats, warmup):
         translator = ctranslate2.Translator(str(model_dir / system), device="cpu",
                                             inter_threads=1, intra_threads=THREADS)
 
+        # The reverse vocabulary is built once, outside the timed calls (as t5rt's tokenizer
+        # is loaded outside its own).
+        tok = {f"t{i}": i for i in range(3, vocab)} | {"<pad>": 0, "</s>": 1, "<unk>": 2}
+
         def generate(ids, new):
             src = [[f"t{i}" for i in row] for row in ids]
             res = translator.translate_batch(src, beam_size=1, max_decoding_length=new,
                                              min_decoding_length=new, max_batch_size=len(src))
-            tok = {f"t{i}": i for i in range(3, vocab)} | {"<pad>": 0, "</s>": 1, "<unk>": 2}
             return [[tok[t] for t in r.hypotheses[0]] for r in res]
     else:
         raise SystemExit(f"unknown system {system}")
@@ -149,7 +152,7 @@ def run_system(system, model_dir, cases, repeats, warmup):
         results[case] = {"tokens_per_s": batch * new / times[len(times) // 2],
                          "min_s": times[0], "max_s": times[-1]}
         if case == "a":
-            results[case]["ids"] = out
+            results[case]["ids"] = out  # from the last timed run
     return {"system": system, "cases": results, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -170,32 +173,30 @@ def probe_gbs():
 
 
 def run_t5rt(binary, model_dir, cases, repeats, warmup, work, dtype="f32"):
-    out = work / f"t5rt-{dtype}.json"
+    """t5rt bench, one process per case, timing the same ids as the peers (`--inputs`)."""
     # This VM's bandwidth moves from minute to minute: measure it next to the run it bounds.
     bw_before = probe_gbs()
-    cmd = [binary, "bench", "--model", str(model_dir / "hf"), "--threads", str(THREADS),
-           "--dtype", dtype, "--repeats", str(repeats), "--warmup", str(warmup), "--json", str(out)]
-    for c in cases:
-        cmd += ["--case", c]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    rep = json.loads(out.read_text())
-    res = {c["name"]: {"tokens_per_s": c["tokens_per_s"]["median"],
-                       "min_s": c["total_s"]["min"], "max_s": c["total_s"]["max"],
-                       "encode_s": c["encode_s"]["median"], "decode_s": c["decode_s"]["median"]}
-           for c in rep["cases"]}
-    peak = max(c["peak_rss_mib"] or 0 for c in rep["cases"])
-    # Case a greedy ids through `t5rt generate` on the same synthetic inputs.
-    if "a" in cases:
-        b, n, new = CASES["a"]
-        ids = synthetic_inputs(b, n, 32128)
-        inp = work / "case_a.jsonl"
-        inp.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in ids))
-        gen = subprocess.run([binary, "generate", "--model", str(model_dir / "hf"), "--input", str(inp),
-                              "--max-new-tokens", str(new), "--min-new-tokens", str(new),
-                              "--threads", str(THREADS), "--dtype", dtype, "--output", "-"],
-                             check=True, capture_output=True, text=True)
-        res["a"]["ids"] = [json.loads(l)["output_ids"] for l in gen.stdout.splitlines()]
-    return {"system": f"t5rt-{dtype}", "cases": res, "peak_rss_mib": peak,
+    res, peak = {}, 0.0
+    for case in cases:
+        batch, length, new = CASES[case]
+        inp = work / f"case_{case}.jsonl"
+        inp.write_text("".join(json.dumps({"input_ids": r}) + "\n"
+                               for r in synthetic_inputs(batch, length, 32128)))
+        out = work / f"t5rt-{dtype}-{case}.json"
+        cmd = [binary, "bench", "--model", str(model_dir / "hf"), "--threads", str(THREADS),
+               "--dtype", dtype, "--repeats", str(repeats), "--warmup", str(warmup),
+               "--case", case, "--inputs", str(inp), "--json", str(out)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        rep = json.loads(out.read_text())
+        c = rep["cases"][0]
+        res[case] = {"tokens_per_s": c["tokens_per_s"]["median"],
+                     "min_s": c["total_s"]["min"], "max_s": c["total_s"]["max"],
+                     "encode_s": c["encode_s"]["median"], "decode_s": c["decode_s"]["median"]}
+        if case == "a":
+            res[case]["ids"] = c["output_ids"]  # from the last timed run
+        peak = max(peak, c["peak_rss_mib"] or 0)
+        device = rep["device"]
+    return {"system": f"t5rt-{dtype}", "cases": res, "peak_rss_mib": peak, "device": device,
             "bandwidth_gbs_before": bw_before, "bandwidth_gbs_after": probe_gbs()}
 
 
@@ -205,12 +206,24 @@ def versions():
                                        "onnxruntime", "ctranslate2")}
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "amx_tile", "amx_bf16", "amx_int8")
+
+
 def machine():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
-    return {"cpu": cpu, "cores": os.cpu_count(), "avx512f": "avx512f" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "avx512_vnni": "avx512_vnni" in flags,
+    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "").split()
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "simd_flags": [f for f in SIMD_FLAGS if f in flags],
             "kernel": platform.release()}
+
+
+def t5rt_commit():
+    """The commit the t5rt binary was built from (with `+dirty` for uncommitted changes)."""
+    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,
+                                    text=True).stdout.strip()
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 T5RT = ["t5rt", "t5rt-bf16", "t5rt-int8"]
@@ -229,9 +242,16 @@ def write_markdown(all_results, meta, path):
              "ct2-int8": "CT2 int8", "t5rt": "t5rt f32", "t5rt-bf16": "t5rt bf16",
              "t5rt-int8": "t5rt int8"}
     lines = ["# Benchmark results", "",
-             f"Made by `bench/run_peers.py` on {meta['date']}: {meta['machine']['cpu']}, "
-             f"{meta['machine']['cores']} cores, {THREADS} threads for every system. Versions: "
-             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f", {meta['t5rt']}.",
+             f"Made by `bench/run_peers.py` on {meta['date']}: {meta['machine']['cpu']} "
+             f"(flags: {' '.join(meta['machine'].get('simd_flags', []))}), "
+             f"{meta['machine']['cores']} cores, {THREADS} threads for every system; "
+             f"{meta.get('warmup', '?')} warm-up run(s), then the median of {meta.get('repeats', '?')} "
+             f"timed runs per case. Versions: "
+             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+             + f", {meta['t5rt']} at commit {meta.get('t5rt_commit', '?')}"
+             + (f" ({meta['t5rt_kernels']})" if meta.get("t5rt_kernels") else "") + ". "
+             "Every system times the same input ids (numpy, seed 0), and the greedy check uses "
+             "the ids of its last timed case-a run.",
              "", "Tokens/s (new tokens over wall time, median of the timed runs, EOS suppressed); "
              "cases a = 1x32 in, 32 new; b = 1x512, 64; c = 8x128, 64; d = 32x128, 64. "
              "`f32 / best f32` divides t5rt f32's figure by the best f32 peer's; `bf16 / CT2 int8` and "
@@ -284,18 +304,21 @@ def write_markdown(all_results, meta, path):
                   f"median with 1); f32 matmul (numpy/OpenBLAS, 2048^3) "
                   f"{lim['f32_matmul_gflops_numpy']} GFLOP/s. This VM shares its memory with other "
                   "tenants, so bandwidth, and every batch-1 figure above, moves from one minute to the "
-                  "next; peers and t5rt ran one after another, not at once. The batch-1 floor of a "
-                  "decoding step is the weights it must read (self q,k,v,o, cross q,o, FFN per layer, "
-                  "and the LM head; cross k,v are cached per request) over the median bandwidth: f32 "
-                  "as measured, bf16 half of it, int8 a quarter; the last column uses the best run "
-                  "instead. Because of the drift, the harness also runs the probe just before and "
-                  "just after each t5rt run (median of 3), and the column `at the moment` divides by "
-                  "the floor at the mean of those two figures. t5rt's step time is its case-a "
-                  "decoder time over 32 steps (it includes the first step's cross-attention "
-                  "projections).", "",
-                  "| model | dtype | weights read per step | floor ms/step | t5rt ms/step (case a) | "
-                  "t5rt / floor | t5rt / floor at best bandwidth | bandwidth at the moment | "
-                  "t5rt / floor at the moment |",
+                  "next; peers and t5rt ran one after another, not at once. The bandwidth "
+                  "estimate of a batch-1 decoding step is the weights it must read (self q,k,v,o, "
+                  "cross q,o, FFN per layer, and the LM head; cross k,v are cached per request) over "
+                  "the probe's median bandwidth: f32 as measured, bf16 half of it, int8 a quarter; "
+                  "the `best` column uses the probe's best run instead. It is an estimate, not a "
+                  "bound: the probe's figure moves with other tenants, and a step can beat it when "
+                  "the bandwidth was higher during the step than during the probe (a ratio below "
+                  "1.00x says that, not that t5rt read less than the weights). The harness also "
+                  "runs the probe just before and just after each t5rt run (median of 3), and the "
+                  "column `at the moment` divides by the estimate at the mean of those two. t5rt's "
+                  "step time is its case-a decoder time over 32 steps (it includes the first "
+                  "step's cross-attention projections).", "",
+                  "| model | dtype | weights read per step | estimate ms/step | t5rt ms/step (case a) | "
+                  "t5rt / estimate | t5rt / estimate at best bandwidth | bandwidth at the moment | "
+                  "t5rt / estimate at the moment |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for model, res in all_results.items():
             f = lim["batch1_decode_floor"].get(model)
@@ -369,7 +392,10 @@ def main():
         (results_dir / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
         all_results[name] = res
     meta = {"date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions(),
-            "t5rt": t5rt_version}
+            "t5rt": t5rt_version, "t5rt_commit": t5rt_commit(), "repeats": args.repeats,
+            "warmup": args.warmup, "threads": THREADS,
+            "t5rt_kernels": "; ".join(sorted({r[s]["device"] for r in all_results.values()
+                                                for s in T5RT if s in r}))}
     (results_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     write_markdown(all_results, meta, ROOT / "bench" / "RESULTS.md")
     print((ROOT / "bench" / "RESULTS.md").read_text())

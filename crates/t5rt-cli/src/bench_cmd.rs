@@ -58,6 +58,13 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     seed: u64,
 
+    /// Time these input ids instead of synthetic ones: a JSONL file of
+    /// `{"input_ids": [...]}` lines, one per sequence; it must match the shape of the one
+    /// `--case` given (BATCH lines of INPUT ids). Lets a harness time every system on the
+    /// same ids.
+    #[arg(long, value_name = "FILE")]
+    inputs: Option<PathBuf>,
+
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -99,6 +106,8 @@ struct CaseResult {
     total_s: Spread,
     /// Peak resident memory of the process so far (VmHWM), MiB.
     peak_rss_mib: Option<f64>,
+    /// The generated ids of the last timed run, per input.
+    output_ids: Vec<Vec<u32>>,
 }
 
 #[derive(Serialize)]
@@ -123,6 +132,33 @@ fn parse_case(spec: &str) -> Result<(String, usize, usize, usize)> {
         bail!("case `{spec}`: expected a, b, c, d or BATCH:INPUT:NEW with positive numbers");
     }
     Ok((spec.to_string(), nums[0], nums[1], nums[2]))
+}
+
+/// The ids of `--inputs`, checked against the one case they are for.
+fn read_inputs(path: &PathBuf, cases: &[(String, usize, usize, usize)]) -> Result<Vec<Vec<u32>>> {
+    let [(name, batch, input, _)] = cases else {
+        bail!("--inputs needs exactly one --case (the shape the ids have)");
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let ids = crate::inputs::parse_jsonl(&text, &path.display().to_string())?
+        .into_iter()
+        .map(|r| match r {
+            t5rt::Input::Ids(ids) => Ok(ids),
+            t5rt::Input::Text(_) => bail!("{}: --inputs takes input_ids, not text", path.display()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if ids.len() != *batch || ids.iter().any(|r| r.len() != *input) {
+        bail!(
+            "{}: {} sequences of {:?} ids; case {name} is {batch} of {input}",
+            path.display(),
+            ids.len(),
+            ids.iter()
+                .map(Vec::len)
+                .collect::<std::collections::BTreeSet<_>>()
+        );
+    }
+    Ok(ids)
 }
 
 /// A field of /proc/self/status in MiB (Linux only).
@@ -152,6 +188,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .iter()
         .map(|s| parse_case(s))
         .collect::<Result<Vec<_>>>()?;
+    let given = match &args.inputs {
+        None => None,
+        Some(path) => Some(read_inputs(path, &cases)?),
+    };
     let (ckpt, model_name) = match &args.model {
         Some(dir) => (
             Checkpoint::open(dir).with_context(|| format!("loading {}", dir.display()))?,
@@ -178,19 +218,43 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "decode s",
         "peak MiB"
     );
-    for (name, batch, input, new) in cases {
-        let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-        let inputs: Vec<Vec<u32>> = (0..batch)
-            .map(|_| (0..input).map(|_| rng.random_range(2..vocab)).collect())
-            .collect();
-        let cfg = GenerationConfig {
-            max_new_tokens: new,
-            min_new_tokens: new, // EOS suppressed: every sequence generates `new` tokens
-            batch_size: batch,
-            max_input_tokens: input,
-            ..GenerationConfig::default()
+    // Every case is checked (limits, memory) before any is run or its inputs are made.
+    let configs = cases
+        .iter()
+        .map(|&(ref name, batch, input, new)| {
+            let cfg = GenerationConfig {
+                max_new_tokens: new,
+                min_new_tokens: new, // EOS suppressed: every sequence generates `new` tokens
+                batch_size: batch,
+                max_input_tokens: input,
+                ..GenerationConfig::default()
+            };
+            cfg.validate(&model.config)
+                .and_then(|()| {
+                    let shape = t5rt::generate::memory::BatchShape {
+                        sources: batch,
+                        rows_per_source: 1,
+                        src_len: input,
+                        new_tokens: new,
+                    };
+                    t5rt::generate::memory::require_fit(&model.config, args.dtype, &cfg, shape)
+                })
+                .with_context(|| format!("case {name}"))?;
+            Ok(cfg)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for ((name, batch, input, new), cfg) in cases.into_iter().zip(configs) {
+        let inputs: Vec<Vec<u32>> = match &given {
+            Some(ids) => ids.clone(),
+            None => {
+                let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+                (0..batch)
+                    .map(|_| (0..input).map(|_| rng.random_range(2..vocab)).collect())
+                    .collect()
+            }
         };
         let (mut tps, mut enc, mut dec, mut tot) = (vec![], vec![], vec![], vec![]);
+        let mut output_ids = Vec::new();
         for run in 0..args.warmup + args.repeats {
             let started = Instant::now();
             let (out, stats) = t5rt::generate_with_stats(&model, &inputs, &cfg, None, |_| {})?;
@@ -203,6 +267,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 );
             }
             if run >= args.warmup {
+                output_ids = out.into_iter().map(|mut h| h.swap_remove(0).ids).collect();
                 tps.push(tokens as f64 / secs);
                 enc.push(stats.encode_secs);
                 dec.push(stats.decode_secs);
@@ -219,6 +284,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             decode_s: Spread::of(dec),
             total_s: Spread::of(tot),
             peak_rss_mib: proc_status_mib("VmHWM:"),
+            output_ids,
         };
         println!(
             "{:<12} {:>5} {:>6} {:>5} {:>12.1} {:>17} {:>9.4} {:>9.4} {:>9}",

@@ -74,6 +74,13 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     max_input_tokens: usize,
 
+    /// Memory generation may use beyond the loaded model (caches, activations, outputs),
+    /// such as 512M or 8G [default: what the machine, or its cgroup, has available]. Batches
+    /// are split to fit it; a request that cannot fit is refused before any work, with the
+    /// estimate and the option to lower.
+    #[arg(long, value_name = "SIZE", value_parser = t5rt::generate::memory::parse_bytes)]
+    max_memory: Option<u64>,
+
     /// Beam search with N beams; 1 is greedy search (or sampling with --do-sample)
     /// [default: the model's generation_config.json, else 1; likewise below].
     #[arg(long, value_name = "N", help_heading = "Decoding")]
@@ -200,6 +207,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     cfg.batch_size = args.batch_size;
     cfg.max_input_tokens = args.max_input_tokens;
+    cfg.max_memory = args.max_memory;
     // User options override the model's generation_config.json only where given.
     macro_rules! given {
         ($($field:ident),*) => { $(if let Some(v) = args.$field { cfg.$field = v; })* };

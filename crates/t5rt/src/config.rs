@@ -82,12 +82,36 @@ struct RawConfig {
     is_encoder_decoder: Option<bool>,
 }
 
+/// Upper bounds on the config's dimensions: several times the largest published T5-family
+/// model's (t5-11b: d_ff 65536, 128 heads of d_kv 128; mT5: 250112 tokens). A config past
+/// them is corrupt, and sizes computed from it could overflow.
+fn dimension_limit(field: &str) -> i64 {
+    match field {
+        "vocab_size" => 1 << 22,
+        "d_model" => 1 << 16,
+        "d_kv" => 1 << 12,
+        "d_ff" => 1 << 18,
+        "num_layers" | "num_decoder_layers" | "num_heads" => 1 << 10,
+        "relative_attention_num_buckets" => 1 << 12,
+        _ => 1 << 24, // relative_attention_max_distance
+    }
+}
+
 fn positive(field: &str, value: Option<i64>, default: i64) -> Result<usize> {
     let v = value.unwrap_or(default);
     if v <= 0 {
         return Err(T5Error::config(
             field,
             format!("must be a positive integer, found {v}"),
+        ));
+    }
+    let limit = dimension_limit(field);
+    if v > limit {
+        return Err(T5Error::config(
+            field,
+            format!(
+                "{v} is larger than any T5-family model (at most {limit}); is config.json corrupt?"
+            ),
         ));
     }
     Ok(v as usize)
@@ -219,6 +243,12 @@ impl T5Config {
                     format!("`{act}` contradicts feed_forward_proj `{proj}`"),
                 ));
             }
+        }
+        if matches!(&raw.eos_token_id, Some(OneOrMany::Many(v)) if v.is_empty()) {
+            return Err(T5Error::config(
+                "eos_token_id",
+                "an empty list; give the EOS id",
+            ));
         }
         let pad = token_id("pad_token_id", raw.pad_token_id, 0, vocab_size)?;
         let eos = token_id(

@@ -31,6 +31,7 @@ pub use config::{Activation, GenerationDefaults, T5Config};
 pub use error::{Result, T5Error};
 pub use generate::{
     generate, generate_with_stats, EarlyStopping, GenerationConfig, GenerationStats, Hypothesis,
+    Limits,
 };
 pub use model::{DecoderState, EncoderOutput, T5Model};
 pub use tokenizer::{Input, T5Tokenizer};

@@ -18,8 +18,22 @@ impl T5Tokenizer {
 
     /// Loads a tokenizer from the bytes of a `tokenizer.json`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+        // The `tokenizers` crate panics on some malformed files (a syntax error inside its
+        // `decoder` section, for one): check the JSON first, and keep any panic it still
+        // raises on well-formed but unexpected content from crossing the library boundary.
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
             .map_err(|e| T5Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
+            .map_err(|panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unexpected content");
+                T5Error::Tokenizer(format!("invalid tokenizer.json: {why}"))
+            })?;
+        let inner =
+            parsed.map_err(|e| T5Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
         Ok(T5Tokenizer { inner })
     }
 

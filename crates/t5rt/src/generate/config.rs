@@ -73,6 +73,35 @@ pub struct GenerationConfig {
     pub batch_size: usize,
     /// Longest input accepted, in tokens; longer inputs are refused, not truncated.
     pub max_input_tokens: usize,
+    /// Bytes one `generate` call may use beyond the loaded model (caches, activations,
+    /// logits, outputs); `None`: the memory available to the process when the call starts
+    /// (cgroup limits included). Batches are split to fit it; a request that cannot fit is
+    /// refused before any work (see [`super::memory`]).
+    pub max_memory: Option<u64>,
+}
+
+/// Hard bounds on the options a client controls, whatever the memory budget: values past
+/// them are typos or abuse, and would cost hours or exhaust the machine.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits;
+
+impl Limits {
+    /// `max_new_tokens` (and `max_length`) at most.
+    pub const MAX_NEW_TOKENS: usize = 1 << 20;
+    /// `max_input_tokens` at most.
+    pub const MAX_INPUT_TOKENS: usize = 1 << 20;
+    /// `num_beams` at most (and never more than the vocabulary).
+    pub const MAX_BEAMS: usize = 512;
+    /// `num_return_sequences` at most, per input.
+    pub const MAX_RETURN_SEQUENCES: usize = 4096;
+    /// `no_repeat_ngram_size` at most.
+    pub const MAX_NGRAM: usize = 1024;
+    /// Stop strings at most, and bytes in each.
+    pub const MAX_STOP_STRINGS: usize = 64;
+    pub const MAX_STOP_STRING_BYTES: usize = 1024;
+    /// `bad_words_ids` sequences at most, and ids in each.
+    pub const MAX_BAD_WORDS: usize = 10_000;
+    pub const MAX_BAD_WORD_IDS: usize = 1024;
 }
 
 impl Default for GenerationConfig {
@@ -99,6 +128,7 @@ impl Default for GenerationConfig {
             stop_strings: Vec::new(),
             batch_size: 16,
             max_input_tokens: 1024,
+            max_memory: None,
         }
     }
 }
@@ -148,6 +178,77 @@ impl GenerationConfig {
             return Err(invalid(
                 "max_new_tokens (and max_length - 1) must be at least 1",
             ));
+        }
+        let at_most = |what: &str, value: usize, limit: usize| {
+            if value > limit {
+                Err(invalid(format!(
+                    "{what} is {value}, more than the limit of {limit}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        at_most(
+            "max_new_tokens",
+            self.new_token_limit(),
+            Limits::MAX_NEW_TOKENS,
+        )?;
+        at_most(
+            "max_input_tokens",
+            self.max_input_tokens,
+            Limits::MAX_INPUT_TOKENS,
+        )?;
+        at_most("num_beams", self.num_beams, Limits::MAX_BEAMS)?;
+        if self.num_beams > model.vocab_size {
+            return Err(invalid(format!(
+                "num_beams ({}) is larger than the vocabulary ({} tokens)",
+                self.num_beams, model.vocab_size
+            )));
+        }
+        at_most(
+            "num_return_sequences",
+            self.num_return_sequences,
+            Limits::MAX_RETURN_SEQUENCES,
+        )?;
+        at_most(
+            "no_repeat_ngram_size",
+            self.no_repeat_ngram_size,
+            Limits::MAX_NGRAM,
+        )?;
+        at_most(
+            "the number of stop strings",
+            self.stop_strings.len(),
+            Limits::MAX_STOP_STRINGS,
+        )?;
+        if let Some(s) = self
+            .stop_strings
+            .iter()
+            .find(|s| s.len() > Limits::MAX_STOP_STRING_BYTES)
+        {
+            return Err(invalid(format!(
+                "a stop string of {} bytes is longer than the limit of {} bytes",
+                s.len(),
+                Limits::MAX_STOP_STRING_BYTES
+            )));
+        }
+        at_most(
+            "the number of bad_words_ids sequences",
+            self.bad_words_ids.len(),
+            Limits::MAX_BAD_WORDS,
+        )?;
+        if let Some(seq) = self
+            .bad_words_ids
+            .iter()
+            .find(|s| s.len() > Limits::MAX_BAD_WORD_IDS)
+        {
+            return Err(invalid(format!(
+                "a bad_words_ids sequence of {} ids is longer than the limit of {}",
+                seq.len(),
+                Limits::MAX_BAD_WORD_IDS
+            )));
+        }
+        if self.max_memory == Some(0) {
+            return Err(invalid("max_memory must be more than 0 bytes"));
         }
         if self.min_new_tokens > self.max_new_tokens {
             return Err(invalid(format!(

@@ -40,7 +40,8 @@ pub(crate) fn decode_rows<B: Backend>(
     // seqs[i]: HF's decoder input_ids of input i: the start token, then what was generated.
     let mut seqs: Vec<Vec<u32>> = (0..inputs.len())
         .map(|_| {
-            let mut s = Vec::with_capacity(limit + 1);
+            // Grows with the tokens actually produced, not with the limit.
+            let mut s = Vec::with_capacity((limit + 1).min(64));
             s.push(mc.decoder_start_token_id);
             s
         })

@@ -7,6 +7,7 @@ mod beam;
 mod config;
 mod greedy;
 mod logits;
+pub mod memory;
 mod sampling;
 mod stop;
 
@@ -15,7 +16,7 @@ use crate::error::{Result, T5Error};
 use crate::model::T5Model;
 use crate::tokenizer::T5Tokenizer;
 
-pub use config::{EarlyStopping, GenerationConfig};
+pub use config::{EarlyStopping, GenerationConfig, Limits};
 pub use stop::StopStrings;
 
 /// One generated sequence: the ids after the decoder start token, up to and including EOS
@@ -90,10 +91,38 @@ pub fn generate_with_stats<B: Backend>(
     // Longest first, so each padded batch holds sequences of similar length.
     let mut order: Vec<usize> = (0..inputs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(inputs[i].len()));
-    let mut outputs = vec![Vec::new(); inputs.len()];
+    // Units of work: sources with their beams, or (greedy, sampling) each returned copy of an
+    // input, decoded as its own row with its own random stream (input index * n + copy), so
+    // results do not depend on how units are batched.
+    let (beams, copies) = if cfg.num_beams > 1 {
+        (cfg.num_beams, 1)
+    } else {
+        (1, cfg.num_return_sequences)
+    };
+    let units: Vec<(usize, usize)> = order
+        .iter()
+        .flat_map(|&i| (0..copies).map(move |j| (i, j)))
+        .collect();
+    // As many units per batch as `batch_size` asks (inputs, each with its copies), or fewer
+    // when the memory plan of the worst batch (the longest inputs come first) says so.
+    let longest = inputs.iter().map(Vec::len).max().unwrap_or(0);
+    let limit = cfg.new_token_limit();
+    let per_batch = memory::fit_batch(
+        &model.config,
+        model.backend.weight_dtype(),
+        cfg,
+        cfg.batch_size.saturating_mul(copies),
+        |n| memory::BatchShape {
+            sources: n,
+            rows_per_source: beams,
+            src_len: longest,
+            new_tokens: limit,
+        },
+    )?;
+    let mut outputs: Vec<Vec<Hypothesis>> = vec![Vec::new(); inputs.len()];
     let mut done = 0;
     let mut stats = GenerationStats::default();
-    for chunk in order.chunks(cfg.batch_size) {
+    for chunk in units.chunks(per_batch) {
         let started = std::time::Instant::now();
         let (results, encode_secs) = model
             .backend
@@ -101,50 +130,37 @@ pub fn generate_with_stats<B: Backend>(
         stats.encode_secs += encode_secs;
         stats.decode_secs += started.elapsed().as_secs_f64() - encode_secs;
         stats.new_tokens += results.iter().flatten().map(|h| h.ids.len()).sum::<usize>();
-        for (&i, out) in chunk.iter().zip(results) {
-            outputs[i] = out;
+        for (&(i, _), out) in chunk.iter().zip(results) {
+            outputs[i].extend(out);
+            if outputs[i].len() == cfg.num_return_sequences {
+                done += 1;
+            }
         }
-        done += chunk.len();
         progress(done);
     }
     Ok((outputs, stats))
 }
 
-/// One padded batch: the inputs `chunk` names. Also returns the seconds spent encoding.
+/// One padded batch of units (input index, copy): per unit, its hypotheses (beam search:
+/// the n best; otherwise the one sequence of that copy). Also returns the seconds spent
+/// encoding.
 fn generate_batch<B: Backend>(
     model: &T5Model<B>,
     inputs: &[Vec<u32>],
-    chunk: &[usize],
+    chunk: &[(usize, usize)],
     cfg: &GenerationConfig,
     stop: Option<&StopStrings>,
 ) -> Result<(Vec<Vec<Hypothesis>>, f64)> {
+    let batch: Vec<Vec<u32>> = chunk.iter().map(|&(i, _)| inputs[i].clone()).collect();
     if cfg.num_beams > 1 {
-        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| inputs[i].clone()).collect();
         return beam::beam_search(model, &batch, cfg);
     }
-    // Greedy or sampling: each input decoded num_return_sequences times, each copy with its
-    // own random stream (input index * n + copy), so results do not depend on batching.
     let n = cfg.num_return_sequences;
-    let mut batch = Vec::with_capacity(chunk.len() * n);
-    let mut streams = Vec::with_capacity(chunk.len() * n);
-    for &i in chunk {
-        for j in 0..n {
-            batch.push(inputs[i].clone());
-            streams.push((i * n + j) as u64);
-        }
-    }
+    let streams: Vec<u64> = chunk.iter().map(|&(i, j)| (i * n + j) as u64).collect();
     let (outs, encode_secs) = greedy::decode_rows(model, &batch, cfg, &streams, stop)?;
     let hyps = outs
-        .chunks(n)
-        .map(|copies| {
-            copies
-                .iter()
-                .map(|ids| Hypothesis {
-                    ids: ids.clone(),
-                    score: None,
-                })
-                .collect()
-        })
+        .into_iter()
+        .map(|ids| vec![Hypothesis { ids, score: None }])
         .collect();
     Ok((hyps, encode_secs))
 }

@@ -39,6 +39,13 @@ impl CpuBackend {
     /// tests and comparisons of the kernel paths.
     pub fn with_isa(threads: usize, level: IsaLevel) -> Result<Self> {
         let isa = level.checked()?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let max_threads = 4 * cores;
+        if threads > max_threads {
+            return Err(T5Error::Input(format!(
+                "{threads} threads: at most {max_threads} (4 per core; this machine has {cores}); 0 uses one per core"
+            )));
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("t5rt-cpu-{i}"))
@@ -75,6 +82,32 @@ impl CpuBackend {
     }
 }
 
+/// A vector of `len` copies of `value`, or an error (not an abort) when the memory is not
+/// there.
+fn try_filled<T: Clone>(len: usize, value: T) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        T5Error::Backend(format!(
+            "out of memory: cannot allocate {} for {len} values",
+            crate::generate::memory::human_bytes(
+                (len as u64).saturating_mul(std::mem::size_of::<T>() as u64)
+            )
+        ))
+    })?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+/// `data` copied into a fallibly allocated vector.
+fn try_copy(data: &[f32]) -> Result<Vec<f32>> {
+    let mut v = try_filled(0, 0.0)?;
+    v.try_reserve_exact(data.len()).map_err(|_| {
+        T5Error::Backend(format!("out of memory: cannot copy {} values", data.len()))
+    })?;
+    v.extend_from_slice(data);
+    Ok(v)
+}
+
 fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
     if have < need {
         return Err(T5Error::Backend(format!(
@@ -103,7 +136,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
-        Ok(data.to_vec())
+        try_copy(data)
     }
 
     fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<CpuWeight> {
@@ -124,11 +157,11 @@ impl Backend for CpuBackend {
 
     fn download(&self, t: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
         check_len("download", t.len(), len)?;
-        Ok(t[..len].to_vec())
+        try_copy(&t[..len])
     }
 
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; len])
+        try_filled(len, 0.0)
     }
 
     fn matmul_nt(
@@ -345,7 +378,9 @@ impl Backend for CpuBackend {
     }
 
     fn gather_rows(&self, src: &Vec<f32>, rows: &[usize], row_len: usize) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(rows.len() * row_len);
+        let mut out = try_filled(0, 0.0)?;
+        out.try_reserve_exact(rows.len().saturating_mul(row_len))
+            .map_err(|_| T5Error::Backend("out of memory in gather_rows".into()))?;
         for &r in rows {
             let row = src
                 .get(r * row_len..(r + 1) * row_len)
@@ -368,7 +403,7 @@ impl Backend for CpuBackend {
                 "widen_rows: {new_len} < {old_len}"
             )));
         }
-        let mut out = vec![0.0; rows * new_len];
+        let mut out = try_filled(rows.saturating_mul(new_len), 0.0)?;
         for (dst, row) in out.chunks_exact_mut(new_len).zip(src.chunks_exact(old_len)) {
             dst[..old_len].copy_from_slice(row);
         }
