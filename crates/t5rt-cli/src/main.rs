@@ -4,6 +4,7 @@ mod bench_cmd;
 mod default_model;
 mod generate_cmd;
 mod inputs;
+mod serve_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,9 @@ enum Command {
     Generate(generate_cmd::GenerateArgs),
     /// Measure tokens/s on synthetic inputs (EOS suppressed), encoder and decoder apart.
     Bench(bench_cmd::BenchArgs),
+    /// Serve the model over HTTP (Text Generation Inference and OpenAI routes) with
+    /// continuous batching.
+    Serve(serve_cmd::ServeArgs),
 }
 
 fn main() {
@@ -35,6 +39,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
+        Command::Serve(args) => serve_cmd::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

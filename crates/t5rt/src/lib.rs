@@ -17,6 +17,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 mod math;

@@ -167,6 +167,10 @@ pub trait Backend: Send + Sync {
     fn compress_kv(&self, t: &Self::Tensor, len: usize) -> Result<Self::Tensor>;
 
     /// Softmax attention without `1/sqrt(d_kv)` scaling (T5 folds it into the weights).
+    /// `mask` (`[batch / kv_group, kv_len]`, added to the scores) may mask keys at the end of
+    /// a row (padding) or at its start (a row that joined a running batch later than the
+    /// others): leading masked keys are left out of the softmax altogether, so a row's result
+    /// equals the one it gets without them, bit for bit.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -207,6 +211,27 @@ pub trait Backend: Send + Sync {
         rows: usize,
         old_len: usize,
         new_len: usize,
+    ) -> Result<Self::Tensor>;
+
+    /// New tensor: the first `a_len` values of `a`, then the first `b_len` values of `b`
+    /// (rows joining a running batch).
+    fn concat(
+        &self,
+        a: &Self::Tensor,
+        a_len: usize,
+        b: &Self::Tensor,
+        b_len: usize,
+    ) -> Result<Self::Tensor>;
+
+    /// New tensor of `rows` rows of `len` values: row `i` is values `[start, start + len)` of
+    /// row `i` of `src` (rows of `row_len` values). Drops the oldest cache positions.
+    fn slice_rows(
+        &self,
+        src: &Self::Tensor,
+        rows: usize,
+        row_len: usize,
+        start: usize,
+        len: usize,
     ) -> Result<Self::Tensor>;
 
     /// Index of the largest value of each of `rows` rows of width `n` (first one on ties).

@@ -6,9 +6,9 @@
 mod beam;
 mod config;
 mod greedy;
-mod logits;
+pub(crate) mod logits;
 pub mod memory;
-mod sampling;
+pub(crate) mod sampling;
 mod stop;
 
 use crate::backend::Backend;

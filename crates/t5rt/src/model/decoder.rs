@@ -105,6 +105,7 @@ impl<B: Backend> T5Model<B> {
             cross_v,
             cross_bf16,
             cross_mask: b.gather_rows(&enc.mask, &all, enc.src_len)?,
+            starts: vec![0; batch],
             scratch: DecoderScratch::new(b, batch, dims)?,
             dims,
         })
@@ -119,13 +120,18 @@ impl<B: Backend> T5Model<B> {
         let cfg = &self.config;
         let b = &self.backend;
         let batch = state.batch;
-        let pos = state.step;
         if tokens.len() != batch {
             return Err(T5Error::Input(format!(
                 "decode_step got {} tokens for a batch of {batch}",
                 tokens.len()
             )));
         }
+        if state.step >= state.capacity {
+            // Positions no row reads any more go first (rows that joined later); then the
+            // caches double.
+            state.compact(b)?;
+        }
+        let pos = state.step;
         if pos >= state.max_steps {
             return Err(T5Error::Input(format!(
                 "decoding past the {} steps the state was started for",
@@ -156,6 +162,8 @@ impl<B: Backend> T5Model<B> {
             false,
             cfg.relative_attention_max_distance,
         ))?;
+        // Rows that joined a running batch mask the positions before their first token.
+        let self_mask = state.self_mask().map(|m| b.upload(&m)).transpose()?;
         let self_shape = AttnShape {
             batch,
             heads,
@@ -209,7 +217,8 @@ impl<B: Backend> T5Model<B> {
                 pos,
             )?;
             let (ck, cv) = (&state.self_k[l], &state.self_v[l]);
-            b.attention(&s.q, ck, cv, Some(&bias), None, &mut s.attn, self_shape)?;
+            let mask = self_mask.as_ref();
+            b.attention(&s.q, ck, cv, Some(&bias), mask, &mut s.attn, self_shape)?;
             // residual: x += attn · oᵀ
             b.matmul_nt(&s.attn, &layer.self_attn.o, &mut s.x, out_proj, true)?;
 

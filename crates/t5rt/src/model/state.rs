@@ -91,6 +91,10 @@ pub struct DecoderState<T> {
     pub(crate) cross_bf16: bool,
     /// [batch / group, src_len] additive padding mask of the source
     pub(crate) cross_mask: T,
+    /// Per row: the cache position of its first token. 0 for every row of a batch started
+    /// together; a row that joins a running batch ([`DecoderState::append`]) starts at the
+    /// batch's current position, and its self-attention masks the positions before it.
+    pub(crate) starts: Vec<usize>,
     pub(crate) scratch: DecoderScratch<T>,
     pub(crate) dims: ScratchDims,
 }
@@ -104,6 +108,126 @@ impl<T> DecoderState<T> {
     /// Tokens fed so far.
     pub fn step(&self) -> usize {
         self.step
+    }
+
+    /// Per row, the tokens it has been fed (its own position).
+    pub fn row_positions(&self) -> Vec<usize> {
+        self.starts.iter().map(|&s| self.step - s).collect()
+    }
+
+    /// The additive self-attention mask `[batch, step + 1]` for the next step, when some row
+    /// started later than position 0 (None otherwise).
+    pub(crate) fn self_mask(&self) -> Option<Vec<f32>> {
+        if self.starts.iter().all(|&s| s == 0) {
+            return None;
+        }
+        let len = self.step + 1;
+        let mut mask = vec![0.0f32; self.batch * len];
+        for (row, &start) in mask.chunks_exact_mut(len).zip(&self.starts) {
+            row[..start].fill(f32::NEG_INFINITY);
+        }
+        Some(mask)
+    }
+
+    /// Adds the rows of `other`, a state just started (no token fed yet, one row per source)
+    /// for new sequences, to this running one (also one row per source): their caches start
+    /// at this state's current position. Cross-attention keys/values of both are padded to
+    /// the longer source. `other`'s rows come after this state's, in order.
+    pub fn append<B: Backend<Tensor = T>>(
+        &mut self,
+        backend: &B,
+        other: DecoderState<T>,
+    ) -> Result<()> {
+        use crate::error::T5Error;
+        if self.group != 1 || other.group != 1 || other.step != 0 {
+            return Err(T5Error::Input(
+                "only fresh one-row-per-source states can join a running one".into(),
+            ));
+        }
+        if self.cross_bf16 != other.cross_bf16 || self.dims.inner != other.dims.inner {
+            return Err(T5Error::Input(
+                "states of different models cannot be joined".into(),
+            ));
+        }
+        let inner = self.dims.inner;
+        if self.step >= self.capacity {
+            self.grow(backend)?;
+        }
+        // Self-attention caches: the new rows at this state's capacity, empty.
+        let new_rows = other.batch;
+        let self_len = self.capacity * inner;
+        for (mine, theirs) in self
+            .self_k
+            .iter_mut()
+            .zip(other.self_k)
+            .chain(self.self_v.iter_mut().zip(other.self_v))
+        {
+            let theirs = backend.widen_rows(&theirs, new_rows, other.capacity * inner, self_len)?;
+            *mine = backend.concat(mine, self.batch * self_len, &theirs, new_rows * self_len)?;
+        }
+        // Cross-attention keys/values and masks: both padded to the longer source (masked).
+        let src_len = self.src_len.max(other.src_len);
+        let slot = |len: usize| {
+            if self.cross_bf16 {
+                len * inner / 2
+            } else {
+                len * inner
+            }
+        };
+        let pad = |t: &T, rows: usize, from: usize| -> Result<T> {
+            if from == src_len {
+                backend.gather_rows(t, &(0..rows).collect::<Vec<_>>(), slot(from))
+            } else {
+                backend.widen_rows(t, rows, slot(from), slot(src_len))
+            }
+        };
+        for (mine, theirs) in self
+            .cross_k
+            .iter_mut()
+            .zip(other.cross_k)
+            .chain(self.cross_v.iter_mut().zip(other.cross_v))
+        {
+            let a = pad(mine, self.batch, self.src_len)?;
+            let b = pad(&theirs, new_rows, other.src_len)?;
+            *mine = backend.concat(&a, self.batch * slot(src_len), &b, new_rows * slot(src_len))?;
+        }
+        let widen_mask = |m: &T, rows: usize, from: usize| -> Result<Vec<f32>> {
+            let host = backend.download(m, rows * from)?;
+            let mut out = vec![f32::NEG_INFINITY; rows * src_len];
+            for (dst, row) in out.chunks_exact_mut(src_len).zip(host.chunks_exact(from)) {
+                dst[..from].copy_from_slice(row);
+            }
+            Ok(out)
+        };
+        let mut mask = widen_mask(&self.cross_mask, self.batch, self.src_len)?;
+        mask.extend(widen_mask(&other.cross_mask, new_rows, other.src_len)?);
+        self.cross_mask = backend.upload(&mask)?;
+        self.src_len = src_len;
+        self.starts.extend(std::iter::repeat_n(self.step, new_rows));
+        self.batch += new_rows;
+        if self.batch > self.scratch.rows {
+            self.scratch = DecoderScratch::new(backend, self.batch, self.dims)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the cache positions no row reads any more (those before the earliest row's
+    /// start), so that a batch that runs for ever keeps caches as long as its longest row.
+    pub fn compact<B: Backend<Tensor = T>>(&mut self, backend: &B) -> Result<()> {
+        let shift = self.starts.iter().copied().min().unwrap_or(0);
+        if shift == 0 {
+            return Ok(());
+        }
+        let inner = self.dims.inner;
+        let row_len = self.capacity * inner;
+        let keep = (self.step - shift) * inner;
+        for t in self.self_k.iter_mut().chain(self.self_v.iter_mut()) {
+            let kept = backend.slice_rows(t, self.batch, row_len, shift * inner, keep)?;
+            *t = backend.widen_rows(&kept, self.batch, keep, row_len)?;
+        }
+        self.step -= shift;
+        self.starts.iter_mut().for_each(|s| *s -= shift);
+        Ok(())
     }
 
     /// Doubles the self-attention caches (up to `max_steps` positions), keeping their content.
@@ -149,6 +273,7 @@ impl<T> DecoderState<T> {
         for t in self.self_k.iter_mut().chain(self.self_v.iter_mut()) {
             *t = backend.gather_rows(t, rows, self_row)?;
         }
+        self.starts = rows.iter().map(|&r| self.starts[r]).collect();
         if rows.len() > self.scratch.rows {
             self.scratch = DecoderScratch::new(backend, rows.len(), self.dims)?;
         }

@@ -89,14 +89,22 @@ fn scores_to_probs(
             row[i] += bias[i];
         }
     }
+    let mut start = 0;
     if let Some(mask) = mask {
         let at = kv_b * s.kv_len;
         let mask = &mask[at..at + s.kv_len];
         for i in 0..row.len() {
             row[i] += mask[i];
         }
+        // Keys masked at the start of the row (a row that joined a running batch later) are
+        // left out of the softmax, so that its sums run over the same values in the same
+        // lanes as without them.
+        while start + 1 < mask.len() && mask[start] == f32::NEG_INFINITY {
+            start += 1;
+        }
+        row[..start].fill(0.0);
     }
-    softmax_in_place(row);
+    softmax_in_place(&mut row[start..]);
 }
 
 /// [`scores_to_probs`] for every query row `i` of `scores` (`[q_len, kv_len]`).

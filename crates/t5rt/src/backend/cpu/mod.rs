@@ -410,6 +410,41 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
+    fn concat(&self, a: &Vec<f32>, a_len: usize, b: &Vec<f32>, b_len: usize) -> Result<Vec<f32>> {
+        check_len("concat a", a.len(), a_len)?;
+        check_len("concat b", b.len(), b_len)?;
+        let mut out = try_filled(0, 0.0)?;
+        out.try_reserve_exact(a_len.saturating_add(b_len))
+            .map_err(|_| T5Error::Backend("out of memory in concat".into()))?;
+        out.extend_from_slice(&a[..a_len]);
+        out.extend_from_slice(&b[..b_len]);
+        Ok(out)
+    }
+
+    fn slice_rows(
+        &self,
+        src: &Vec<f32>,
+        rows: usize,
+        row_len: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        check_len("slice_rows", src.len(), rows.saturating_mul(row_len))?;
+        if start.saturating_add(len) > row_len {
+            return Err(T5Error::Backend(format!(
+                "slice_rows: [{start}, {start} + {len}) is outside rows of {row_len}"
+            )));
+        }
+        let mut out = try_filled(rows.saturating_mul(len), 0.0)?;
+        for (dst, row) in out
+            .chunks_exact_mut(len.max(1))
+            .zip(src.chunks_exact(row_len.max(1)))
+        {
+            dst.copy_from_slice(&row[start..start + len]);
+        }
+        Ok(out)
+    }
+
     fn argmax_rows(&self, x: &Vec<f32>, rows: usize, n: usize) -> Result<Vec<u32>> {
         check_len("argmax_rows", x.len(), rows * n)?;
         Ok(x[..rows * n]
