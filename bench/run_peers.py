@@ -54,6 +54,21 @@ def synthetic_inputs(batch, length, vocab, seed=SEED):
 
 def prepare(name, out):
     """HF checkpoint + synthetic tokenizer + ONNX export + CTranslate2 conversions."""
+    prepare_hf(name, out)
+    onnx = out / "onnx"
+    if not (onnx / "config.json").is_file():
+        from optimum.onnxruntime import ORTModelForSeq2SeqLM
+        ORTModelForSeq2SeqLM.from_pretrained(out / "hf", export=True, use_cache=True).save_pretrained(onnx)
+    import ctranslate2.converters
+    for quant in ("float32", "int8"):
+        ct2 = out / f"ct2-{quant}"
+        if not (ct2 / "model.bin").is_file():
+            ctranslate2.converters.TransformersConverter(str(out / "hf")).convert(
+                str(ct2), quantization=quant, force=True)
+
+
+def prepare_hf(name, out):
+    """The HF checkpoint (random weights, seeded) with a word-level tokenizer: `t{id}` words."""
     import torch
     from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -76,16 +91,6 @@ def prepare(name, out):
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                 unk_token="<unk>").save_pretrained(hf)
-    onnx = out / "onnx"
-    if not (onnx / "config.json").is_file():
-        from optimum.onnxruntime import ORTModelForSeq2SeqLM
-        ORTModelForSeq2SeqLM.from_pretrained(hf, export=True, use_cache=True).save_pretrained(onnx)
-    import ctranslate2.converters
-    for quant in ("float32", "int8"):
-        ct2 = out / f"ct2-{quant}"
-        if not (ct2 / "model.bin").is_file():
-            ctranslate2.converters.TransformersConverter(str(hf)).convert(
-                str(ct2), quantization=quant, force=True)
 
 
 # ---------------------------------------------------------------- one system, one process
@@ -340,7 +345,11 @@ def write_markdown(all_results, meta, path):
                                  f"{ms:.2f} | {ms / floor:.2f}x | {ms / floor_best:.2f}x | "
                                  f"{now[0]} | {now[1]} |")
         lines.append("")
-    path.write_text("\n".join(lines) + "\n")
+    # Keep the serving section bench/load.py writes.
+    marker = "## Serving under load"
+    old = path.read_text() if path.is_file() else ""
+    tail = ("\n" + marker + old.split(marker, 1)[1]) if marker in old else ""
+    path.write_text("\n".join(lines) + "\n" + tail)
 
 
 def main():

@@ -119,12 +119,24 @@ pub(super) fn admit<B: Backend>(
     done: impl Fn(),
 ) {
     let start = model.config.decoder_start_token_id;
-    let inputs: Vec<Vec<u32>> = reqs.iter().map(|r| r.input.clone()).collect();
-    let fresh = model
-        .encode(&inputs)
-        .and_then(|enc| model.start_decoding(&enc, max_steps));
+    // Each input is encoded alone (no encoder work on padding: arrivals differ in length),
+    // then their fresh states are joined into one before joining the running batch.
+    let fresh = reqs
+        .iter()
+        .try_fold(None, |acc: Option<DecoderState<B::Tensor>>, r| {
+            let enc = model.encode(std::slice::from_ref(&r.input))?;
+            let state = model.start_decoding(&enc, max_steps)?;
+            Ok::<_, crate::error::T5Error>(Some(match acc {
+                None => state,
+                Some(mut joined) => {
+                    joined.append(&model.backend, state)?;
+                    joined
+                }
+            }))
+        });
     let fresh = match fresh {
-        Ok(state) => state,
+        Ok(None) => return, // nothing admitted
+        Ok(Some(state)) => state,
         Err(e) => {
             for r in reqs {
                 r.send(Event::Error(e.to_string()));
