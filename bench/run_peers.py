@@ -378,6 +378,7 @@ def main():
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     t5rt_version = subprocess.run([args.t5rt, "--version"], capture_output=True, text=True).stdout.strip()
+    commit = t5rt_commit()  # at the start: the tree the binary was built from
     all_results = {}
     for name in args.models.split(","):
         model_dir = ROOT / "bench" / "models" / name
@@ -401,7 +402,7 @@ def main():
         (results_dir / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
         all_results[name] = res
     meta = {"date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions(),
-            "t5rt": t5rt_version, "t5rt_commit": t5rt_commit(), "repeats": args.repeats,
+            "t5rt": t5rt_version, "t5rt_commit": commit, "repeats": args.repeats,
             "warmup": args.warmup, "threads": THREADS,
             "t5rt_kernels": "; ".join(sorted({r[s]["device"] for r in all_results.values()
                                                 for s in T5RT if s in r}))}
