@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use t5rt::{Backend, Checkpoint, CpuBackend, GenerationConfig, WeightDtype};
 
-use crate::default_model;
+use t5rt::bundled as default_model;
 
 /// The standard cases of the benchmark.
 const STANDARD: [(&str, usize, usize, usize); 4] = [

@@ -13,8 +13,8 @@ use t5rt::{
     T5Tokenizer, WeightDtype,
 };
 
-use crate::default_model;
 use crate::inputs::{read_file, InputFormat, Request};
+use t5rt::bundled as default_model;
 
 #[derive(Args)]
 #[command(after_help = "Examples:\n  \

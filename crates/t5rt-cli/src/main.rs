@@ -1,7 +1,6 @@
 //! `t5rt`: run T5-family models from the command line.
 
 mod bench_cmd;
-mod default_model;
 mod generate_cmd;
 mod inputs;
 mod serve_cmd;

@@ -13,7 +13,7 @@ use t5rt::{Backend, Checkpoint, CpuBackend, GenerationConfig, WeightDtype};
 use t5rt_server::validation::Limits;
 use t5rt_server::AppState;
 
-use crate::default_model;
+use t5rt::bundled as default_model;
 
 #[derive(Args)]
 #[command(

@@ -1,7 +1,8 @@
-//! The bundled default model (models/spell-numbers), compiled into the binary so that
-//! `t5rt generate "spell: 1984"` works with no download and no path.
+//! The bundled default model (models/spell-numbers, 1.8M parameters, spells out numbers),
+//! compiled into the program (feature `bundled`) so that `t5rt generate "spell: 1984"` and
+//! `t5rt.Model()` work with no download and no path.
 
-use t5rt::{Checkpoint, Result};
+use crate::{Checkpoint, Result};
 
 /// Shown in logs and errors.
 pub const NAME: &str = "bundled spell-numbers model";
@@ -11,6 +12,7 @@ const GENERATION: &str = include_str!("../../../models/spell-numbers/generation_
 const TOKENIZER: &[u8] = include_bytes!("../../../models/spell-numbers/tokenizer.json");
 static WEIGHTS: &[u8] = include_bytes!("../../../models/spell-numbers/model.safetensors");
 
+/// The bundled model as a checkpoint.
 pub fn checkpoint() -> Result<Checkpoint> {
     Checkpoint::from_static(NAME, CONFIG, WEIGHTS, Some(TOKENIZER), Some(GENERATION))
 }

@@ -22,6 +22,48 @@ fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| T5Error::io(path, e))
 }
 
+/// The checkpoint's tokenizer, in order of preference: `tokenizer.json`; ByT5's bytes when
+/// `tokenizer_config.json` or `config.json` names `ByT5Tokenizer`; `spiece.model` converted as
+/// Hugging Face converts it; none (token ids only).
+fn find_tokenizer(dir: &Path, config: &T5Config) -> Result<Option<T5Tokenizer>> {
+    let json_path = dir.join("tokenizer.json");
+    if json_path.is_file() {
+        return T5Tokenizer::from_file(&json_path).map(Some);
+    }
+    let cfg_path = dir.join("tokenizer_config.json");
+    let tok_cfg: serde_json::Value = if cfg_path.is_file() {
+        serde_json::from_str(&read_text(&cfg_path)?).map_err(|e| T5Error::Json {
+            path: cfg_path.clone(),
+            message: e.to_string(),
+        })?
+    } else {
+        serde_json::Value::Null
+    };
+    let class = tok_cfg
+        .get("tokenizer_class")
+        .and_then(|c| c.as_str())
+        .or(config.tokenizer_class.as_deref());
+    if class == Some("ByT5Tokenizer") {
+        let extra = tok_cfg
+            .get("extra_ids")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(125);
+        let extra = u32::try_from(extra).map_err(|_| {
+            T5Error::config(
+                "extra_ids",
+                format!("{extra} in tokenizer_config.json is too large"),
+            )
+        })?;
+        return Ok(Some(T5Tokenizer::byt5(extra)));
+    }
+    let spm_path = dir.join("spiece.model");
+    if spm_path.is_file() {
+        let options = crate::tokenizer::spiece::T5Options::from_config(&tok_cfg);
+        return T5Tokenizer::from_spiece(&spm_path, &options).map(Some);
+    }
+    Ok(None)
+}
+
 impl Checkpoint {
     /// Opens a checkpoint directory (no conversion needed).
     pub fn open(dir: &Path) -> Result<Self> {
@@ -51,12 +93,7 @@ impl Checkpoint {
         } else {
             GenerationDefaults::default()
         };
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer = if tok_path.is_file() {
-            Some(T5Tokenizer::from_file(&tok_path)?)
-        } else {
-            None
-        };
+        let tokenizer = find_tokenizer(dir, &config)?;
         let store = TensorStore::open_dir(dir)?;
         Self::checked(config, store, tokenizer, generation)
     }
@@ -90,7 +127,7 @@ impl Checkpoint {
                 return Err(T5Error::config(
                     "vocab_size",
                     format!(
-                        "{} is smaller than the tokenizer's {} tokens; tokenizer.json belongs to another model",
+                        "{} is smaller than the tokenizer's {} tokens; the tokenizer belongs to another model",
                         config.vocab_size,
                         tok.vocab_size()
                     ),

@@ -40,6 +40,8 @@ pub struct T5Config {
     pub pad_token_id: u32,
     pub eos_token_id: u32,
     pub decoder_start_token_id: u32,
+    /// `tokenizer_class` when config.json names one (ByT5: `ByT5Tokenizer`).
+    pub tokenizer_class: Option<String>,
 }
 
 /// `eos_token_id` is an int in T5 configs, a list in some generation configs.
@@ -80,6 +82,7 @@ struct RawConfig {
     eos_token_id: Option<OneOrMany>,
     decoder_start_token_id: Option<i64>,
     is_encoder_decoder: Option<bool>,
+    tokenizer_class: Option<String>,
 }
 
 /// Upper bounds on the config's dimensions: several times the largest published T5-family
@@ -281,6 +284,7 @@ impl T5Config {
             pad_token_id: pad,
             eos_token_id: eos,
             decoder_start_token_id: start,
+            tokenizer_class: raw.tokenizer_class,
         })
     }
 

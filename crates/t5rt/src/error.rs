@@ -33,6 +33,11 @@ pub enum T5Error {
     #[error("{path}: not a valid safetensors file ({message}); the file is truncated or corrupt, download it again")]
     Safetensors { path: PathBuf, message: String },
 
+    /// A `pytorch_model.bin` that cannot be read (corrupt, legacy format, or a pickle that
+    /// asks for anything but tensors).
+    #[error("{path}: cannot read this PyTorch checkpoint: {message}")]
+    TorchCheckpoint { path: PathBuf, message: String },
+
     /// A tensor the model needs is absent from the checkpoint.
     #[error("tensor `{name}` is missing from {source_name}; is this a T5-family checkpoint (T5ForConditionalGeneration)?")]
     MissingTensor { name: String, source_name: String },
@@ -64,6 +69,10 @@ pub enum T5Error {
     /// A device or kernel failure.
     #[error("backend: {0}")]
     Backend(String),
+
+    /// The caller cancelled the work (`generate_cancellable`).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl T5Error {

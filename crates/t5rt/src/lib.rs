@@ -15,6 +15,8 @@
 //! stores the linear layers' weights in that precision (see the README's Precision section).
 
 pub mod backend;
+#[cfg(feature = "bundled")]
+pub mod bundled;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
@@ -31,8 +33,8 @@ pub use checkpoint::Checkpoint;
 pub use config::{Activation, GenerationDefaults, T5Config};
 pub use error::{Result, T5Error};
 pub use generate::{
-    generate, generate_with_stats, EarlyStopping, GenerationConfig, GenerationStats, Hypothesis,
-    Limits,
+    generate, generate_cancellable, generate_with_stats, EarlyStopping, GenerationConfig,
+    GenerationStats, Hypothesis, Limits,
 };
 pub use model::{DecoderState, EncoderOutput, T5Model};
 pub use tokenizer::{Input, T5Tokenizer};

@@ -1,4 +1,6 @@
-//! Checkpoint tensors: `model.safetensors` or a sharded `model.safetensors.index.json`,
+//! Checkpoint tensors: `model.safetensors` or a sharded `model.safetensors.index.json`
+//! (preferred), else PyTorch's `pytorch_model.bin` or a sharded `pytorch_model.bin.index.json`
+//! (zip archives read through a restricted unpickler, [`pickle`], that never runs code);
 //! memory-mapped and converted once to f32 on request.
 //!
 //! Values are read with `from_le_bytes`, so tensors at misaligned offsets load as well as
@@ -8,9 +10,22 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use safetensors::tensor::{Dtype, SafeTensors};
 
 use crate::error::{Result, T5Error};
+
+pub mod pickle;
+mod torch_zip;
+
+/// Where one tensor's bytes lie in its file, and how to read them.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TensorEntry {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range in the file.
+    pub start: usize,
+    pub end: usize,
+}
 
 /// A tensor in host memory, f32, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,13 +75,25 @@ impl Bytes {
 struct Shard {
     name: String,
     bytes: Bytes,
-    /// Offset of the data section (after the 8-byte length and the JSON header).
-    data_start: usize,
-    metadata: Metadata,
+    tensors: HashMap<String, TensorEntry>,
 }
 
 impl Shard {
+    /// A safetensors file, or (by its content) a PyTorch zip archive.
     fn parse(name: String, bytes: Bytes) -> Result<Self> {
+        if torch_zip::is_zip(bytes.as_slice()) || name.ends_with(".bin") {
+            let tensors = torch_zip::tensors(bytes.as_slice()).map_err(|message| {
+                T5Error::TorchCheckpoint {
+                    path: PathBuf::from(&name),
+                    message,
+                }
+            })?;
+            return Ok(Shard {
+                name,
+                bytes,
+                tensors,
+            });
+        }
         let corrupt = |message: String| T5Error::Safetensors {
             path: PathBuf::from(&name),
             message,
@@ -75,11 +102,25 @@ impl Shard {
         SafeTensors::deserialize(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
         let (header_len, metadata) =
             SafeTensors::read_metadata(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
+        let data_start = 8 + header_len;
+        let tensors = metadata
+            .tensors()
+            .into_iter()
+            .map(|(n, info)| {
+                let (b, e) = info.data_offsets;
+                let entry = TensorEntry {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + b,
+                    end: data_start + e,
+                };
+                (n, entry)
+            })
+            .collect();
         Ok(Shard {
             name,
             bytes,
-            data_start: 8 + header_len,
-            metadata,
+            tensors,
         })
     }
 }
@@ -99,50 +140,29 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap> {
 }
 
 impl TensorStore {
-    /// Opens the weights of a checkpoint directory.
+    /// Opens the weights of a checkpoint directory: `model.safetensors` (or its sharded
+    /// index) when present, else `pytorch_model.bin` (or its sharded index).
     pub fn open_dir(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        if single.is_file() {
-            return Self::open_files(&[single], dir.display().to_string());
-        }
-        if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| T5Error::io(&index, e))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| T5Error::Json {
-                    path: index.clone(),
-                    message: e.to_string(),
-                })?;
-            let map = json
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| T5Error::Json {
-                    path: index.clone(),
-                    message: "no `weight_map` object".into(),
-                })?;
-            let mut files: Vec<PathBuf> = Vec::new();
-            for file in map.values() {
-                let name = file.as_str().ok_or_else(|| T5Error::Json {
-                    path: index.clone(),
-                    message: "`weight_map` values must be file names".into(),
-                })?;
-                let path = dir.join(name);
-                if !files.contains(&path) {
-                    files.push(path);
-                }
+        let description = dir.display().to_string();
+        for (single, index) in [
+            ("model.safetensors", "model.safetensors.index.json"),
+            ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+        ] {
+            let single = dir.join(single);
+            if single.is_file() {
+                return Self::open_files(&[single], description);
             }
-            files.sort();
-            return Self::open_files(&files, dir.display().to_string());
+            let index = dir.join(index);
+            if index.is_file() {
+                let files = shard_files(dir, &index)?;
+                return Self::open_files(&files, description);
+            }
         }
-        let hint = if dir.join("pytorch_model.bin").is_file() {
-            "this checkpoint only has pytorch_model.bin; convert it once with Python: \
-             `T5ForConditionalGeneration.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)`"
-                .to_string()
-        } else {
-            "a checkpoint directory needs model.safetensors (or model.safetensors.index.json with its shards)"
-                .to_string()
-        };
-        Err(T5Error::MissingFile { path: single, hint })
+        Err(T5Error::MissingFile {
+            path: dir.join("model.safetensors"),
+            hint: "a checkpoint directory needs model.safetensors or pytorch_model.bin (or a sharded index of either)"
+                .into(),
+        })
     }
 
     /// Opens one safetensors file.
@@ -156,7 +176,7 @@ impl TensorStore {
             if !path.is_file() {
                 return Err(T5Error::MissingFile {
                     path: path.clone(),
-                    hint: "listed in model.safetensors.index.json but absent; download every shard"
+                    hint: "listed in the checkpoint's index but absent; download every shard"
                         .into(),
                 });
             }
@@ -175,7 +195,7 @@ impl TensorStore {
     fn from_shards(shards: Vec<Shard>, description: String) -> Result<Self> {
         let mut index = HashMap::new();
         for (i, shard) in shards.iter().enumerate() {
-            for name in shard.metadata.tensors().keys() {
+            for name in shard.tensors.keys() {
                 index.insert(name.clone(), i);
             }
         }
@@ -196,7 +216,7 @@ impl TensorStore {
     /// Shape of a tensor, if present.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         let shard = &self.shards[*self.index.get(name)?];
-        shard.metadata.info(name).map(|i| i.shape.clone())
+        shard.tensors.get(name).map(|t| t.shape.clone())
     }
 
     /// Whether a tensor of this name exists.
@@ -215,9 +235,9 @@ impl TensorStore {
                 source_name: self.description.clone(),
             })?;
         let info = shard
-            .metadata
-            .info(name)
-            .expect("indexed tensor has metadata");
+            .tensors
+            .get(name)
+            .expect("indexed tensor has an entry");
         if info.shape != expected {
             return Err(T5Error::ShapeMismatch {
                 name: name.to_string(),
@@ -225,8 +245,7 @@ impl TensorStore {
                 found: info.shape.clone(),
             });
         }
-        let (begin, end) = info.data_offsets;
-        let (start, end) = (shard.data_start + begin, shard.data_start + end);
+        let (start, end) = (info.start, info.end);
         let data = decode(name, info.dtype, &shard.bytes.as_slice()[start..end])?;
         shard.bytes.release(start, end);
         debug_assert_eq!(
@@ -240,6 +259,42 @@ impl TensorStore {
             data,
         })
     }
+}
+
+/// The shard files a sharded index names (`weight_map` values), each once, sorted.
+fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| T5Error::io(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| T5Error::Json {
+        path: index.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| T5Error::Json {
+            path: index.to_path_buf(),
+            message: "no `weight_map` object".into(),
+        })?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for file in map.values() {
+        let name = file.as_str().ok_or_else(|| T5Error::Json {
+            path: index.to_path_buf(),
+            message: "`weight_map` values must be file names".into(),
+        })?;
+        // Shards live next to the index: no other directory.
+        if name.contains('/') || name.contains('\\') || name == ".." {
+            return Err(T5Error::Json {
+                path: index.to_path_buf(),
+                message: format!("`{name}` is not a file name in this directory"),
+            });
+        }
+        let path = dir.join(name);
+        if !files.contains(&path) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// Converts little-endian stored values to f32. Works at any alignment.

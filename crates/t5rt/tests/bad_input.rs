@@ -89,12 +89,13 @@ fn missing_directory_and_files() {
 }
 
 #[test]
-fn pytorch_bin_only_explains_how_to_convert() {
+fn a_pytorch_bin_that_is_not_one_is_a_clear_error() {
+    // (Real pytorch_model.bin files load: tests/formats.rs.)
     let (_tmp, dir) = fixture_copy();
     std::fs::rename(dir.join("model.safetensors"), dir.join("pytorch_model.bin")).unwrap();
     let msg = err_text(&dir);
     assert!(
-        msg.contains("pytorch_model.bin") && msg.contains("safe_serialization=True"),
+        msg.contains("pytorch_model.bin") && msg.contains("not a PyTorch checkpoint"),
         "{msg}"
     );
 }

@@ -28,12 +28,21 @@ fn run(b: &CpuBackend, x: &[f32], w: &[f32], init: &[f32], d: MatDims, acc: bool
     b.download(&out, d.m * d.n).unwrap()
 }
 
-fn check(dtype: WeightDtype, tol: f32) {
-    let want_fn = match dtype {
-        WeightDtype::Bf16 => reference::matmul_nt_bf16,
+/// The scalar reference of a path: bf16 rounds the activations where `vdpbf16ps` (or the
+/// portable code that follows it) runs, and keeps them in f32 in the widened tiles.
+fn reference_for(
+    dtype: WeightDtype,
+    level: t5rt::IsaLevel,
+) -> fn(&[f32], &[f32], MatDims) -> Vec<f32> {
+    match dtype {
+        WeightDtype::Bf16 if level.bf16_rounds_activations() => reference::matmul_nt_bf16,
+        WeightDtype::Bf16 => reference::matmul_nt_bf16_weights,
         WeightDtype::Int8 => reference::matmul_nt_int8,
         WeightDtype::F32 => unreachable!(),
-    };
+    }
+}
+
+fn check(dtype: WeightDtype, tol: f32) {
     let mut rng = Rng::new(11);
     for (m, n, k) in SHAPES {
         let d = MatDims { m, n, k };
@@ -42,11 +51,13 @@ fn check(dtype: WeightDtype, tol: f32) {
             .map(|i| rng.f32() * (1 + i / k) as f32 * 3.0)
             .collect();
         let (w, init) = (rng.vec(n * k), rng.vec(m * n));
-        let want = want_fn(&x, &w, d);
-        let want_acc: Vec<f32> = want.iter().zip(&init).map(|(a, b)| a + b).collect();
-        let mut first: Option<Vec<f32>> = None;
+        // The first result of each contract, which the other paths of that contract must match.
+        let mut first: Vec<(bool, Vec<f32>)> = Vec::new();
         for b in common::cpu_backends(dtype) {
             let what = format!("{dtype} matmul {m}x{n}x{k} on {}", b.name());
+            let contract = dtype == WeightDtype::Bf16 && b.isa().bf16_rounds_activations();
+            let want = reference_for(dtype, b.isa())(&x, &w, d);
+            let want_acc: Vec<f32> = want.iter().zip(&init).map(|(a, b)| a + b).collect();
             let got = run(&b, &x, &w, &init, d, false);
             assert_close(&what, &got, &want, tol);
             assert_close(
@@ -55,13 +66,63 @@ fn check(dtype: WeightDtype, tol: f32) {
                 &want_acc,
                 tol,
             );
-            // The SIMD tiles and the portable ones sum in the same order (for bf16: the order
-            // Intel's manual gives `vdpbf16ps`; a CPU that rounds the pair otherwise stays
-            // within this bound too, see `bf16_dot_order` in kernels.rs).
-            match &first {
-                None => first = Some(got),
-                Some(f) => assert_close(&format!("{what} vs first backend"), &got, f, 1e-6),
+            // The SIMD tiles and the portable ones of one contract sum in the same order (for
+            // bf16 with rounded activations: the order Intel's manual gives `vdpbf16ps`; a CPU
+            // that rounds the pair otherwise stays within this bound too, see
+            // `bf16_dot_order` in kernels.rs).
+            match first.iter().find(|(c, _)| *c == contract) {
+                None => first.push((contract, got)),
+                Some((_, f)) => assert_close(&format!("{what} vs first backend"), &got, f, 1e-6),
             }
+        }
+    }
+}
+
+/// The tiles for CPUs without the dot-product instructions are bitwise what the others
+/// compute: widened bf16 is the f32 tile on bf16-rounded weights; int8 through 16-bit
+/// products is `vpdpbusd`'s exact sums (compared where the CPU has VNNI, else with the
+/// portable sums).
+#[test]
+fn no_dot_tiles_are_bitwise_exact() {
+    use t5rt::IsaLevel;
+    let mut rng = Rng::new(13);
+    for (m, n, k) in SHAPES {
+        let d = MatDims { m, n, k };
+        let (x, w) = (rng.vec(m * k), rng.vec(n * k));
+        let rounded: Vec<f32> = w.iter().map(|&v| reference::round_bf16(v)).collect();
+        let zero = vec![0.0; m * n];
+        for level in [IsaLevel::Avx512bw, IsaLevel::Avx2] {
+            if !level.available() {
+                common::once(format!(
+                    "SKIPPED widened bf16 / 16-bit int8 at {level}: this CPU lacks {}",
+                    level.features()
+                ));
+                continue;
+            }
+            let f32_tile = CpuBackend::with_isa(2, level).unwrap();
+            let widened = CpuBackend::with_isa(2, level)
+                .unwrap()
+                .with_dtype(WeightDtype::Bf16);
+            assert_eq!(
+                run(&widened, &x, &w, &zero, d, false),
+                run(&f32_tile, &x, &rounded, &zero, d, false),
+                "bf16 widened at {level}, {m}x{n}x{k}"
+            );
+            let exact_level = if IsaLevel::Avx512Vnni.available() {
+                IsaLevel::Avx512Vnni
+            } else {
+                IsaLevel::Portable
+            };
+            let int8 = |l| {
+                CpuBackend::with_isa(2, l)
+                    .unwrap()
+                    .with_dtype(WeightDtype::Int8)
+            };
+            assert_eq!(
+                run(&int8(level), &x, &w, &zero, d, false),
+                run(&int8(exact_level), &x, &w, &zero, d, false),
+                "int8 at {level} vs {exact_level}, {m}x{n}x{k}"
+            );
         }
     }
 }

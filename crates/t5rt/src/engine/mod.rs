@@ -24,6 +24,8 @@ use crate::model::T5Model;
 use crate::tokenizer::T5Tokenizer;
 
 pub use queue::SubmitError;
+/// What [`RequestStream::events`]`.try_recv()` answers when no event is there.
+pub use tokio::sync::mpsc::error::TryRecvError;
 
 /// When waiting requests join the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

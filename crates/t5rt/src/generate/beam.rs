@@ -60,6 +60,7 @@ pub(crate) fn beam_search<B: Backend>(
     model: &T5Model<B>,
     inputs: &[Vec<u32>],
     cfg: &GenerationConfig,
+    cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<(Vec<Vec<Hypothesis>>, f64)> {
     let mc = &model.config;
     let backend = &model.backend;
@@ -95,6 +96,7 @@ pub(crate) fn beam_search<B: Backend>(
         .collect();
     let mut cur_len = 1; // tokens in each running sequence, start token included
     loop {
+        super::check_cancel(cancel)?;
         let tokens: Vec<u32> = sources
             .iter()
             .flat_map(|s| s.running.iter().map(|(seq, _)| *seq.last().unwrap()))

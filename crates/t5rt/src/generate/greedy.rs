@@ -19,6 +19,7 @@ pub(crate) fn decode_rows<B: Backend>(
     cfg: &GenerationConfig,
     streams: &[u64],
     stop: Option<&StopStrings>,
+    cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<(Vec<Vec<u32>>, f64)> {
     let mc = &model.config;
     let backend = &model.backend;
@@ -50,6 +51,7 @@ pub(crate) fn decode_rows<B: Backend>(
     let mut active: Vec<usize> = (0..inputs.len()).collect();
     let mut tokens = vec![mc.decoder_start_token_id; inputs.len()];
     for step in 0..limit {
+        super::check_cancel(cancel)?;
         let rows = active.len();
         let logits = model.decode_step(&tokens, &mut state)?;
         let next = if on_host {

@@ -11,6 +11,8 @@ pub mod memory;
 pub(crate) mod sampling;
 mod stop;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::backend::Backend;
 use crate::error::{Result, T5Error};
 use crate::model::T5Model;
@@ -61,7 +63,21 @@ pub fn generate_with_stats<B: Backend>(
     inputs: &[Vec<u32>],
     cfg: &GenerationConfig,
     tokenizer: Option<&T5Tokenizer>,
+    progress: impl FnMut(usize),
+) -> Result<(Vec<Vec<Hypothesis>>, GenerationStats)> {
+    let never = AtomicBool::new(false);
+    generate_cancellable(model, inputs, cfg, tokenizer, progress, &never)
+}
+
+/// [`generate_with_stats`] that stops with [`T5Error::Cancelled`] at the next decoding step
+/// once `cancel` is set (from another thread: a Ctrl-C handler, a client that went away).
+pub fn generate_cancellable<B: Backend>(
+    model: &T5Model<B>,
+    inputs: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    tokenizer: Option<&T5Tokenizer>,
     mut progress: impl FnMut(usize),
+    cancel: &AtomicBool,
 ) -> Result<(Vec<Vec<Hypothesis>>, GenerationStats)> {
     cfg.validate(&model.config)?;
     model.check_inputs(inputs)?;
@@ -126,7 +142,7 @@ pub fn generate_with_stats<B: Backend>(
         let started = std::time::Instant::now();
         let (results, encode_secs) = model
             .backend
-            .run(|| generate_batch(model, inputs, chunk, cfg, stop.as_ref()))?;
+            .run(|| generate_batch(model, inputs, chunk, cfg, stop.as_ref(), cancel))?;
         stats.encode_secs += encode_secs;
         stats.decode_secs += started.elapsed().as_secs_f64() - encode_secs;
         stats.new_tokens += results.iter().flatten().map(|h| h.ids.len()).sum::<usize>();
@@ -141,6 +157,14 @@ pub fn generate_with_stats<B: Backend>(
     Ok((outputs, stats))
 }
 
+/// [`T5Error::Cancelled`] once `cancel` is set: checked before each decoding step.
+pub(crate) fn check_cancel(cancel: &AtomicBool) -> Result<()> {
+    if cancel.load(Ordering::Relaxed) {
+        return Err(T5Error::Cancelled);
+    }
+    Ok(())
+}
+
 /// One padded batch of units (input index, copy): per unit, its hypotheses (beam search:
 /// the n best; otherwise the one sequence of that copy). Also returns the seconds spent
 /// encoding.
@@ -150,14 +174,15 @@ fn generate_batch<B: Backend>(
     chunk: &[(usize, usize)],
     cfg: &GenerationConfig,
     stop: Option<&StopStrings>,
+    cancel: &AtomicBool,
 ) -> Result<(Vec<Vec<Hypothesis>>, f64)> {
     let batch: Vec<Vec<u32>> = chunk.iter().map(|&(i, _)| inputs[i].clone()).collect();
     if cfg.num_beams > 1 {
-        return beam::beam_search(model, &batch, cfg);
+        return beam::beam_search(model, &batch, cfg, cancel);
     }
     let n = cfg.num_return_sequences;
     let streams: Vec<u64> = chunk.iter().map(|&(i, j)| (i * n + j) as u64).collect();
-    let (outs, encode_secs) = greedy::decode_rows(model, &batch, cfg, &streams, stop)?;
+    let (outs, encode_secs) = greedy::decode_rows(model, &batch, cfg, &streams, stop, cancel)?;
     let hyps = outs
         .into_iter()
         .map(|ids| vec![Hypothesis { ids, score: None }])

@@ -126,6 +126,13 @@ impl IsaLevel {
         )))
     }
 
+    /// Whether bf16 products round the activations to bf16 at this level (`vdpbf16ps`, and the
+    /// portable code that follows it), or keep them in f32 (the widened tiles of AVX2 and
+    /// AVX-512 without BF16).
+    pub fn bf16_rounds_activations(self) -> bool {
+        self == IsaLevel::Portable || self == IsaLevel::Avx512Bf16
+    }
+
     /// Whether the AVX-512 kernels (f32 tiles, attention, activations, quantization) run.
     pub fn avx512(self) -> bool {
         self >= IsaLevel::Avx512bw
@@ -138,11 +145,12 @@ impl IsaLevel {
             (WeightDtype::F32, Avx512bw | Avx512Vnni | Avx512Bf16) => "avx512 fma",
             (WeightDtype::F32, Avx2) => "avx2 fma",
             (WeightDtype::Bf16, Avx512Bf16) => "avx512-bf16 vdpbf16ps",
+            (WeightDtype::Bf16, Avx512bw | Avx512Vnni) => "avx512 bf16-widened fma",
+            (WeightDtype::Bf16, Avx2) => "avx2 bf16-widened fma",
             (WeightDtype::Int8, Avx512Vnni | Avx512Bf16) => "avx512-vnni vpdpbusd",
+            (WeightDtype::Int8, Avx512bw) => "avx512bw vpmaddwd",
+            (WeightDtype::Int8, Avx2) => "avx2 vpmaddwd",
             (_, Portable) => "portable",
-            // bf16 and int8 without their dot-product instructions: the portable arithmetic,
-            // compiled for AVX2.
-            (_, _) => "portable (avx2)",
         }
     }
 }

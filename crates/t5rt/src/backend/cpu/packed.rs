@@ -22,11 +22,17 @@
 //!   describes it (SDM vol. 2, VDPBF16PS: two FMAs per lane, round-to-nearest-even, inputs
 //!   and outputs denormal-flushed), not one addition of the pair's sum. The portable tile does
 //!   the same (without the denormal flushing); `bf16_dot_order` in the kernel tests measures
-//!   which order the CPU's `vdpbf16ps` follows where the CPU has it.
+//!   which order the CPU's `vdpbf16ps` follows where the CPU has it. Without AVX-512 BF16
+//!   (AVX2, or AVX-512 F/BW) the weights are widened to f32 in registers instead and the
+//!   activations are not rounded: fused multiply-adds in order of `k`, bitwise the f32 tile
+//!   on bf16-rounded weights ([`nodot`]).
+//! - int8 without VNNI: the same exact i32 sums through 16-bit products (`vpmaddwd`, [`nodot`]).
 //! - int8: each weight column has the scale `max|w| / 127` and values `round(w · (1 / scale))`
 //!   (f32 arithmetic, ties to even); each activation row is quantized the same way at run time,
 //!   then offset by 128 to u8 (the operand type of `vpdpbusd`). Sums are exact in i32; the
 //!   offset is taken back with the column sums: `Σ (q+128)·w = Σ q·w + 128·Σ w`.
+
+mod nodot;
 
 use rayon::prelude::*;
 
@@ -587,6 +593,10 @@ fn tile(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize, isa: 
             // SAFETY: as above.
             return unsafe { tile_avx2_f32(x, w, rows, c0, width) };
         }
+        if let Some(kind) = no_dot(w.kind, isa) {
+            // SAFETY: as above; `matmul_packed` gives widened bf16 rows of `2 kg` values.
+            return unsafe { nodot::tile(x, w, rows, c0, kind) };
+        }
         if isa >= Isa::Avx2 {
             // SAFETY: as above.
             return unsafe { tile_portable_avx2(x, w, rows, c0, width) };
@@ -594,6 +604,37 @@ fn tile(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize, isa: 
     }
     let _ = isa;
     tile_portable(x, w, rows, c0, width)
+}
+
+/// The tile of [`nodot`] that `kind` runs at level `isa`, if any: bf16 widened to f32 and
+/// int8 through 16-bit products, where the CPU has AVX2 but not the dot-product instruction.
+fn no_dot(kind: WeightDtype, isa: Isa) -> Option<nodot::NoDot> {
+    use nodot::NoDot;
+    match kind {
+        WeightDtype::Bf16 if isa >= Isa::Avx512Bf16 => None,
+        WeightDtype::Bf16 if isa.avx512() => Some(NoDot::Bf16Avx512),
+        WeightDtype::Bf16 if isa >= Isa::Avx2 => Some(NoDot::Bf16Avx2),
+        WeightDtype::Int8 if isa >= Isa::Avx512Vnni => None,
+        WeightDtype::Int8 if isa.avx512() => Some(NoDot::Int8Avx512bw),
+        WeightDtype::Int8 if isa >= Isa::Avx2 => Some(NoDot::Int8Avx2),
+        _ => None,
+    }
+}
+
+/// Whether bf16 weights run widened to f32 at this level (activations kept in f32).
+pub(super) fn bf16_widened(isa: Isa) -> bool {
+    no_dot(WeightDtype::Bf16, isa).is_some()
+}
+
+/// Rows of `k` f32 values, each padded with zeros to `k_pad` values.
+fn pad_rows(x: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u32> {
+    let mut out = vec![0u32; m * k_pad];
+    for (dst, row) in out.chunks_exact_mut(k_pad).zip(x.chunks_exact(k)) {
+        for (d, v) in dst.iter_mut().zip(row) {
+            *d = v.to_bits();
+        }
+    }
+    out
 }
 
 /// `dst = vals` or `dst += vals`.
@@ -617,9 +658,15 @@ pub(super) fn matmul_packed(
 ) {
     let (n, k) = (w.n, w.k);
     let x = &x[..m * k];
-    let in_place = w.kind == WeightDtype::F32;
+    // Widened bf16 reads f32 activations, two per lane of weights: rows of `2 kg` values,
+    // padded when `k` is odd.
+    let widened = w.kind == WeightDtype::Bf16 && bf16_widened(isa);
+    let xstride = if widened { 2 * w.kg } else { w.kg };
+    let in_place = w.kind == WeightDtype::F32 || (widened && k == xstride);
     let (prepared, xscales) = if in_place {
         (Vec::new(), Vec::new())
+    } else if widened {
+        (pad_rows(x, m, k, xstride), Vec::new())
     } else {
         prepare(x, m, k, w, isa)
     };
@@ -639,7 +686,7 @@ pub(super) fn matmul_packed(
         let r_end = ((rt + 1) * ROWS_PER_TASK).min(m);
         for r0 in (rt * ROWS_PER_TASK..r_end).step_by(MR) {
             let rows = MR.min(r_end - r0);
-            let xs = &xl[r0 * w.kg..(r0 + rows) * w.kg];
+            let xs = &xl[r0 * xstride..(r0 + rows) * xstride];
             let acc = tile(xs, w, rows, c0, width, isa);
             for (r, acc) in acc.iter().enumerate().take(rows) {
                 // SAFETY: this task alone writes columns [c0, c0 + width) of rows

@@ -30,6 +30,13 @@ pub fn matmul_nt_bf16(x: &[f32], w: &[f32], d: MatDims) -> Vec<f32> {
     matmul_nt(&x, &w, d)
 }
 
+/// `matmul_nt` with the weights rounded to bf16 and the activations exact (the widened bf16
+/// tiles of CPUs without AVX-512 BF16).
+pub fn matmul_nt_bf16_weights(x: &[f32], w: &[f32], d: MatDims) -> Vec<f32> {
+    let w: Vec<f32> = w.iter().map(|&v| round_bf16(v)).collect();
+    matmul_nt(x, &w, d)
+}
+
 /// Each row of `v` (width `k`) quantized symmetrically to integers in [-127, 127]: the scale
 /// is `max|row| / 127` and `q = round(x · (1 / scale))`, all in f32, ties to even; then scaled back
 /// (in f64, so the product with the other operand's scale stays exact enough).

@@ -1,0 +1,266 @@
+//! Tiles for CPUs without the dot-product instructions (AVX-512 BF16's `vdpbf16ps`, VNNI's
+//! `vpdpbusd`): most Skylake-era servers (AVX-512 F/BW) and every AVX2-only CPU.
+//!
+//! - bf16, widened: the weights stay bf16 in memory (half of f32's traffic) and are widened
+//!   to f32 in registers (a shift, or a mask, of each 32-bit lane's pair); activations are not
+//!   rounded; products are fused multiply-adds in order of `k`. The result is bitwise the f32
+//!   tile's on the bf16-rounded weights.
+//! - int8 through 16-bit products: each lane's four u8 activations and i8 weights are split
+//!   into even and odd bytes, widened to 16 bits, and `vpmaddwd` sums each pair into 32 bits.
+//!   Every product and sum is exact, so the i32 sums are bitwise `vpdpbusd`'s.
+//!
+//! Layouts and register tiles as in the parent module; `x` rows are `2 kg` f32 values
+//! (widened bf16) or `kg` u32 lanes (int8).
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use super::{panel_width, PackedWeight, TileAcc, BLOCK, MR};
+
+/// Column sub-blocks of `lanes * V` columns, rows in groups of at most 4: one row (batch-1
+/// decoding) reads the panel in blocks of 4 vectors, several rows in blocks of `$vmax`
+/// vectors (as many accumulators as the registers hold), and the rest one vector at a time.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_shape {
+    ($f:ident, $x:expr, $w:expr, $rows:expr, $c0:expr, $xs:expr, $lanes:expr, $vmax:literal, $acc:expr) => {{
+        let pw = panel_width($w.n_pad, $c0 / BLOCK);
+        let mut r0 = 0;
+        while r0 < $rows {
+            let n = ($rows - r0).min(4);
+            let x = &$x[r0 * $xs..];
+            let out = &mut $acc[r0..];
+            let mut sub = 0;
+            if n == 1 {
+                while sub + 4 * $lanes <= pw {
+                    $f::<1, 4>(x, $w, $c0, sub, out);
+                    sub += 4 * $lanes;
+                }
+            } else {
+                while sub + $vmax * $lanes <= pw {
+                    match n {
+                        2 => $f::<2, $vmax>(x, $w, $c0, sub, out),
+                        3 => $f::<3, $vmax>(x, $w, $c0, sub, out),
+                        _ => $f::<4, $vmax>(x, $w, $c0, sub, out),
+                    }
+                    sub += $vmax * $lanes;
+                }
+            }
+            while sub < pw {
+                match n {
+                    1 => $f::<1, 1>(x, $w, $c0, sub, out),
+                    2 => $f::<2, 1>(x, $w, $c0, sub, out),
+                    3 => $f::<3, 1>(x, $w, $c0, sub, out),
+                    _ => $f::<4, 1>(x, $w, $c0, sub, out),
+                }
+                sub += $lanes;
+            }
+            r0 += n;
+        }
+    }};
+}
+
+/// bf16 widened, AVX-512: `R` rows, `V` vectors of 16 columns from column `sub` of the panel.
+///
+/// # Safety
+/// AVX-512F and FMA; `x` holds `R` rows of `2 kg` f32 values; `sub + 16 V` <= panel width.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn bf16_avx512<const R: usize, const V: usize>(
+    x: &[u32],
+    w: &PackedWeight,
+    c0: usize,
+    sub: usize,
+    out: &mut [[u32; BLOCK]],
+) {
+    let kg = w.kg;
+    let pw = panel_width(w.n_pad, c0 / BLOCK);
+    let xp = x.as_ptr() as *const f32;
+    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub);
+    let hi = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    for g in 0..kg {
+        let mut we = [_mm512_setzero_ps(); V];
+        let mut wo = [_mm512_setzero_ps(); V];
+        for v in 0..V {
+            let raw = _mm512_loadu_si512(wp.add(16 * v) as *const _);
+            we[v] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+            wo[v] = _mm512_castsi512_ps(_mm512_and_si512(raw, hi));
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xe = _mm512_set1_ps(*xp.add(r * 2 * kg + 2 * g));
+            let xo = _mm512_set1_ps(*xp.add(r * 2 * kg + 2 * g + 1));
+            for v in 0..V {
+                acc[v] = _mm512_fmadd_ps(xe, we[v], acc[v]);
+                acc[v] = _mm512_fmadd_ps(xo, wo[v], acc[v]);
+            }
+        }
+        wp = wp.add(pw);
+    }
+    for (o, acc) in out.iter_mut().zip(&acc) {
+        for (v, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(o.as_mut_ptr().add(sub + 16 * v) as *mut f32, *a);
+        }
+    }
+}
+
+/// bf16 widened, AVX2 (8 columns a vector).
+///
+/// # Safety
+/// AVX2 and FMA; as [`bf16_avx512`] with `sub + 8 V` <= panel width.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bf16_avx2<const R: usize, const V: usize>(
+    x: &[u32],
+    w: &PackedWeight,
+    c0: usize,
+    sub: usize,
+    out: &mut [[u32; BLOCK]],
+) {
+    let kg = w.kg;
+    let pw = panel_width(w.n_pad, c0 / BLOCK);
+    let xp = x.as_ptr() as *const f32;
+    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub);
+    let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    let mut acc = [[_mm256_setzero_ps(); V]; R];
+    for g in 0..kg {
+        for v in 0..V {
+            let raw = _mm256_loadu_si256(wp.add(8 * v) as *const _);
+            let we = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+            let wo = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xe = _mm256_set1_ps(*xp.add(r * 2 * kg + 2 * g));
+                let xo = _mm256_set1_ps(*xp.add(r * 2 * kg + 2 * g + 1));
+                acc[v] = _mm256_fmadd_ps(xe, we, acc[v]);
+                acc[v] = _mm256_fmadd_ps(xo, wo, acc[v]);
+            }
+        }
+        wp = wp.add(pw);
+    }
+    for (o, acc) in out.iter_mut().zip(&acc) {
+        for (v, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.as_mut_ptr().add(sub + 8 * v) as *mut f32, *a);
+        }
+    }
+}
+
+/// int8 through 16-bit products, AVX-512BW.
+///
+/// # Safety
+/// AVX-512F and BW; `x` holds `R` rows of `kg` lanes; `sub + 16 V` <= panel width.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn int8_avx512bw<const R: usize, const V: usize>(
+    x: &[u32],
+    w: &PackedWeight,
+    c0: usize,
+    sub: usize,
+    out: &mut [[u32; BLOCK]],
+) {
+    let kg = w.kg;
+    let pw = panel_width(w.n_pad, c0 / BLOCK);
+    let xp = x.as_ptr();
+    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub);
+    let low_bytes = _mm512_set1_epi16(0x00ff);
+    let mut acc = [[_mm512_setzero_si512(); V]; R];
+    for g in 0..kg {
+        let mut we = [_mm512_setzero_si512(); V];
+        let mut wo = [_mm512_setzero_si512(); V];
+        for v in 0..V {
+            let raw = _mm512_loadu_si512(wp.add(16 * v) as *const _);
+            // i8 weights, sign-extended from the even and the odd bytes.
+            we[v] = _mm512_srai_epi16(_mm512_slli_epi16(raw, 8), 8);
+            wo[v] = _mm512_srai_epi16(raw, 8);
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xb = _mm512_set1_epi32(*xp.add(r * kg + g) as i32);
+            // u8 activations, zero-extended from the even and the odd bytes.
+            let xe = _mm512_and_si512(xb, low_bytes);
+            let xo = _mm512_srli_epi16(xb, 8);
+            for v in 0..V {
+                let pairs =
+                    _mm512_add_epi32(_mm512_madd_epi16(xe, we[v]), _mm512_madd_epi16(xo, wo[v]));
+                acc[v] = _mm512_add_epi32(acc[v], pairs);
+            }
+        }
+        wp = wp.add(pw);
+    }
+    for (o, acc) in out.iter_mut().zip(&acc) {
+        for (v, a) in acc.iter().enumerate() {
+            _mm512_storeu_si512(o.as_mut_ptr().add(sub + 16 * v) as *mut _, *a);
+        }
+    }
+}
+
+/// int8 through 16-bit products, AVX2.
+///
+/// # Safety
+/// AVX2; as [`int8_avx512bw`] with `sub + 8 V` <= panel width.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn int8_avx2<const R: usize, const V: usize>(
+    x: &[u32],
+    w: &PackedWeight,
+    c0: usize,
+    sub: usize,
+    out: &mut [[u32; BLOCK]],
+) {
+    let kg = w.kg;
+    let pw = panel_width(w.n_pad, c0 / BLOCK);
+    let xp = x.as_ptr();
+    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub);
+    let low_bytes = _mm256_set1_epi16(0x00ff);
+    let mut acc = [[_mm256_setzero_si256(); V]; R];
+    for g in 0..kg {
+        for v in 0..V {
+            let raw = _mm256_loadu_si256(wp.add(8 * v) as *const _);
+            let we = _mm256_srai_epi16(_mm256_slli_epi16(raw, 8), 8);
+            let wo = _mm256_srai_epi16(raw, 8);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xb = _mm256_set1_epi32(*xp.add(r * kg + g) as i32);
+                let xe = _mm256_and_si256(xb, low_bytes);
+                let xo = _mm256_srli_epi16(xb, 8);
+                let pairs = _mm256_add_epi32(_mm256_madd_epi16(xe, we), _mm256_madd_epi16(xo, wo));
+                acc[v] = _mm256_add_epi32(acc[v], pairs);
+            }
+        }
+        wp = wp.add(pw);
+    }
+    for (o, acc) in out.iter_mut().zip(&acc) {
+        for (v, a) in acc.iter().enumerate() {
+            _mm256_storeu_si256(o.as_mut_ptr().add(sub + 8 * v) as *mut _, *a);
+        }
+    }
+}
+
+/// Which of these tiles runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum NoDot {
+    Bf16Avx512,
+    Bf16Avx2,
+    Int8Avx512bw,
+    Int8Avx2,
+}
+
+/// One register tile on `kind`: `rows` (at most [`MR`]) rows of `x`, the panel at `c0`.
+///
+/// # Safety
+/// The CPU must have the instructions `kind` names; `x` holds `rows` rows at the stride the
+/// tile reads (`2 kg` f32 values for bf16, `kg` lanes for int8).
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn tile(
+    x: &[u32],
+    w: &PackedWeight,
+    rows: usize,
+    c0: usize,
+    kind: NoDot,
+) -> TileAcc {
+    debug_assert!(rows <= MR);
+    let mut acc: TileAcc = [[0; BLOCK]; MR];
+    match kind {
+        NoDot::Bf16Avx512 => by_shape!(bf16_avx512, x, w, rows, c0, 2 * w.kg, 16, 4, acc),
+        NoDot::Bf16Avx2 => by_shape!(bf16_avx2, x, w, rows, c0, 2 * w.kg, 8, 2, acc),
+        NoDot::Int8Avx512bw => by_shape!(int8_avx512bw, x, w, rows, c0, w.kg, 16, 4, acc),
+        NoDot::Int8Avx2 => by_shape!(int8_avx2, x, w, rows, c0, w.kg, 8, 2, acc),
+    }
+    acc
+}
