@@ -142,7 +142,10 @@ def write_markdown(res):
     path = ROOT / "bench" / "RESULTS.md"
     text = path.read_text() if path.is_file() else "# Benchmark results\n"
     marker = "## Serving under load"
-    text = text.split(marker)[0].rstrip() + "\n\n"
+    before, _, after = text.partition(marker)
+    rest = after.split("\n## ", 1)
+    tail = ("\n## " + rest[1]) if len(rest) > 1 else ""
+    text = before.rstrip() + "\n\n"
     lines = [marker, "",
              f"Made by `bench/load.py` on {res['date']}: {res['machine']}; t5rt at commit "
              f"{res['commit']}, `t5rt serve --threads {THREADS} --max-batch-size "
@@ -159,7 +162,7 @@ def write_markdown(res):
             f"{row['throughput_tok_s']:.0f} | {row['ttft_p50_s']:.2f} s | {row['ttft_p99_s']:.2f} s | "
             f"{row['e2e_p50_s']:.2f} s | {row['e2e_p99_s']:.2f} s | {len(row['errors'])} |")
     lines.append("")
-    path.write_text(text + "\n".join(lines) + "\n")
+    path.write_text(text + "\n".join(lines) + "\n" + tail)
 
 
 def main():

@@ -205,6 +205,28 @@ fn check_attention<B: Backend>(b: &B, rng: &mut Rng) {
 }
 
 fn check_data_movement<B: Backend>(b: &B, rng: &mut Rng) {
+    // retain_rows (in place) and append: rows of 3
+    let rows = rng.vec(5 * 3);
+    let mut t = b.upload(&rows).unwrap();
+    b.retain_rows(&mut t, &[1, 3, 4], 3).unwrap();
+    let want: Vec<f32> = [1, 3, 4]
+        .iter()
+        .flat_map(|&r| rows[r * 3..r * 3 + 3].to_vec())
+        .collect();
+    assert_eq!(b.download(&t, 9).unwrap(), want);
+    assert!(
+        b.retain_rows(&mut t, &[1, 0], 3).is_err(),
+        "rows must increase"
+    );
+    let extra = b.upload(&rows[..6]).unwrap();
+    b.append(&mut t, 9, &extra, 6).unwrap();
+    let mut want2 = want.clone();
+    want2.extend_from_slice(&rows[..6]);
+    assert_eq!(b.download(&t, 15).unwrap(), want2);
+    assert!(
+        b.append(&mut t, 99, &extra, 6).is_err(),
+        "t shorter than said"
+    );
     // embed
     let table = rng.vec(10 * 4);
     let mut out = b.zeros(3 * 4).unwrap();

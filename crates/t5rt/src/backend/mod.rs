@@ -213,15 +213,20 @@ pub trait Backend: Send + Sync {
         new_len: usize,
     ) -> Result<Self::Tensor>;
 
-    /// New tensor: the first `a_len` values of `a`, then the first `b_len` values of `b`
-    /// (rows joining a running batch).
-    fn concat(
+    /// Keeps rows `rows` (strictly increasing) of `t` (rows of `row_len` values), moved down
+    /// in place: `t` then holds `rows.len()` rows. Drops finished sequences without copying
+    /// the rows before the first one dropped.
+    fn retain_rows(&self, t: &mut Self::Tensor, rows: &[usize], row_len: usize) -> Result<()>;
+
+    /// Appends the first `len` values of `src` to `t`, which holds `t_len` values (rows
+    /// joining a running batch; `t` grows in place when it can).
+    fn append(
         &self,
-        a: &Self::Tensor,
-        a_len: usize,
-        b: &Self::Tensor,
-        b_len: usize,
-    ) -> Result<Self::Tensor>;
+        t: &mut Self::Tensor,
+        t_len: usize,
+        src: &Self::Tensor,
+        len: usize,
+    ) -> Result<()>;
 
     /// New tensor of `rows` rows of `len` values: row `i` is values `[start, start + len)` of
     /// row `i` of `src` (rows of `row_len` values). Drops the oldest cache positions.

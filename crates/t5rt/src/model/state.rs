@@ -153,9 +153,9 @@ impl<T> DecoderState<T> {
         if self.step >= self.capacity {
             self.grow(backend)?;
         }
-        // Self-attention caches: the new rows at this state's capacity, empty.
         let new_rows = other.batch;
         let self_len = self.capacity * inner;
+        // Self-attention caches: the new rows appended in place, empty, at this capacity.
         for (mine, theirs) in self
             .self_k
             .iter_mut()
@@ -163,22 +163,21 @@ impl<T> DecoderState<T> {
             .chain(self.self_v.iter_mut().zip(other.self_v))
         {
             let theirs = backend.widen_rows(&theirs, new_rows, other.capacity * inner, self_len)?;
-            *mine = backend.concat(mine, self.batch * self_len, &theirs, new_rows * self_len)?;
+            backend.append(mine, self.batch * self_len, &theirs, new_rows * self_len)?;
         }
-        // Cross-attention keys/values and masks: both padded to the longer source (masked).
-        let src_len = self.src_len.max(other.src_len);
+        // Cross-attention keys/values and masks: both padded to the longer source (masked;
+        // attention skips the padding). A longer source widens the running rows, to a
+        // multiple of 64 positions so that this stays rare.
+        let src_len = if other.src_len > self.src_len {
+            other.src_len.div_ceil(64) * 64
+        } else {
+            self.src_len
+        };
         let slot = |len: usize| {
             if self.cross_bf16 {
                 len * inner / 2
             } else {
                 len * inner
-            }
-        };
-        let pad = |t: &T, rows: usize, from: usize| -> Result<T> {
-            if from == src_len {
-                backend.gather_rows(t, &(0..rows).collect::<Vec<_>>(), slot(from))
-            } else {
-                backend.widen_rows(t, rows, slot(from), slot(src_len))
             }
         };
         for (mine, theirs) in self
@@ -187,9 +186,20 @@ impl<T> DecoderState<T> {
             .zip(other.cross_k)
             .chain(self.cross_v.iter_mut().zip(other.cross_v))
         {
-            let a = pad(mine, self.batch, self.src_len)?;
-            let b = pad(&theirs, new_rows, other.src_len)?;
-            *mine = backend.concat(&a, self.batch * slot(src_len), &b, new_rows * slot(src_len))?;
+            if src_len != self.src_len {
+                *mine = backend.widen_rows(mine, self.batch, slot(self.src_len), slot(src_len))?;
+            }
+            let theirs = if other.src_len == src_len {
+                theirs
+            } else {
+                backend.widen_rows(&theirs, new_rows, slot(other.src_len), slot(src_len))?
+            };
+            backend.append(
+                mine,
+                self.batch * slot(src_len),
+                &theirs,
+                new_rows * slot(src_len),
+            )?;
         }
         let widen_mask = |m: &T, rows: usize, from: usize| -> Result<Vec<f32>> {
             let host = backend.download(m, rows * from)?;
@@ -259,19 +269,31 @@ impl<T> DecoderState<T> {
                     "beam rows can only be reordered within their source".into(),
                 ));
             }
-        } else {
+        }
+        // Dropping rows (greedy search, the engine) keeps the others in place; reordering
+        // (beams) gathers.
+        let increasing = rows.windows(2).all(|w| w[0] < w[1]);
+        let keep = |t: &mut T, row_len: usize| -> Result<()> {
+            if increasing {
+                backend.retain_rows(t, rows, row_len)
+            } else {
+                *t = backend.gather_rows(t, rows, row_len)?;
+                Ok(())
+            }
+        };
+        if self.group == 1 {
             let cross_row = if self.cross_bf16 {
                 self.src_len * inner / 2
             } else {
                 self.src_len * inner
             };
             for t in self.cross_k.iter_mut().chain(self.cross_v.iter_mut()) {
-                *t = backend.gather_rows(t, rows, cross_row)?;
+                keep(t, cross_row)?;
             }
-            self.cross_mask = backend.gather_rows(&self.cross_mask, rows, self.src_len)?;
+            keep(&mut self.cross_mask, self.src_len)?;
         }
         for t in self.self_k.iter_mut().chain(self.self_v.iter_mut()) {
-            *t = backend.gather_rows(t, rows, self_row)?;
+            keep(t, self_row)?;
         }
         self.starts = rows.iter().map(|&r| self.starts[r]).collect();
         if rows.len() > self.scratch.rows {

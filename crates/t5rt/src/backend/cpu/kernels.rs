@@ -302,30 +302,50 @@ fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
     let (b, qi) = (row / s.q_len, row % s.q_len);
     let kv_b = b / s.kv_group; // beams read their source's keys/values
     let q = &a.q[row * inner + h0 * d..row * inner + (h0 + hn) * d];
+    // The keys this row reads: those its mask does not mask at the start (a row that joined
+    // a running batch) or at the end (a shorter source, padded). The others are skipped
+    // altogether, so a row costs its own length and gets the result it gets alone.
+    let (j0, j1) = match a.mask {
+        Some(m) => unmasked_range(&m[kv_b * s.kv_len..(kv_b + 1) * s.kv_len]),
+        None => (0, s.kv_len),
+    };
+    let n = j1 - j0;
     // scores[h, j] = q_h·k_h[j] (no 1/sqrt(d_kv): T5 folds it into the weights).
     // (Plain loops, not iterator adaptors: those are separate functions that would not be
     // compiled with the caller's target features.)
-    let mut probs = vec![0.0f32; hn * s.kv_len];
+    let mut probs = vec![0.0f32; hn * n];
     // bf16 caches: each key/value row is widened here first (two values per slot).
     let mut wide = vec![0.0f32; if s.kv_bf16 { hn * d } else { 0 }];
-    for j in 0..s.kv_len {
+    for j in j0..j1 {
         let kb = (kv_b * s.kv_stride + j) * inner + h0 * d;
         let key = kv_row(a.k, kb, hn * d, s.kv_bf16, &mut wide);
         for h in 0..hn {
-            probs[h * s.kv_len + j] = dot(&q[h * d..(h + 1) * d], &key[h * d..(h + 1) * d]);
+            probs[h * n + j - j0] = dot(&q[h * d..(h + 1) * d], &key[h * d..(h + 1) * d]);
         }
     }
     for h in 0..hn {
-        let row = &mut probs[h * s.kv_len..(h + 1) * s.kv_len];
-        scores_to_probs(row, a.bias, a.mask, s, h0 + h, qi, kv_b);
+        let row = &mut probs[h * n..(h + 1) * n];
+        if let Some(bias) = a.bias {
+            let at = ((h0 + h) * s.q_len + qi) * s.kv_len + j0;
+            for (r, b) in row.iter_mut().zip(&bias[at..at + n]) {
+                *r += b;
+            }
+        }
+        if let Some(mask) = a.mask {
+            let at = kv_b * s.kv_len + j0;
+            for (r, m) in row.iter_mut().zip(&mask[at..at + n]) {
+                *r += m;
+            }
+        }
+        softmax_in_place(row);
     }
     // out_h = Σ_j p_hj · v_h[j]
     oh.fill(0.0);
-    for j in 0..s.kv_len {
+    for j in j0..j1 {
         let vb = (kv_b * s.kv_stride + j) * inner + h0 * d;
         let val = kv_row(a.v, vb, hn * d, s.kv_bf16, &mut wide);
         for h in 0..hn {
-            let p = probs[h * s.kv_len + j];
+            let p = probs[h * n + j - j0];
             if p == 0.0 {
                 continue; // masked key: exactly zero weight
             }
@@ -334,6 +354,18 @@ fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
                 o[t] += p * val[t];
             }
         }
+    }
+}
+
+/// The keys a mask row leaves in: from its first to its last entry that is not -inf (the
+/// whole row when every entry is -inf, which no caller makes).
+#[inline(always)]
+fn unmasked_range(mask: &[f32]) -> (usize, usize) {
+    let first = mask.iter().position(|&m| m != f32::NEG_INFINITY);
+    let last = mask.iter().rposition(|&m| m != f32::NEG_INFINITY);
+    match (first, last) {
+        (Some(f), Some(l)) => (f, l + 1),
+        _ => (0, mask.len()),
     }
 }
 

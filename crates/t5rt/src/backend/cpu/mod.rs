@@ -410,15 +410,30 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn concat(&self, a: &Vec<f32>, a_len: usize, b: &Vec<f32>, b_len: usize) -> Result<Vec<f32>> {
-        check_len("concat a", a.len(), a_len)?;
-        check_len("concat b", b.len(), b_len)?;
-        let mut out = try_filled(0, 0.0)?;
-        out.try_reserve_exact(a_len.saturating_add(b_len))
-            .map_err(|_| T5Error::Backend("out of memory in concat".into()))?;
-        out.extend_from_slice(&a[..a_len]);
-        out.extend_from_slice(&b[..b_len]);
-        Ok(out)
+    fn retain_rows(&self, t: &mut Vec<f32>, rows: &[usize], row_len: usize) -> Result<()> {
+        if rows.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(T5Error::Backend("retain_rows: rows must increase".into()));
+        }
+        if let Some(&last) = rows.last() {
+            check_len("retain_rows", t.len(), (last + 1).saturating_mul(row_len))?;
+        }
+        for (i, &r) in rows.iter().enumerate() {
+            if r != i {
+                t.copy_within(r * row_len..(r + 1) * row_len, i * row_len);
+            }
+        }
+        t.truncate(rows.len() * row_len);
+        Ok(())
+    }
+
+    fn append(&self, t: &mut Vec<f32>, t_len: usize, src: &Vec<f32>, len: usize) -> Result<()> {
+        check_len("append t", t.len(), t_len)?;
+        check_len("append src", src.len(), len)?;
+        t.truncate(t_len);
+        t.try_reserve(len)
+            .map_err(|_| T5Error::Backend("out of memory in append".into()))?;
+        t.extend_from_slice(&src[..len]);
+        Ok(())
     }
 
     fn slice_rows(
