@@ -30,7 +30,7 @@ import t5rt
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = ROOT / "target" / "release" / "t5rt"
-BATCH, REPEATS = 16, 5
+BATCH, REPEATS = 16, 15
 
 
 def ids_for(vocab, length, seed=0):
