@@ -228,7 +228,9 @@ def t5rt_commit():
     git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,
                                     text=True).stdout.strip()
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # Dirty only where the binary comes from (the crates and the workspace files).
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "crates", "Cargo.toml", "Cargo.lock")
+    return commit + ("+dirty" if dirty else "")
 
 
 T5RT = ["t5rt", "t5rt-bf16", "t5rt-int8"]
