@@ -23,6 +23,16 @@ fn ids(v: &Value) -> Vec<Vec<u32>> {
     serde_json::from_value(v.clone()).unwrap()
 }
 
+/// A copy of the tiny model's safetensors checkpoint (config.json, model.safetensors).
+fn safetensors_copy() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        let from = formats().join("torch-bin/safetensors").join(f);
+        std::fs::copy(from, tmp.path().join(f)).unwrap();
+    }
+    tmp
+}
+
 fn greedy(dir: &Path, inputs: &[Vec<u32>], max_new_tokens: usize) -> Vec<Vec<u32>> {
     let ckpt = Checkpoint::open(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let model = ckpt.load_model(CpuBackend::new(1).unwrap()).unwrap();
@@ -62,11 +72,8 @@ fn pytorch_bin_gives_the_tokens_of_its_safetensors_twin() {
 
 #[test]
 fn safetensors_is_preferred_when_both_are_present() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = safetensors_copy();
     let base = formats().join("torch-bin");
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(base.join("safetensors").join(f), tmp.path().join(f)).unwrap();
-    }
     std::fs::write(tmp.path().join("pytorch_model.bin"), b"not read").unwrap();
     let r = json(&base.join("reference.json"));
     let n = r["max_new_tokens"].as_u64().unwrap() as usize;
@@ -166,14 +173,7 @@ fn spiece_model_tokenizes_as_hugging_face() {
         );
     }
     // Through a checkpoint directory: spiece.model is found when tokenizer.json is absent.
-    let tmp = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(
-            formats().join("torch-bin/safetensors").join(f),
-            tmp.path().join(f),
-        )
-        .unwrap();
-    }
+    let tmp = safetensors_copy();
     std::fs::copy(dir.join("spiece.model"), tmp.path().join("spiece.model")).unwrap();
     let mut cfg = json(&tmp.path().join("config.json"));
     cfg["vocab_size"] = serde_json::json!(512);
@@ -210,14 +210,7 @@ fn byt5_tokenizes_as_hugging_face() {
         );
     }
     // A checkpoint whose tokenizer_config.json names ByT5Tokenizer takes text.
-    let tmp = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(
-            formats().join("torch-bin/safetensors").join(f),
-            tmp.path().join(f),
-        )
-        .unwrap();
-    }
+    let tmp = safetensors_copy();
     std::fs::write(
         tmp.path().join("tokenizer_config.json"),
         r#"{"tokenizer_class": "ByT5Tokenizer", "extra_ids": 125}"#,
