@@ -9,7 +9,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use t5rt::{Backend, Checkpoint, CpuBackend, GenerationConfig, WeightDtype};
+use t5rt::{Backend, Checkpoint, GenerationConfig, WeightDtype};
 
 use t5rt::bundled as default_model;
 
@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// per-channel weight scales, activations quantized per row). Everything else stays f32.
     #[arg(long, value_name = "DTYPE", default_value_t = WeightDtype::F32)]
     dtype: WeightDtype,
+
+    /// Where to run: cpu, cuda (the first GPU) or cuda:N (builds with the `cuda` feature).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: t5rt::device::Device,
 
     /// Seed of the synthetic input ids (uniform in [2, vocab)).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -202,8 +206,48 @@ pub fn run(args: BenchArgs) -> Result<()> {
             default_model::NAME.to_string(),
         ),
     };
-    let model = ckpt.load_model(CpuBackend::new(args.threads)?.with_dtype(args.dtype))?;
-    drop(ckpt); // release the weights' memory map: the model holds its own copy
+    let work = Bench {
+        ckpt,
+        args: &args,
+        cases,
+        given,
+        model_name,
+    };
+    t5rt::device::with_backend(args.device, args.threads, args.dtype, work)?
+}
+
+/// The measurements, on whichever backend `--device` gives.
+struct Bench<'a> {
+    ckpt: Checkpoint,
+    args: &'a BenchArgs,
+    cases: Vec<(String, usize, usize, usize)>,
+    given: Option<Vec<Vec<u32>>>,
+    model_name: String,
+}
+
+impl t5rt::device::WithBackend for Bench<'_> {
+    type Output = Result<()>;
+
+    fn run<B: Backend + 'static>(self, backend: B) -> t5rt::Result<Result<()>> {
+        let model = self.ckpt.load_model(backend)?;
+        drop(self.ckpt); // release the weights' memory map: the model holds its own copy
+        Ok(measure(
+            model,
+            self.args,
+            self.cases,
+            self.given,
+            self.model_name,
+        ))
+    }
+}
+
+fn measure<B: Backend>(
+    model: t5rt::T5Model<B>,
+    args: &BenchArgs,
+    cases: Vec<(String, usize, usize, usize)>,
+    given: Option<Vec<Vec<u32>>>,
+    model_name: String,
+) -> Result<()> {
     let vocab = model.config.vocab_size as u32;
     let mut results = Vec::new();
     println!(

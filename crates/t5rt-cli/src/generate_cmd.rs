@@ -9,8 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use t5rt::{
-    Backend, Checkpoint, CpuBackend, EarlyStopping, GenerationConfig, Hypothesis, T5Model,
-    T5Tokenizer, WeightDtype,
+    Checkpoint, EarlyStopping, GenerationConfig, Hypothesis, T5Model, T5Tokenizer, WeightDtype,
 };
 
 use crate::inputs::{read_file, InputFormat, Request};
@@ -69,6 +68,10 @@ pub struct GenerateArgs {
     /// per-channel weight scales, activations quantized per row). Everything else stays f32.
     #[arg(long, value_name = "DTYPE", default_value_t = WeightDtype::F32)]
     dtype: WeightDtype,
+
+    /// Where to run: cpu, cuda (the first GPU) or cuda:N (builds with the `cuda` feature).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: t5rt::device::Device,
 
     /// Inputs longer than this many tokens are refused (never silently truncated).
     #[arg(long, value_name = "N", default_value_t = 1024)]
@@ -227,30 +230,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     cfg.seed = args.seed;
     cfg.stop_strings = args.stop.clone();
     cfg.validate(&config)?;
-    let model = T5Model::load(
+    let run = Run {
         config,
-        &store,
-        CpuBackend::new(args.threads)?.with_dtype(args.dtype),
-    )?;
-    drop(store);
-    let load_secs = started.elapsed().as_secs_f64();
-
-    let bar = if args.input.is_some() {
-        let bar = ProgressBar::new(inputs.len() as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} sequences [{elapsed} < {eta}]")
-                .expect("valid template"),
-        );
-        bar
-    } else {
-        ProgressBar::hidden()
+        store,
+        inputs: &inputs,
+        cfg: &cfg,
+        tokenizer,
+        progress: args.input.is_some(),
+        started,
     };
-    let gen_started = Instant::now();
-    let outputs = t5rt::generate(&model, &inputs, &cfg, tokenizer, |done| {
-        bar.set_position(done as u64)
-    })?;
-    bar.finish_and_clear();
-    let gen_secs = gen_started.elapsed().as_secs_f64();
+    let (outputs, device, load_secs, gen_secs) =
+        t5rt::device::with_backend(args.device, args.threads, args.dtype, run)?;
 
     let texts = outputs
         .iter()
@@ -285,10 +275,49 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         tokens,
         gen_secs,
         tokens as f64 / gen_secs.max(1e-9),
-        model.backend.name(),
+        device,
         load_secs
     );
     Ok(())
+}
+
+/// Loading and generation, on whichever backend `--device` gives.
+struct Run<'a> {
+    config: t5rt::T5Config,
+    store: t5rt::TensorStore,
+    inputs: &'a [Vec<u32>],
+    cfg: &'a GenerationConfig,
+    tokenizer: Option<&'a T5Tokenizer>,
+    progress: bool,
+    started: Instant,
+}
+
+impl t5rt::device::WithBackend for Run<'_> {
+    /// The outputs, the device's name, and the seconds spent loading and generating.
+    type Output = (Vec<Vec<Hypothesis>>, String, f64, f64);
+
+    fn run<B: t5rt::Backend + 'static>(self, backend: B) -> t5rt::Result<Self::Output> {
+        let model = T5Model::load(self.config, &self.store, backend)?;
+        drop(self.store); // the weights' memory map: the model holds its own copy
+        let load_secs = self.started.elapsed().as_secs_f64();
+        let bar = if self.progress {
+            let bar = ProgressBar::new(self.inputs.len() as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:40} {pos}/{len} sequences [{elapsed} < {eta}]")
+                    .expect("valid template"),
+            );
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        let gen_started = Instant::now();
+        let outputs = t5rt::generate(&model, self.inputs, self.cfg, self.tokenizer, |done| {
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        let gen_secs = gen_started.elapsed().as_secs_f64();
+        Ok((outputs, model.backend.name(), load_secs, gen_secs))
+    }
 }
 
 /// One input's result: a JSONL line, or the best sequence's text.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use t5rt::engine::{Batching, EngineConfig, EngineHandle};
-use t5rt::{Backend, Checkpoint, CpuBackend, GenerationConfig, WeightDtype};
+use t5rt::{Backend, Checkpoint, GenerationConfig, WeightDtype};
 use t5rt_server::validation::Limits;
 use t5rt_server::AppState;
 
@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// CPU threads (0 = one per core).
     #[arg(long, value_name = "N", default_value_t = 0)]
     threads: usize,
+
+    /// Where to run: cpu, cuda (the first GPU) or cuda:N (builds with the `cuda` feature).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: t5rt::device::Device,
 
     /// Precision of the linear layers' weights: f32, bf16 or int8.
     #[arg(long, value_name = "DTYPE", default_value_t = WeightDtype::F32)]
@@ -119,12 +123,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.max_new_tokens == 0 || args.max_input_tokens == 0 {
         bail!("--max-new-tokens and --max-input-tokens must be at least 1");
     }
-    let model = ckpt.load_model(CpuBackend::new(args.threads)?.with_dtype(args.dtype))?;
     let Checkpoint {
         config,
+        store,
         tokenizer,
         generation,
-        ..
     } = ckpt;
     let per_token = bytes_per_batch_token(&config, args.dtype);
     let available = t5rt::generate::memory::available_bytes();
@@ -164,14 +167,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_batch_tokens,
         batching: args.batching,
     };
-    let device = model.backend.name();
     let (eos, pad, start) = (
         config.eos_token_id,
         config.pad_token_id,
         config.decoder_start_token_id,
     );
     let tokenizer = tokenizer.map(Arc::new);
-    let engine = EngineHandle::start(Arc::new(model), tokenizer.clone(), engine_config)?;
+    let work = StartEngine {
+        config,
+        store,
+        tokenizer: tokenizer.clone(),
+        engine: engine_config,
+    };
+    let (engine, device) = t5rt::device::with_backend(args.device, args.threads, args.dtype, work)?;
     let app = Arc::new(AppState {
         engine,
         tokenizer,
@@ -235,6 +243,29 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .await
         .context("server failed")
     })
+}
+
+/// Loads the model on the backend `--device` gives and starts the engine on it.
+struct StartEngine {
+    config: t5rt::T5Config,
+    store: t5rt::TensorStore,
+    tokenizer: Option<Arc<t5rt::T5Tokenizer>>,
+    engine: EngineConfig,
+}
+
+impl t5rt::device::WithBackend for StartEngine {
+    /// The engine and the device's name.
+    type Output = (EngineHandle, String);
+
+    fn run<B: Backend + 'static>(self, backend: B) -> t5rt::Result<Self::Output> {
+        let model = t5rt::T5Model::load(self.config, &self.store, backend)?;
+        drop(self.store);
+        let name = model.backend.name();
+        Ok((
+            EngineHandle::start(Arc::new(model), self.tokenizer, self.engine)?,
+            name,
+        ))
+    }
 }
 
 /// Ctrl-C or SIGTERM.

@@ -444,3 +444,42 @@ fn bf16_dot_order() {
         common::once("SKIPPED vdpbf16ps order: this CPU lacks avx512_bf16".into());
     }
 }
+
+/// The CUDA backend against the same scalar references (skipped, and said so, without a GPU).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_kernels_match_reference() {
+    let Some(b) = common::cuda_backend(t5rt::WeightDtype::F32) else {
+        return;
+    };
+    check_matmul(&b, &mut Rng::new(1));
+    check_rms_norm(&b, &mut Rng::new(2));
+    check_activations(&b, &mut Rng::new(3));
+    check_attention(&b, &mut Rng::new(4));
+    check_data_movement(&b, &mut Rng::new(5));
+    // Half-precision products: both operands rounded, products exact, sums in f32.
+    let mut rng = Rng::new(6);
+    for dtype in [t5rt::WeightDtype::Bf16, t5rt::WeightDtype::F16] {
+        let Some(h) = common::cuda_backend(dtype) else {
+            return;
+        };
+        for (m, n, k) in [(1, 1, 1), (3, 17, 33), (33, 130, 513), (1, 1000, 512)] {
+            let d = MatDims { m, n, k };
+            let (x, w) = (rng.vec(m * k), rng.vec(n * k));
+            let want = if dtype == t5rt::WeightDtype::Bf16 {
+                reference::matmul_nt_bf16(&x, &w, d)
+            } else {
+                reference::matmul_nt_f16(&x, &w, d)
+            };
+            let (xt, wt) = (h.upload(&x).unwrap(), h.upload_linear(&w, n, k).unwrap());
+            let mut out = h.zeros(m * n).unwrap();
+            h.matmul_nt(&xt, &wt, &mut out, d, false).unwrap();
+            assert_close(
+                &format!("cuda {dtype} matmul {m}x{n}x{k}"),
+                &h.download(&out, m * n).unwrap(),
+                &want,
+                1e-5,
+            );
+        }
+    }
+}

@@ -38,7 +38,7 @@ fn reference_for(
         WeightDtype::Bf16 if level.bf16_rounds_activations() => reference::matmul_nt_bf16,
         WeightDtype::Bf16 => reference::matmul_nt_bf16_weights,
         WeightDtype::Int8 => reference::matmul_nt_int8,
-        WeightDtype::F32 => unreachable!(),
+        WeightDtype::F32 | WeightDtype::F16 => unreachable!("CPU reduced precisions only"),
     }
 }
 

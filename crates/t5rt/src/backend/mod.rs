@@ -5,6 +5,8 @@
 //! may be larger than the part an op uses (scratch is reused as batches shrink).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::config::Activation;
 use crate::error::Result;
@@ -18,11 +20,15 @@ pub enum WeightDtype {
     /// bf16 weights; activations rounded to bf16 for the product, accumulated in f32.
     Bf16,
     /// int8 weights with one f32 scale per output channel; activations quantized to 8 bits
-    /// per row at run time, products accumulated exactly in i32.
+    /// per row at run time, products accumulated exactly in i32 (CPU).
     Int8,
+    /// fp16 weights and activations in the products, accumulated in f32 (CUDA; the FFN's
+    /// output projection stays f32, see [`Backend::upload_output_linear`]).
+    F16,
 }
 
 impl WeightDtype {
+    /// The CPU's precisions.
     pub const ALL: [WeightDtype; 3] = [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8];
 
     pub fn name(self) -> &'static str {
@@ -30,6 +36,7 @@ impl WeightDtype {
             WeightDtype::F32 => "f32",
             WeightDtype::Bf16 => "bf16",
             WeightDtype::Int8 => "int8",
+            WeightDtype::F16 => "f16",
         }
     }
 }
@@ -43,10 +50,16 @@ impl std::fmt::Display for WeightDtype {
 impl std::str::FromStr for WeightDtype {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "fp16" {
+            return Ok(WeightDtype::F16);
+        }
         Self::ALL
             .into_iter()
+            .chain([WeightDtype::F16])
             .find(|d| d.name() == s)
-            .ok_or_else(|| format!("unknown dtype `{s}`: expected f32, bf16 or int8"))
+            .ok_or_else(|| {
+                format!("unknown dtype `{s}`: expected f32, bf16 or int8 (or f16, on CUDA)")
+            })
     }
 }
 
@@ -102,6 +115,13 @@ pub trait Backend: Send + Sync {
     /// Uploads a linear layer's weight, given in the checkpoint's `[n = out, k = in]` layout,
     /// in whatever layout and [`WeightDtype`] this backend's [`Backend::matmul_nt`] reads.
     fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<Self::Weight>;
+
+    /// [`Backend::upload_linear`] for the feed-forward block's output projection (`wo`), whose
+    /// inputs exceed fp16's range in T5 v1.1 / FLAN-T5 / mT5: a backend with fp16 weights keeps
+    /// this one in a range-safe precision. By default the same as `upload_linear`.
+    fn upload_output_linear(&self, w: &[f32], n: usize, k: usize) -> Result<Self::Weight> {
+        self.upload_linear(w, n, k)
+    }
 
     /// The precision [`Backend::upload_linear`] stores weights in.
     fn weight_dtype(&self) -> WeightDtype {

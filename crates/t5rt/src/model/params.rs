@@ -92,6 +92,12 @@ impl<B: Backend> Loader<'_, B> {
             .upload_linear(&self.host(name, &[out, inp])?, out, inp)
     }
 
+    /// The feed-forward output projection, which may need a range-safe precision.
+    fn output_linear(&self, name: &str, out: usize, inp: usize) -> Result<B::Weight> {
+        self.backend
+            .upload_output_linear(&self.host(name, &[out, inp])?, out, inp)
+    }
+
     fn attention(&self, prefix: &str) -> Result<AttentionWeights<B::Weight>> {
         let (d, inner) = (self.cfg.d_model, self.cfg.inner_dim());
         Ok(AttentionWeights {
@@ -115,7 +121,7 @@ impl<B: Backend> Loader<'_, B> {
         Ok(FfnWeights {
             wi,
             wi_gate_linear,
-            wo: self.linear(&format!("{prefix}.wo.weight"), d, ff)?,
+            wo: self.output_linear(&format!("{prefix}.wo.weight"), d, ff)?,
         })
     }
 

@@ -6,14 +6,23 @@ use std::path::PathBuf;
 use serde_json::Value;
 use t5rt::{Checkpoint, CpuBackend, T5Model, TensorStore};
 
+/// The repository: where this test was built, or `T5RT_REPO` (a test binary carried to
+/// another machine, such as the GPU one, finds its fixtures there).
+pub fn repo() -> PathBuf {
+    match std::env::var("T5RT_REPO") {
+        Ok(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
+}
+
 /// Root of the committed fixtures (made by tools/make_fixtures.py).
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    repo().join("tests/fixtures")
 }
 
 /// The bundled default model directory.
 pub fn bundled_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/spell-numbers")
+    repo().join("models/spell-numbers")
 }
 
 /// Every CPU kernel path for `dtype` this machine has: each kernel level the CPU supports
@@ -203,5 +212,33 @@ impl Rng {
 
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// The CUDA backend on GPU 0 with weights of `dtype`, or None (printed as SKIPPED) where this
+/// machine has no usable GPU. With `T5RT_REQUIRE_GPU=1` (the GPU check script sets it) a
+/// missing GPU fails instead, so that a GPU run cannot skip silently.
+#[cfg(feature = "cuda")]
+pub fn cuda_backend(dtype: t5rt::WeightDtype) -> Option<t5rt::backend::cuda::CudaBackend> {
+    use t5rt::backend::cuda::{driver_available, CudaBackend};
+    let required = std::env::var("T5RT_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    if !driver_available() {
+        assert!(
+            !required,
+            "T5RT_REQUIRE_GPU=1 but the CUDA driver cannot be loaded"
+        );
+        once("SKIPPED CUDA tests: no NVIDIA driver on this machine".into());
+        return None;
+    }
+    match CudaBackend::new(0, dtype) {
+        Ok(b) => {
+            once(format!("ran CUDA tests on {}", t5rt::Backend::name(&b)));
+            Some(b)
+        }
+        Err(e) => {
+            assert!(!required, "T5RT_REQUIRE_GPU=1 but: {e}");
+            once(format!("SKIPPED CUDA tests: {e}"));
+            None
+        }
     }
 }

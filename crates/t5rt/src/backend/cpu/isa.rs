@@ -150,6 +150,7 @@ impl IsaLevel {
             (WeightDtype::Int8, Avx512Vnni | Avx512Bf16) => "avx512-vnni vpdpbusd",
             (WeightDtype::Int8, Avx512bw) => "avx512bw vpmaddwd",
             (WeightDtype::Int8, Avx2) => "avx2 vpmaddwd",
+            (WeightDtype::F16, _) => "none (f16 is a CUDA precision)",
             (_, Portable) => "portable",
         }
     }

@@ -142,6 +142,12 @@ impl Backend for CpuBackend {
     fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<CpuWeight> {
         check_len("upload_linear", w.len(), n * k)?;
         let kind = self.dtype;
+        if kind == WeightDtype::F16 {
+            return Err(T5Error::Backend(
+                "f16 weights run on CUDA only; on the CPU use bf16 (the same halved memory, f32's range)"
+                    .into(),
+            ));
+        }
         // int8 sums are exact in i32 while k · 127 · 127 < 2^31.
         if kind == WeightDtype::Int8 && k > 130_000 {
             return Err(T5Error::Backend(format!(

@@ -55,6 +55,7 @@ fn group(dtype: WeightDtype) -> usize {
         WeightDtype::F32 => 1,
         WeightDtype::Bf16 => 2,
         WeightDtype::Int8 => 4,
+        WeightDtype::F16 => unreachable!("f16 is refused by CpuBackend::upload_linear"),
     }
 }
 
@@ -134,6 +135,7 @@ impl PackedWeight {
         let (mut scales, mut col_sums) = (Vec::new(), Vec::new());
         let at = |g: usize, c: usize| lane_index(kg, n_pad, g, c);
         match kind {
+            WeightDtype::F16 => unreachable!("f16 is refused by CpuBackend::upload_linear"),
             WeightDtype::F32 => {
                 for (c, row) in w.chunks_exact(k).take(n).enumerate() {
                     for (kk, &v) in row.iter().enumerate() {
@@ -247,7 +249,7 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u3
         .zip(x.par_chunks(k * rows_per_task))
         .zip(scales.par_chunks_mut(rows_per_task));
     match w.kind {
-        WeightDtype::F32 => unreachable!("f32 activations are read in place"),
+        WeightDtype::F32 | WeightDtype::F16 => unreachable!("f32 activations are read in place"),
         WeightDtype::Bf16 => row_tasks.for_each(|((dst, x), _)| {
             for (dst, row) in dst.chunks_exact_mut(kg).zip(x.chunks_exact(k)) {
                 let pairs = row.chunks_exact(2);
@@ -295,6 +297,7 @@ fn tile_portable(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usi
     for (r, acc) in acc.iter_mut().enumerate().take(rows) {
         let xr = &x[r * kg..(r + 1) * kg];
         match w.kind {
+            WeightDtype::F16 => unreachable!("f16 is refused by CpuBackend::upload_linear"),
             WeightDtype::F32 => {
                 let mut a = [0.0f32; BLOCK];
                 for g in 0..kg {
@@ -572,6 +575,7 @@ unsafe fn tile_simd(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: 
         WeightDtype::F32 => by_rows!(tile_avx512_f32),
         WeightDtype::Bf16 => by_rows!(tile_avx512_bf16),
         WeightDtype::Int8 => by_rows!(tile_avx512_int8),
+        WeightDtype::F16 => unreachable!("f16 is refused by CpuBackend::upload_linear"),
     }
 }
 
@@ -584,6 +588,7 @@ fn tile(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize, isa: 
             WeightDtype::F32 => isa.avx512(),
             WeightDtype::Bf16 => isa >= Isa::Avx512Bf16,
             WeightDtype::Int8 => isa >= Isa::Avx512Vnni,
+            WeightDtype::F16 => false,
         };
         if simd {
             // SAFETY: the backend only runs at levels the CPU has (`IsaLevel::checked`).
@@ -696,7 +701,7 @@ pub(super) fn matmul_packed(
                 };
                 let acc = &acc[..width];
                 match w.kind {
-                    WeightDtype::F32 | WeightDtype::Bf16 => {
+                    WeightDtype::F32 | WeightDtype::Bf16 | WeightDtype::F16 => {
                         store(dst, acc.iter().map(|&a| f32::from_bits(a)), accumulate)
                     }
                     WeightDtype::Int8 => {

@@ -30,6 +30,14 @@ pub fn matmul_nt_bf16(x: &[f32], w: &[f32], d: MatDims) -> Vec<f32> {
     matmul_nt(&x, &w, d)
 }
 
+/// `matmul_nt` with both operands rounded to fp16 (the CUDA backend's f16 products).
+pub fn matmul_nt_f16(x: &[f32], w: &[f32], d: MatDims) -> Vec<f32> {
+    let r = |v: &f32| half::f16::from_f32(*v).to_f32();
+    let x: Vec<f32> = x.iter().map(r).collect();
+    let w: Vec<f32> = w.iter().map(r).collect();
+    matmul_nt(&x, &w, d)
+}
+
 /// `matmul_nt` with the weights rounded to bf16 and the activations exact (the widened bf16
 /// tiles of CPUs without AVX-512 BF16).
 pub fn matmul_nt_bf16_weights(x: &[f32], w: &[f32], d: MatDims) -> Vec<f32> {

@@ -1,0 +1,288 @@
+// t5rt's CUDA kernels, compiled at run time by NVRTC (see cuda/mod.rs). They need no CUDA
+// header: bf16 and fp16 values travel as 16-bit patterns and are converted here by hand, so
+// NVRTC compiles them with nothing but its built-ins on any machine.
+//
+// Every kernel mirrors a CPU kernel of backend/cpu (the reference the GPU tests compare
+// against). Shapes are passed as ints; indices are computed in size_t.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define NEG_INF __int_as_float(0xff800000)
+
+// ---------------------------------------------------------------- conversions
+
+// f32 -> bf16 bits, round to nearest even (NaN stays NaN), as backend/cpu/packed.rs bf16_bits.
+__device__ __forceinline__ u16 f32_to_bf16(float x) {
+    u32 b = __float_as_uint(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (u16)((b >> 16) | 0x40u);
+    return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// f32 -> IEEE half bits, round to nearest even, with subnormals, overflow to inf.
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u32 x = __float_as_uint(f);
+    u32 sign = (x >> 16) & 0x8000u;
+    u32 mag = x & 0x7fffffffu;
+    if (mag > 0x7f800000u) return (u16)(sign | 0x7e00u);           // NaN
+    if (mag >= 0x477ff000u) return (u16)(sign | 0x7c00u);          // rounds to >= 65520: inf
+    if (mag < 0x38800000u) {                                       // below 2^-14: subnormal
+        if (mag < 0x33000000u) return (u16)sign;                   // below 2^-25: zero
+        u32 e = mag >> 23;
+        u32 m = (mag & 0x7fffffu) | 0x800000u;
+        u32 shift = 126u - e;                                      // 14 - (e - 127) + 23 - 10 - 1
+        u32 half_ = m >> (shift);
+        u32 rem = m & ((1u << shift) - 1u);
+        u32 halfway = 1u << (shift - 1u);
+        if (rem > halfway || (rem == halfway && (half_ & 1u))) half_ += 1u;
+        return (u16)(sign | half_);
+    }
+    u32 r = mag - 0x38000000u;                                     // rebias 127 -> 15
+    u32 h = r >> 13;
+    u32 rem = r & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h += 1u;
+    return (u16)(sign | h);
+}
+
+extern "C" __global__ void to_bf16(const float* x, u16* y, int n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n) y[i] = f32_to_bf16(x[i]);
+}
+
+extern "C" __global__ void to_f16(const float* x, u16* y, int n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n) y[i] = f32_to_f16(x[i]);
+}
+
+// Pairs of f32 -> one slot of two bf16 (low = even element), as CpuBackend::compress_kv.
+extern "C" __global__ void compress_kv(const float* x, float* y, int pairs) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)pairs) {
+        u32 lo = f32_to_bf16(x[2 * i]);
+        u32 hi = f32_to_bf16(x[2 * i + 1]);
+        y[i] = __uint_as_float(lo | (hi << 16));
+    }
+}
+
+// ---------------------------------------------------------------- block reductions
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = (threadIdx.x < (unsigned)warps) ? scratch[lane] : 0.0f;
+    if (warp == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) scratch[0] = v;
+    __syncthreads();
+    return scratch[0];
+}
+
+__device__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = (threadIdx.x < (unsigned)warps) ? scratch[lane] : NEG_INF;
+    if (warp == 0) v = warp_max(v);
+    if (threadIdx.x == 0) scratch[0] = v;
+    __syncthreads();
+    return scratch[0];
+}
+
+// ---------------------------------------------------------------- elementwise
+
+// T5's RMSNorm: out = w * x / sqrt(mean(x^2) + eps), statistics in f32. One block per row.
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int rows, int d,
+                                    float eps) {
+    __shared__ float scratch[32];
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (size_t)r * d;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += xr[i] * xr[i];
+    s = block_sum(s, scratch);
+    float inv = 1.0f / sqrtf(s / (float)d + eps);
+    float* o = out + (size_t)r * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = w[i] * (xr[i] * inv);
+}
+
+// act: 0 relu, 1 gelu_new (tanh approximation), 2 silu. `up` (gated variants) may be null.
+__device__ __forceinline__ float activation(float v, int act) {
+    if (act == 0) return v > 0.0f ? v : 0.0f;
+    if (act == 1) {
+        const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+        return 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+    }
+    return v / (1.0f + expf(-v));
+}
+
+extern "C" __global__ void activate(float* x, const float* up, int n, int act) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n) {
+        float a = activation(x[i], act);
+        x[i] = up ? a * up[i] : a;
+    }
+}
+
+extern "C" __global__ void scale(float* x, int n, float s) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n) x[i] *= s;
+}
+
+// out[i, :] = table[ids[i], :] (ids were checked against the vocabulary on the host).
+extern "C" __global__ void embed(const u32* ids, const float* table, float* out, int n, int d) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n * d) {
+        size_t row = i / d, col = i % d;
+        out[i] = table[(size_t)ids[row] * d + col];
+    }
+}
+
+// cache[b, pos, :] = src[b, :]
+extern "C" __global__ void write_position(const float* src, float* cache, int batch, int width,
+                                          int stride, int pos) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)batch * width) {
+        size_t b = i / width, c = i % width;
+        cache[(b * stride + pos) * width + c] = src[i];
+    }
+}
+
+// dst[i, :] = src[rows[i], :]
+extern "C" __global__ void gather_rows(const float* src, const u32* rows, float* dst, int n_rows,
+                                       int row_len) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n_rows * row_len) {
+        size_t r = i / row_len, c = i % row_len;
+        dst[i] = src[(size_t)rows[r] * row_len + c];
+    }
+}
+
+// dst[r, :new_len] = src[r, start:start + len] padded with zeros (new_len >= len).
+extern "C" __global__ void copy_rows(const float* src, float* dst, int rows, int src_len,
+                                     int start, int len, int new_len) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)rows * new_len) {
+        size_t r = i / new_len, c = i % new_len;
+        dst[i] = c < (size_t)len ? src[r * src_len + start + c] : 0.0f;
+    }
+}
+
+extern "C" __global__ void fill_column(float* x, int rows, int n, int col, float v) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r < rows) x[(size_t)r * n + col] = v;
+}
+
+// Index of the largest value of each row (first on ties), one block per row.
+extern "C" __global__ void argmax_rows(const float* x, u32* out, int rows, int n) {
+    __shared__ float best_v[1024];
+    __shared__ u32 best_i[1024];
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const float* xr = x + (size_t)r * n;
+    float bv = NEG_INF;
+    u32 bi = 0xffffffffu;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i];
+        if (v > bv || (v == bv && (u32)i < bi) || bi == 0xffffffffu) { bv = v; bi = i; }
+    }
+    best_v[threadIdx.x] = bv;
+    best_i[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < (unsigned)s) {
+            float ov = best_v[threadIdx.x + s];
+            u32 oi = best_i[threadIdx.x + s];
+            if (oi != 0xffffffffu &&
+                (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x]) ||
+                 best_i[threadIdx.x] == 0xffffffffu)) {
+                best_v[threadIdx.x] = ov;
+                best_i[threadIdx.x] = oi;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = best_i[0] == 0xffffffffu ? 0u : best_i[0];
+}
+
+// ---------------------------------------------------------------- attention
+
+// One key/value element t of row j: f32, or the bf16 half of a slot (compress_kv's layout).
+__device__ __forceinline__ float kv_at(const float* kv, size_t at, int bf16) {
+    if (!bf16) return kv[at];
+    u32 slot = __float_as_uint(kv[at >> 1]);
+    return bf16_to_f32((u16)((at & 1) ? (slot >> 16) : (slot & 0xffffu)));
+}
+
+// softmax(q·kᵀ + bias + mask)·v without 1/sqrt(d_kv) (T5), one block per (sequence b,
+// head h, query i). q, out: [batch, q_len, heads*d_kv]; k, v: [batch/kv_group, kv_stride,
+// heads*d_kv] (bf16 pairs when kv_bf16); bias: [heads, q_len, kv_len] or null; mask:
+// [batch/kv_group, kv_len] or null. Keys the mask masks at the start or the end of the row
+// are skipped, as the CPU kernel does. Scores live in dynamic shared memory (kv_len floats).
+extern "C" __global__ void attention(const float* q, const float* k, const float* v,
+                                     const float* bias, const float* mask, float* out, int batch,
+                                     int heads, int d_kv, int q_len, int kv_len, int kv_stride,
+                                     int kv_group, int kv_bf16) {
+    extern __shared__ float scores[];
+    __shared__ float scratch[32];
+    int idx = blockIdx.x;
+    int i = idx % q_len;
+    int h = (idx / q_len) % heads;
+    int b = idx / (q_len * heads);
+    if (b >= batch) return;
+    int kb = b / kv_group;
+    size_t inner = (size_t)heads * d_kv;
+    const float* qr = q + ((size_t)b * q_len + i) * inner + (size_t)h * d_kv;
+    // The unmasked range [j0, j1).
+    int j0 = 0, j1 = kv_len;
+    if (mask) {
+        const float* m = mask + (size_t)kb * kv_len;
+        while (j0 < kv_len - 1 && m[j0] == NEG_INF) j0++;
+        while (j1 > j0 + 1 && m[j1 - 1] == NEG_INF) j1--;
+    }
+    float mx = NEG_INF;
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+        size_t base = ((size_t)kb * kv_stride + j) * inner + (size_t)h * d_kv;
+        float s = 0.0f;
+        for (int t = 0; t < d_kv; t++) s += qr[t] * kv_at(k, base + t, kv_bf16);
+        if (bias) s += bias[((size_t)h * q_len + i) * kv_len + j];
+        if (mask) s += mask[(size_t)kb * kv_len + j];
+        scores[j - j0] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = block_max(mx, scratch);
+    float sum = 0.0f;
+    for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+        float e = (scores[j - j0] == NEG_INF) ? 0.0f : expf(scores[j - j0] - mx);
+        scores[j - j0] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, scratch);
+    float inv = 1.0f / sum;
+    float* o = out + ((size_t)b * q_len + i) * inner + (size_t)h * d_kv;
+    for (int t = threadIdx.x; t < d_kv; t += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = j0; j < j1; j++) {
+            float p = scores[j - j0];
+            if (p != 0.0f) acc += p * kv_at(v, ((size_t)kb * kv_stride + j) * inner + (size_t)h * d_kv + t, kv_bf16);
+        }
+        o[t] = acc * inv;
+    }
+}

@@ -1,0 +1,840 @@
+//! The CUDA backend (feature `cuda`): the [`Backend`] kernels on an NVIDIA GPU through
+//! `cudarc`, with the CUDA libraries loaded at run time (a build needs no CUDA toolkit).
+//! Products go through cuBLAS with f32 accumulation (TF32 off); the other kernels are CUDA C
+//! in `kernels.cu`, compiled by NVRTC for the GPU at start.
+//!
+//! Precisions (`WeightDtype`): f32; bf16 and f16, where a product's half-precision operands go
+//! into the matrix units and its result stays f32. Everything else stays f32: the residual
+//! stream, RMSNorm statistics, softmax, activations, caches. The feed-forward output projection
+//! (`wo`), whose inputs exceed fp16's range in T5 v1.1 / FLAN-T5 / mT5, is kept in f32 when the
+//! weights are f16 ([`Backend::upload_output_linear`]): half precision is safe by construction.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
+};
+
+use super::{AttnShape, Backend, MatDims, WeightDtype};
+use crate::config::Activation;
+use crate::error::{Result, T5Error};
+
+/// The kernels' source, compiled at run time.
+pub const KERNELS: &str = include_str!("kernels.cu");
+
+/// Every kernel `kernels.cu` defines (loaded at start; a missing one is an error then).
+pub const KERNEL_NAMES: [&str; 13] = [
+    "to_bf16",
+    "to_f16",
+    "compress_kv",
+    "rms_norm",
+    "activate",
+    "scale",
+    "embed",
+    "write_position",
+    "gather_rows",
+    "copy_rows",
+    "fill_column",
+    "argmax_rows",
+    "attention",
+];
+
+fn err(what: &str, e: impl std::fmt::Display) -> T5Error {
+    T5Error::Backend(format!("cuda: {what}: {e}"))
+}
+
+/// Compiles `kernels.cu` with NVRTC for `arch` (`compute_80`, `compute_90`, ...): the PTX.
+pub fn compile_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
+    use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+    if !nvrtc_available() {
+        return Err(T5Error::Backend(
+            "cuda: libnvrtc cannot be loaded (install the CUDA toolkit's NVRTC, or PyPI's nvidia-cuda-nvrtc, and add its folder to LD_LIBRARY_PATH)".into(),
+        ));
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    compile_ptx_with_opts(KERNELS, opts).map_err(|e| match e {
+        CompileError::CompileError { log, .. } => T5Error::Backend(format!(
+            "cuda: NVRTC could not compile the kernels for {arch}:\n{}",
+            log.to_string_lossy()
+        )),
+        other => err("NVRTC", other),
+    })
+}
+
+/// Whether a library can be loaded, without the panics cudarc raises when it cannot.
+fn probe(f: impl FnOnce() -> bool + std::panic::UnwindSafe) -> bool {
+    std::panic::catch_unwind(f).unwrap_or(false)
+}
+
+/// Whether libnvrtc can be loaded here.
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to open the library.
+    probe(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
+}
+
+/// Whether the CUDA driver library can be loaded here.
+pub fn driver_available() -> bool {
+    // SAFETY: as above.
+    probe(|| unsafe { cudarc::driver::sys::is_culib_present() })
+}
+
+/// A linear weight on the GPU, row-major `[n, k]` as in the checkpoint.
+pub struct CudaWeight {
+    pub n: usize,
+    pub k: usize,
+    data: WeightData,
+}
+
+enum WeightData {
+    F32(CudaSlice<f32>),
+    /// bf16 or f16 bit patterns.
+    Half(CudaSlice<u16>, WeightDtype),
+}
+
+/// A GPU, its stream, cuBLAS and the compiled kernels.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: Mutex<CudaBlas>,
+    kernels: HashMap<&'static str, CudaFunction>,
+    dtype: WeightDtype,
+    name: String,
+}
+
+/// Threads per block of the elementwise kernels.
+const THREADS: u32 = 256;
+
+fn grid(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(THREADS).max(1), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(T5Error::Backend(format!(
+            "{what}: buffer holds {have} values, the op needs {need}"
+        )));
+    }
+    Ok(())
+}
+
+fn i32_of(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| T5Error::Backend(format!("cuda: {what} {v} is past 2^31")))
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` and prepares the kernels for weights of `dtype` (f32, bf16 or
+    /// f16; int8 is a CPU precision). Every failure is an error that says what is missing:
+    /// no driver library, no such GPU, NVRTC or cuBLAS absent.
+    pub fn new(ordinal: usize, dtype: WeightDtype) -> Result<Self> {
+        if dtype == WeightDtype::Int8 {
+            return Err(T5Error::Backend(
+                "int8 weights run on the CPU only for now; on CUDA use f32, bf16 or f16".into(),
+            ));
+        }
+        if !driver_available() {
+            return Err(T5Error::Backend(
+                "cuda: the NVIDIA driver library (libcuda.so) cannot be loaded: no NVIDIA driver on this machine"
+                    .into(),
+            ));
+        }
+        let count = probe(|| CudaContext::device_count().is_ok());
+        let count = if count {
+            CudaContext::device_count().map_err(|e| err("counting GPUs", e))? as usize
+        } else {
+            0
+        };
+        if ordinal >= count {
+            return Err(T5Error::Backend(format!(
+                "cuda:{ordinal}: this machine has {count} GPU(s) (cuda:0 to cuda:{})",
+                count.saturating_sub(1)
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| err("opening the GPU", e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| err("compute capability", e))?;
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let ptx = compile_kernels(arch)?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| err("loading the kernels (is the driver older than NVRTC?)", e))?;
+        let mut kernels = HashMap::new();
+        for name in KERNEL_NAMES {
+            let f = module
+                .load_function(name)
+                .map_err(|e| err(&format!("kernel {name}"), e))?;
+            kernels.insert(name, f);
+        }
+        let stream = ctx.default_stream();
+        if !probe(|| unsafe { cudarc::cublas::sys::is_culib_present() }) {
+            return Err(T5Error::Backend(
+                "cuda: libcublas cannot be loaded (install the CUDA toolkit's cuBLAS)".into(),
+            ));
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| err("cuBLAS", e))?;
+        // SAFETY: a valid handle; default math keeps TF32 off for f32 products.
+        unsafe {
+            blas_sys::cublasSetMathMode(*blas.handle(), blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+        }
+        .result()
+        .map_err(|e| err("cuBLAS math mode", e))?;
+        let gpu = ctx.name().unwrap_or_else(|_| "GPU".into());
+        Ok(CudaBackend {
+            name: format!("cuda:{ordinal} ({gpu}, sm_{major}{minor}, {dtype})"),
+            ctx,
+            stream,
+            blas: Mutex::new(blas),
+            kernels,
+            dtype,
+        })
+    }
+
+    /// Free and total memory of the GPU, bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        cudarc::driver::result::mem_get_info().map_err(|e| err("memory info", e))
+    }
+
+    /// Makes this GPU current on the calling thread (the engine's workers are other threads).
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| err("binding the GPU", e))
+    }
+
+    fn f(&self, name: &str) -> &CudaFunction {
+        &self.kernels[name]
+    }
+
+    fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.stream
+            .alloc_zeros::<f32>(len.max(1))
+            .map_err(|e| err(&format!("allocating {len} values (out of GPU memory?)"), e))
+    }
+
+    fn launch(
+        &self,
+        b: &mut cudarc::driver::LaunchArgs<'_>,
+        cfg: LaunchConfig,
+        what: &str,
+    ) -> Result<()> {
+        // SAFETY: each caller passes the arguments its kernel declares, in order, with
+        // buffers it checked against the shapes.
+        unsafe { b.launch(cfg) }.map_err(|e| err(what, e))?;
+        Ok(())
+    }
+
+    /// `x` (first `n` values) as bf16 or f16 bits, for a half-precision product.
+    fn to_half(&self, x: &CudaSlice<f32>, n: usize, dtype: WeightDtype) -> Result<CudaSlice<u16>> {
+        let mut out = self
+            .stream
+            .alloc_zeros::<u16>(n.max(1))
+            .map_err(|e| err("allocating half activations", e))?;
+        let kernel = if dtype == WeightDtype::F16 {
+            "to_f16"
+        } else {
+            "to_bf16"
+        };
+        let n32 = i32_of("length", n)?;
+        let mut b = self.stream.launch_builder(self.f(kernel));
+        b.arg(x).arg(&mut out).arg(&n32);
+        self.launch(&mut b, grid(n), kernel)?;
+        Ok(out)
+    }
+
+    /// Rows `[start, start + len)` of each of `rows` rows of `src`, zero-padded to `new_len`.
+    fn copy_rows(
+        &self,
+        src: &CudaSlice<f32>,
+        rows: usize,
+        src_len: usize,
+        start: usize,
+        len: usize,
+        new_len: usize,
+    ) -> Result<CudaSlice<f32>> {
+        check_len("copy_rows", src.len(), rows * src_len)?;
+        let mut out = self.alloc(rows * new_len)?;
+        let (r, sl) = (i32_of("rows", rows)?, i32_of("row length", src_len)?);
+        let (st, l, nl) = (
+            i32_of("start", start)?,
+            i32_of("length", len)?,
+            i32_of("length", new_len)?,
+        );
+        let mut b = self.stream.launch_builder(self.f("copy_rows"));
+        b.arg(src)
+            .arg(&mut out)
+            .arg(&r)
+            .arg(&sl)
+            .arg(&st)
+            .arg(&l)
+            .arg(&nl);
+        self.launch(&mut b, grid(rows * new_len), "copy_rows")?;
+        Ok(out)
+    }
+
+    fn upload_ids(&self, ids: &[u32]) -> Result<CudaSlice<u32>> {
+        self.stream
+            .clone_htod(ids)
+            .map_err(|e| err("uploading ids", e))
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaSlice<f32>;
+    type Weight = CudaWeight;
+
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let _ = self.bind();
+        f()
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
+        self.bind()?;
+        if data.is_empty() {
+            return self.alloc(0);
+        }
+        self.stream
+            .clone_htod(data)
+            .map_err(|e| err("uploading (out of GPU memory?)", e))
+    }
+
+    fn download(&self, t: &CudaSlice<f32>, len: usize) -> Result<Vec<f32>> {
+        self.bind()?;
+        check_len("download", t.len(), len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        self.stream
+            .clone_dtoh(&t.slice(0..len))
+            .map_err(|e| err("downloading", e))
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.bind()?;
+        self.alloc(len)
+    }
+
+    fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<CudaWeight> {
+        self.bind()?;
+        check_len("upload_linear", w.len(), n * k)?;
+        let data = match self.dtype {
+            WeightDtype::F32 => WeightData::F32(self.upload(&w[..n * k])?),
+            WeightDtype::Bf16 | WeightDtype::F16 => {
+                let bits: Vec<u16> = if self.dtype == WeightDtype::Bf16 {
+                    w[..n * k]
+                        .iter()
+                        .map(|&v| half::bf16::from_f32(v).to_bits())
+                        .collect()
+                } else {
+                    w[..n * k]
+                        .iter()
+                        .map(|&v| half::f16::from_f32(v).to_bits())
+                        .collect()
+                };
+                let dev = self
+                    .stream
+                    .clone_htod(&bits)
+                    .map_err(|e| err("uploading weights (out of GPU memory?)", e))?;
+                WeightData::Half(dev, self.dtype)
+            }
+            WeightDtype::Int8 => unreachable!("refused in new"),
+        };
+        Ok(CudaWeight { n, k, data })
+    }
+
+    fn upload_output_linear(&self, w: &[f32], n: usize, k: usize) -> Result<CudaWeight> {
+        if self.dtype == WeightDtype::F16 {
+            // fp16's range (65504) is too small for the inputs of T5's FFN output projection.
+            self.bind()?;
+            check_len("upload_output_linear", w.len(), n * k)?;
+            return Ok(CudaWeight {
+                n,
+                k,
+                data: WeightData::F32(self.upload(&w[..n * k])?),
+            });
+        }
+        self.upload_linear(w, n, k)
+    }
+
+    fn weight_dtype(&self) -> WeightDtype {
+        self.dtype
+    }
+
+    fn matmul_nt(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaWeight,
+        out: &mut CudaSlice<f32>,
+        d: MatDims,
+        accumulate: bool,
+    ) -> Result<()> {
+        check_len("matmul x", x.len(), d.m * d.k)?;
+        check_len("matmul out", out.len(), d.m * d.n)?;
+        if (w.n, w.k) != (d.n, d.k) {
+            return Err(T5Error::Backend(format!(
+                "matmul: the weight is {}x{}, the op wants {}x{}",
+                w.n, w.k, d.n, d.k
+            )));
+        }
+        if d.m == 0 {
+            return Ok(());
+        }
+        let (m, n, k) = (i32_of("m", d.m)?, i32_of("n", d.n)?, i32_of("k", d.k)?);
+        let beta = if accumulate { 1.0f32 } else { 0.0 };
+        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        // Row-major out[m, n] = x[m, k] · w[n, k]ᵀ is column-major outᵀ = w · xᵀ.
+        match &w.data {
+            WeightData::F32(wd) => {
+                let cfg = GemmConfig {
+                    transa: blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    transb: blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    m: n,
+                    n: m,
+                    k,
+                    alpha: 1.0f32,
+                    lda: k,
+                    ldb: k,
+                    beta,
+                    ldc: n,
+                };
+                let xv = x.slice(0..d.m * d.k);
+                let mut ov = out.slice_mut(0..d.m * d.n);
+                // SAFETY: the shapes were checked against the buffers above.
+                unsafe { blas.gemm(cfg, wd, &xv, &mut ov) }.map_err(|e| err("sgemm", e))?;
+            }
+            WeightData::Half(wd, dtype) => {
+                let xh = self.to_half(x, d.m * d.k, *dtype)?;
+                let ty = if *dtype == WeightDtype::F16 {
+                    blas_sys::cudaDataType_t::CUDA_R_16F
+                } else {
+                    blas_sys::cudaDataType_t::CUDA_R_16BF
+                };
+                let alpha = 1.0f32;
+                let (wp, _gw) = wd.device_ptr(&self.stream);
+                let (xp, _gx) = xh.device_ptr(&self.stream);
+                let (op, _go) = out.device_ptr_mut(&self.stream);
+                // SAFETY: as above; the pointers' guards live until the call is queued.
+                unsafe {
+                    cudarc::cublas::result::gemm_ex(
+                        *blas.handle(),
+                        blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                        blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                        n,
+                        m,
+                        k,
+                        &alpha as *const f32 as *const _,
+                        wp as *const _,
+                        ty,
+                        k,
+                        xp as *const _,
+                        ty,
+                        k,
+                        &beta as *const f32 as *const _,
+                        op as *mut _,
+                        blas_sys::cudaDataType_t::CUDA_R_32F,
+                        n,
+                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(|e| err("gemm_ex", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn embed(
+        &self,
+        ids: &[u32],
+        table: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        d: usize,
+    ) -> Result<()> {
+        check_len("embed out", out.len(), ids.len() * d)?;
+        let vocab = table.len() / d.max(1);
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(T5Error::Input(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let dev_ids = self.upload_ids(ids)?;
+        let (n, d32) = (i32_of("ids", ids.len())?, i32_of("d", d)?);
+        let mut b = self.stream.launch_builder(self.f("embed"));
+        b.arg(&dev_ids).arg(table).arg(out).arg(&n).arg(&d32);
+        self.launch(&mut b, grid(ids.len() * d), "embed")
+    }
+
+    fn embed_linear(
+        &self,
+        ids: &[u32],
+        w: &CudaWeight,
+        out: &mut CudaSlice<f32>,
+        d: usize,
+    ) -> Result<()> {
+        match &w.data {
+            WeightData::F32(table) if w.k == d => self.embed(ids, table, out, d),
+            _ => Err(T5Error::Backend(
+                "embed_linear: only f32 weights of the embedding width double as the table".into(),
+            )),
+        }
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check_len("rms_norm x", x.len(), rows * d)?;
+        check_len("rms_norm out", out.len(), rows * d)?;
+        check_len("rms_norm w", w.len(), d)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (r, d32) = (i32_of("rows", rows)?, i32_of("d", d)?);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.f("rms_norm"));
+        b.arg(x).arg(w).arg(out).arg(&r).arg(&d32).arg(&eps);
+        self.launch(&mut b, cfg, "rms_norm")
+    }
+
+    fn activate(
+        &self,
+        x: &mut CudaSlice<f32>,
+        up: Option<&CudaSlice<f32>>,
+        len: usize,
+        act: Activation,
+    ) -> Result<()> {
+        check_len("activate x", x.len(), len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let code: i32 = match act {
+            Activation::Relu => 0,
+            Activation::GeluNew => 1,
+            Activation::Silu => 2,
+        };
+        let n = i32_of("len", len)?;
+        let null = 0u64;
+        let mut b = self.stream.launch_builder(self.f("activate"));
+        b.arg(x);
+        match up {
+            Some(u) => {
+                check_len("activate up", u.len(), len)?;
+                b.arg(u);
+            }
+            None => {
+                b.arg(&null);
+            }
+        }
+        b.arg(&n).arg(&code);
+        self.launch(&mut b, grid(len), "activate")
+    }
+
+    fn scale(&self, x: &mut CudaSlice<f32>, len: usize, s: f32) -> Result<()> {
+        check_len("scale", x.len(), len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let n = i32_of("len", len)?;
+        let mut b = self.stream.launch_builder(self.f("scale"));
+        b.arg(x).arg(&n).arg(&s);
+        self.launch(&mut b, grid(len), "scale")
+    }
+
+    fn compress_kv(&self, t: &CudaSlice<f32>, len: usize) -> Result<CudaSlice<f32>> {
+        check_len("compress_kv", t.len(), len)?;
+        if !len.is_multiple_of(2) {
+            return Err(T5Error::Backend(format!(
+                "compress_kv: {len} values do not pair up"
+            )));
+        }
+        let mut out = self.alloc(len / 2)?;
+        let pairs = i32_of("len", len / 2)?;
+        let mut b = self.stream.launch_builder(self.f("compress_kv"));
+        b.arg(t).arg(&mut out).arg(&pairs);
+        self.launch(&mut b, grid(len / 2), "compress_kv")?;
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        mask: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        s: AttnShape,
+    ) -> Result<()> {
+        let inner = s.heads * s.d_kv;
+        check_len("attention q", q.len(), s.batch * s.q_len * inner)?;
+        check_len("attention out", out.len(), s.batch * s.q_len * inner)?;
+        if s.kv_group == 0 || !s.batch.is_multiple_of(s.kv_group) {
+            return Err(T5Error::Backend(format!(
+                "attention: batch {} is not a multiple of kv_group {}",
+                s.batch, s.kv_group
+            )));
+        }
+        let kv_values = s.batch / s.kv_group * s.kv_stride * inner;
+        let slots = if s.kv_bf16 { kv_values / 2 } else { kv_values };
+        check_len("attention k", k.len(), slots)?;
+        check_len("attention v", v.len(), slots)?;
+        if s.kv_len > s.kv_stride || s.kv_len == 0 {
+            return Err(T5Error::Backend(format!(
+                "attention over {} keys with a stride of {}",
+                s.kv_len, s.kv_stride
+            )));
+        }
+        if let Some(b) = bias {
+            check_len("attention bias", b.len(), s.heads * s.q_len * s.kv_len)?;
+        }
+        if let Some(m) = mask {
+            check_len("attention mask", m.len(), s.batch / s.kv_group * s.kv_len)?;
+        }
+        // Scores of one (sequence, head, query) in shared memory.
+        let shared = s.kv_len * 4;
+        if shared > 48 * 1024 {
+            return Err(T5Error::Backend(format!(
+                "cuda attention over {} keys: at most 12288 for now",
+                s.kv_len
+            )));
+        }
+        let blocks = s.batch * s.heads * s.q_len;
+        if blocks == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (i32_of("blocks", blocks)? as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let a: Vec<i32> = [
+            s.batch,
+            s.heads,
+            s.d_kv,
+            s.q_len,
+            s.kv_len,
+            s.kv_stride,
+            s.kv_group,
+        ]
+        .iter()
+        .map(|&v| i32_of("attention shape", v))
+        .collect::<Result<_>>()?;
+        let kv_bf16 = i32::from(s.kv_bf16);
+        let null = 0u64;
+        let mut b = self.stream.launch_builder(self.f("attention"));
+        b.arg(q).arg(k).arg(v);
+        match bias {
+            Some(t) => b.arg(t),
+            None => b.arg(&null),
+        };
+        match mask {
+            Some(t) => b.arg(t),
+            None => b.arg(&null),
+        };
+        b.arg(out);
+        for v in &a {
+            b.arg(v);
+        }
+        b.arg(&kv_bf16);
+        self.launch(&mut b, cfg, "attention")
+    }
+
+    fn write_position(
+        &self,
+        src: &CudaSlice<f32>,
+        cache: &mut CudaSlice<f32>,
+        batch: usize,
+        width: usize,
+        stride: usize,
+        pos: usize,
+    ) -> Result<()> {
+        if pos >= stride {
+            return Err(T5Error::Backend(format!(
+                "cache position {pos} is beyond its capacity {stride}"
+            )));
+        }
+        check_len("write_position src", src.len(), batch * width)?;
+        check_len("write_position cache", cache.len(), batch * stride * width)?;
+        if batch * width == 0 {
+            return Ok(());
+        }
+        let a = [
+            i32_of("batch", batch)?,
+            i32_of("width", width)?,
+            i32_of("stride", stride)?,
+            i32_of("position", pos)?,
+        ];
+        let mut b = self.stream.launch_builder(self.f("write_position"));
+        b.arg(src)
+            .arg(cache)
+            .arg(&a[0])
+            .arg(&a[1])
+            .arg(&a[2])
+            .arg(&a[3]);
+        self.launch(&mut b, grid(batch * width), "write_position")
+    }
+
+    fn gather_rows(
+        &self,
+        src: &CudaSlice<f32>,
+        rows: &[usize],
+        row_len: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let have = src.len() / row_len.max(1);
+        if let Some(&r) = rows.iter().find(|&&r| r >= have) {
+            return Err(T5Error::Backend(format!(
+                "gather_rows: row {r} is out of range"
+            )));
+        }
+        let mut out = self.alloc(rows.len() * row_len)?;
+        if rows.is_empty() || row_len == 0 {
+            return Ok(out);
+        }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let dev = self.upload_ids(&idx)?;
+        let (n, l) = (i32_of("rows", rows.len())?, i32_of("row_len", row_len)?);
+        let mut b = self.stream.launch_builder(self.f("gather_rows"));
+        b.arg(src).arg(&dev).arg(&mut out).arg(&n).arg(&l);
+        self.launch(&mut b, grid(rows.len() * row_len), "gather_rows")?;
+        Ok(out)
+    }
+
+    fn widen_rows(
+        &self,
+        src: &CudaSlice<f32>,
+        rows: usize,
+        old_len: usize,
+        new_len: usize,
+    ) -> Result<CudaSlice<f32>> {
+        if new_len < old_len {
+            return Err(T5Error::Backend(format!(
+                "widen_rows: {new_len} < {old_len}"
+            )));
+        }
+        self.copy_rows(src, rows, old_len, 0, old_len, new_len)
+    }
+
+    fn retain_rows(&self, t: &mut CudaSlice<f32>, rows: &[usize], row_len: usize) -> Result<()> {
+        if rows.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(T5Error::Backend("retain_rows: rows must increase".into()));
+        }
+        *t = self.gather_rows(t, rows, row_len)?;
+        Ok(())
+    }
+
+    fn append(
+        &self,
+        t: &mut CudaSlice<f32>,
+        t_len: usize,
+        src: &CudaSlice<f32>,
+        len: usize,
+    ) -> Result<()> {
+        check_len("append t", t.len(), t_len)?;
+        check_len("append src", src.len(), len)?;
+        let mut out = self.alloc(t_len + len)?;
+        if t_len > 0 {
+            let from = t.slice(0..t_len);
+            let mut to = out.slice_mut(0..t_len);
+            self.stream
+                .memcpy_dtod(&from, &mut to)
+                .map_err(|e| err("append", e))?;
+        }
+        if len > 0 {
+            let from = src.slice(0..len);
+            let mut to = out.slice_mut(t_len..t_len + len);
+            self.stream
+                .memcpy_dtod(&from, &mut to)
+                .map_err(|e| err("append", e))?;
+        }
+        *t = out;
+        Ok(())
+    }
+
+    fn slice_rows(
+        &self,
+        src: &CudaSlice<f32>,
+        rows: usize,
+        row_len: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<CudaSlice<f32>> {
+        if start.saturating_add(len) > row_len {
+            return Err(T5Error::Backend(format!(
+                "slice_rows: [{start}, {start} + {len}) is outside rows of {row_len}"
+            )));
+        }
+        self.copy_rows(src, rows, row_len, start, len, len)
+    }
+
+    fn argmax_rows(&self, x: &CudaSlice<f32>, rows: usize, n: usize) -> Result<Vec<u32>> {
+        check_len("argmax_rows", x.len(), rows * n)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = self
+            .stream
+            .alloc_zeros::<u32>(rows)
+            .map_err(|e| err("argmax", e))?;
+        let (r, n32) = (i32_of("rows", rows)?, i32_of("n", n)?);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.f("argmax_rows"));
+        b.arg(x).arg(&mut out).arg(&r).arg(&n32);
+        self.launch(&mut b, cfg, "argmax_rows")?;
+        drop(b);
+        self.stream.clone_dtoh(&out).map_err(|e| err("argmax", e))
+    }
+
+    fn fill_column(
+        &self,
+        x: &mut CudaSlice<f32>,
+        rows: usize,
+        n: usize,
+        col: usize,
+        value: f32,
+    ) -> Result<()> {
+        check_len("fill_column", x.len(), rows * n)?;
+        if col >= n {
+            return Err(T5Error::Backend(format!(
+                "fill_column: column {col} >= width {n}"
+            )));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let (r, n32, c) = (i32_of("rows", rows)?, i32_of("n", n)?, i32_of("col", col)?);
+        let mut b = self.stream.launch_builder(self.f("fill_column"));
+        b.arg(x).arg(&r).arg(&n32).arg(&c).arg(&value);
+        self.launch(&mut b, grid(rows), "fill_column")
+    }
+}
