@@ -17,7 +17,7 @@ CARGO_BUILD_JOBS=2 .venv-py/bin/pip install --quiet ./crates/t5rt-py
 # tests say SKIPPED), the CLI builds with it, and NVRTC (from PyPI, pinned to CUDA 13.0 like
 # the GPU machine's driver) compiles every kernel for sm_80 and sm_90.
 .venv-py/bin/pip install --quiet "nvidia-cuda-nvrtc==13.0.*"
-NVRTC_LIB=$(dirname "$(find .venv-py -name 'libnvrtc.so.13' | head -1)")
+NVRTC_LIB=$(dirname "$(find "$PWD/.venv-py" -name 'libnvrtc.so.13' | head -1)")
 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" T5RT_REQUIRE_NVRTC=1 \
   cargo test --release -j2 -p t5rt --features cuda
 cargo check --release -j2 -p t5rt-cli --features cuda

@@ -281,7 +281,13 @@ fn measure<B: Backend>(
                         src_len: input,
                         new_tokens: new,
                     };
-                    t5rt::generate::memory::require_fit(&model.config, args.dtype, &cfg, shape)
+                    t5rt::generate::memory::require_fit(
+                        &model.config,
+                        args.dtype,
+                        &cfg,
+                        t5rt::generate::memory::available_for(&model.backend),
+                        shape,
+                    )
                 })
                 .with_context(|| format!("case {name}"))?;
             Ok(cfg)

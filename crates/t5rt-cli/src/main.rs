@@ -3,6 +3,7 @@
 mod bench_cmd;
 mod generate_cmd;
 mod inputs;
+mod score_cmd;
 mod serve_cmd;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,9 @@ enum Command {
     Generate(generate_cmd::GenerateArgs),
     /// Measure tokens/s on synthetic inputs (EOS suppressed), encoder and decoder apart.
     Bench(bench_cmd::BenchArgs),
+    /// Score given targets: per-token log-probabilities under teacher forcing (as Hugging
+    /// Face's forward pass with labels, or CTranslate2's score_batch).
+    Score(score_cmd::ScoreArgs),
     /// Serve the model over HTTP (Text Generation Inference and OpenAI routes) with
     /// continuous batching.
     Serve(serve_cmd::ServeArgs),
@@ -38,6 +42,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
+        Command::Score(args) => score_cmd::run(args),
         Command::Serve(args) => serve_cmd::run(args),
     };
     if let Err(err) = result {

@@ -129,29 +129,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tokenizer,
         generation,
     } = ckpt;
-    let per_token = bytes_per_batch_token(&config, args.dtype);
-    let available = t5rt::generate::memory::available_bytes();
-    let max_batch_tokens = match args.max_batch_tokens {
-        Some(n) => n,
-        None => available
-            .map_or(65_536, |a| (a / 2 / per_token.max(1)) as usize)
-            .min(65_536),
-    };
     let smallest = args.max_new_tokens.min(args.max_input_tokens) + 1;
-    if max_batch_tokens < smallest {
+    if args.max_batch_tokens.is_some_and(|n| n < smallest) {
         bail!(
-            "--max-batch-tokens {max_batch_tokens} cannot hold one request; give at least {smallest} (or more memory)"
+            "--max-batch-tokens {} cannot hold one request; give at least {smallest}",
+            args.max_batch_tokens.unwrap_or(0)
         );
-    }
-    if let Some(a) = available {
-        let need = per_token.saturating_mul(max_batch_tokens as u64);
-        if need > a {
-            bail!(
-                "--max-batch-tokens {max_batch_tokens} needs about {} of caches, more than the {} available",
-                t5rt::generate::memory::human_bytes(need),
-                t5rt::generate::memory::human_bytes(a)
-            );
-        }
     }
     let mut defaults = GenerationConfig::from_model(&generation);
     defaults.max_new_tokens = args
@@ -164,7 +147,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_input_tokens: args.max_input_tokens,
         max_new_tokens: args.max_new_tokens,
         max_batch_size: args.max_batch_size,
-        max_batch_tokens,
+        max_batch_tokens: args.max_batch_tokens.unwrap_or(0), // set once the device is known
         batching: args.batching,
     };
     let (eos, pad, start) = (
@@ -178,8 +161,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         store,
         tokenizer: tokenizer.clone(),
         engine: engine_config,
+        requested_batch_tokens: args.max_batch_tokens,
+        smallest,
     };
-    let (engine, device) = t5rt::device::with_backend(args.device, args.threads, args.dtype, work)?;
+    let (engine, device, max_batch_tokens) =
+        t5rt::device::with_backend(args.device, args.threads, args.dtype, work)?;
     let app = Arc::new(AppState {
         engine,
         tokenizer,
@@ -251,19 +237,68 @@ struct StartEngine {
     store: t5rt::TensorStore,
     tokenizer: Option<Arc<t5rt::T5Tokenizer>>,
     engine: EngineConfig,
+    /// --max-batch-tokens, if given.
+    requested_batch_tokens: Option<usize>,
+    /// The fewest batch tokens one request needs.
+    smallest: usize,
+}
+
+/// The batch's token budget: `requested`, or what half of the device's available memory
+/// holds in caches (at most 65536); an error when it cannot hold one request or its caches
+/// exceed what is available.
+fn batch_tokens(
+    requested: Option<usize>,
+    available: Option<u64>,
+    per_token: u64,
+    smallest: usize,
+) -> std::result::Result<usize, String> {
+    use t5rt::generate::memory::human_bytes;
+    let n = match requested {
+        Some(n) => n,
+        None => available
+            .map_or(65_536, |a| (a / 2 / per_token.max(1)) as usize)
+            .min(65_536),
+    };
+    if n < smallest {
+        return Err(format!(
+            "--max-batch-tokens {n} cannot hold one request; give at least {smallest} (or more memory)"
+        ));
+    }
+    if let Some(a) = available {
+        let need = per_token.saturating_mul(n as u64);
+        if need > a {
+            return Err(format!(
+                "--max-batch-tokens {n} needs about {} of caches, more than the {} available",
+                human_bytes(need),
+                human_bytes(a)
+            ));
+        }
+    }
+    Ok(n)
 }
 
 impl t5rt::device::WithBackend for StartEngine {
-    /// The engine and the device's name.
-    type Output = (EngineHandle, String);
+    /// The engine, the device's name and the batch's token budget.
+    type Output = (EngineHandle, String, usize);
 
-    fn run<B: Backend + 'static>(self, backend: B) -> t5rt::Result<Self::Output> {
+    fn run<B: Backend + 'static>(mut self, backend: B) -> t5rt::Result<Self::Output> {
         let model = t5rt::T5Model::load(self.config, &self.store, backend)?;
         drop(self.store);
+        // The budget comes from the memory of the device the caches live on.
+        let per_token = bytes_per_batch_token(&model.config, model.backend.weight_dtype());
+        self.engine.max_batch_tokens = batch_tokens(
+            self.requested_batch_tokens,
+            t5rt::generate::memory::available_for(&model.backend),
+            per_token,
+            self.smallest,
+        )
+        .map_err(t5rt::T5Error::Input)?;
         let name = model.backend.name();
+        let tokens = self.engine.max_batch_tokens;
         Ok((
             EngineHandle::start(Arc::new(model), self.tokenizer, self.engine)?,
             name,
+            tokens,
         ))
     }
 }

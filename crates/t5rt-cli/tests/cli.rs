@@ -304,3 +304,69 @@ fn stop_string_and_bad_decoding_options() {
         assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
     }
 }
+
+/// `t5rt score` gives HF's teacher-forced log-probabilities (tests/fixtures/spell-numbers/
+/// scores.json, from tools/make_score_reference.py) for ids given as JSONL, and scores a
+/// text pair with the target tokenized as HF does (EOS last).
+#[test]
+fn score_matches_hugging_face_and_reads_text_pairs() {
+    let text = std::fs::read_to_string(fixture("spell-numbers").join("scores.json")).unwrap();
+    let want: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let lines: String = (0..want["inputs"].as_array().unwrap().len())
+        .map(|i| {
+            format!(
+                "{{\"input_ids\": {}, \"target_ids\": {}}}\n",
+                want["inputs"][i], want["targets"][i]
+            )
+        })
+        .collect();
+    let o = t5rt(
+        &["score", "--input", "-", "--batch-size", "7"],
+        Some(&lines),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), want["inputs"].as_array().unwrap().len());
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row["target_ids"], want["targets"][i]);
+        let (got, exp) = (
+            row["token_log_probs"].as_array().unwrap(),
+            want["token_log_probs"][i].as_array().unwrap(),
+        );
+        assert_eq!(got.len(), exp.len());
+        for (g, e) in got.iter().zip(exp) {
+            let (g, e) = (g.as_f64().unwrap(), e.as_f64().unwrap());
+            assert!(
+                (g - e).abs() <= 1.5e-5 * e.abs().max(1.0),
+                "pair {i}: {g} vs {e}"
+            );
+        }
+        let sum: f64 = got.iter().map(|v| v.as_f64().unwrap()).sum();
+        assert!((row["log_prob"].as_f64().unwrap() - sum).abs() < 1e-6 * sum.abs().max(1.0));
+    }
+    // A text pair: the right spelling is likely, a wrong one is not.
+    let o = t5rt(&["score", "spell: 42", "forty-two"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let right: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let o = t5rt(&["score", "spell: 42", "forty-three"], None);
+    let wrong: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(
+        right["target_ids"].as_array().unwrap().last().unwrap(),
+        1,
+        "EOS last"
+    );
+    assert!(right["log_prob"].as_f64().unwrap() > -0.1, "{right}");
+    assert!(wrong["log_prob"].as_f64().unwrap() < -5.0, "{wrong}");
+    // Bad input: a clear error, exit 1.
+    let o = t5rt(&["score", "--input", "-"], Some("spell: 1 without a tab\n"));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("expected SOURCE<TAB>TARGET"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -178,6 +178,7 @@ fn hostile_input_files() {
     for f in &files {
         check(&["generate", "--input", f]);
         check(&["generate", "--input", f, "--input-format", "jsonl"]);
+        check(&["score", "--input", f]);
     }
     // Output where it cannot be written.
     check(&[

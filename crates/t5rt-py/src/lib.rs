@@ -299,6 +299,7 @@ impl Model {
             &self.model.config,
             t5rt::Backend::weight_dtype(&self.model.backend),
             &cfg,
+            t5rt::generate::memory::available_for(&self.model.backend),
             shape,
         )
         .map_err(to_py_err)?;

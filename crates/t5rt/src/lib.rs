@@ -34,8 +34,8 @@ pub use checkpoint::Checkpoint;
 pub use config::{Activation, GenerationDefaults, T5Config};
 pub use error::{Result, T5Error};
 pub use generate::{
-    generate, generate_cancellable, generate_with_stats, EarlyStopping, GenerationConfig,
-    GenerationStats, Hypothesis, Limits,
+    generate, generate_cancellable, generate_with_stats, score, score_cancellable, EarlyStopping,
+    GenerationConfig, GenerationStats, Hypothesis, Limits,
 };
 pub use model::{DecoderState, EncoderOutput, T5Model};
 pub use tokenizer::{Input, T5Tokenizer};

@@ -128,6 +128,12 @@ pub trait Backend: Send + Sync {
         WeightDtype::F32
     }
 
+    /// Free bytes of a device with memory of its own (a GPU), which then bounds weights and
+    /// batches instead of the host's memory; `None` for a backend that works in host memory.
+    fn device_memory(&self) -> Option<u64> {
+        None
+    }
+
     /// `out = x · wᵀ`, or `out += x · wᵀ` with `accumulate` (the residual add, fused);
     /// `w` comes from [`Backend::upload_linear`].
     fn matmul_nt(

@@ -5,7 +5,7 @@
 //! is split into smaller ones; a single input that does not fit is refused with the estimate,
 //! the budget and the parameter to lower.
 
-use crate::backend::WeightDtype;
+use crate::backend::{Backend, WeightDtype};
 use crate::config::T5Config;
 use crate::error::{Result, T5Error};
 
@@ -212,6 +212,42 @@ pub fn available_bytes() -> Option<u64> {
     [meminfo, cgroup, rlimit].into_iter().flatten().min()
 }
 
+/// The memory a batch on `backend` may use now: the device's free memory for a backend with
+/// memory of its own (a GPU), else the host's ([`available_bytes`]).
+pub fn available_for<B: Backend>(backend: &B) -> Option<u64> {
+    backend.device_memory().or_else(available_bytes)
+}
+
+/// Bytes the weights of `config` take once uploaded in `dtype`: the linear weights in
+/// `dtype` (the FFN output projection in f32 when `dtype` is f16, which keeps it range-safe),
+/// the rest (embedding, norms) in f32. An estimate used to refuse a model that cannot fit
+/// before any upload starts.
+pub fn weight_bytes(config: &T5Config, dtype: WeightDtype) -> u64 {
+    let c = config;
+    let (d, inner, d_ff) = (c.d_model as u64, c.inner_dim() as u64, c.d_ff as u64);
+    let per = match dtype {
+        WeightDtype::F32 => 4,
+        WeightDtype::Bf16 | WeightDtype::F16 => 2,
+        WeightDtype::Int8 => 1,
+    };
+    let wo = if dtype == WeightDtype::F16 { 4 } else { per };
+    let ff_in = if c.is_gated_act { 2 } else { 1 };
+    let attn = 4 * d * inner * per;
+    let ffn = ff_in * d * d_ff * per + d * d_ff * wo;
+    let layers = |n: usize, attns: u64| (n as u64).saturating_mul(attns * attn + ffn + 3 * d * 4);
+    let vocab = c.vocab_size as u64 * d;
+    // The embedding table is f32; an f32 head tied to it holds it once.
+    let table = if c.tie_word_embeddings && dtype == WeightDtype::F32 {
+        0
+    } else {
+        vocab * 4
+    };
+    layers(c.num_layers, 1)
+        .saturating_add(layers(c.num_decoder_layers, 2))
+        .saturating_add(vocab * per) // the head
+        .saturating_add(table)
+}
+
 /// The budget of one `generate` call and where it came from (for messages).
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
@@ -221,15 +257,15 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// `max_memory` when set, else what is available now; `None` when neither is known (the
-    /// hard limits still apply then).
-    pub fn of(cfg: &GenerationConfig) -> Option<Budget> {
+    /// `max_memory` when set, else `available` (what the device has available now, see
+    /// [`available_for`]); `None` when neither is known (the hard limits still apply then).
+    pub fn of(cfg: &GenerationConfig, available: Option<u64>) -> Option<Budget> {
         match cfg.max_memory {
             Some(bytes) => Some(Budget {
                 bytes,
                 explicit: true,
             }),
-            None => available_bytes().map(|bytes| Budget {
+            None => available.map(|bytes| Budget {
                 bytes,
                 explicit: false,
             }),
@@ -241,7 +277,7 @@ impl Budget {
             format!("the budget of {} (max_memory)", human_bytes(self.bytes))
         } else {
             format!(
-                "the {} this machine has available now (set max_memory / --max-memory to change the budget)",
+                "the {} this device has available now (set max_memory / --max-memory to change the budget)",
                 human_bytes(self.bytes)
             )
         }
@@ -249,14 +285,15 @@ impl Budget {
 }
 
 /// An error unless one batch of exactly `shape` fits the budget (for callers that cannot
-/// split their batch, such as a benchmark of fixed shapes).
+/// split their batch, such as a benchmark of fixed shapes); `available` as in [`Budget::of`].
 pub fn require_fit(
     config: &T5Config,
     dtype: WeightDtype,
     cfg: &GenerationConfig,
+    available: Option<u64>,
     shape: BatchShape,
 ) -> Result<()> {
-    let Some(budget) = Budget::of(cfg) else {
+    let Some(budget) = Budget::of(cfg, available) else {
         return Ok(());
     };
     let need = plan(config, dtype, shape).peak();
@@ -281,10 +318,11 @@ pub(crate) fn fit_batch(
     config: &T5Config,
     dtype: WeightDtype,
     cfg: &GenerationConfig,
+    available: Option<u64>,
     requested: usize,
     shape_of: impl Fn(usize) -> BatchShape,
 ) -> Result<usize> {
-    let Some(budget) = Budget::of(cfg) else {
+    let Some(budget) = Budget::of(cfg, available) else {
         return Ok(requested);
     };
     let fits = |n: usize| plan(config, dtype, shape_of(n)).peak() <= budget.bytes;
@@ -345,6 +383,29 @@ mod tests {
         assert!(parse_bytes("5X").is_err());
         assert!(parse_bytes("").is_err());
         assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+    }
+
+    #[test]
+    fn weight_estimate_matches_the_bundled_checkpoint() {
+        // The bundled model is stored in f32 by Hugging Face: its tensors' bytes are what the
+        // f32 estimate must come to (the relative-bias tables, a few KiB, aside).
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/spell-numbers");
+        let cfg =
+            T5Config::from_json_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let file = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let header = u64::from_le_bytes(file[..8].try_into().unwrap());
+        let tensors = file.len() as u64 - 8 - header;
+        let est = weight_bytes(&cfg, WeightDtype::F32);
+        assert!(
+            est <= tensors && est * 1000 >= tensors * 995,
+            "{est} vs {tensors}"
+        );
+        // Halved linear weights, the embedding table still in f32; f16 keeps `wo` in f32.
+        let bf16 = weight_bytes(&cfg, WeightDtype::Bf16);
+        assert!(bf16 < est && bf16 > est / 2, "{bf16}");
+        assert!(weight_bytes(&cfg, WeightDtype::F16) > bf16);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Search strategies: greedy, sampling ([`greedy`], [`sampling`]) and beam search ([`beam`]),
-//! with Hugging Face's logits processors ([`logits`]). They only call `encode`,
+//! with Hugging Face's logits processors ([`logits`]), and teacher-forced scoring ([`score`]). They only call `encode`,
 //! `start_decoding` / `start_grouped_decoding`, `decode_step` and `DecoderState::select`;
 //! grouping requests into padded batches happens here, once.
 
@@ -9,6 +9,7 @@ mod greedy;
 pub(crate) mod logits;
 pub mod memory;
 pub(crate) mod sampling;
+mod score;
 mod stop;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,7 @@ use crate::model::T5Model;
 use crate::tokenizer::T5Tokenizer;
 
 pub use config::{EarlyStopping, GenerationConfig, Limits};
+pub use score::{score, score_cancellable};
 pub use stop::StopStrings;
 
 /// One generated sequence: the ids after the decoder start token, up to and including EOS
@@ -127,6 +129,7 @@ pub fn generate_cancellable<B: Backend>(
         &model.config,
         model.backend.weight_dtype(),
         cfg,
+        memory::available_for(&model.backend),
         cfg.batch_size.saturating_mul(copies),
         |n| memory::BatchShape {
             sources: n,

@@ -145,6 +145,19 @@ impl<T, W> T5Params<T, W> {
         backend: &B,
         cfg: &T5Config,
     ) -> Result<Self> {
+        if let Some(free) = backend.device_memory() {
+            use crate::generate::memory::{human_bytes, weight_bytes};
+            let need = weight_bytes(cfg, backend.weight_dtype());
+            if need > free {
+                return Err(crate::error::T5Error::Backend(format!(
+                    "{}: the model's weights need about {} in {}, more than the {} free on the device (try --dtype bf16 or f16, or another GPU)",
+                    backend.name(),
+                    human_bytes(need),
+                    backend.weight_dtype(),
+                    human_bytes(free)
+                )));
+            }
+        }
         let l = Loader {
             store,
             backend,

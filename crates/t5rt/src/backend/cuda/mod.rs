@@ -375,6 +375,10 @@ impl Backend for CudaBackend {
         self.dtype
     }
 
+    fn device_memory(&self) -> Option<u64> {
+        self.memory().ok().map(|(free, _)| free as u64)
+    }
+
     fn matmul_nt(
         &self,
         x: &CudaSlice<f32>,
