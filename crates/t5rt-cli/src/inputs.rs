@@ -28,17 +28,22 @@ struct JsonLine {
     input_ids: Option<Vec<i64>>,
 }
 
-/// Reads `path` (`-` for stdin). Returns the requests and whether the input was JSONL.
-pub fn read_file(path: &str, format: InputFormat) -> Result<(Vec<Request>, bool)> {
-    let mut text = String::new();
+/// The text of `path` (`-` for stdin) and the name to give it in messages.
+pub fn read_text(path: &str) -> Result<(String, &str)> {
     if path == "-" {
+        let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)
             .context("cannot read standard input")?;
-    } else {
-        text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+        return Ok((text, "<stdin>"));
     }
-    let name = if path == "-" { "<stdin>" } else { path };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+    Ok((text, path))
+}
+
+/// Reads `path` (`-` for stdin). Returns the requests and whether the input was JSONL.
+pub fn read_file(path: &str, format: InputFormat) -> Result<(Vec<Request>, bool)> {
+    let (text, name) = read_text(path)?;
     let jsonl = match format {
         InputFormat::Jsonl => true,
         InputFormat::Text => false,

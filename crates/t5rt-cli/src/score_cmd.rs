@@ -1,7 +1,7 @@
 //! `t5rt score`: the log-probability a model gives each token of given targets (teacher
 //! forcing), as Hugging Face's forward pass with `labels` and CTranslate2's `score_batch`.
 
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -21,7 +21,8 @@ use t5rt::bundled as default_model;
     \"input_ids\" and \"target\" or \"target_ids\". A target text is tokenized as Hugging Face\n\
     does (its ids end with EOS, which is scored too); target_ids are scored as given.\n\
     Output lines, in input order: {\"log_prob\": sum, \"mean_log_prob\": .., \"target_ids\": [..],\n\
-    \"token_log_probs\": [..]}, natural logs.")]
+    \"token_log_probs\": [..], \"top_ids\": [..]}, natural logs; top_ids are the model's most\n\
+    likely token at each position.")]
 pub struct ScoreArgs {
     /// One source text and its target text (or use --input).
     #[arg(value_names = ["SOURCE", "TARGET"], num_args = 2)]
@@ -78,6 +79,7 @@ struct OutputLine<'a> {
     mean_log_prob: f64,
     target_ids: &'a [u32],
     token_log_probs: &'a [f32],
+    top_ids: &'a [u32],
 }
 
 /// One side of a pair from JSON: text or ids, not both, not empty.
@@ -144,16 +146,8 @@ pub fn parse_pairs(text: &str, name: &str) -> Result<Vec<(Request, Request)>> {
 pub fn run(args: ScoreArgs) -> Result<()> {
     let pairs = match &args.input {
         Some(path) => {
-            let mut text = String::new();
-            if path == "-" {
-                std::io::stdin()
-                    .read_to_string(&mut text)
-                    .context("cannot read standard input")?;
-            } else {
-                text =
-                    std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
-            }
-            parse_pairs(&text, if path == "-" { "<stdin>" } else { path })?
+            let (text, name) = crate::inputs::read_text(path)?;
+            parse_pairs(&text, name)?
         }
         None if args.pair.len() == 2 => {
             if args.pair.iter().any(|t| t.trim().is_empty()) {
@@ -209,13 +203,15 @@ pub fn run(args: ScoreArgs) -> Result<()> {
             std::fs::File::create(path).with_context(|| format!("cannot create {path}"))?,
         )),
     };
-    for (target, lp) in targets.iter().zip(&scores) {
+    for (target, s) in targets.iter().zip(&scores) {
+        let lp = &s.log_probs;
         let sum: f64 = lp.iter().map(|&v| v as f64).sum();
         let line = OutputLine {
             log_prob: sum,
             mean_log_prob: sum / lp.len() as f64,
             target_ids: target,
             token_log_probs: lp,
+            top_ids: &s.top_ids,
         };
         serde_json::to_writer(&mut sink, &line)?;
         writeln!(sink)?;
@@ -240,7 +236,7 @@ struct Work<'a> {
 
 impl t5rt::device::WithBackend for Work<'_> {
     /// The scores, the device's name, and the seconds spent loading and scoring.
-    type Output = (Vec<Vec<f32>>, String, f64, f64);
+    type Output = (Vec<t5rt::TargetScore>, String, f64, f64);
 
     fn run<B: t5rt::Backend + 'static>(self, backend: B) -> t5rt::Result<Self::Output> {
         let model = T5Model::load(self.config, &self.store, backend)?;

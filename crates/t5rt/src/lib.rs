@@ -35,7 +35,7 @@ pub use config::{Activation, GenerationDefaults, T5Config};
 pub use error::{Result, T5Error};
 pub use generate::{
     generate, generate_cancellable, generate_with_stats, score, score_cancellable, EarlyStopping,
-    GenerationConfig, GenerationStats, Hypothesis, Limits,
+    GenerationConfig, GenerationStats, Hypothesis, Limits, TargetScore,
 };
 pub use model::{DecoderState, EncoderOutput, T5Model};
 pub use tokenizer::{Input, T5Tokenizer};

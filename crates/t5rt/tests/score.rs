@@ -79,6 +79,11 @@ fn errors(got: &[Vec<f32>], want: &[Vec<f32>]) -> (f32, f32) {
     (worst, (sum / n as f64) as f32)
 }
 
+/// The log-probabilities of each pair.
+fn lp(scores: Vec<t5rt::TargetScore>) -> Vec<Vec<f32>> {
+    scores.into_iter().map(|s| s.log_probs).collect()
+}
+
 fn cfg(batch_size: usize) -> GenerationConfig {
     GenerationConfig {
         batch_size,
@@ -98,7 +103,14 @@ fn f32_scores_match_hugging_face() {
         for backend in common::cpu_backends(WeightDtype::F32) {
             let label = backend.name();
             let model = ckpt.load_model(backend).unwrap();
-            let got = score(&model, &want.inputs, &want.targets, &cfg(16)).unwrap();
+            let scored = score(&model, &want.inputs, &want.targets, &cfg(16)).unwrap();
+            // The first half of the targets are HF's greedy outputs: at each position the
+            // model's most likely token is the target.
+            let half = want.targets.len() / 2;
+            for (i, s) in scored[..half].iter().enumerate() {
+                assert_eq!(s.top_ids, want.targets[i], "{name} [{label}] pair {i}");
+            }
+            let got = lp(scored);
             let (worst, mean) = errors(&got, &want.log_probs);
             eprintln!("score {name} f32 [{label}]: max relative error {worst:.2e}, mean |error| {mean:.2e} nats");
             assert!(worst <= 1.5e-5, "{name} [{label}]: {worst:e}");
@@ -114,8 +126,8 @@ fn scores_do_not_depend_on_the_batch() {
     for name in ["t5-v1_1", "mt5"] {
         let s = load(name);
         let model = common::load_model(&model_dir(name), 1);
-        let together = score(&model, &s.inputs, &s.targets, &cfg(64)).unwrap();
-        let alone = score(&model, &s.inputs, &s.targets, &cfg(1)).unwrap();
+        let together = lp(score(&model, &s.inputs, &s.targets, &cfg(64)).unwrap());
+        let alone = lp(score(&model, &s.inputs, &s.targets, &cfg(1)).unwrap());
         let (worst, _) = errors(&together, &alone);
         eprintln!("score {name}: in a batch of 14 vs alone, max relative difference {worst:.2e}");
         assert!(worst <= 4e-6, "{name}: batch changes scores by {worst:e}");
@@ -133,7 +145,7 @@ fn reduced_precision_scores_stay_close() {
         for backend in common::cpu_backends(dtype) {
             let label = backend.name();
             let model = ckpt.load_model(backend).unwrap();
-            let got = score(&model, &s.inputs, &s.targets, &cfg(16)).unwrap();
+            let got = lp(score(&model, &s.inputs, &s.targets, &cfg(16)).unwrap());
             let (worst, mean) = errors(&got, &s.log_probs);
             eprintln!("score spell-numbers {dtype} [{label}]: max relative error {worst:.2e}, mean |error| {mean:.2e} nats");
             assert!(
@@ -149,8 +161,8 @@ fn bad_pairs_are_errors() {
     let model = common::load_model(&bundled_model(), 1);
     let (src, tgt) = (vec![vec![5u32, 1]], vec![vec![4u32, 1]]);
     let ok = score(&model, &src, &tgt, &cfg(1)).unwrap();
-    assert_eq!(ok[0].len(), 2);
-    assert!(ok[0].iter().all(|v| v.is_finite() && *v <= 0.0));
+    assert_eq!((ok[0].log_probs.len(), ok[0].top_ids.len()), (2, 2));
+    assert!(ok[0].log_probs.iter().all(|v| v.is_finite() && *v <= 0.0));
     type Case = (Vec<Vec<u32>>, Vec<Vec<u32>>, GenerationConfig, &'static str);
     let cases: Vec<Case> = vec![
         (src.clone(), vec![], cfg(1), "1 inputs but 0 targets"),

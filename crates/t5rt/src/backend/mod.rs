@@ -9,7 +9,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::config::Activation;
-use crate::error::Result;
+use crate::error::{Result, T5Error};
 
 /// How a backend stores the weights of linear layers (everything else stays f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,6 +90,68 @@ pub struct AttnShape {
     /// k and v hold bf16 values, two per f32 slot (from [`Backend::compress_kv`]); only for
     /// one query per sequence (decoding steps).
     pub kv_bf16: bool,
+}
+
+impl AttnShape {
+    /// Checks the lengths of the buffers an attention call is given against this shape (the
+    /// one check every backend makes): q and out, k and v (bf16 pairs when `kv_bf16`), the
+    /// bias and the mask when given.
+    pub fn check(
+        &self,
+        q: usize,
+        out: usize,
+        kv: (usize, usize),
+        bias: Option<usize>,
+        mask: Option<usize>,
+    ) -> Result<()> {
+        let s = self;
+        let inner = s.heads * s.d_kv;
+        check_len("attention q", q, s.batch * s.q_len * inner)?;
+        check_len("attention out", out, s.batch * s.q_len * inner)?;
+        if s.kv_group == 0 || !s.batch.is_multiple_of(s.kv_group) {
+            return Err(T5Error::Backend(format!(
+                "attention: batch {} is not a multiple of kv_group {}",
+                s.batch, s.kv_group
+            )));
+        }
+        let kv_batch = s.batch / s.kv_group;
+        let kv_values = kv_batch * s.kv_stride * inner;
+        let kv_slots = if s.kv_bf16 {
+            if s.q_len > 1 || !s.d_kv.is_multiple_of(2) {
+                return Err(T5Error::Backend(
+                    "attention: bf16 keys/values need one query and an even d_kv".into(),
+                ));
+            }
+            kv_values / 2
+        } else {
+            kv_values
+        };
+        check_len("attention k", kv.0, kv_slots)?;
+        check_len("attention v", kv.1, kv_slots)?;
+        if s.kv_len > s.kv_stride || s.kv_len == 0 {
+            return Err(T5Error::Backend(format!(
+                "attention over {} keys with a stride of {}",
+                s.kv_len, s.kv_stride
+            )));
+        }
+        if let Some(b) = bias {
+            check_len("attention bias", b, s.heads * s.q_len * s.kv_len)?;
+        }
+        if let Some(m) = mask {
+            check_len("attention mask", m, kv_batch * s.kv_len)?;
+        }
+        Ok(())
+    }
+}
+
+/// An error unless a buffer of `have` values holds the `need` an op reads or writes.
+pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(T5Error::Backend(format!(
+            "{what}: buffer holds {have} values, the op needs {need}"
+        )));
+    }
+    Ok(())
 }
 
 /// A compute device. The CPU implementation is the reference every other one is tested against.

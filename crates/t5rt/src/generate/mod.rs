@@ -20,7 +20,7 @@ use crate::model::T5Model;
 use crate::tokenizer::T5Tokenizer;
 
 pub use config::{EarlyStopping, GenerationConfig, Limits};
-pub use score::{score, score_cancellable};
+pub use score::{score, score_cancellable, TargetScore};
 pub use stop::StopStrings;
 
 /// One generated sequence: the ids after the decoder start token, up to and including EOS

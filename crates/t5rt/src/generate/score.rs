@@ -13,6 +13,17 @@ use crate::model::T5Model;
 use super::config::{GenerationConfig, Limits};
 use super::memory;
 
+/// What [`score`] gives for one pair, one entry per target token.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TargetScore {
+    /// The natural-log probability of each target token given the input and the target
+    /// tokens before it.
+    pub log_probs: Vec<f32>,
+    /// The model's most likely token at each position (the first maximum of the logits):
+    /// where it equals the target token, greedy search would have chosen it.
+    pub top_ids: Vec<u32>,
+}
+
 /// Per pair (`inputs[i]`, `targets[i]`), the natural-log probability of each target token
 /// given the input and the target tokens before it (the decoder starts from the model's
 /// decoder start token, as in Hugging Face's `labels`). Targets are scored as given: a
@@ -26,7 +37,7 @@ pub fn score<B: Backend>(
     inputs: &[Vec<u32>],
     targets: &[Vec<u32>],
     cfg: &GenerationConfig,
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Vec<TargetScore>> {
     score_cancellable(model, inputs, targets, cfg, &AtomicBool::new(false))
 }
 
@@ -37,7 +48,7 @@ pub fn score_cancellable<B: Backend>(
     targets: &[Vec<u32>],
     cfg: &GenerationConfig,
     cancel: &AtomicBool,
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Vec<TargetScore>> {
     if inputs.len() != targets.len() {
         return Err(T5Error::Input(format!(
             "{} inputs but {} targets: give one target per input",
@@ -92,7 +103,7 @@ pub fn score_cancellable<B: Backend>(
             new_tokens: longest_target,
         },
     )?;
-    let mut out = vec![Vec::new(); inputs.len()];
+    let mut out = vec![TargetScore::default(); inputs.len()];
     for chunk in order.chunks(per_batch) {
         let scores = model
             .backend
@@ -113,16 +124,19 @@ fn score_batch<B: Backend>(
     targets: &[Vec<u32>],
     chunk: &[usize],
     cancel: &AtomicBool,
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Vec<TargetScore>> {
     let (backend, vocab) = (&model.backend, model.config.vocab_size);
     let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| inputs[i].clone()).collect();
     let steps = chunk.iter().map(|&i| targets[i].len()).max().unwrap_or(0);
     let enc = model.encode(&batch)?;
     let mut state = model.start_decoding(&enc, steps)?;
     drop(enc);
-    let mut scores: Vec<Vec<f32>> = chunk
+    let mut scores: Vec<TargetScore> = chunk
         .iter()
-        .map(|&i| Vec::with_capacity(targets[i].len()))
+        .map(|&i| TargetScore {
+            log_probs: Vec::with_capacity(targets[i].len()),
+            top_ids: Vec::with_capacity(targets[i].len()),
+        })
         .collect();
     // active[r]: the chunk position decoded in row r.
     let mut active: Vec<usize> = (0..chunk.len()).collect();
@@ -135,7 +149,9 @@ fn score_batch<B: Backend>(
         let mut keep = Vec::with_capacity(rows);
         for (r, row) in host.chunks_exact(vocab).enumerate() {
             let target = &targets[chunk[active[r]]];
-            scores[active[r]].push(log_softmax_at(row, target[step] as usize));
+            let s = &mut scores[active[r]];
+            s.log_probs.push(log_softmax_at(row, target[step] as usize));
+            s.top_ids.push(crate::math::argmax(row));
             if step + 1 < target.len() {
                 keep.push(r);
             }

@@ -9,7 +9,7 @@ pub mod reference;
 
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, MatDims, WeightDtype};
+use super::{check_len, AttnShape, Backend, MatDims, WeightDtype};
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
 pub use isa::IsaLevel;
@@ -106,15 +106,6 @@ fn try_copy(data: &[f32]) -> Result<Vec<f32>> {
     })?;
     v.extend_from_slice(data);
     Ok(v)
-}
-
-fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return Err(T5Error::Backend(format!(
-            "{what}: buffer holds {have} values, the op needs {need}"
-        )));
-    }
-    Ok(())
 }
 
 impl Backend for CpuBackend {
@@ -294,41 +285,13 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         s: AttnShape,
     ) -> Result<()> {
-        let inner = s.heads * s.d_kv;
-        check_len("attention q", q.len(), s.batch * s.q_len * inner)?;
-        check_len("attention out", out.len(), s.batch * s.q_len * inner)?;
-        if s.kv_group == 0 || !s.batch.is_multiple_of(s.kv_group) {
-            return Err(T5Error::Backend(format!(
-                "attention: batch {} is not a multiple of kv_group {}",
-                s.batch, s.kv_group
-            )));
-        }
-        let kv_batch = s.batch / s.kv_group;
-        let kv_values = kv_batch * s.kv_stride * inner;
-        let kv_slots = if s.kv_bf16 {
-            if s.q_len > 1 || !s.d_kv.is_multiple_of(2) {
-                return Err(T5Error::Backend(
-                    "attention: bf16 keys/values need one query and an even d_kv".into(),
-                ));
-            }
-            kv_values / 2
-        } else {
-            kv_values
-        };
-        check_len("attention k", k.len(), kv_slots)?;
-        check_len("attention v", v.len(), kv_slots)?;
-        if s.kv_len > s.kv_stride || s.kv_len == 0 {
-            return Err(T5Error::Backend(format!(
-                "attention over {} keys with a stride of {}",
-                s.kv_len, s.kv_stride
-            )));
-        }
-        if let Some(b) = bias {
-            check_len("attention bias", b.len(), s.heads * s.q_len * s.kv_len)?;
-        }
-        if let Some(m) = mask {
-            check_len("attention mask", m.len(), kv_batch * s.kv_len)?;
-        }
+        s.check(
+            q.len(),
+            out.len(),
+            (k.len(), v.len()),
+            bias.map(Vec::len),
+            mask.map(Vec::len),
+        )?;
         let bias = bias.map(|b| b.as_slice());
         let mask = mask.map(|m| m.as_slice());
         self.pool.install(|| {

@@ -18,7 +18,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use super::{AttnShape, Backend, MatDims, WeightDtype};
+use super::{check_len, AttnShape, Backend, MatDims, WeightDtype};
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
 
@@ -117,15 +117,6 @@ fn grid(n: usize) -> LaunchConfig {
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return Err(T5Error::Backend(format!(
-            "{what}: buffer holds {have} values, the op needs {need}"
-        )));
-    }
-    Ok(())
 }
 
 fn i32_of(what: &str, v: usize) -> Result<i32> {
@@ -596,31 +587,13 @@ impl Backend for CudaBackend {
         out: &mut CudaSlice<f32>,
         s: AttnShape,
     ) -> Result<()> {
-        let inner = s.heads * s.d_kv;
-        check_len("attention q", q.len(), s.batch * s.q_len * inner)?;
-        check_len("attention out", out.len(), s.batch * s.q_len * inner)?;
-        if s.kv_group == 0 || !s.batch.is_multiple_of(s.kv_group) {
-            return Err(T5Error::Backend(format!(
-                "attention: batch {} is not a multiple of kv_group {}",
-                s.batch, s.kv_group
-            )));
-        }
-        let kv_values = s.batch / s.kv_group * s.kv_stride * inner;
-        let slots = if s.kv_bf16 { kv_values / 2 } else { kv_values };
-        check_len("attention k", k.len(), slots)?;
-        check_len("attention v", v.len(), slots)?;
-        if s.kv_len > s.kv_stride || s.kv_len == 0 {
-            return Err(T5Error::Backend(format!(
-                "attention over {} keys with a stride of {}",
-                s.kv_len, s.kv_stride
-            )));
-        }
-        if let Some(b) = bias {
-            check_len("attention bias", b.len(), s.heads * s.q_len * s.kv_len)?;
-        }
-        if let Some(m) = mask {
-            check_len("attention mask", m.len(), s.batch / s.kv_group * s.kv_len)?;
-        }
+        s.check(
+            q.len(),
+            out.len(),
+            (k.len(), v.len()),
+            bias.map(CudaSlice::len),
+            mask.map(CudaSlice::len),
+        )?;
         // Scores of one (sequence, head, query) in shared memory.
         let shared = s.kv_len * 4;
         if shared > 48 * 1024 {
