@@ -123,6 +123,9 @@ struct Report {
     threads: usize,
     repeats: usize,
     warmup: usize,
+    /// Seconds from opening the checkpoint to the model ready on the device (reading,
+    /// converting and packing the weights).
+    load_s: f64,
     cases: Vec<CaseResult>,
 }
 
@@ -196,6 +199,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         None => None,
         Some(path) => Some(read_inputs(path, &cases)?),
     };
+    let started = std::time::Instant::now();
     let (ckpt, model_name) = match &args.model {
         Some(dir) => (
             Checkpoint::open(dir).with_context(|| format!("loading {}", dir.display()))?,
@@ -212,6 +216,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         cases,
         given,
         model_name,
+        started,
     };
     t5rt::device::with_backend(args.device, args.threads, args.dtype, work)?
 }
@@ -223,6 +228,7 @@ struct Bench<'a> {
     cases: Vec<(String, usize, usize, usize)>,
     given: Option<Vec<Vec<u32>>>,
     model_name: String,
+    started: std::time::Instant,
 }
 
 impl t5rt::device::WithBackend for Bench<'_> {
@@ -231,12 +237,14 @@ impl t5rt::device::WithBackend for Bench<'_> {
     fn run<B: Backend + 'static>(self, backend: B) -> t5rt::Result<Result<()>> {
         let model = self.ckpt.load_model(backend)?;
         drop(self.ckpt); // release the weights' memory map: the model holds its own copy
+        let load_s = self.started.elapsed().as_secs_f64();
         Ok(measure(
             model,
             self.args,
             self.cases,
             self.given,
             self.model_name,
+            load_s,
         ))
     }
 }
@@ -247,8 +255,14 @@ fn measure<B: Backend>(
     cases: Vec<(String, usize, usize, usize)>,
     given: Option<Vec<Vec<u32>>>,
     model_name: String,
+    load_s: f64,
 ) -> Result<()> {
     let vocab = model.config.vocab_size as u32;
+    println!(
+        "model loaded in {load_s:.3} s ({}, {})",
+        model.backend.name(),
+        model.backend.weight_dtype()
+    );
     let mut results = Vec::new();
     println!(
         "{:<12} {:>5} {:>6} {:>5} {:>12} {:>17} {:>9} {:>9} {:>9}",
@@ -358,6 +372,7 @@ fn measure<B: Backend>(
         threads: args.threads,
         repeats: args.repeats,
         warmup: args.warmup,
+        load_s,
         cases: results,
     };
     if let Some(path) = &args.json {

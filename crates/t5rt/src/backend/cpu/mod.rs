@@ -145,7 +145,8 @@ impl Backend for CpuBackend {
                 "int8 weights with {k} inputs per output: at most 130000 (i32 sums); use bf16"
             )));
         }
-        Ok(PackedWeight::pack(w, n, k, kind))
+        let isa = self.isa;
+        Ok(self.pool.install(|| PackedWeight::pack(w, n, k, kind, isa)))
     }
 
     fn weight_dtype(&self) -> WeightDtype {

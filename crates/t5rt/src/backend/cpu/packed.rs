@@ -128,40 +128,79 @@ fn quantize_one(v: f32, inv: f32) -> i8 {
 
 impl PackedWeight {
     /// Packs a checkpoint weight `[n, k]` (row-major) as `kind`.
-    pub fn pack(w: &[f32], n: usize, k: usize, kind: WeightDtype) -> Self {
+    /// The work is split by panel over the rayon pool it runs in; `isa` picks the
+    /// vectorised quantization (the same rounding as the scalar code).
+    pub fn pack(w: &[f32], n: usize, k: usize, kind: WeightDtype, isa: Isa) -> Self {
+        use rayon::prelude::*;
         let g = group(kind);
         let (kg, n_pad) = (k.div_ceil(g), n.div_ceil(16) * 16);
         let mut lanes = vec![0u32; kg * n_pad];
         let (mut scales, mut col_sums) = (Vec::new(), Vec::new());
-        let at = |g: usize, c: usize| lane_index(kg, n_pad, g, c);
-        match kind {
-            WeightDtype::F16 => unreachable!("f16 is refused by CpuBackend::upload_linear"),
-            WeightDtype::F32 => {
-                for (c, row) in w.chunks_exact(k).take(n).enumerate() {
-                    for (kk, &v) in row.iter().enumerate() {
-                        lanes[at(kk, c)] = v.to_bits();
+        if kind == WeightDtype::Int8 {
+            scales = (0..n_pad)
+                .into_par_iter()
+                .map(|c| {
+                    if c < n {
+                        i8_scale(&w[c * k..(c + 1) * k])
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
+            col_sums = vec![0; n_pad];
+        }
+        // One panel (64 columns, `[kg, width]` row-major, see `lane_index`) at a time, in
+        // parallel: panel `p`'s lanes are one contiguous chunk of `lanes`.
+        let fill = |p: usize, panel: &mut [u32], sums: &mut [i32]| {
+            let (c0, width) = (p * BLOCK, panel_width(n_pad, p));
+            // int8: one column's quantized bytes (q + 128; k's padding stays at q = 0).
+            let mut bytes = vec![128u8; if kind == WeightDtype::Int8 { kg * 4 } else { 0 }];
+            for j in 0..width.min(n.saturating_sub(c0)) {
+                let c = c0 + j;
+                let row = &w[c * k..(c + 1) * k];
+                // Each lane is built in a register from its G values and written once.
+                match kind {
+                    WeightDtype::F16 => unreachable!("f16 is refused by CpuBackend::upload_linear"),
+                    WeightDtype::F32 => {
+                        for (gi, &v) in row.iter().enumerate() {
+                            panel[gi * width + j] = v.to_bits();
+                        }
+                    }
+                    WeightDtype::Bf16 => {
+                        for (gi, pair) in row.chunks(2).enumerate() {
+                            let lane = pair
+                                .iter()
+                                .enumerate()
+                                .fold(0u32, |l, (i, &v)| l | (bf16_bits(v) as u32) << (16 * i));
+                            panel[gi * width + j] = lane;
+                        }
+                    }
+                    WeightDtype::Int8 => {
+                        // bytes = q + 128, vectorised; a lane's byte is q as u8 = byte ^ 0x80,
+                        // and k's padding holds q = 0.
+                        quantize_row(row, &mut bytes, 1.0 / scales[c], isa);
+                        let sum: i32 = bytes.iter().map(|&b| b as i32 - 128).sum();
+                        for (gi, quad) in bytes.chunks_exact(4).enumerate() {
+                            let lane = u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]);
+                            panel[gi * width + j] = lane ^ 0x8080_8080;
+                        }
+                        sums[j] = sum;
                     }
                 }
             }
-            WeightDtype::Bf16 => {
-                for (c, row) in w.chunks_exact(k).take(n).enumerate() {
-                    for (kk, &v) in row.iter().enumerate() {
-                        lanes[at(kk / 2, c)] |= (bf16_bits(v) as u32) << (16 * (kk % 2));
-                    }
-                }
-            }
-            WeightDtype::Int8 => {
-                scales = vec![1.0; n_pad];
-                col_sums = vec![0; n_pad];
-                for (c, row) in w.chunks_exact(k).take(n).enumerate() {
-                    let scale = i8_scale(row);
-                    scales[c] = scale;
-                    let inv = 1.0 / scale;
-                    for (kk, q) in row.iter().map(|&v| quantize_one(v, inv)).enumerate() {
-                        col_sums[c] += q as i32;
-                        lanes[at(kk / 4, c)] |= (q as u8 as u32) << (8 * (kk % 4));
-                    }
-                }
+        };
+        if kg > 0 {
+            if kind == WeightDtype::Int8 {
+                lanes
+                    .par_chunks_mut(BLOCK * kg)
+                    .zip(col_sums.par_chunks_mut(BLOCK))
+                    .enumerate()
+                    .for_each(|(p, (panel, sums))| fill(p, panel, sums));
+            } else {
+                lanes
+                    .par_chunks_mut(BLOCK * kg)
+                    .enumerate()
+                    .for_each(|(p, panel)| fill(p, panel, &mut []));
             }
         }
         PackedWeight {
@@ -223,10 +262,34 @@ fn quantize_row(row: &[f32], bytes: &mut [u8], inv: f32, isa: Isa) {
             bytes[i] = (quantize_one(row[i], inv) as i32 + 128) as u8;
         }
     }
+    // 16 at a time: the same rounding (the product in f32, clamped, to nearest-even as
+    // `round_small` does for |y| <= 127). NaN stays NaN through max(lo, y) and min(hi, y)
+    // (x86 returns the second operand when one is NaN), converts to 0x8000_0000, and its low
+    // byte after + 128 is 128: q = 0, as `quantize_one` gives. Tested against `body`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn body_avx512(row: &[f32], bytes: &mut [u8], inv: f32) {
-        body(row, bytes, inv)
+        use std::arch::x86_64::*;
+        let n = row.len().min(bytes.len());
+        let (vinv, lo, hi) = (
+            _mm512_set1_ps(inv),
+            _mm512_set1_ps(-127.0),
+            _mm512_set1_ps(127.0),
+        );
+        let off = _mm512_set1_epi32(128);
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n <= both lengths.
+            let y = _mm512_mul_ps(_mm512_loadu_ps(row.as_ptr().add(i)), vinv);
+            let y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));
+            let q = _mm512_add_epi32(_mm512_cvtps_epi32(y), off);
+            _mm_storeu_si128(
+                bytes.as_mut_ptr().add(i) as *mut __m128i,
+                _mm512_cvtepi32_epi8(q),
+            );
+            i += 16;
+        }
+        body(&row[i..n], &mut bytes[i..n], inv)
     }
     #[cfg(target_arch = "x86_64")]
     if isa.avx512() {
@@ -719,4 +782,51 @@ pub(super) fn matmul_packed(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod quantize_tests {
+    use super::{quantize_one, quantize_row, Isa};
+
+    /// Every level's row quantization equals `quantize_one`, value for value: ties, the
+    /// clamp, infinities, NaN, signed zeros, denormals, and a ragged tail.
+    #[test]
+    fn quantize_row_equals_the_scalar_rule_at_every_level() {
+        let mut row: Vec<f32> = vec![
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            126.5,
+            -126.5,
+            127.4,
+            200.0,
+            -200.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            0.0,
+            -0.0,
+            1e-40,
+        ];
+        let mut x = 0x1234_5678u32;
+        for _ in 0..1000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            row.push((x as f32 / u32::MAX as f32 - 0.5) * 300.0);
+        }
+        for inv in [1.0f32, 0.37, 3.0] {
+            let want: Vec<u8> = row
+                .iter()
+                .map(|&v| (quantize_one(v, inv) as i32 + 128) as u8)
+                .collect();
+            for level in Isa::available_levels() {
+                let mut got = vec![0u8; row.len()];
+                quantize_row(&row, &mut got, inv, level);
+                assert_eq!(got, want, "{level} inv {inv}");
+            }
+        }
+    }
 }
