@@ -3,7 +3,8 @@
 CTranslate2, per model and precision, warm page cache (the files were read just before).
 
 t5rt: `t5rt bench --json` reports `load_s` (open, read, convert and pack the weights of the
-HF safetensors checkpoint, in the process that runs it). CTranslate2: the construction of
+HF safetensors checkpoint, in the process that runs it); for int8 also from the checkpoint
+`t5rt convert` quantized ahead of time (as CTranslate2's converter does). CTranslate2: the construction of
 `ctranslate2.Translator` on its converted model directory (f32 or int8, converted offline),
 timed inside a fresh Python process after `import ctranslate2`.
 
@@ -37,9 +38,9 @@ def median(xs):
     return xs[len(xs) // 2]
 
 
-def t5rt_load(binary, model_dir, dtype, work):
+def t5rt_load(binary, model_dir, dtype, work, hf="hf"):
     out = work / "b.json"
-    subprocess.run([binary, "bench", "--model", str(model_dir / "hf"), "--dtype", dtype,
+    subprocess.run([binary, "bench", "--model", str(model_dir / hf), "--dtype", dtype,
                     "--threads", str(THREADS), "--case", "1:1:1", "--repeats", "1", "--warmup", "0",
                     "--json", str(out)], check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())["load_s"]
@@ -73,6 +74,17 @@ def main():
                     row |= {"ct2_s": median(c), "ct2_range": [min(c), max(c)]}
                 report["rows"].append(row)
                 print(row, flush=True)
+            # int8 converted ahead of time (`t5rt convert`), as CTranslate2's int8 model is.
+            conv = Path(tmp) / f"{name}-int8"
+            subprocess.run([args.binary, "convert", "--model", str(model_dir / "hf"), "--output", str(conv),
+                            "--threads", str(THREADS)], check=True, stderr=subprocess.DEVNULL)
+            t5rt_load(args.binary, conv.parent, "int8", Path(tmp), hf=conv.name)
+            t = [t5rt_load(args.binary, conv.parent, "int8", Path(tmp), hf=conv.name) for _ in range(args.repeats)]
+            c = [r for r in report["rows"] if r["model"] == name and r["dtype"] == "int8"][0]
+            row = {"model": name, "dtype": "int8 (t5rt convert)", "t5rt_s": median(t),
+                   "t5rt_range": [min(t), max(t)], "ct2_s": c["ct2_s"], "ct2_range": c["ct2_range"]}
+            report["rows"].append(row)
+            print(row, flush=True)
     (ROOT / "results" / "load_time.json").write_text(json.dumps(report, indent=1) + "\n")
     m = report["machine"]
     print(f"\n{report['date']}, {m['cpu']} ({', '.join(m['simd_flags'])}), {THREADS} threads, "

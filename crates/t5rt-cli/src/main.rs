@@ -1,6 +1,7 @@
 //! `t5rt`: run T5-family models from the command line.
 
 mod bench_cmd;
+mod convert_cmd;
 mod generate_cmd;
 mod inputs;
 mod score_cmd;
@@ -32,6 +33,8 @@ enum Command {
     /// Score given targets: per-token log-probabilities under teacher forcing (as Hugging
     /// Face's forward pass with labels, or CTranslate2's score_batch).
     Score(score_cmd::ScoreArgs),
+    /// Quantize a checkpoint's linear weights to int8 ahead of time (faster int8 loading).
+    Convert(convert_cmd::ConvertArgs),
     /// Serve the model over HTTP (Text Generation Inference and OpenAI routes) with
     /// continuous batching.
     Serve(serve_cmd::ServeArgs),
@@ -46,6 +49,7 @@ fn main() {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Score(args) => score_cmd::run(args),
+        Command::Convert(args) => convert_cmd::run(args),
         Command::Serve(args) => serve_cmd::run(args),
     };
     if let Err(err) = result {

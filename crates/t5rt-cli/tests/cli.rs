@@ -370,3 +370,58 @@ fn score_matches_hugging_face_and_reads_text_pairs() {
         stderr(&o)
     );
 }
+
+/// `t5rt convert` writes a checkpoint that `generate --dtype int8` runs to the original's int8
+/// output; other precisions and a second conversion are clear errors.
+#[test]
+fn convert_then_generate_int8() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/spell-numbers");
+    let out = tmp.path().join("int8");
+    let o = t5rt(
+        &[
+            "convert",
+            "--model",
+            bundled.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("quantized to int8"), "{}", stderr(&o));
+    let texts = ["spell: 1984", "spell: 7", "spell: 123456"];
+    let mut args = vec![
+        "generate",
+        "--dtype",
+        "int8",
+        "--model",
+        out.to_str().unwrap(),
+    ];
+    args.extend(texts);
+    let converted = t5rt(&args, None);
+    assert!(converted.status.success(), "{}", stderr(&converted));
+    let mut args = vec!["generate", "--dtype", "int8"];
+    args.extend(texts);
+    assert_eq!(stdout(&converted), stdout(&t5rt(&args, None)));
+    let f32 = t5rt(
+        &["generate", "--model", out.to_str().unwrap(), "spell: 3"],
+        None,
+    );
+    assert_eq!(f32.status.code(), Some(1));
+    assert!(stderr(&f32).contains("--dtype int8"), "{}", stderr(&f32));
+    let bf16 = t5rt(
+        &[
+            "convert",
+            "--model",
+            bundled.to_str().unwrap(),
+            "--output",
+            "/tmp/x",
+            "--dtype",
+            "bf16",
+        ],
+        None,
+    );
+    assert_eq!(bf16.status.code(), Some(1));
+    assert!(stderr(&bf16).contains("only int8"), "{}", stderr(&bf16));
+}

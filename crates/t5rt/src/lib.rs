@@ -19,6 +19,7 @@ pub mod backend;
 pub mod bundled;
 pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod device;
 pub mod engine;
 pub mod error;

@@ -226,6 +226,42 @@ impl TensorStore {
 
     /// Reads a tensor as f32, checking its shape.
     pub fn read(&self, name: &str, expected: &[usize]) -> Result<HostTensor> {
+        let (shard, info) = self.locate(name, expected)?;
+        let (start, end) = (info.start, info.end);
+        let data = decode(name, info.dtype, &shard.bytes.as_slice()[start..end])?;
+        shard.bytes.release(start, end);
+        debug_assert_eq!(
+            data.len(),
+            expected.iter().product::<usize>(),
+            "{}",
+            shard.name
+        );
+        Ok(HostTensor {
+            shape: info.shape.clone(),
+            data,
+        })
+    }
+
+    /// An int8 tensor (safetensors `I8`) as stored, such as the weights `t5rt convert`
+    /// quantized; an error for any other dtype.
+    pub fn read_i8(&self, name: &str, expected: &[usize]) -> Result<Vec<i8>> {
+        let (shard, info) = self.locate(name, expected)?;
+        if info.dtype != Dtype::I8 {
+            return Err(T5Error::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: format!("{:?} (expected I8)", info.dtype),
+            });
+        }
+        let data = shard.bytes.as_slice()[info.start..info.end]
+            .iter()
+            .map(|&b| b as i8)
+            .collect();
+        shard.bytes.release(info.start, info.end);
+        Ok(data)
+    }
+
+    /// The shard and entry of `name`, checked against the `expected` shape.
+    fn locate(&self, name: &str, expected: &[usize]) -> Result<(&Shard, &TensorEntry)> {
         let shard = self
             .index
             .get(name)
@@ -245,19 +281,7 @@ impl TensorStore {
                 found: info.shape.clone(),
             });
         }
-        let (start, end) = (info.start, info.end);
-        let data = decode(name, info.dtype, &shard.bytes.as_slice()[start..end])?;
-        shard.bytes.release(start, end);
-        debug_assert_eq!(
-            data.len(),
-            expected.iter().product::<usize>(),
-            "{}",
-            shard.name
-        );
-        Ok(HostTensor {
-            shape: info.shape.clone(),
-            data,
-        })
+        Ok((shard, info))
     }
 }
 
@@ -300,10 +324,24 @@ fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
 /// Converts little-endian stored values to f32. Works at any alignment.
 fn decode(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
+        Dtype::F32 => {
+            let mut out = vec![0f32; bytes.len() / 4];
+            // Little-endian hosts hold f32 as stored: one copy (the map need not be aligned).
+            #[cfg(target_endian = "little")]
+            // SAFETY: `out` holds bytes.len() / 4 f32s; any bit pattern is a valid f32.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    out.as_mut_ptr() as *mut u8,
+                    out.len() * 4,
+                );
+            }
+            #[cfg(not(target_endian = "little"))]
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            out
+        }
         Dtype::F16 => bytes
             .chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())

@@ -185,6 +185,23 @@ pub trait Backend: Send + Sync {
         self.upload_linear(w, n, k)
     }
 
+    /// [`Backend::upload_linear`] for a weight quantized ahead of time (`t5rt convert`):
+    /// int8 values `q` `[n, k]` and a scale per row, as
+    /// [`cpu::packed::quantize_int8`] makes them. Backends without int8 say so.
+    fn upload_linear_int8(
+        &self,
+        q: &[i8],
+        scales: &[f32],
+        n: usize,
+        k: usize,
+    ) -> Result<Self::Weight> {
+        let _ = (q, scales, n, k);
+        Err(T5Error::Backend(format!(
+            "{}: this checkpoint holds int8 weights (made by `t5rt convert`), which run on the CPU only",
+            self.name()
+        )))
+    }
+
     /// The precision [`Backend::upload_linear`] stores weights in.
     fn weight_dtype(&self) -> WeightDtype {
         WeightDtype::F32

@@ -71,6 +71,11 @@ pub struct T5Params<T, W> {
     pub lm_head: W,
 }
 
+/// Suffixes of the tensors `t5rt convert` writes for a linear weight `name`: its int8 values
+/// (`{name}.t5rt_int8`, `[out, in]`, I8) and their per-row scales (`{name}.t5rt_scale`, F32).
+pub const INT8_SUFFIX: &str = "t5rt_int8";
+pub const SCALE_SUFFIX: &str = "t5rt_scale";
+
 struct Loader<'a, B: Backend> {
     store: &'a TensorStore,
     backend: &'a B,
@@ -88,14 +93,37 @@ impl<B: Backend> Loader<'_, B> {
 
     /// A linear weight `[out, in]`, stored as the backend's matmul wants it.
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<B::Weight> {
+        if let Some(w) = self.quantized(name, out, inp)? {
+            return Ok(w);
+        }
         self.backend
             .upload_linear(&self.host(name, &[out, inp])?, out, inp)
     }
 
     /// The feed-forward output projection, which may need a range-safe precision.
     fn output_linear(&self, name: &str, out: usize, inp: usize) -> Result<B::Weight> {
+        if let Some(w) = self.quantized(name, out, inp)? {
+            return Ok(w);
+        }
         self.backend
             .upload_output_linear(&self.host(name, &[out, inp])?, out, inp)
+    }
+
+    /// The int8 form `t5rt convert` stored for `name` (`{name}.t5rt_int8` and
+    /// `{name}.t5rt_scale`), if the checkpoint has it.
+    fn quantized(&self, name: &str, out: usize, inp: usize) -> Result<Option<B::Weight>> {
+        let (qname, sname) = (
+            format!("{name}.{INT8_SUFFIX}"),
+            format!("{name}.{SCALE_SUFFIX}"),
+        );
+        if !self.store.contains(&qname) {
+            return Ok(None);
+        }
+        let q = self.store.read_i8(&qname, &[out, inp])?;
+        let scales = self.store.read(&sname, &[out])?.data;
+        self.backend
+            .upload_linear_int8(&q, &scales, out, inp)
+            .map(Some)
     }
 
     fn attention(&self, prefix: &str) -> Result<AttentionWeights<B::Weight>> {

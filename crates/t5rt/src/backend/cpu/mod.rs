@@ -149,6 +149,31 @@ impl Backend for CpuBackend {
         Ok(self.pool.install(|| PackedWeight::pack(w, n, k, kind, isa)))
     }
 
+    fn upload_linear_int8(
+        &self,
+        q: &[i8],
+        scales: &[f32],
+        n: usize,
+        k: usize,
+    ) -> Result<CpuWeight> {
+        if self.dtype != WeightDtype::Int8 {
+            return Err(T5Error::Backend(format!(
+                "this checkpoint holds int8 weights (made by `t5rt convert`): load it with --dtype int8 (asked for {})",
+                self.dtype
+            )));
+        }
+        check_len("upload_linear_int8", q.len(), n * k)?;
+        check_len("upload_linear_int8 scales", scales.len(), n)?;
+        if let Some(bad) = scales[..n].iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(T5Error::Backend(format!(
+                "int8 weight scale {bad}: scales must be finite and positive (corrupt checkpoint?)"
+            )));
+        }
+        Ok(self
+            .pool
+            .install(|| PackedWeight::from_int8(q, scales, n, k)))
+    }
+
     fn weight_dtype(&self) -> WeightDtype {
         self.dtype
     }

@@ -99,6 +99,31 @@ fn round_small(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
+/// Symmetric per-row int8 quantization of a weight `w` `[n, k]`: each row's scale is
+/// `max|row| / 127` and its values `round(w · (1 / scale))`, clamped to ±127 (the rule
+/// [`PackedWeight::pack`] applies at load, and `t5rt convert` ahead of time). Rows in
+/// parallel on the current rayon pool; `isa` picks the vectorised rounding (the same values).
+pub fn quantize_int8(w: &[f32], n: usize, k: usize, isa: Isa) -> (Vec<i8>, Vec<f32>) {
+    use rayon::prelude::*;
+    let mut q = vec![0i8; n * k];
+    let mut scales = vec![1.0f32; n];
+    if k > 0 {
+        q.par_chunks_mut(k)
+            .zip(scales.par_iter_mut())
+            .zip(w.par_chunks(k))
+            .for_each(|((qrow, scale), row)| {
+                *scale = i8_scale(row);
+                // quantize_row writes q + 128 as bytes; q = byte ^ 0x80 read as i8.
+                let mut bytes = vec![0u8; k];
+                quantize_row(row, &mut bytes, 1.0 / *scale, isa);
+                for (o, b) in qrow.iter_mut().zip(bytes) {
+                    *o = (b ^ 0x80) as i8;
+                }
+            });
+    }
+    (q, scales)
+}
+
 /// The scale of symmetric 8-bit quantization of `v`: `max|v| / 127` (1 if all are zero).
 #[inline]
 fn i8_scale(v: &[f32]) -> f32 {
@@ -132,35 +157,24 @@ impl PackedWeight {
     /// vectorised quantization (the same rounding as the scalar code).
     pub fn pack(w: &[f32], n: usize, k: usize, kind: WeightDtype, isa: Isa) -> Self {
         use rayon::prelude::*;
+        if kind == WeightDtype::Int8 {
+            let (q, scales) = quantize_int8(w, n, k, isa);
+            return Self::from_int8(&q, &scales, n, k);
+        }
         let g = group(kind);
         let (kg, n_pad) = (k.div_ceil(g), n.div_ceil(16) * 16);
         let mut lanes = vec![0u32; kg * n_pad];
-        let (mut scales, mut col_sums) = (Vec::new(), Vec::new());
-        if kind == WeightDtype::Int8 {
-            scales = (0..n_pad)
-                .into_par_iter()
-                .map(|c| {
-                    if c < n {
-                        i8_scale(&w[c * k..(c + 1) * k])
-                    } else {
-                        1.0
-                    }
-                })
-                .collect();
-            col_sums = vec![0; n_pad];
-        }
         // One panel (64 columns, `[kg, width]` row-major, see `lane_index`) at a time, in
         // parallel: panel `p`'s lanes are one contiguous chunk of `lanes`.
-        let fill = |p: usize, panel: &mut [u32], sums: &mut [i32]| {
+        let fill = |p: usize, panel: &mut [u32]| {
             let (c0, width) = (p * BLOCK, panel_width(n_pad, p));
-            // int8: one column's quantized bytes (q + 128; k's padding stays at q = 0).
-            let mut bytes = vec![128u8; if kind == WeightDtype::Int8 { kg * 4 } else { 0 }];
             for j in 0..width.min(n.saturating_sub(c0)) {
                 let c = c0 + j;
                 let row = &w[c * k..(c + 1) * k];
                 // Each lane is built in a register from its G values and written once.
                 match kind {
                     WeightDtype::F16 => unreachable!("f16 is refused by CpuBackend::upload_linear"),
+                    WeightDtype::Int8 => unreachable!("packed by from_int8"),
                     WeightDtype::F32 => {
                         for (gi, &v) in row.iter().enumerate() {
                             panel[gi * width + j] = v.to_bits();
@@ -175,34 +189,16 @@ impl PackedWeight {
                             panel[gi * width + j] = lane;
                         }
                     }
-                    WeightDtype::Int8 => {
-                        // bytes = q + 128, vectorised; a lane's byte is q as u8 = byte ^ 0x80,
-                        // and k's padding holds q = 0.
-                        quantize_row(row, &mut bytes, 1.0 / scales[c], isa);
-                        let sum: i32 = bytes.iter().map(|&b| b as i32 - 128).sum();
-                        for (gi, quad) in bytes.chunks_exact(4).enumerate() {
-                            let lane = u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]);
-                            panel[gi * width + j] = lane ^ 0x8080_8080;
-                        }
-                        sums[j] = sum;
-                    }
                 }
             }
         };
         if kg > 0 {
-            if kind == WeightDtype::Int8 {
-                lanes
-                    .par_chunks_mut(BLOCK * kg)
-                    .zip(col_sums.par_chunks_mut(BLOCK))
-                    .enumerate()
-                    .for_each(|(p, (panel, sums))| fill(p, panel, sums));
-            } else {
-                lanes
-                    .par_chunks_mut(BLOCK * kg)
-                    .enumerate()
-                    .for_each(|(p, panel)| fill(p, panel, &mut []));
-            }
+            lanes
+                .par_chunks_mut(BLOCK * kg)
+                .enumerate()
+                .for_each(|(p, panel)| fill(p, panel));
         }
+        let (scales, col_sums) = (Vec::new(), Vec::new());
         PackedWeight {
             kind,
             n,
@@ -211,6 +207,48 @@ impl PackedWeight {
             n_pad,
             lanes,
             scales,
+            col_sums,
+        }
+    }
+
+    /// Packs int8 values `q` `[n, k]` (row-major) with their per-row `scales`, as
+    /// [`quantize_int8`] makes them (at load, or ahead of time by `t5rt convert`).
+    pub fn from_int8(q: &[i8], scales: &[f32], n: usize, k: usize) -> Self {
+        use rayon::prelude::*;
+        let (kg, n_pad) = (k.div_ceil(4), n.div_ceil(16) * 16);
+        let mut lanes = vec![0u32; kg * n_pad];
+        let mut col_sums = vec![0i32; n_pad];
+        let mut all_scales = vec![1.0f32; n_pad];
+        all_scales[..n].copy_from_slice(&scales[..n]);
+        if kg > 0 {
+            lanes
+                .par_chunks_mut(BLOCK * kg)
+                .zip(col_sums.par_chunks_mut(BLOCK))
+                .enumerate()
+                .for_each(|(p, (panel, sums))| {
+                    let (c0, width) = (p * BLOCK, panel_width(n_pad, p));
+                    for j in 0..width.min(n.saturating_sub(c0)) {
+                        let row = &q[(c0 + j) * k..(c0 + j + 1) * k];
+                        sums[j] = row.iter().map(|&v| v as i32).sum();
+                        // k's padding holds q = 0.
+                        for (gi, quad) in row.chunks(4).enumerate() {
+                            let lane = quad
+                                .iter()
+                                .enumerate()
+                                .fold(0u32, |l, (i, &v)| l | (v as u8 as u32) << (8 * i));
+                            panel[gi * width + j] = lane;
+                        }
+                    }
+                });
+        }
+        PackedWeight {
+            kind: WeightDtype::Int8,
+            n,
+            k,
+            kg,
+            n_pad,
+            lanes,
+            scales: all_scales,
             col_sums,
         }
     }
