@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""GPU peer benchmark (issue 9): t5rt --device cuda against Hugging Face transformers on the
+GPU, on the same random-init weights, in one run on one card.
+
+Built for the GPU machine, which has PyTorch and transformers but no network and no Rust:
+the script makes the weights itself from the configurations (seeded, re-initialised as
+tools/make_fixtures.py does, saved as safetensors), and runs the t5rt binary carried there
+(gpu/t5rt, from scripts/build-gpu-bundle.sh).
+
+Systems: Hugging Face in fp32, fp16 and bf16 (use_cache=True; SDPA attention where the model
+supports it, eager otherwise), and t5rt in f32, bf16 and f16. Cases: a-d as on the CPU
+(1x32, 1x512, 8x128, 32x128 input tokens; 32 or 64 new), plus the seed's t5-base cases: 512
+input tokens at batch 1, 4, 15 and 32 (64 new). EOS is suppressed (min = max new tokens), so
+every system decodes the same number of steps. Reported per case: tokens/s, time per decoding
+step, encoder time, peak GPU memory (HF: torch's allocator; t5rt: not measured yet), and the
+share of sequences whose greedy ids equal HF fp32's.
+
+    python3 bench/gpu_peers.py --out $OUT              # on the GPU machine
+    python3 bench/gpu_peers.py --dry-run --out /tmp/x  # here: tiny model, CPU, plumbing only
+
+`--dry-run` runs everything on the CPU with a tiny configuration and two small cases, so that
+the script itself is tested without a GPU; its timings mean nothing.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+SEED = 0
+CONFIGS = {
+    "t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
+                     num_decoder_layers=6, num_heads=8, feed_forward_proj="relu",
+                     tie_word_embeddings=True),
+    "t5-base": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
+                    num_decoder_layers=12, num_heads=12, feed_forward_proj="relu",
+                    tie_word_embeddings=True),
+    "flan-t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
+                          num_decoder_layers=8, num_heads=6, feed_forward_proj="gated-gelu",
+                          tie_word_embeddings=False),
+    "tiny": dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                 num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                 tie_word_embeddings=False),
+}
+CASES = {"a": (1, 32, 32), "b": (1, 512, 64), "c": (8, 128, 64), "d": (32, 128, 64),
+         "seed-1": (1, 512, 64), "seed-4": (4, 512, 64), "seed-15": (15, 512, 64),
+         "seed-32": (32, 512, 64)}
+PLAN = {"t5-small": ["a", "b", "c", "d"], "flan-t5-small": ["a", "b", "c", "d"],
+        "t5-base": ["a", "b", "c", "d", "seed-1", "seed-4", "seed-15", "seed-32"]}
+DRY_PLAN = {"tiny": ["a", "c"]}
+HF_DTYPES = ["fp32", "fp16", "bf16"]
+T5RT_DTYPES = ["f32", "bf16", "f16"]
+
+
+def inputs(batch, length, vocab):
+    import numpy as np
+    return np.random.default_rng(SEED).integers(2, vocab, size=(batch, length)).tolist()
+
+
+def make_model(name, out):
+    """The seeded random-init checkpoint of `name` under `out` (made once)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+    from make_fixtures import reinit
+    if (out / "model.safetensors").is_file():
+        return
+    torch.manual_seed(SEED)
+    cfg = T5Config(dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                   **CONFIGS[name])
+    model = T5ForConditionalGeneration(cfg).eval()
+    gain = 20.0 if cfg.tie_word_embeddings else 3.0
+    reinit(model, SEED, 2.0, gain, q_gain=cfg.d_kv ** -0.5)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def hf_run(model_dir, dtype, cases, device, repeats):
+    import torch
+    from transformers import T5ForConditionalGeneration
+    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    try:
+        model = T5ForConditionalGeneration.from_pretrained(model_dir, dtype=tdtype, attn_implementation="sdpa")
+        attn = "sdpa"
+    except (ValueError, ImportError):
+        model = T5ForConditionalGeneration.from_pretrained(model_dir, dtype=tdtype)
+        attn = "eager"
+    model = model.to(device).eval()
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    res = {}
+    for case, (batch, length, new) in cases.items():
+        ids = torch.tensor(inputs(batch, length, model.config.vocab_size), device=device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times, enc_times = [], []
+        with torch.no_grad():
+            for run in range(1 + repeats):  # one warm-up
+                sync()
+                t0 = time.perf_counter()
+                model.encoder(input_ids=ids)
+                sync()
+                t1 = time.perf_counter()
+                out = model.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new,
+                                     do_sample=False, num_beams=1, use_cache=True)
+                sync()
+                t2 = time.perf_counter()
+                if run:
+                    enc_times.append(t1 - t0)
+                    times.append(t2 - t1)
+        times.sort()
+        enc_times.sort()
+        total, enc = times[len(times) // 2], enc_times[len(enc_times) // 2]
+        res[case] = {"tokens_per_s": batch * new / total, "total_s": total, "encode_s": enc,
+                     "step_ms": 1000 * max(total - enc, 0.0) / new,
+                     "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+                     "ids": [r[1:] for r in out.tolist()], "attention": attn}
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def t5rt_run(binary, model_dir, dtype, cases, device, repeats, work):
+    res = {}
+    for case, (batch, length, new) in cases.items():
+        inp = work / f"{case}.jsonl"
+        inp.write_text("".join(json.dumps({"input_ids": r}) + "\n"
+                               for r in inputs(batch, length, json.loads((model_dir / "config.json").read_text())["vocab_size"])))
+        out = work / f"t5rt-{dtype}-{case}.json"
+        cmd = [binary, "bench", "--model", str(model_dir), "--device", device, "--dtype", dtype,
+               "--case", f"{batch}:{length}:{new}", "--inputs", str(inp), "--repeats", str(repeats),
+               "--warmup", "1", "--json", str(out)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            res[case] = {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+            continue
+        rep = json.loads(out.read_text())
+        c = rep["cases"][0]
+        total, enc = c["total_s"]["median"], c["encode_s"]["median"]
+        res[case] = {"tokens_per_s": c["tokens_per_s"]["median"], "total_s": total, "encode_s": enc,
+                     "step_ms": 1000 * c["decode_s"]["median"] / new, "peak_mib": None,
+                     "host_peak_rss_mib": c["peak_rss_mib"], "load_s": rep.get("load_s"),
+                     "ids": c["output_ids"], "device": rep["device"]}
+    return res
+
+
+def agreement(got, want):
+    pairs = [(g, w) for g, w in zip(got, want)]
+    return sum(g == w for g, w in pairs) / max(len(pairs), 1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")))
+    ap.add_argument("--binary", default=str(ROOT / "gpu" / "t5rt"))
+    ap.add_argument("--models", default=None, help="comma-separated (default: t5-small,flan-t5-small,t5-base)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: tests the script")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = DRY_PLAN if args.dry_run else PLAN
+    if args.models:
+        plan = {m: plan.get(m, ["a", "b", "c", "d"]) for m in args.models.split(",")}
+    hf_device = "cpu" if args.dry_run else "cuda"
+    t5rt_device = "cpu" if args.dry_run else "cuda"
+    binary = args.binary
+    if args.dry_run and not Path(binary).is_file():
+        binary = str(ROOT / "target" / "release" / "t5rt")
+    import torch
+    import transformers
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "dry_run": args.dry_run, "torch": torch.__version__, "transformers": transformers.__version__,
+              "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+              "repeats": args.repeats, "models": {}}
+    work = out / "gpu-peers-work"
+    work.mkdir(exist_ok=True)
+    for name, case_names in plan.items():
+        model_dir = work / name
+        make_model(name, model_dir)
+        cases = {c: CASES[c] for c in case_names}
+        rows = {}
+        for dtype in HF_DTYPES:
+            rows[f"hf-{dtype}"] = hf_run(model_dir, dtype, cases, hf_device, args.repeats)
+            print(name, f"hf-{dtype}", {c: round(r["tokens_per_s"], 1) for c, r in rows[f"hf-{dtype}"].items()}, flush=True)
+        for dtype in T5RT_DTYPES:
+            if args.dry_run and dtype == "f16":
+                continue  # f16 is a CUDA precision
+            rows[f"t5rt-{dtype}"] = t5rt_run(binary, model_dir, dtype, cases, t5rt_device, args.repeats, work)
+            print(name, f"t5rt-{dtype}", {c: r.get("tokens_per_s", r.get("error")) for c, r in rows[f"t5rt-{dtype}"].items()}, flush=True)
+        ref_ids = {case: r["ids"] for case, r in rows["hf-fp32"].items()}
+        for res in rows.values():
+            for case, r in res.items():
+                if "ids" in r:
+                    r["ids_equal_hf_fp32"] = agreement(r.pop("ids"), ref_ids[case])
+        report["models"][name] = rows
+    (out / "gpu_peers.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = [f"{report['date']}, {report['card'] or 'CPU (dry run)'}, torch {report['torch']}, "
+             f"transformers {report['transformers']}, median of {args.repeats}.", "",
+             "| model | case | system | tokens/s | step ms | encoder s | peak MiB | sequences = HF fp32 | x HF fp32 | x HF fp16 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, rows in report["models"].items():
+        for case in plan[name]:
+            for system, res in rows.items():
+                r = res.get(case, {})
+                if "error" in r or not r:
+                    lines.append(f"| {name} | {case} | {system} | {r.get('error', 'n/a')} | | | | | | |")
+                    continue
+                base32 = rows["hf-fp32"][case]["tokens_per_s"]
+                base16 = rows["hf-fp16"][case]["tokens_per_s"]
+                peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+                lines.append(f"| {name} | {case} | {system} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
+                             f"{r['encode_s']:.4f} | {peak} | {r['ids_equal_hf_fp32']:.2f} | "
+                             f"{r['tokens_per_s'] / base32:.2f}x | {r['tokens_per_s'] / base16:.2f}x |")
+    (out / "gpu_peers.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
