@@ -4,12 +4,14 @@
 //! Every tensor is a flat f32 buffer on the device; sizes are passed explicitly, so a buffer
 //! may be larger than the part an op uses (scratch is reused as batches shrink).
 
+pub(crate) mod checks;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
+pub(crate) use checks::check_len;
 
 /// How a backend stores the weights of linear layers (everything else stays f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -142,16 +144,6 @@ impl AttnShape {
         }
         Ok(())
     }
-}
-
-/// An error unless a buffer of `have` values holds the `need` an op reads or writes.
-pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return Err(T5Error::Backend(format!(
-            "{what}: buffer holds {have} values, the op needs {need}"
-        )));
-    }
-    Ok(())
 }
 
 /// A compute device. The CPU implementation is the reference every other one is tested against.

@@ -9,7 +9,7 @@ pub mod reference;
 
 use rayon::prelude::*;
 
-use super::{check_len, AttnShape, Backend, MatDims, WeightDtype};
+use super::{check_len, checks, AttnShape, Backend, MatDims, WeightDtype};
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
 pub use isa::IsaLevel;
@@ -358,13 +358,7 @@ impl Backend for CpuBackend {
         stride: usize,
         pos: usize,
     ) -> Result<()> {
-        if pos >= stride {
-            return Err(T5Error::Backend(format!(
-                "cache position {pos} is beyond its capacity {stride}"
-            )));
-        }
-        check_len("write_position src", src.len(), batch * width)?;
-        check_len("write_position cache", cache.len(), batch * stride * width)?;
+        checks::write_position(src.len(), cache.len(), batch, width, stride, pos)?;
         for b in 0..batch {
             let dst = (b * stride + pos) * width;
             cache[dst..dst + width].copy_from_slice(&src[b * width..(b + 1) * width]);
@@ -373,6 +367,7 @@ impl Backend for CpuBackend {
     }
 
     fn gather_rows(&self, src: &Vec<f32>, rows: &[usize], row_len: usize) -> Result<Vec<f32>> {
+        checks::gather_rows(src.len(), rows, row_len)?;
         let mut out = try_filled(0, 0.0)?;
         out.try_reserve_exact(rows.len().saturating_mul(row_len))
             .map_err(|_| T5Error::Backend("out of memory in gather_rows".into()))?;
@@ -392,12 +387,7 @@ impl Backend for CpuBackend {
         old_len: usize,
         new_len: usize,
     ) -> Result<Vec<f32>> {
-        check_len("widen_rows", src.len(), rows * old_len)?;
-        if new_len < old_len {
-            return Err(T5Error::Backend(format!(
-                "widen_rows: {new_len} < {old_len}"
-            )));
-        }
+        checks::widen_rows(src.len(), rows, old_len, new_len)?;
         let mut out = try_filled(rows.saturating_mul(new_len), 0.0)?;
         for (dst, row) in out.chunks_exact_mut(new_len).zip(src.chunks_exact(old_len)) {
             dst[..old_len].copy_from_slice(row);
@@ -406,12 +396,7 @@ impl Backend for CpuBackend {
     }
 
     fn retain_rows(&self, t: &mut Vec<f32>, rows: &[usize], row_len: usize) -> Result<()> {
-        if rows.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(T5Error::Backend("retain_rows: rows must increase".into()));
-        }
-        if let Some(&last) = rows.last() {
-            check_len("retain_rows", t.len(), (last + 1).saturating_mul(row_len))?;
-        }
+        checks::retain_rows(t.len(), rows, row_len)?;
         for (i, &r) in rows.iter().enumerate() {
             if r != i {
                 t.copy_within(r * row_len..(r + 1) * row_len, i * row_len);
@@ -422,8 +407,7 @@ impl Backend for CpuBackend {
     }
 
     fn append(&self, t: &mut Vec<f32>, t_len: usize, src: &Vec<f32>, len: usize) -> Result<()> {
-        check_len("append t", t.len(), t_len)?;
-        check_len("append src", src.len(), len)?;
+        checks::append(t.len(), t_len, src.len(), len)?;
         t.truncate(t_len);
         t.try_reserve(len)
             .map_err(|_| T5Error::Backend("out of memory in append".into()))?;
@@ -439,12 +423,7 @@ impl Backend for CpuBackend {
         start: usize,
         len: usize,
     ) -> Result<Vec<f32>> {
-        check_len("slice_rows", src.len(), rows.saturating_mul(row_len))?;
-        if start.saturating_add(len) > row_len {
-            return Err(T5Error::Backend(format!(
-                "slice_rows: [{start}, {start} + {len}) is outside rows of {row_len}"
-            )));
-        }
+        checks::slice_rows(src.len(), rows, row_len, start, len)?;
         let mut out = try_filled(rows.saturating_mul(len), 0.0)?;
         for (dst, row) in out
             .chunks_exact_mut(len.max(1))

@@ -18,7 +18,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use super::{check_len, AttnShape, Backend, MatDims, WeightDtype};
+use super::{check_len, checks, AttnShape, Backend, MatDims, WeightDtype};
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
 
@@ -652,13 +652,7 @@ impl Backend for CudaBackend {
         stride: usize,
         pos: usize,
     ) -> Result<()> {
-        if pos >= stride {
-            return Err(T5Error::Backend(format!(
-                "cache position {pos} is beyond its capacity {stride}"
-            )));
-        }
-        check_len("write_position src", src.len(), batch * width)?;
-        check_len("write_position cache", cache.len(), batch * stride * width)?;
+        checks::write_position(src.len(), cache.len(), batch, width, stride, pos)?;
         if batch * width == 0 {
             return Ok(());
         }
@@ -684,12 +678,7 @@ impl Backend for CudaBackend {
         rows: &[usize],
         row_len: usize,
     ) -> Result<CudaSlice<f32>> {
-        let have = src.len() / row_len.max(1);
-        if let Some(&r) = rows.iter().find(|&&r| r >= have) {
-            return Err(T5Error::Backend(format!(
-                "gather_rows: row {r} is out of range"
-            )));
-        }
+        checks::gather_rows(src.len(), rows, row_len)?;
         let mut out = self.alloc(rows.len() * row_len)?;
         if rows.is_empty() || row_len == 0 {
             return Ok(out);
@@ -710,18 +699,12 @@ impl Backend for CudaBackend {
         old_len: usize,
         new_len: usize,
     ) -> Result<CudaSlice<f32>> {
-        if new_len < old_len {
-            return Err(T5Error::Backend(format!(
-                "widen_rows: {new_len} < {old_len}"
-            )));
-        }
+        checks::widen_rows(src.len(), rows, old_len, new_len)?;
         self.copy_rows(src, rows, old_len, 0, old_len, new_len)
     }
 
     fn retain_rows(&self, t: &mut CudaSlice<f32>, rows: &[usize], row_len: usize) -> Result<()> {
-        if rows.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(T5Error::Backend("retain_rows: rows must increase".into()));
-        }
+        checks::retain_rows(t.len(), rows, row_len)?;
         *t = self.gather_rows(t, rows, row_len)?;
         Ok(())
     }
@@ -733,8 +716,7 @@ impl Backend for CudaBackend {
         src: &CudaSlice<f32>,
         len: usize,
     ) -> Result<()> {
-        check_len("append t", t.len(), t_len)?;
-        check_len("append src", src.len(), len)?;
+        checks::append(t.len(), t_len, src.len(), len)?;
         let mut out = self.alloc(t_len + len)?;
         if t_len > 0 {
             let from = t.slice(0..t_len);
@@ -762,11 +744,7 @@ impl Backend for CudaBackend {
         start: usize,
         len: usize,
     ) -> Result<CudaSlice<f32>> {
-        if start.saturating_add(len) > row_len {
-            return Err(T5Error::Backend(format!(
-                "slice_rows: [{start}, {start} + {len}) is outside rows of {row_len}"
-            )));
-        }
+        checks::slice_rows(src.len(), rows, row_len, start, len)?;
         self.copy_rows(src, rows, row_len, start, len, len)
     }
 
