@@ -35,23 +35,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 SEED = 0
-CONFIGS = {
-    "t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
-                     num_decoder_layers=6, num_heads=8, feed_forward_proj="relu",
-                     tie_word_embeddings=True),
-    "t5-base": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
-                    num_decoder_layers=12, num_heads=12, feed_forward_proj="relu",
-                    tie_word_embeddings=True),
-    "flan-t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
-                          num_decoder_layers=8, num_heads=6, feed_forward_proj="gated-gelu",
-                          tie_word_embeddings=False),
+sys.path.insert(0, str(ROOT / "bench"))
+from run_peers import CASES as CPU_CASES, MODELS  # noqa: E402  (the CPU harness's shapes)
+
+# The CPU harness's models, plus a tiny one for --dry-run.
+CONFIGS = MODELS | {
     "tiny": dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                  num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
                  tie_word_embeddings=False),
 }
-CASES = {"a": (1, 32, 32), "b": (1, 512, 64), "c": (8, 128, 64), "d": (32, 128, 64),
-         "seed-1": (1, 512, 64), "seed-4": (4, 512, 64), "seed-15": (15, 512, 64),
-         "seed-32": (32, 512, 64)}
+# Cases a-d as on the CPU, and the seed's t5-base cases (512 input tokens).
+CASES = CPU_CASES | {f"seed-{b}": (b, 512, 64) for b in (1, 4, 15, 32)}
 PLAN = {"t5-small": ["a", "b", "c", "d"], "flan-t5-small": ["a", "b", "c", "d"],
         "t5-base": ["a", "b", "c", "d", "seed-1", "seed-4", "seed-15", "seed-32"]}
 DRY_PLAN = {"tiny": ["a", "c"]}
