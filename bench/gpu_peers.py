@@ -34,9 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-SEED = 0
 sys.path.insert(0, str(ROOT / "bench"))
-from run_peers import CASES as CPU_CASES, MODELS  # noqa: E402  (the CPU harness's shapes)
+from run_peers import CASES as CPU_CASES, MODELS, save_random_model, synthetic_inputs  # noqa: E402
 
 # The CPU harness's models, plus a tiny one for --dry-run.
 CONFIGS = MODELS | {
@@ -53,26 +52,13 @@ HF_DTYPES = ["fp32", "fp16", "bf16"]
 T5RT_DTYPES = ["f32", "bf16", "f16"]
 
 
-def inputs(batch, length, vocab):
-    import numpy as np
-    return np.random.default_rng(SEED).integers(2, vocab, size=(batch, length)).tolist()
+inputs = synthetic_inputs  # the CPU harness's seeded ids
 
 
 def make_model(name, out):
     """The seeded random-init checkpoint of `name` under `out` (made once)."""
-    import torch
-    from transformers import T5Config, T5ForConditionalGeneration
-    from make_fixtures import reinit
-    if (out / "model.safetensors").is_file():
-        return
-    torch.manual_seed(SEED)
-    cfg = T5Config(dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                   **CONFIGS[name])
-    model = T5ForConditionalGeneration(cfg).eval()
-    gain = 20.0 if cfg.tie_word_embeddings else 3.0
-    reinit(model, SEED, 2.0, gain, q_gain=cfg.d_kv ** -0.5)
-    model.save_pretrained(out, safe_serialization=True)
+    if not (out / "model.safetensors").is_file():
+        save_random_model(CONFIGS[name], out)
 
 
 def hf_run(model_dir, dtype, cases, device, repeats):

@@ -67,23 +67,30 @@ def prepare(name, out):
                 str(ct2), quantization=quant, force=True)
 
 
+def save_random_model(config, out):
+    """Saves under `out` the T5 of `config` (a dict of T5Config fields) with seeded random
+    weights, re-initialised as tools/make_fixtures.py does; returns its T5Config."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+    from make_fixtures import reinit
+    torch.manual_seed(SEED)
+    cfg = T5Config(dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                   relative_attention_num_buckets=32, relative_attention_max_distance=128, **config)
+    model = T5ForConditionalGeneration(cfg).eval()
+    gain = 20.0 if cfg.tie_word_embeddings else 3.0
+    reinit(model, SEED, 2.0, gain, q_gain=cfg.d_kv ** -0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    return cfg
+
+
 def prepare_hf(name, out):
     """The HF checkpoint (random weights, seeded) with a word-level tokenizer: `t{id}` words."""
-    import torch
-    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from make_fixtures import reinit
 
     hf = out / "hf"
     if not (hf / "model.safetensors").is_file():
-        torch.manual_seed(SEED)
-        cfg = T5Config(dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                       relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                       **MODELS[name])
-        model = T5ForConditionalGeneration(cfg).eval()
-        gain = 20.0 if cfg.tie_word_embeddings else 3.0
-        reinit(model, SEED, 2.0, gain, q_gain=cfg.d_kv ** -0.5)
-        model.save_pretrained(hf, safe_serialization=True)
+        cfg = save_random_model(MODELS[name], hf)
         # A word-level tokenizer with one token per id, so CTranslate2 has a vocabulary.
         vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
         vocab.update({f"t{i}": i for i in range(3, cfg.vocab_size)})

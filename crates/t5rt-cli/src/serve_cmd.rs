@@ -130,11 +130,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         generation,
     } = ckpt;
     let smallest = args.max_new_tokens.min(args.max_input_tokens) + 1;
-    if args.max_batch_tokens.is_some_and(|n| n < smallest) {
-        bail!(
-            "--max-batch-tokens {} cannot hold one request; give at least {smallest}",
-            args.max_batch_tokens.unwrap_or(0)
-        );
+    if args.max_batch_tokens.is_some() {
+        // Before loading: a given budget too small for one request (the memory check waits
+        // for the device).
+        batch_tokens(args.max_batch_tokens, None, 0, smallest).map_err(anyhow::Error::msg)?;
     }
     let mut defaults = GenerationConfig::from_model(&generation);
     defaults.max_new_tokens = args

@@ -28,36 +28,13 @@ struct Scores {
 fn load(name: &str) -> Scores {
     let path = fixtures().join(name).join("scores.json");
     let json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let ids = |key: &str| -> Vec<Vec<u32>> {
-        json[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_u64().unwrap() as u32)
-                    .collect()
-            })
-            .collect()
-    };
-    let log_probs = json["token_log_probs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect();
+    fn field<T: serde::de::DeserializeOwned>(json: &Value, key: &str) -> T {
+        serde_json::from_value(json[key].clone()).unwrap()
+    }
     Scores {
-        inputs: ids("inputs"),
-        targets: ids("targets"),
-        log_probs,
+        inputs: field(&json, "inputs"),
+        targets: field(&json, "targets"),
+        log_probs: field(&json, "token_log_probs"),
     }
 }
 
