@@ -114,6 +114,9 @@ const ATTN_CASES: &[AttnCase] = &[
     (3, 4, 16, 1, 7, 12, 1),
     (2, 6, 8, 9, 9, 9, 1),
     (6, 2, 8, 1, 7, 7, 3), // beams: 2 sources x 3 rows share keys/values
+    // T5's d_kv: whole 16-lane vectors per head for f32 and bf16 caches (the AVX-512 path)
+    (4, 8, 64, 1, 37, 40, 1),
+    (6, 2, 32, 1, 9, 9, 3),
 ];
 
 fn check_attention<B: Backend>(b: &B, rng: &mut Rng) {

@@ -2,6 +2,7 @@
 //! encoder's attention products, `rayon` for threads, plain loops elsewhere.
 //! [`reference`] holds scalar versions of every kernel, the oracle the tests compare against.
 
+mod attend;
 mod isa;
 mod kernels;
 pub mod packed;
@@ -98,6 +99,17 @@ fn try_filled<T: Clone>(len: usize, value: T) -> Result<Vec<T>> {
     Ok(v)
 }
 
+/// int8 sums are exact in i32 while k · 127 · 127 < 2^31 (the u8 offset of `vpdpbusd` may
+/// wrap on the way; wrapping arithmetic takes it back off exactly).
+fn check_int8_inputs(k: usize) -> Result<()> {
+    if k > 130_000 {
+        return Err(T5Error::Backend(format!(
+            "int8 weights with {k} inputs per output: at most 130000 (i32 sums); use bf16"
+        )));
+    }
+    Ok(())
+}
+
 /// `data` copied into a fallibly allocated vector.
 fn try_copy(data: &[f32]) -> Result<Vec<f32>> {
     let mut v = try_filled(0, 0.0)?;
@@ -139,11 +151,8 @@ impl Backend for CpuBackend {
                     .into(),
             ));
         }
-        // int8 sums are exact in i32 while k · 127 · 127 < 2^31.
-        if kind == WeightDtype::Int8 && k > 130_000 {
-            return Err(T5Error::Backend(format!(
-                "int8 weights with {k} inputs per output: at most 130000 (i32 sums); use bf16"
-            )));
+        if kind == WeightDtype::Int8 {
+            check_int8_inputs(k)?;
         }
         let isa = self.isa;
         Ok(self.pool.install(|| PackedWeight::pack(w, n, k, kind, isa)))
@@ -164,6 +173,15 @@ impl Backend for CpuBackend {
         }
         check_len("upload_linear_int8", q.len(), n * k)?;
         check_len("upload_linear_int8 scales", scales.len(), n)?;
+        check_int8_inputs(k)?;
+        // The tiles without VNNI negate weights (`|q| · ±w`), exact for ±127 but not for -128,
+        // which `quantize_int8` never writes.
+        if q.contains(&i8::MIN) {
+            return Err(T5Error::Backend(
+                "int8 weight value -128: t5rt's int8 weights lie in [-127, 127] (corrupt checkpoint?)"
+                    .into(),
+            ));
+        }
         if let Some(bad) = scales[..n].iter().find(|s| !(s.is_finite() && **s > 0.0)) {
             return Err(T5Error::Backend(format!(
                 "int8 weight scale {bad}: scales must be finite and positive (corrupt checkpoint?)"
@@ -324,7 +342,7 @@ impl Backend for CpuBackend {
             if s.q_len > 1 {
                 kernels::attention_gemm(q, k, v, bias, mask, &mut out[..], s, self.isa.avx512())
             } else {
-                kernels::attention(q, k, v, bias, mask, &mut out[..], s, self.isa.avx512())
+                attend::attention(q, k, v, bias, mask, &mut out[..], s, self.isa)
             }
         });
         Ok(())

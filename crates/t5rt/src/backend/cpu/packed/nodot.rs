@@ -5,9 +5,12 @@
 //!   to f32 in registers (a shift, or a mask, of each 32-bit lane's pair); activations are not
 //!   rounded; products are fused multiply-adds in order of `k`. The result is bitwise the f32
 //!   tile's on the bf16-rounded weights.
-//! - int8 through 16-bit products: each lane's four u8 activations and i8 weights are split
-//!   into even and odd bytes, widened to 16 bits, and `vpmaddwd` sums each pair into 32 bits.
-//!   Every product and sum is exact, so the i32 sums are bitwise `vpdpbusd`'s.
+//! - int8 through 16-bit products: the activation `q` (u8 `q + 128` in the lanes, so `|q| <=
+//!   127`) is split into `|q|` and its sign, which goes onto the weight (`vpsignb`, or a masked
+//!   negation on AVX-512); `vpmaddubsw` multiplies `|q|` by `±w` and sums pairs into 16 bits
+//!   (at most `2 · 127 · 127`, no saturation), `vpmaddwd` by ones sums those into 32 bits, and
+//!   `128 Σ w` is added at the end. Every product and sum is exact, so the i32 sums are
+//!   bitwise `vpdpbusd`'s.
 //!
 //! Layouts and register tiles as in the parent module; `x` rows are `2 kg` f32 values
 //! (widened bf16) or `kg` u32 lanes (int8).
@@ -143,10 +146,29 @@ unsafe fn bf16_avx2<const R: usize, const V: usize>(
     }
 }
 
-/// int8 through 16-bit products, AVX-512BW.
+/// Adds `128 Σ w` of each column to the sums `Σ q·w`, giving `Σ (q + 128)·w`: the raw sums of
+/// `vpdpbusd` on u8 activations, which the caller's epilogue expects.
+#[inline(always)]
+fn offset_sums<T: Copy, const R: usize, const V: usize>(
+    acc: &mut [[T; V]; R],
+    col_sums: impl Fn(usize) -> T,
+    add: impl Fn(T, T) -> T,
+) {
+    for v in 0..V {
+        let cs = col_sums(v);
+        for acc in acc.iter_mut() {
+            acc[v] = add(acc[v], cs);
+        }
+    }
+}
+
+/// int8, AVX-512BW: `vpmaddubsw` on `|q|` (u8) and `±w` (i8, the sign of `q` moved onto the
+/// weight), then `vpmaddwd` by ones into i32. Each 16-bit pair sum is at most
+/// `2 · 127 · 127 = 32258`, so `vpmaddubsw` never saturates and every sum is exact.
 ///
 /// # Safety
-/// AVX-512F and BW; `x` holds `R` rows of `kg` lanes; `sub + 16 V` <= panel width.
+/// AVX-512F and BW; `x` holds `R` rows of `kg` lanes (u8 `q + 128`); `sub + 16 V` <= panel
+/// width; weights in [-127, 127].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn int8_avx512bw<const R: usize, const V: usize>(
@@ -160,30 +182,35 @@ unsafe fn int8_avx512bw<const R: usize, const V: usize>(
     let pw = panel_width(w.n_pad, c0 / BLOCK);
     let xp = x.as_ptr();
     let mut wp = w.lanes.as_ptr().add(c0 * kg + sub);
-    let low_bytes = _mm512_set1_epi16(0x00ff);
-    let mut acc = [[_mm512_setzero_si512(); V]; R];
+    let (flip, ones, zero) = (
+        _mm512_set1_epi8(0x80u8 as i8),
+        _mm512_set1_epi16(1),
+        _mm512_setzero_si512(),
+    );
+    let mut acc = [[zero; V]; R];
     for g in 0..kg {
-        let mut we = [_mm512_setzero_si512(); V];
-        let mut wo = [_mm512_setzero_si512(); V];
-        for v in 0..V {
-            let raw = _mm512_loadu_si512(wp.add(16 * v) as *const _);
-            // i8 weights, sign-extended from the even and the odd bytes.
-            we[v] = _mm512_srai_epi16(_mm512_slli_epi16(raw, 8), 8);
-            wo[v] = _mm512_srai_epi16(raw, 8);
+        let mut wv = [zero; V];
+        for (v, wv) in wv.iter_mut().enumerate() {
+            *wv = _mm512_loadu_si512(wp.add(16 * v) as *const _);
         }
         for (r, acc) in acc.iter_mut().enumerate() {
-            let xb = _mm512_set1_epi32(*xp.add(r * kg + g) as i32);
-            // u8 activations, zero-extended from the even and the odd bytes.
-            let xe = _mm512_and_si512(xb, low_bytes);
-            let xo = _mm512_srli_epi16(xb, 8);
-            for v in 0..V {
-                let pairs =
-                    _mm512_add_epi32(_mm512_madd_epi16(xe, we[v]), _mm512_madd_epi16(xo, wo[v]));
-                acc[v] = _mm512_add_epi32(acc[v], pairs);
+            // q = byte - 128, |q| <= 127.
+            let q = _mm512_xor_si512(_mm512_set1_epi32(*xp.add(r * kg + g) as i32), flip);
+            let (neg, abs) = (_mm512_movepi8_mask(q), _mm512_abs_epi8(q));
+            for (a, &wv) in acc.iter_mut().zip(&wv) {
+                let signed = _mm512_mask_sub_epi8(wv, neg, zero, wv);
+                let pairs = _mm512_maddubs_epi16(abs, signed);
+                *a = _mm512_add_epi32(*a, _mm512_madd_epi16(pairs, ones));
             }
         }
         wp = wp.add(pw);
     }
+    let sums = w.col_sums.as_ptr().add(c0 + sub);
+    offset_sums(
+        &mut acc,
+        |v| _mm512_slli_epi32(_mm512_loadu_si512(sums.add(16 * v) as *const _), 7),
+        |a, b| _mm512_add_epi32(a, b),
+    );
     for (o, acc) in out.iter_mut().zip(&acc) {
         for (v, a) in acc.iter().enumerate() {
             _mm512_storeu_si512(o.as_mut_ptr().add(sub + 16 * v) as *mut _, *a);
@@ -191,7 +218,7 @@ unsafe fn int8_avx512bw<const R: usize, const V: usize>(
     }
 }
 
-/// int8 through 16-bit products, AVX2.
+/// int8, AVX2: as [`int8_avx512bw`], with `vpsignb` moving the sign onto the weights.
 ///
 /// # Safety
 /// AVX2; as [`int8_avx512bw`] with `sub + 8 V` <= panel width.
@@ -208,23 +235,29 @@ unsafe fn int8_avx2<const R: usize, const V: usize>(
     let pw = panel_width(w.n_pad, c0 / BLOCK);
     let xp = x.as_ptr();
     let mut wp = w.lanes.as_ptr().add(c0 * kg + sub);
-    let low_bytes = _mm256_set1_epi16(0x00ff);
+    let (flip, ones) = (_mm256_set1_epi8(0x80u8 as i8), _mm256_set1_epi16(1));
     let mut acc = [[_mm256_setzero_si256(); V]; R];
     for g in 0..kg {
-        for v in 0..V {
-            let raw = _mm256_loadu_si256(wp.add(8 * v) as *const _);
-            let we = _mm256_srai_epi16(_mm256_slli_epi16(raw, 8), 8);
-            let wo = _mm256_srai_epi16(raw, 8);
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let xb = _mm256_set1_epi32(*xp.add(r * kg + g) as i32);
-                let xe = _mm256_and_si256(xb, low_bytes);
-                let xo = _mm256_srli_epi16(xb, 8);
-                let pairs = _mm256_add_epi32(_mm256_madd_epi16(xe, we), _mm256_madd_epi16(xo, wo));
-                acc[v] = _mm256_add_epi32(acc[v], pairs);
+        let mut wv = [_mm256_setzero_si256(); V];
+        for (v, wv) in wv.iter_mut().enumerate() {
+            *wv = _mm256_loadu_si256(wp.add(8 * v) as *const _);
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let q = _mm256_xor_si256(_mm256_set1_epi32(*xp.add(r * kg + g) as i32), flip);
+            let abs = _mm256_abs_epi8(q);
+            for (a, &wv) in acc.iter_mut().zip(&wv) {
+                let pairs = _mm256_maddubs_epi16(abs, _mm256_sign_epi8(wv, q));
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
             }
         }
         wp = wp.add(pw);
     }
+    let sums = w.col_sums.as_ptr().add(c0 + sub);
+    offset_sums(
+        &mut acc,
+        |v| _mm256_slli_epi32(_mm256_loadu_si256(sums.add(8 * v) as *const _), 7),
+        |a, b| _mm256_add_epi32(a, b),
+    );
     for (o, acc) in out.iter_mut().zip(&acc) {
         for (v, a) in acc.iter().enumerate() {
             _mm256_storeu_si256(o.as_mut_ptr().add(sub + 8 * v) as *mut _, *a);

@@ -1,0 +1,81 @@
+//! Times the CPU backend's linear-layer products (`matmul_nt`) at T5 shapes, per precision and
+//! kernel level, and prints GFLOP/s (2 m n k per product over wall time, best of 5 runs).
+//! A tool for working on the kernels, not a benchmark against peers:
+//!
+//! ```text
+//! cargo run --release -p t5rt --example matmul_speed -- [THREADS] [LEVEL...]
+//! ```
+
+use std::time::Instant;
+
+use t5rt::backend::{Backend, MatDims};
+use t5rt::{CpuBackend, IsaLevel, WeightDtype};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let threads = args.first().and_then(|a| a.parse().ok()).unwrap_or(0);
+    let levels: Vec<IsaLevel> = if args.len() > 1 {
+        args[1..]
+            .iter()
+            .map(|a| a.parse::<IsaLevel>().expect("a level name"))
+            .collect()
+    } else {
+        IsaLevel::available_levels()
+    };
+    // (m, n, k): encoder products of t5-small (4096 and 512 rows), a batched decoding step
+    // (32 rows), and batch-1 decoding (memory-bound).
+    let shapes = [
+        (4096, 512, 512),
+        (4096, 2048, 512),
+        (4096, 512, 2048),
+        (512, 512, 512),
+        (32, 2048, 512),
+        (32, 512, 2048),
+        (1, 2048, 512),
+    ];
+    let mut seed = 0x9e37_79b9u32;
+    let mut rand = move |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                seed as f32 / u32::MAX as f32 - 0.5
+            })
+            .collect()
+    };
+    println!("level        dtype      m     n     k   GFLOP/s   ms");
+    for level in levels {
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8] {
+            let b = CpuBackend::with_isa(threads, level)
+                .expect("level")
+                .with_dtype(dtype);
+            for (m, n, k) in shapes {
+                let d = MatDims { m, n, k };
+                let x = b.upload(&rand(m * k)).unwrap();
+                let w = b.upload_linear(&rand(n * k), n, k).unwrap();
+                let mut out = b.zeros(m * n).unwrap();
+                let reps = (2e9 / (2.0 * (m * n * k) as f64)).clamp(3.0, 200.0) as usize;
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        b.matmul_nt(&x, &w, &mut out, d, false).unwrap();
+                    }
+                    best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+                }
+                let gflops = 2.0 * (m * n * k) as f64 / best / 1e9;
+                println!(
+                    "{:<12} {:<5} {:>6} {:>5} {:>5} {:>9.1} {:>6.3}",
+                    level.name(),
+                    dtype.to_string(),
+                    m,
+                    n,
+                    k,
+                    gflops,
+                    best * 1e3
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! Attention for few queries (decoding steps): the generic loop, and the same walk in explicit
+//! AVX-512 and AVX2 vectors.
+
+use rayon::prelude::*;
+
+use super::isa::IsaLevel;
+use crate::backend::AttnShape;
+use crate::math::softmax_in_place;
+
+/// Attention for few queries (decoding steps). A task takes one query row and a group of
+/// heads, and walks the keys in order: key `j` of all its heads is one contiguous run of
+/// memory, so the caches stream at full bandwidth (one task per head would read them with a
+/// 2 KiB stride that defeats the prefetchers). Batch-1 decoding splits the heads into
+/// groups so that every thread has work.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: Option<&[f32]>,
+    mask: Option<&[f32]>,
+    out: &mut [f32],
+    s: AttnShape,
+    isa: IsaLevel,
+) {
+    let inner = s.heads * s.d_kv;
+    let rows = s.batch * s.q_len;
+    let want = 2 * rayon::current_num_threads();
+    let groups = (1..=s.heads)
+        .find(|g| s.heads.is_multiple_of(*g) && rows * g >= want)
+        .unwrap_or(s.heads);
+    let a = AttnArgs {
+        q,
+        k,
+        v,
+        bias,
+        mask,
+        s,
+        heads_per_task: s.heads / groups,
+    };
+    out[..rows * inner]
+        .par_chunks_exact_mut(a.heads_per_task * s.d_kv)
+        .enumerate()
+        .for_each(|(task, oh)| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                // Whole vectors per head: d_kv a multiple of 16 (32 for bf16 caches, whose
+                // slots hold two values) on AVX-512, of 8 (16) on AVX2. T5's d_kv is 64.
+                let per_head = if s.kv_bf16 { s.d_kv / 2 } else { s.d_kv };
+                let even = |lanes: usize| s.d_kv.is_multiple_of(2) && per_head.is_multiple_of(lanes);
+                if isa.avx512() && even(16) {
+                    // SAFETY: the backend only runs at levels the CPU has
+                    // (`IsaLevel::checked`); d_kv checked just above.
+                    return unsafe { attend_avx512(&a, task, oh) };
+                }
+                if isa >= IsaLevel::Avx2 && even(8) {
+                    // SAFETY: as above.
+                    return unsafe { attend_avx2(&a, task, oh) };
+                }
+            }
+            let _ = isa;
+            attend(&a, task, oh)
+        });
+}
+
+/// The inputs of one decode-attention call.
+struct AttnArgs<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    bias: Option<&'a [f32]>,
+    mask: Option<&'a [f32]>,
+    s: AttnShape,
+    heads_per_task: usize,
+}
+
+/// One task: query row `task / groups`, heads `[h0, h0 + heads_per_task)`;
+/// `oh[h] = softmax(q_h·k_hᵀ + bias + mask)·v_h`.
+#[inline(always)]
+fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
+    let s = a.s;
+    let (inner, hn, d) = (s.heads * s.d_kv, a.heads_per_task, s.d_kv);
+    let groups = s.heads / hn;
+    let (row, h0) = (task / groups, (task % groups) * hn);
+    let (b, qi) = (row / s.q_len, row % s.q_len);
+    let kv_b = b / s.kv_group; // beams read their source's keys/values
+    let q = &a.q[row * inner + h0 * d..row * inner + (h0 + hn) * d];
+    // The keys this row reads: those its mask does not mask at the start (a row that joined
+    // a running batch) or at the end (a shorter source, padded). The others are skipped
+    // altogether, so a row costs its own length and gets the result it gets alone.
+    let (j0, j1) = match a.mask {
+        Some(m) => unmasked_range(&m[kv_b * s.kv_len..(kv_b + 1) * s.kv_len]),
+        None => (0, s.kv_len),
+    };
+    let n = j1 - j0;
+    // scores[h, j] = q_h·k_h[j] (no 1/sqrt(d_kv): T5 folds it into the weights).
+    // (Plain loops, not iterator adaptors: those are separate functions that would not be
+    // compiled with the caller's target features.)
+    let mut probs = vec![0.0f32; hn * n];
+    // bf16 caches: each key/value row is widened here first (two values per slot).
+    let mut wide = vec![0.0f32; if s.kv_bf16 { hn * d } else { 0 }];
+    for j in j0..j1 {
+        let kb = (kv_b * s.kv_stride + j) * inner + h0 * d;
+        let key = kv_row(a.k, kb, hn * d, s.kv_bf16, &mut wide);
+        for h in 0..hn {
+            probs[h * n + j - j0] = dot(&q[h * d..(h + 1) * d], &key[h * d..(h + 1) * d]);
+        }
+    }
+    for h in 0..hn {
+        to_probs(a, &mut probs[h * n..(h + 1) * n], h0 + h, qi, kv_b, j0);
+    }
+    // out_h = Σ_j p_hj · v_h[j]
+    oh.fill(0.0);
+    for j in j0..j1 {
+        let vb = (kv_b * s.kv_stride + j) * inner + h0 * d;
+        let val = kv_row(a.v, vb, hn * d, s.kv_bf16, &mut wide);
+        for h in 0..hn {
+            let p = probs[h * n + j - j0];
+            if p == 0.0 {
+                continue; // masked key: exactly zero weight
+            }
+            let (o, val) = (&mut oh[h * d..(h + 1) * d], &val[h * d..(h + 1) * d]);
+            for t in 0..d {
+                o[t] += p * val[t];
+            }
+        }
+    }
+}
+
+/// The keys a mask row leaves in: from its first to its last entry that is not -inf (the
+/// whole row when every entry is -inf, which no caller makes).
+#[inline(always)]
+fn unmasked_range(mask: &[f32]) -> (usize, usize) {
+    let first = mask.iter().position(|&m| m != f32::NEG_INFINITY);
+    let last = mask.iter().rposition(|&m| m != f32::NEG_INFINITY);
+    match (first, last) {
+        (Some(f), Some(l)) => (f, l + 1),
+        _ => (0, mask.len()),
+    }
+}
+
+/// Values `[at, at + len)` of a key/value cache: a slice of it (f32), or widened into `wide`
+/// (bf16 pairs; `at` and `len` even).
+#[inline(always)]
+fn kv_row<'a>(
+    cache: &'a [f32],
+    at: usize,
+    len: usize,
+    bf16: bool,
+    wide: &'a mut [f32],
+) -> &'a [f32] {
+    if !bf16 {
+        return &cache[at..at + len];
+    }
+    let slots = &cache[at / 2..(at + len) / 2];
+    for (pair, slot) in wide.chunks_exact_mut(2).zip(slots) {
+        let bits = slot.to_bits();
+        pair[0] = f32::from_bits(bits << 16);
+        pair[1] = f32::from_bits(bits & 0xffff_0000);
+    }
+    &wide[..len]
+}
+
+/// Dot product with 16 independent partial sums, so the compiler can vectorise it.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let n = a.len().min(b.len());
+    let whole = n / 16 * 16;
+    for c in 0..whole / 16 {
+        // Fixed-size chunks: no bounds checks inside, so the 16 lanes are one vector.
+        let x: &[f32; 16] = a[16 * c..16 * c + 16].try_into().expect("16 values");
+        let y: &[f32; 16] = b[16 * c..16 * c + 16].try_into().expect("16 values");
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0.0f32;
+    for t in whole..n {
+        tail += a[t] * b[t];
+    }
+    // A tree over the lanes (vector shuffles), not 16 dependent scalar adds.
+    let mut width = 8;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    acc[0] + tail
+}
+
+/// One head's scores over keys `[j0, j0 + row.len())` to probabilities:
+/// `softmax(scores + bias[h, qi, :] + mask[kv_b, :])`.
+#[inline(always)]
+fn to_probs(a: &AttnArgs, row: &mut [f32], h: usize, qi: usize, kv_b: usize, j0: usize) {
+    let (s, n) = (a.s, row.len());
+    if let Some(bias) = a.bias {
+        let at = (h * s.q_len + qi) * s.kv_len + j0;
+        for (r, b) in row.iter_mut().zip(&bias[at..at + n]) {
+            *r += b;
+        }
+    }
+    if let Some(mask) = a.mask {
+        let at = kv_b * s.kv_len + j0;
+        for (r, m) in row.iter_mut().zip(&mask[at..at + n]) {
+            *r += m;
+        }
+    }
+    softmax_in_place(row);
+}
+
+/// [`attend`] in explicit vectors of `$n` lanes: one fused multiply-add chain per (key, head)
+/// over `d_kv`, then a sum across the lanes; `out += p · v` in vectors. bf16 caches are
+/// widened in registers (each 32-bit slot holds an even and an odd value), against the query
+/// split into its even and odd values, and the output is gathered the same way and
+/// interleaved at the end. The sums run in a different order from [`attend`]'s, so results
+/// differ from it in the last bits; each (row, head) is computed alone, so a row's result
+/// does not depend on its batch or on the grouping of heads into tasks.
+#[cfg(target_arch = "x86_64")]
+macro_rules! attend_simd {
+    ($name:ident, $feat:literal, $n:literal, $zero:expr, $load:ident, $store:ident,
+     $set1:ident, $fmadd:ident, $mul:ident, $sum:expr, $widen:expr) => {
+        /// # Safety
+        /// The CPU must have the features named; `d_kv` (half of it for bf16 caches) is a
+        /// multiple of the vector width.
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(a: &AttnArgs, task: usize, oh: &mut [f32]) {
+            use std::arch::x86_64::*;
+            let s = a.s;
+            let (inner, hn, d) = (s.heads * s.d_kv, a.heads_per_task, s.d_kv);
+            let groups = s.heads / hn;
+            let (row, h0) = (task / groups, (task % groups) * hn);
+            let (b, qi) = (row / s.q_len, row % s.q_len);
+            let kv_b = b / s.kv_group;
+            let q = &a.q[row * inner + h0 * d..row * inner + (h0 + hn) * d];
+            let (j0, j1) = match a.mask {
+                Some(m) => unmasked_range(&m[kv_b * s.kv_len..(kv_b + 1) * s.kv_len]),
+                None => (0, s.kv_len),
+            };
+            let n = j1 - j0;
+            let mut probs = vec![0.0f32; hn * n];
+            // Element offset of key/value `j`'s first head of this task (in f32 values; bf16
+            // slots are at half of it).
+            let at = |j: usize| (kv_b * s.kv_stride + j) * inner + h0 * d;
+            if s.kv_bf16 {
+                let half = d / 2;
+                let (mut qe, mut qo) = (vec![0.0f32; hn * half], vec![0.0f32; hn * half]);
+                for (i, pair) in q.chunks_exact(2).enumerate() {
+                    qe[i] = pair[0];
+                    qo[i] = pair[1];
+                }
+                debug_assert!(a.k.len() >= at(j1.max(1) - 1) / 2 + hn * half || n == 0);
+                for j in j0..j1 {
+                    let kp = a.k.as_ptr().add(at(j) / 2);
+                    for h in 0..hn {
+                        let mut acc = $zero;
+                        for c in (0..half).step_by($n) {
+                            let (e, o) = $widen($load(kp.add(h * half + c)));
+                            acc = $fmadd($load(qe.as_ptr().add(h * half + c)), e, acc);
+                            acc = $fmadd($load(qo.as_ptr().add(h * half + c)), o, acc);
+                        }
+                        probs[h * n + j - j0] = $sum(acc);
+                    }
+                }
+            } else {
+                for j in j0..j1 {
+                    let kp = a.k.as_ptr().add(at(j));
+                    for h in 0..hn {
+                        let qh = q.as_ptr().add(h * d);
+                        let mut acc = $mul($load(qh), $load(kp.add(h * d)));
+                        for c in ($n..d).step_by($n) {
+                            acc = $fmadd($load(qh.add(c)), $load(kp.add(h * d + c)), acc);
+                        }
+                        probs[h * n + j - j0] = $sum(acc);
+                    }
+                }
+            }
+            for h in 0..hn {
+                to_probs(a, &mut probs[h * n..(h + 1) * n], h0 + h, qi, kv_b, j0);
+            }
+            if s.kv_bf16 {
+                let half = d / 2;
+                let (mut oe, mut oo) = (vec![0.0f32; hn * half], vec![0.0f32; hn * half]);
+                for j in j0..j1 {
+                    let vp = a.v.as_ptr().add(at(j) / 2);
+                    for h in 0..hn {
+                        let p = probs[h * n + j - j0];
+                        if p == 0.0 {
+                            continue; // masked key: exactly zero weight
+                        }
+                        let pv = $set1(p);
+                        for c in (0..half).step_by($n) {
+                            let (e, o) = $widen($load(vp.add(h * half + c)));
+                            let (pe, po) = (
+                                oe.as_mut_ptr().add(h * half + c),
+                                oo.as_mut_ptr().add(h * half + c),
+                            );
+                            $store(pe, $fmadd(pv, e, $load(pe)));
+                            $store(po, $fmadd(pv, o, $load(po)));
+                        }
+                    }
+                }
+                for (i, pair) in oh.chunks_exact_mut(2).enumerate() {
+                    pair[0] = oe[i];
+                    pair[1] = oo[i];
+                }
+            } else {
+                oh.fill(0.0);
+                for j in j0..j1 {
+                    let vp = a.v.as_ptr().add(at(j));
+                    for h in 0..hn {
+                        let p = probs[h * n + j - j0];
+                        if p == 0.0 {
+                            continue;
+                        }
+                        let pv = $set1(p);
+                        for c in (0..d).step_by($n) {
+                            let o = oh.as_mut_ptr().add(h * d + c);
+                            $store(o, $fmadd(pv, $load(vp.add(h * d + c)), $load(o)));
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+attend_simd!(
+    attend_avx512,
+    "avx512f,fma",
+    16,
+    _mm512_setzero_ps(),
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps,
+    _mm512_mul_ps,
+    |v| _mm512_reduce_add_ps(v),
+    |raw: __m512| {
+        let raw = _mm512_castps_si512(raw);
+        (
+            _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)),
+            _mm512_castsi512_ps(_mm512_and_si512(
+                raw,
+                _mm512_set1_epi32(0xffff_0000u32 as i32),
+            )),
+        )
+    }
+);
+
+#[cfg(target_arch = "x86_64")]
+attend_simd!(
+    attend_avx2,
+    "avx2,fma",
+    8,
+    _mm256_setzero_ps(),
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps,
+    _mm256_mul_ps,
+    |v: __m256| {
+        let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+        _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)))
+    },
+    |raw: __m256| {
+        let raw = _mm256_castps_si256(raw);
+        (
+            _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(
+                raw,
+                _mm256_set1_epi32(0xffff_0000u32 as i32),
+            )),
+        )
+    }
+);
