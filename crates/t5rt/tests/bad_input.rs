@@ -302,3 +302,21 @@ fn text_without_tokenizer_is_a_clear_error() {
     let ids = t5rt::Input::Ids(vec![5, 1]).encode(ckpt.tokenizer.as_ref());
     assert_eq!(ids.unwrap(), vec![5, 1]);
 }
+
+/// int8 weights from a converted checkpoint must lie in [-127, 127] (what `t5rt convert`
+/// writes); -128, which the tiles without VNNI could not negate, is refused, not miscomputed.
+#[test]
+fn int8_weights_of_minus_128_are_refused() {
+    use t5rt::backend::Backend;
+    let b = CpuBackend::new(1)
+        .unwrap()
+        .with_dtype(t5rt::WeightDtype::Int8);
+    let err = b
+        .upload_linear_int8(&[1, -128, 3, 4], &[0.5, 0.5], 2, 2)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("-128"), "{err}");
+    assert!(b
+        .upload_linear_int8(&[1, -127, 3, 4], &[0.5, 0.5], 2, 2)
+        .is_ok());
+}
