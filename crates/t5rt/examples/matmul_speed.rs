@@ -24,7 +24,8 @@ fn main() {
     };
     // (m, n, k): encoder products of t5-small (4096 and 512 rows), a batched decoding step
     // (32 rows), and batch-1 decoding (memory-bound).
-    let shapes = [
+    // `MATMUL_SHAPES=MxNxK,...` and `MATMUL_DTYPES=f32,int8` pick a subset.
+    let mut shapes = vec![
         (4096, 512, 512),
         (4096, 2048, 512),
         (4096, 512, 2048),
@@ -33,6 +34,22 @@ fn main() {
         (32, 512, 2048),
         (1, 2048, 512),
     ];
+    if let Ok(list) = std::env::var("MATMUL_SHAPES") {
+        shapes = list
+            .split(',')
+            .map(|s| {
+                let d: Vec<usize> = s.split('x').map(|v| v.parse().expect("MxNxK")).collect();
+                (d[0], d[1], d[2])
+            })
+            .collect();
+    }
+    let dtypes: Vec<WeightDtype> = match std::env::var("MATMUL_DTYPES") {
+        Ok(list) => list
+            .split(',')
+            .map(|d| d.parse().expect("a dtype"))
+            .collect(),
+        Err(_) => vec![WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8],
+    };
     let mut seed = 0x9e37_79b9u32;
     let mut rand = move |n: usize| -> Vec<f32> {
         (0..n)
@@ -46,11 +63,11 @@ fn main() {
     };
     println!("level        dtype      m     n     k   GFLOP/s   ms");
     for level in levels {
-        for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8] {
+        for &dtype in &dtypes {
             let b = CpuBackend::with_isa(threads, level)
                 .expect("level")
                 .with_dtype(dtype);
-            for (m, n, k) in shapes {
+            for &(m, n, k) in &shapes {
                 let d = MatDims { m, n, k };
                 let x = b.upload(&rand(m * k)).unwrap();
                 let w = b.upload_linear(&rand(n * k), n, k).unwrap();

@@ -8,7 +8,7 @@ use t5rt::backend::cpu::reference;
 use t5rt::backend::{Backend, MatDims};
 use t5rt::{generate, Checkpoint, CpuBackend, GenerationConfig, WeightDtype};
 
-const SHAPES: [(usize, usize, usize); 10] = [
+const SHAPES: [(usize, usize, usize); 11] = [
     (1, 1, 1),
     (1, 64, 48),
     (3, 17, 33), // k odd: padded lanes for both bf16 pairs and int8 quads
@@ -17,7 +17,8 @@ const SHAPES: [(usize, usize, usize); 10] = [
     (7, 128, 96),
     (9, 1100, 40),
     (40, 100, 64),
-    (70, 200, 35), // more rows than one task takes
+    (70, 200, 35),   // more rows than one task takes
+    (70, 130, 1030), // several register tiles walking k in blocks
     (1, 1000, 512),
 ];
 

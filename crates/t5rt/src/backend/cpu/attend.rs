@@ -47,7 +47,8 @@ pub(super) fn attention(
                 // Whole vectors per head: d_kv a multiple of 16 (32 for bf16 caches, whose
                 // slots hold two values) on AVX-512, of 8 (16) on AVX2. T5's d_kv is 64.
                 let per_head = if s.kv_bf16 { s.d_kv / 2 } else { s.d_kv };
-                let even = |lanes: usize| s.d_kv.is_multiple_of(2) && per_head.is_multiple_of(lanes);
+                let even =
+                    |lanes: usize| s.d_kv.is_multiple_of(2) && per_head.is_multiple_of(lanes);
                 if isa.avx512() && even(16) {
                     // SAFETY: the backend only runs at levels the CPU has
                     // (`IsaLevel::checked`); d_kv checked just above.
