@@ -241,6 +241,13 @@ macro_rules! attend_simd {
             };
             let n = j1 - j0;
             let mut probs = vec![0.0f32; hn * n];
+            // A task with all heads reads whole keys, one contiguous stream; with some of
+            // them, a part of each key, which it prefetches.
+            let prefetch_ahead = |cache: &[f32], at: usize, len: usize, stride: usize| {
+                if hn < s.heads {
+                    prefetch_ahead(cache, at, len, stride)
+                }
+            };
             // Element offset of key/value `j`'s first head of this task (in f32 values; bf16
             // slots are at half of it).
             let at = |j: usize| (kv_b * s.kv_stride + j) * inner + h0 * d;
@@ -254,6 +261,7 @@ macro_rules! attend_simd {
                 debug_assert!(a.k.len() >= at(j1.max(1) - 1) / 2 + hn * half || n == 0);
                 for j in j0..j1 {
                     let kp = a.k.as_ptr().add(at(j) / 2);
+                    prefetch_ahead(a.k, at(j) / 2, hn * half, inner / 2);
                     for h in 0..hn {
                         let mut acc = $zero;
                         for c in (0..half).step_by($n) {
@@ -267,6 +275,7 @@ macro_rules! attend_simd {
             } else {
                 for j in j0..j1 {
                     let kp = a.k.as_ptr().add(at(j));
+                    prefetch_ahead(a.k, at(j), hn * d, inner);
                     for h in 0..hn {
                         let qh = q.as_ptr().add(h * d);
                         let mut acc = $mul($load(qh), $load(kp.add(h * d)));
@@ -285,6 +294,7 @@ macro_rules! attend_simd {
                 let (mut oe, mut oo) = (vec![0.0f32; hn * half], vec![0.0f32; hn * half]);
                 for j in j0..j1 {
                     let vp = a.v.as_ptr().add(at(j) / 2);
+                    prefetch_ahead(a.v, at(j) / 2, hn * half, inner / 2);
                     for h in 0..hn {
                         let p = probs[h * n + j - j0];
                         if p == 0.0 {
@@ -310,6 +320,7 @@ macro_rules! attend_simd {
                 oh.fill(0.0);
                 for j in j0..j1 {
                     let vp = a.v.as_ptr().add(at(j));
+                    prefetch_ahead(a.v, at(j), hn * d, inner);
                     for h in 0..hn {
                         let p = probs[h * n + j - j0];
                         if p == 0.0 {
@@ -378,3 +389,24 @@ attend_simd!(
         )
     }
 );
+
+/// Keys (or values) ahead of the one being read, for [`prefetch_ahead`]: a task reads only its
+/// heads' part of each key (`len` of every `stride` values), a pattern the hardware
+/// prefetchers follow poorly when there are few tasks (batch-1 decoding over a long source).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_KEYS: usize = 8;
+
+/// Asks for the cache lines of `cache[at + PREFETCH_KEYS · stride ..][..len]` (if inside the
+/// cache): the same heads of a key a few keys on.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead(cache: &[f32], at: usize, len: usize, stride: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let start = at + PREFETCH_KEYS * stride;
+    if start + len <= cache.len() {
+        for line in (0..len).step_by(16) {
+            // SAFETY: prefetching is only a hint, and the address lies inside `cache`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(cache.as_ptr().add(start + line) as *const i8) };
+        }
+    }
+}
