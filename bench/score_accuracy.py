@@ -17,11 +17,17 @@ and the harness's inputs of cases a (1 x 32 tokens, 32 new) and c (8 x 128, 64 n
     .venv-bench/bin/python bench/score_accuracy.py [--models t5-small,flan-t5-small]
 
 Writes bench/results/score_accuracy.json and .md (the table RESULTS.md quotes).
+
+With --ablate, it asks instead where t5rt int8's error comes from: the same path is scored by
+t5rt int8 with one part of the model at a time kept in f32 (`T5RT_KEEP_F32`: the LM head, the
+feed-forward products, the attention products, the cross-attention caches, the encoder, the
+decoder), next to plain int8, f32 and CTranslate2 int8; writes score_ablation.json and .md.
 """
 
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,12 +58,20 @@ def hf_reference(model_dir, ids, new):
     return path.tolist(), lp.tolist(), logits.argmax(-1).tolist()
 
 
-def t5rt_scores(binary, model_dir, ids, path, dtype, work):
+ABLATE_PARTS = ("lm-head", "ffn-in", "ffn-out", "attn-qkv", "attn-out", "cross-kv", "cross-cache",
+                "encoder", "decoder")
+
+
+def t5rt_scores(binary, model_dir, ids, path, dtype, work, keep_f32=None):
     inp = work / "pairs.jsonl"
     inp.write_text("".join(json.dumps({"input_ids": s, "target_ids": t}) + "\n" for s, t in zip(ids, path)))
+    env = dict(os.environ)
+    env.pop("T5RT_KEEP_F32", None)
+    if keep_f32:
+        env["T5RT_KEEP_F32"] = keep_f32
     out = subprocess.run([binary, "score", "--model", str(model_dir / "hf"), "--input", str(inp),
                           "--dtype", dtype, "--threads", str(THREADS), "--batch-size", "32"],
-                         check=True, capture_output=True, text=True)
+                         check=True, capture_output=True, text=True, env=env)
     rows = [json.loads(l) for l in out.stdout.splitlines()]
     return [r["token_log_probs"] for r in rows], [r["top_ids"] for r in rows], out.stderr.strip()
 
@@ -87,11 +101,33 @@ def compare(lp, top, ref_lp, ref_top):
             "max_abs_logp_error": float(err.max()), "steps": int(err.size)}
 
 
+def ablation_pivot(report):
+    """One row per system, one column per (model, case): mean error (top-1), and the mean
+    error relative to plain int8's in the same column."""
+    cols = [(m, c) for m, cases in report["models"].items() for c in cases]
+    systems = list(next(iter(next(iter(report["models"].values())).values())).keys())
+    head = "| system | " + " | ".join(f"{m} {c}" for m, c in cols) + " |"
+    out = ["Mean |error| per step in nats (top-1 agreement), and its ratio to plain t5rt int8's:", "",
+           head, "|" + " --- |" * (len(cols) + 1)]
+    for sysname in systems:
+        cells = []
+        for m, c in cols:
+            v = report["models"][m][c][sysname]
+            base = report["models"][m][c]["t5rt-int8"]["mean_abs_logp_error"]
+            t1 = "" if v["top1_agreement"] is None else f" ({v['top1_agreement']:.2f})"
+            cells.append(f"{v['mean_abs_logp_error']:.2e}{t1}, {v['mean_abs_logp_error'] / base:.2f}x")
+        out.append(f"| {sysname} | " + " | ".join(cells) + " |")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="t5-small,flan-t5-small")
     ap.add_argument("--binary", default=str(ROOT.parent / "target/release/t5rt"))
+    ap.add_argument("--ablate", action="store_true",
+                    help="score t5rt int8 with each part of the model kept in f32 in turn")
     args = ap.parse_args()
+    stem = "score_ablation" if args.ablate else "score_accuracy"
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions(),
               "t5rt_commit": t5rt_commit(), "threads": THREADS, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,18 +142,23 @@ def main():
                 path, ref_lp, ref_top = hf_reference(model_dir, ids, new)
                 row = {}
                 for dtype in ("f32", "bf16", "int8"):
+                    if args.ablate and dtype == "bf16":
+                        continue
                     lp, top, summary = t5rt_scores(args.binary, model_dir, ids, path, dtype, work)
                     row[f"t5rt-{dtype}"] = compare(lp, top, ref_lp, ref_top) | {"device": summary}
-                for quant in ("float32", "int8"):
+                for part in ABLATE_PARTS if args.ablate else ():
+                    lp, top, summary = t5rt_scores(args.binary, model_dir, ids, path, "int8", work, part)
+                    row[f"int8, {part} f32"] = compare(lp, top, ref_lp, ref_top) | {"device": summary}
+                for quant in ("int8",) if args.ablate else ("float32", "int8"):
                     lp = ct2_scores(model_dir, quant, ids, path)
                     row[f"ct2-{quant}"] = compare(lp, None, ref_lp, ref_top)
                 report["models"][name][case] = row
                 for k, v in row.items():
                     t1 = "n/a" if v["top1_agreement"] is None else f"{v['top1_agreement']:.3f}"
-                    print(f"{name} case {case} {k:12} top-1 {t1}  "
+                    print(f"{name} case {case} {k:24} top-1 {t1}  "
                           f"mean |dlogp| {v['mean_abs_logp_error']:.2e}  max {v['max_abs_logp_error']:.2e}",
                           flush=True)
-    out = ROOT / "results" / "score_accuracy.json"
+    out = ROOT / "results" / f"{stem}.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
     m = report["machine"]
     lines = [f"Along HF f32's greedy path (EOS suppressed), {report['date']}, {m['cpu']} "
@@ -131,7 +172,9 @@ def main():
                 t1 = "n/a" if v["top1_agreement"] is None else f"{v['top1_agreement']:.3f}"
                 lines.append(f"| {name} | {case} | {k} | {t1} | "
                              f"{v['mean_abs_logp_error']:.2e} | {v['max_abs_logp_error']:.2e} |")
-    (ROOT / "results" / "score_accuracy.md").write_text("\n".join(lines) + "\n")
+    if args.ablate:
+        lines += ["", *ablation_pivot(report)]
+    (ROOT / "results" / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

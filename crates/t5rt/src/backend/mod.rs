@@ -177,6 +177,19 @@ pub trait Backend: Send + Sync {
         self.upload_linear(w, n, k)
     }
 
+    /// [`Backend::upload_linear`] in f32, whatever [`Backend::weight_dtype`] says (for parts of
+    /// a model kept exact: `T5RT_KEEP_F32`). Backends that store one precision only refuse it.
+    fn upload_linear_f32(&self, w: &[f32], n: usize, k: usize) -> Result<Self::Weight> {
+        if self.weight_dtype() == WeightDtype::F32 {
+            return self.upload_linear(w, n, k);
+        }
+        Err(T5Error::Backend(format!(
+            "{}: T5RT_KEEP_F32 (f32 parts in a {} model) runs on the CPU only",
+            self.name(),
+            self.weight_dtype()
+        )))
+    }
+
     /// [`Backend::upload_linear`] for a weight quantized ahead of time (`t5rt convert`):
     /// int8 values `q` `[n, k]` and a scale per row, as
     /// [`cpu::packed::quantize_int8`] makes them. Backends without int8 say so.

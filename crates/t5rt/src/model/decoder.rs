@@ -64,8 +64,9 @@ impl<B: Backend> T5Model<B> {
         };
         // With reduced-precision weights the cross-attention keys/values are kept in bf16 too
         // (f32 keeps them exact, for parity).
-        let cross_bf16 =
-            b.weight_dtype() != crate::backend::WeightDtype::F32 && cfg.d_kv.is_multiple_of(2);
+        let cross_bf16 = b.weight_dtype() != crate::backend::WeightDtype::F32
+            && cfg.d_kv.is_multiple_of(2)
+            && !self.params.cross_cache_f32;
         let mut self_k = Vec::with_capacity(cfg.num_decoder_layers);
         let mut self_v = Vec::with_capacity(cfg.num_decoder_layers);
         let mut cross_k = Vec::with_capacity(cfg.num_decoder_layers);

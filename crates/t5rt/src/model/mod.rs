@@ -3,6 +3,7 @@
 mod decoder;
 mod encoder;
 mod ffn;
+mod keep;
 pub mod params;
 pub mod relpos;
 pub mod state;

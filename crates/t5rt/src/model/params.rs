@@ -5,6 +5,8 @@ use crate::config::T5Config;
 use crate::error::Result;
 use crate::weights::TensorStore;
 
+use super::keep::KeepF32;
+
 /// q, k, v, o projections. Shapes below are the checkpoint's `[out, in]`; on the device each
 /// linear weight is in the layout its backend chose in [`Backend::upload_linear`].
 pub struct AttentionWeights<T> {
@@ -69,6 +71,9 @@ pub struct T5Params<T, W> {
     /// [vocab, d_model] as a linear weight; with tied embeddings, a copy of `shared` in the
     /// linear layout (the decoder output is then scaled by `d_model ** -0.5`).
     pub lm_head: W,
+    /// Keep the cross-attention keys and values in f32 even with reduced-precision weights
+    /// (`T5RT_KEEP_F32=cross-cache`).
+    pub cross_cache_f32: bool,
 }
 
 /// Suffixes of the tensors `t5rt convert` writes for a linear weight `name`: its int8 values
@@ -80,6 +85,7 @@ struct Loader<'a, B: Backend> {
     store: &'a TensorStore,
     backend: &'a B,
     cfg: &'a T5Config,
+    keep: &'a KeepF32,
 }
 
 impl<B: Backend> Loader<'_, B> {
@@ -93,6 +99,16 @@ impl<B: Backend> Loader<'_, B> {
 
     /// A linear weight `[out, in]`, stored as the backend's matmul wants it.
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<B::Weight> {
+        self.linear_as(name, out, inp, false)
+    }
+
+    /// [`Loader::linear`]; `head`: the weight is the LM head.
+    fn linear_as(&self, name: &str, out: usize, inp: usize, head: bool) -> Result<B::Weight> {
+        if self.keep.weight(name, head) {
+            return self
+                .backend
+                .upload_linear_f32(&self.host(name, &[out, inp])?, out, inp);
+        }
         if let Some(w) = self.quantized(name, out, inp)? {
             return Ok(w);
         }
@@ -102,6 +118,9 @@ impl<B: Backend> Loader<'_, B> {
 
     /// The feed-forward output projection, which may need a range-safe precision.
     fn output_linear(&self, name: &str, out: usize, inp: usize) -> Result<B::Weight> {
+        if self.keep.weight(name, false) {
+            return self.linear(name, out, inp);
+        }
         if let Some(w) = self.quantized(name, out, inp)? {
             return Ok(w);
         }
@@ -186,10 +205,12 @@ impl<T, W> T5Params<T, W> {
                 )));
             }
         }
+        let keep = KeepF32::from_env()?;
         let l = Loader {
             store,
             backend,
             cfg,
+            keep: &keep,
         };
         let vocab_shape = [cfg.vocab_size, cfg.d_model];
         // Older exports store the embedding only as encoder.embed_tokens.
@@ -200,8 +221,9 @@ impl<T, W> T5Params<T, W> {
         } else {
             "shared.weight"
         };
-        let shared_in_head =
-            cfg.tie_word_embeddings && backend.weight_dtype() == crate::backend::WeightDtype::F32;
+        let shared_in_head = cfg.tie_word_embeddings
+            && backend.weight_dtype() == crate::backend::WeightDtype::F32
+            && keep == KeepF32::default();
         let shared = if shared_in_head {
             None
         } else {
@@ -236,7 +258,7 @@ impl<T, W> T5Params<T, W> {
         } else {
             "lm_head.weight"
         };
-        let lm_head = l.linear(head_name, cfg.vocab_size, cfg.d_model)?;
+        let lm_head = l.linear_as(head_name, cfg.vocab_size, cfg.d_model, true)?;
         Ok(T5Params {
             shared,
             encoder,
@@ -246,6 +268,7 @@ impl<T, W> T5Params<T, W> {
             decoder_norm: l.norm("decoder.final_layer_norm.weight")?,
             decoder_relpos: l.relpos("decoder")?,
             lm_head,
+            cross_cache_f32: keep.cross_cache(),
         })
     }
 }

@@ -158,6 +158,14 @@ impl Backend for CpuBackend {
         Ok(self.pool.install(|| PackedWeight::pack(w, n, k, kind, isa)))
     }
 
+    fn upload_linear_f32(&self, w: &[f32], n: usize, k: usize) -> Result<CpuWeight> {
+        check_len("upload_linear", w.len(), n * k)?;
+        let isa = self.isa;
+        Ok(self
+            .pool
+            .install(|| PackedWeight::pack(w, n, k, WeightDtype::F32, isa)))
+    }
+
     fn upload_linear_int8(
         &self,
         q: &[i8],
