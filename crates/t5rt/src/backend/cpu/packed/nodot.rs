@@ -126,15 +126,20 @@ unsafe fn bf16_avx2<const R: usize, const V: usize>(
     let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
     let mut acc = [[_mm256_setzero_ps(); V]; R];
     for g in 0..kg {
+        // The weights widened once, then each row's two activations broadcast once.
+        let mut we = [_mm256_setzero_ps(); V];
+        let mut wo = [_mm256_setzero_ps(); V];
         for v in 0..V {
             let raw = _mm256_loadu_si256(wp.add(8 * v) as *const _);
-            let we = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
-            let wo = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let xe = _mm256_set1_ps(*xp.add(r * 2 * kg + 2 * g));
-                let xo = _mm256_set1_ps(*xp.add(r * 2 * kg + 2 * g + 1));
-                acc[v] = _mm256_fmadd_ps(xe, we, acc[v]);
-                acc[v] = _mm256_fmadd_ps(xo, wo, acc[v]);
+            we[v] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+            wo[v] = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xe = _mm256_set1_ps(*xp.add(r * 2 * kg + 2 * g));
+            let xo = _mm256_set1_ps(*xp.add(r * 2 * kg + 2 * g + 1));
+            for v in 0..V {
+                acc[v] = _mm256_fmadd_ps(xe, we[v], acc[v]);
+                acc[v] = _mm256_fmadd_ps(xo, wo[v], acc[v]);
             }
         }
         wp = wp.add(pw);
