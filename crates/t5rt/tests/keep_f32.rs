@@ -25,8 +25,16 @@ fn int8_with_every_part_kept_f32_is_the_f32_model() {
     let all = "encoder,decoder,lm-head,cross-cache";
     assert_eq!(run(WeightDtype::Int8, all), f32);
     assert_eq!(run(WeightDtype::Bf16, all), f32);
-    assert_ne!(run(WeightDtype::Int8, "encoder,decoder,lm-head"), f32, "bf16 caches");
-    assert_ne!(run(WeightDtype::Int8, "encoder,lm-head,cross-cache"), f32, "int8 decoder");
+    assert_ne!(
+        run(WeightDtype::Int8, "encoder,decoder,lm-head"),
+        f32,
+        "bf16 caches"
+    );
+    assert_ne!(
+        run(WeightDtype::Int8, "encoder,lm-head,cross-cache"),
+        f32,
+        "int8 decoder"
+    );
     std::env::set_var("T5RT_KEEP_F32", "lm_head");
     let err = Checkpoint::open(&dir)
         .unwrap()

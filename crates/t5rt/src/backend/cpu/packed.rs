@@ -34,6 +34,8 @@
 
 mod nodot;
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::isa::IsaLevel as Isa;
@@ -388,20 +390,27 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u3
 type TileAcc = [[u32; BLOCK]; MR];
 
 /// The portable tile: `rows` rows from `x` (row stride `kg`), the panel of columns starting at
-/// `c0`, `width` of them.
+/// `c0`, `width` of them, lanes `ks` of `k`, added to the sums in `acc`.
 #[inline(always)]
-fn tile_portable(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize) -> TileAcc {
+fn tile_portable(
+    x: &[u32],
+    w: &PackedWeight,
+    rows: usize,
+    c0: usize,
+    width: usize,
+    ks: Range<usize>,
+    acc: &mut TileAcc,
+) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
     let panel = &w.lanes[c0 * kg..c0 * kg + kg * pw];
-    let mut acc: TileAcc = [[0; BLOCK]; MR];
     for (r, acc) in acc.iter_mut().enumerate().take(rows) {
         let xr = &x[r * kg..(r + 1) * kg];
         match w.kind {
             WeightDtype::F16 => unreachable!("f16 is refused by CpuBackend::upload_linear"),
             WeightDtype::F32 => {
-                let mut a = [0.0f32; BLOCK];
-                for g in 0..kg {
+                let mut a = acc.map(f32::from_bits);
+                for g in ks.clone() {
                     let xv = f32::from_bits(xr[g]);
                     let wrow = &panel[g * pw..g * pw + width];
                     for c in 0..width {
@@ -413,8 +422,8 @@ fn tile_portable(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usi
                 }
             }
             WeightDtype::Bf16 => {
-                let mut a = [0.0f32; BLOCK];
-                for g in 0..kg {
+                let mut a = acc.map(f32::from_bits);
+                for g in ks.clone() {
                     let xv = xr[g];
                     let (x0, x1) = (bf16_value(xv as u16), bf16_value((xv >> 16) as u16));
                     let wrow = &panel[g * pw..g * pw + width];
@@ -431,8 +440,8 @@ fn tile_portable(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usi
                 }
             }
             WeightDtype::Int8 => {
-                let mut a = [0i32; BLOCK];
-                for g in 0..kg {
+                let mut a = acc.map(|v| v as i32);
+                for g in ks.clone() {
                     let xb = xr[g].to_le_bytes();
                     let wrow = &panel[g * pw..g * pw + width];
                     for c in 0..width {
@@ -448,7 +457,6 @@ fn tile_portable(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usi
             }
         }
     }
-    acc
 }
 
 /// [`tile_portable`] compiled for AVX2 (the same arithmetic: no fused multiply-adds).
@@ -463,25 +471,33 @@ unsafe fn tile_portable_avx2(
     rows: usize,
     c0: usize,
     width: usize,
-) -> TileAcc {
-    tile_portable(x, w, rows, c0, width)
+    ks: Range<usize>,
+    acc: &mut TileAcc,
+) {
+    tile_portable(x, w, rows, c0, width, ks, acc)
 }
 
-/// The loop every AVX-512 tile shares: for each group of `k`, load `V` weight vectors of the
-/// panel, broadcast each of the `R` rows' activation lane, and apply `$step(acc, x, w) -> acc`
-/// (all `__m512i`); then store the accumulators. Expanded inside each tile function so that
-/// its intrinsics compile with that function's target features.
+/// The loop every AVX-512 tile shares: load the running sums from `$out`; for each group `g`
+/// of `k` in `$ks`, load `V` weight vectors of the panel, broadcast each of the `R` rows'
+/// activation lane, and apply `$step(acc, x, w) -> acc` (all `__m512i`); then store the sums
+/// back. Expanded inside each tile function so that its intrinsics compile with that
+/// function's target features.
 #[cfg(target_arch = "x86_64")]
 macro_rules! avx512_tile_loop {
-    ($x:ident, $w:ident, $c0:ident, $R:ident, $V:ident, $step:expr) => {{
+    ($x:ident, $w:ident, $c0:ident, $ks:ident, $out:ident, $R:ident, $V:ident, $step:expr) => {{
         use std::arch::x86_64::*;
         let kg = $w.kg;
         let pw = panel_width($w.n_pad, $c0 / BLOCK);
-        debug_assert!($x.len() >= $R * kg && 16 * $V <= pw);
+        debug_assert!($x.len() >= $R * kg && 16 * $V <= pw && $ks.end <= kg);
         let xp = $x.as_ptr();
-        let mut wp = $w.lanes.as_ptr().add($c0 * kg);
+        let mut wp = $w.lanes.as_ptr().add($c0 * kg + $ks.start * pw);
         let mut acc = [[_mm512_setzero_si512(); $V]; $R];
-        for g in 0..kg {
+        for (o, acc) in $out.iter().zip(acc.iter_mut()) {
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_loadu_si512(o.as_ptr().add(16 * v) as *const _);
+            }
+        }
+        for g in $ks {
             let mut wv = [_mm512_setzero_si512(); $V];
             for (v, wv) in wv.iter_mut().enumerate() {
                 *wv = _mm512_loadu_si512(wp.add(16 * v) as *const _);
@@ -494,13 +510,11 @@ macro_rules! avx512_tile_loop {
             }
             wp = wp.add(pw);
         }
-        let mut out: TileAcc = [[0; BLOCK]; MR];
-        for (o, acc) in out.iter_mut().zip(&acc) {
+        for (o, acc) in $out.iter_mut().zip(&acc) {
             for (v, a) in acc.iter().enumerate() {
                 _mm512_storeu_si512(o.as_mut_ptr().add(16 * v) as *mut _, *a);
             }
         }
-        out
     }};
 }
 
@@ -515,15 +529,26 @@ unsafe fn tile_avx512_f32<const R: usize, const V: usize>(
     x: &[u32],
     w: &PackedWeight,
     c0: usize,
-) -> TileAcc {
-    avx512_tile_loop!(x, w, c0, R, V, |a: __m512i, xb: __m512i, wv: __m512i| {
-        let sum = _mm512_fmadd_ps(
-            _mm512_castsi512_ps(xb),
-            _mm512_castsi512_ps(wv),
-            _mm512_castsi512_ps(a),
-        );
-        _mm512_castps_si512(sum)
-    })
+    ks: Range<usize>,
+    out: &mut TileAcc,
+) {
+    avx512_tile_loop!(
+        x,
+        w,
+        c0,
+        ks,
+        out,
+        R,
+        V,
+        |a: __m512i, xb: __m512i, wv: __m512i| {
+            let sum = _mm512_fmadd_ps(
+                _mm512_castsi512_ps(xb),
+                _mm512_castsi512_ps(wv),
+                _mm512_castsi512_ps(a),
+            );
+            _mm512_castps_si512(sum)
+        }
+    )
 }
 
 /// The AVX-512 bf16 tile (`vdpbf16ps`).
@@ -536,15 +561,26 @@ unsafe fn tile_avx512_bf16<const R: usize, const V: usize>(
     x: &[u32],
     w: &PackedWeight,
     c0: usize,
-) -> TileAcc {
-    avx512_tile_loop!(x, w, c0, R, V, |a: __m512i, xb: __m512i, wv: __m512i| {
-        let sum = _mm512_dpbf16_ps(
-            _mm512_castsi512_ps(a),
-            std::mem::transmute::<__m512i, __m512bh>(xb),
-            std::mem::transmute::<__m512i, __m512bh>(wv),
-        );
-        _mm512_castps_si512(sum)
-    })
+    ks: Range<usize>,
+    out: &mut TileAcc,
+) {
+    avx512_tile_loop!(
+        x,
+        w,
+        c0,
+        ks,
+        out,
+        R,
+        V,
+        |a: __m512i, xb: __m512i, wv: __m512i| {
+            let sum = _mm512_dpbf16_ps(
+                _mm512_castsi512_ps(a),
+                std::mem::transmute::<__m512i, __m512bh>(xb),
+                std::mem::transmute::<__m512i, __m512bh>(wv),
+            );
+            _mm512_castps_si512(sum)
+        }
+    )
 }
 
 /// The AVX-512 int8 tile (`vpdpbusd`: u8 activations times i8 weights, summed in i32).
@@ -557,10 +593,19 @@ unsafe fn tile_avx512_int8<const R: usize, const V: usize>(
     x: &[u32],
     w: &PackedWeight,
     c0: usize,
-) -> TileAcc {
-    avx512_tile_loop!(x, w, c0, R, V, |a: __m512i, xb: __m512i, wv: __m512i| {
-        _mm512_dpbusd_epi32(a, xb, wv)
-    })
+    ks: Range<usize>,
+    out: &mut TileAcc,
+) {
+    avx512_tile_loop!(
+        x,
+        w,
+        c0,
+        ks,
+        out,
+        R,
+        V,
+        |a: __m512i, xb: __m512i, wv: __m512i| { _mm512_dpbusd_epi32(a, xb, wv) }
+    )
 }
 
 /// The AVX2 f32 tile for CPUs without AVX-512: the panel in blocks of `8 S` columns (`S` ymm
@@ -576,8 +621,9 @@ unsafe fn tile_avx2_f32(
     w: &PackedWeight,
     rows: usize,
     c0: usize,
-    width: usize,
-) -> TileAcc {
+    ks: Range<usize>,
+    acc: &mut TileAcc,
+) {
     /// Columns `[from, to)` of the panel at `c0` (a multiple of `8 S` of them); returns `to`.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn block<const R: usize, const S: usize>(
@@ -585,6 +631,7 @@ unsafe fn tile_avx2_f32(
         w: &PackedWeight,
         c0: usize,
         (from, to): (usize, usize),
+        ks: Range<usize>,
         acc: &mut TileAcc,
     ) -> usize {
         use std::arch::x86_64::*;
@@ -595,8 +642,13 @@ unsafe fn tile_avx2_f32(
         let panel = w.lanes.as_ptr().add(c0 * kg) as *const f32;
         for sub in (from..to).step_by(8 * S) {
             let mut a = [[_mm256_setzero_ps(); S]; R];
-            let mut wp = panel.add(sub);
-            for g in 0..kg {
+            for (r, a) in a.iter_mut().enumerate() {
+                for (v, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_loadu_ps(acc[r].as_ptr().add(sub + 8 * v) as *const f32);
+                }
+            }
+            let mut wp = panel.add(sub + ks.start * pw);
+            for g in ks.clone() {
                 let mut wv = [_mm256_setzero_ps(); S];
                 for (v, wv) in wv.iter_mut().enumerate() {
                     *wv = _mm256_loadu_ps(wp.add(8 * v));
@@ -624,24 +676,23 @@ unsafe fn tile_avx2_f32(
         x: &[u32],
         w: &PackedWeight,
         c0: usize,
+        ks: Range<usize>,
         acc: &mut TileAcc,
     ) {
         let pw = panel_width(w.n_pad, c0 / BLOCK);
         let wide = pw / (8 * S) * (8 * S);
-        let done = block::<R, S>(x, w, c0, (0, wide), acc);
-        block::<R, 2>(x, w, c0, (done, pw), acc);
+        let done = block::<R, S>(x, w, c0, (0, wide), ks.clone(), acc);
+        block::<R, 2>(x, w, c0, (done, pw), ks, acc);
     }
-    let _ = width; // whole vectors of the panel; the caller stores `width` columns of them
-    let mut acc: TileAcc = [[0; BLOCK]; MR];
+    // Whole vectors of the panel; the caller stores `width` columns of them.
     match rows {
-        1 => rows_of::<1, 8>(x, w, c0, &mut acc),
-        2 => rows_of::<2, 4>(x, w, c0, &mut acc),
-        3 => rows_of::<3, 2>(x, w, c0, &mut acc),
-        4 => rows_of::<4, 2>(x, w, c0, &mut acc),
-        5 => rows_of::<5, 2>(x, w, c0, &mut acc),
-        _ => rows_of::<6, 2>(x, w, c0, &mut acc),
+        1 => rows_of::<1, 8>(x, w, c0, ks, acc),
+        2 => rows_of::<2, 4>(x, w, c0, ks, acc),
+        3 => rows_of::<3, 2>(x, w, c0, ks, acc),
+        4 => rows_of::<4, 2>(x, w, c0, ks, acc),
+        5 => rows_of::<5, 2>(x, w, c0, ks, acc),
+        _ => rows_of::<6, 2>(x, w, c0, ks, acc),
     }
-    acc
 }
 
 /// Dispatches to the AVX-512 tile instantiated for `rows` rows and `width / 16` vectors.
@@ -649,14 +700,22 @@ unsafe fn tile_avx2_f32(
 /// # Safety
 /// The CPU must have the tile's level: AVX-512BW (f32), AVX-512 BF16 (bf16) or VNNI (int8).
 #[cfg(target_arch = "x86_64")]
-unsafe fn tile_simd(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize) -> TileAcc {
+unsafe fn tile_simd(
+    x: &[u32],
+    w: &PackedWeight,
+    rows: usize,
+    c0: usize,
+    width: usize,
+    ks: Range<usize>,
+    acc: &mut TileAcc,
+) {
     macro_rules! by_width {
         ($f:ident, $r:literal) => {
             match width.div_ceil(16) {
-                1 => $f::<$r, 1>(x, w, c0),
-                2 => $f::<$r, 2>(x, w, c0),
-                3 => $f::<$r, 3>(x, w, c0),
-                _ => $f::<$r, 4>(x, w, c0),
+                1 => $f::<$r, 1>(x, w, c0, ks, acc),
+                2 => $f::<$r, 2>(x, w, c0, ks, acc),
+                3 => $f::<$r, 3>(x, w, c0, ks, acc),
+                _ => $f::<$r, 4>(x, w, c0, ks, acc),
             }
         };
     }
@@ -680,9 +739,21 @@ unsafe fn tile_simd(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: 
     }
 }
 
-/// One tile on the best path `isa` allows.
+/// One tile on the best path `isa` allows: `rows` rows of `x` times the panel at `c0`, over
+/// the lanes `ks` of `k`, added to the running sums in `acc` (each output's sum over `k`
+/// continues in order, whatever the split of `k`).
 #[inline(always)]
-fn tile(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize, isa: Isa) -> TileAcc {
+#[allow(clippy::too_many_arguments)]
+fn tile(
+    x: &[u32],
+    w: &PackedWeight,
+    rows: usize,
+    c0: usize,
+    width: usize,
+    ks: Range<usize>,
+    acc: &mut TileAcc,
+    isa: Isa,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         let simd = match w.kind {
@@ -693,23 +764,23 @@ fn tile(x: &[u32], w: &PackedWeight, rows: usize, c0: usize, width: usize, isa: 
         };
         if simd {
             // SAFETY: the backend only runs at levels the CPU has (`IsaLevel::checked`).
-            return unsafe { tile_simd(x, w, rows, c0, width) };
+            return unsafe { tile_simd(x, w, rows, c0, width, ks, acc) };
         }
         if w.kind == WeightDtype::F32 && isa >= Isa::Avx2 {
             // SAFETY: as above.
-            return unsafe { tile_avx2_f32(x, w, rows, c0, width) };
+            return unsafe { tile_avx2_f32(x, w, rows, c0, ks, acc) };
         }
         if let Some(kind) = no_dot(w.kind, isa) {
             // SAFETY: as above; `matmul_packed` gives widened bf16 rows of `2 kg` values.
-            return unsafe { nodot::tile(x, w, rows, c0, kind) };
+            return unsafe { nodot::tile(x, w, rows, c0, ks, acc, kind) };
         }
         if isa >= Isa::Avx2 {
             // SAFETY: as above.
-            return unsafe { tile_portable_avx2(x, w, rows, c0, width) };
+            return unsafe { tile_portable_avx2(x, w, rows, c0, width, ks, acc) };
         }
     }
     let _ = isa;
-    tile_portable(x, w, rows, c0, width)
+    tile_portable(x, w, rows, c0, width, ks, acc)
 }
 
 /// The tile of [`nodot`] that `kind` runs at level `isa`, if any: bf16 widened to f32 and
@@ -753,6 +824,25 @@ fn store(dst: &mut [f32], vals: impl Iterator<Item = f32>, accumulate: bool) {
     }
 }
 
+/// Lanes of `k` per block when a task walks several register tiles of rows with the AVX2 f32
+/// tile (see [`matmul_packed`]): 48 lanes of a 64-column panel are 12 KiB, under half of a
+/// typical L1. That tile walks a panel in four column passes, each of which would otherwise
+/// come from L2 once per row tile: blocks made its products about 25% faster
+/// (`examples/matmul_speed`, alternating runs on a 2-core Xeon VM). The AVX-512 tiles read a
+/// whole panel row per pass and gained nothing (3% slower encoders in A/B runs), and the AVX2
+/// bf16 and int8 tiles showed no clear difference, so they walk `k` in one go.
+/// `T5RT_KC` overrides the block, for tuning.
+fn k_block() -> usize {
+    static KC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KC.get_or_init(|| {
+        std::env::var("T5RT_KC")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(48)
+    })
+}
+
 /// `out[m, n] (+)= x[m, k] · wᵀ` in the weight's precision (see the module docs).
 pub(super) fn matmul_packed(
     x: &[f32],
@@ -785,15 +875,35 @@ pub(super) fn matmul_packed(
     let col_blocks = n.div_ceil(BLOCK);
     let row_tasks = m.div_ceil(ROWS_PER_TASK);
     let outp = SharedMut(out.as_mut_ptr());
+    let kc = k_block();
     (0..col_blocks * row_tasks).into_par_iter().for_each(|t| {
         let (cb, rt) = (t % col_blocks, t / col_blocks);
         let c0 = cb * BLOCK;
         let width = BLOCK.min(n - c0);
-        let r_end = ((rt + 1) * ROWS_PER_TASK).min(m);
-        for r0 in (rt * ROWS_PER_TASK..r_end).step_by(MR) {
+        let (r_start, r_end) = (rt * ROWS_PER_TASK, ((rt + 1) * ROWS_PER_TASK).min(m));
+        // The running sums of each register tile of rows. With several tiles (and the AVX2
+        // tiles), `k` is walked in blocks of `kc` lanes, every tile's sums carried from one
+        // block to the next: the block of the panel (`kc` x 64 lanes) then stays in L1 while
+        // the row tiles go by, instead of coming from L2 once per tile.
+        let tiles = (r_end - r_start).div_ceil(MR);
+        let mut sums: Vec<TileAcc> = vec![[[0; BLOCK]; MR]; tiles];
+        let kc = if tiles > 1 && w.kind == WeightDtype::F32 && !isa.avx512() {
+            kc
+        } else {
+            w.kg.max(1)
+        };
+        for g0 in (0..w.kg).step_by(kc) {
+            let ks = g0..(g0 + kc).min(w.kg);
+            for (i, acc) in sums.iter_mut().enumerate() {
+                let r0 = r_start + i * MR;
+                let rows = MR.min(r_end - r0);
+                let xs = &xl[r0 * xstride..(r0 + rows) * xstride];
+                tile(xs, w, rows, c0, width, ks.clone(), acc, isa);
+            }
+        }
+        for (i, acc) in sums.iter().enumerate() {
+            let r0 = r_start + i * MR;
             let rows = MR.min(r_end - r0);
-            let xs = &xl[r0 * xstride..(r0 + rows) * xstride];
-            let acc = tile(xs, w, rows, c0, width, isa);
             for (r, acc) in acc.iter().enumerate().take(rows) {
                 // SAFETY: this task alone writes columns [c0, c0 + width) of rows
                 // [r0, r0 + rows); the caller checked `out` holds m * n values.

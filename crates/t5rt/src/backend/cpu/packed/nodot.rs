@@ -18,6 +18,8 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use std::ops::Range;
+
 use super::{panel_width, PackedWeight, TileAcc, BLOCK, MR};
 
 /// Column sub-blocks of `lanes * V` columns, rows in groups of at most 4: one row (batch-1
@@ -25,7 +27,7 @@ use super::{panel_width, PackedWeight, TileAcc, BLOCK, MR};
 /// vectors (as many accumulators as the registers hold), and the rest one vector at a time.
 #[cfg(target_arch = "x86_64")]
 macro_rules! by_shape {
-    ($f:ident, $x:expr, $w:expr, $rows:expr, $c0:expr, $xs:expr, $lanes:expr, $vmax:literal, $acc:expr) => {{
+    ($f:ident, $x:expr, $w:expr, $rows:expr, $c0:expr, $ks:expr, $xs:expr, $lanes:expr, $vmax:literal, $acc:expr) => {{
         let pw = panel_width($w.n_pad, $c0 / BLOCK);
         let mut r0 = 0;
         while r0 < $rows {
@@ -35,25 +37,25 @@ macro_rules! by_shape {
             let mut sub = 0;
             if n == 1 {
                 while sub + 4 * $lanes <= pw {
-                    $f::<1, 4>(x, $w, $c0, sub, out);
+                    $f::<1, 4>(x, $w, $c0, sub, $ks.clone(), out);
                     sub += 4 * $lanes;
                 }
             } else {
                 while sub + $vmax * $lanes <= pw {
                     match n {
-                        2 => $f::<2, $vmax>(x, $w, $c0, sub, out),
-                        3 => $f::<3, $vmax>(x, $w, $c0, sub, out),
-                        _ => $f::<4, $vmax>(x, $w, $c0, sub, out),
+                        2 => $f::<2, $vmax>(x, $w, $c0, sub, $ks.clone(), out),
+                        3 => $f::<3, $vmax>(x, $w, $c0, sub, $ks.clone(), out),
+                        _ => $f::<4, $vmax>(x, $w, $c0, sub, $ks.clone(), out),
                     }
                     sub += $vmax * $lanes;
                 }
             }
             while sub < pw {
                 match n {
-                    1 => $f::<1, 1>(x, $w, $c0, sub, out),
-                    2 => $f::<2, 1>(x, $w, $c0, sub, out),
-                    3 => $f::<3, 1>(x, $w, $c0, sub, out),
-                    _ => $f::<4, 1>(x, $w, $c0, sub, out),
+                    1 => $f::<1, 1>(x, $w, $c0, sub, $ks.clone(), out),
+                    2 => $f::<2, 1>(x, $w, $c0, sub, $ks.clone(), out),
+                    3 => $f::<3, 1>(x, $w, $c0, sub, $ks.clone(), out),
+                    _ => $f::<4, 1>(x, $w, $c0, sub, $ks.clone(), out),
                 }
                 sub += $lanes;
             }
@@ -73,15 +75,21 @@ unsafe fn bf16_avx512<const R: usize, const V: usize>(
     w: &PackedWeight,
     c0: usize,
     sub: usize,
+    ks: Range<usize>,
     out: &mut [[u32; BLOCK]],
 ) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
     let xp = x.as_ptr() as *const f32;
-    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub);
+    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
     let hi = _mm512_set1_epi32(0xffff_0000u32 as i32);
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    for g in 0..kg {
+    for (o, acc) in out.iter().zip(acc.iter_mut()) {
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_loadu_ps(o.as_ptr().add(sub + 16 * v) as *const f32);
+        }
+    }
+    for g in ks {
         let mut we = [_mm512_setzero_ps(); V];
         let mut wo = [_mm512_setzero_ps(); V];
         for v in 0..V {
@@ -117,15 +125,21 @@ unsafe fn bf16_avx2<const R: usize, const V: usize>(
     w: &PackedWeight,
     c0: usize,
     sub: usize,
+    ks: Range<usize>,
     out: &mut [[u32; BLOCK]],
 ) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
     let xp = x.as_ptr() as *const f32;
-    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub);
+    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
     let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
     let mut acc = [[_mm256_setzero_ps(); V]; R];
-    for g in 0..kg {
+    for (o, acc) in out.iter().zip(acc.iter_mut()) {
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(o.as_ptr().add(sub + 8 * v) as *const f32);
+        }
+    }
+    for g in ks {
         // The weights widened once, then each row's two activations broadcast once.
         let mut we = [_mm256_setzero_ps(); V];
         let mut wo = [_mm256_setzero_ps(); V];
@@ -181,19 +195,26 @@ unsafe fn int8_avx512bw<const R: usize, const V: usize>(
     w: &PackedWeight,
     c0: usize,
     sub: usize,
+    ks: Range<usize>,
     out: &mut [[u32; BLOCK]],
 ) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
     let xp = x.as_ptr();
-    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub);
+    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
     let (flip, ones, zero) = (
         _mm512_set1_epi8(0x80u8 as i8),
         _mm512_set1_epi16(1),
         _mm512_setzero_si512(),
     );
     let mut acc = [[zero; V]; R];
-    for g in 0..kg {
+    for (o, acc) in out.iter().zip(acc.iter_mut()) {
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_loadu_si512(o.as_ptr().add(sub + 16 * v) as *const _);
+        }
+    }
+    let last_block = ks.end == kg;
+    for g in ks {
         let mut wv = [zero; V];
         for (v, wv) in wv.iter_mut().enumerate() {
             *wv = _mm512_loadu_si512(wp.add(16 * v) as *const _);
@@ -211,11 +232,13 @@ unsafe fn int8_avx512bw<const R: usize, const V: usize>(
         wp = wp.add(pw);
     }
     let sums = w.col_sums.as_ptr().add(c0 + sub);
-    offset_sums(
-        &mut acc,
-        |v| _mm512_slli_epi32(_mm512_loadu_si512(sums.add(16 * v) as *const _), 7),
-        |a, b| _mm512_add_epi32(a, b),
-    );
+    if last_block {
+        offset_sums(
+            &mut acc,
+            |v| _mm512_slli_epi32(_mm512_loadu_si512(sums.add(16 * v) as *const _), 7),
+            |a, b| _mm512_add_epi32(a, b),
+        );
+    }
     for (o, acc) in out.iter_mut().zip(&acc) {
         for (v, a) in acc.iter().enumerate() {
             _mm512_storeu_si512(o.as_mut_ptr().add(sub + 16 * v) as *mut _, *a);
@@ -234,15 +257,22 @@ unsafe fn int8_avx2<const R: usize, const V: usize>(
     w: &PackedWeight,
     c0: usize,
     sub: usize,
+    ks: Range<usize>,
     out: &mut [[u32; BLOCK]],
 ) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
     let xp = x.as_ptr();
-    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub);
+    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
     let (flip, ones) = (_mm256_set1_epi8(0x80u8 as i8), _mm256_set1_epi16(1));
     let mut acc = [[_mm256_setzero_si256(); V]; R];
-    for g in 0..kg {
+    for (o, acc) in out.iter().zip(acc.iter_mut()) {
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_loadu_si256(o.as_ptr().add(sub + 8 * v) as *const _);
+        }
+    }
+    let last_block = ks.end == kg;
+    for g in ks {
         let mut wv = [_mm256_setzero_si256(); V];
         for (v, wv) in wv.iter_mut().enumerate() {
             *wv = _mm256_loadu_si256(wp.add(8 * v) as *const _);
@@ -258,11 +288,13 @@ unsafe fn int8_avx2<const R: usize, const V: usize>(
         wp = wp.add(pw);
     }
     let sums = w.col_sums.as_ptr().add(c0 + sub);
-    offset_sums(
-        &mut acc,
-        |v| _mm256_slli_epi32(_mm256_loadu_si256(sums.add(8 * v) as *const _), 7),
-        |a, b| _mm256_add_epi32(a, b),
-    );
+    if last_block {
+        offset_sums(
+            &mut acc,
+            |v| _mm256_slli_epi32(_mm256_loadu_si256(sums.add(8 * v) as *const _), 7),
+            |a, b| _mm256_add_epi32(a, b),
+        );
+    }
     for (o, acc) in out.iter_mut().zip(&acc) {
         for (v, a) in acc.iter().enumerate() {
             _mm256_storeu_si256(o.as_mut_ptr().add(sub + 8 * v) as *mut _, *a);
@@ -290,15 +322,15 @@ pub(super) unsafe fn tile(
     w: &PackedWeight,
     rows: usize,
     c0: usize,
+    ks: Range<usize>,
+    acc: &mut TileAcc,
     kind: NoDot,
-) -> TileAcc {
+) {
     debug_assert!(rows <= MR);
-    let mut acc: TileAcc = [[0; BLOCK]; MR];
     match kind {
-        NoDot::Bf16Avx512 => by_shape!(bf16_avx512, x, w, rows, c0, 2 * w.kg, 16, 4, acc),
-        NoDot::Bf16Avx2 => by_shape!(bf16_avx2, x, w, rows, c0, 2 * w.kg, 8, 2, acc),
-        NoDot::Int8Avx512bw => by_shape!(int8_avx512bw, x, w, rows, c0, w.kg, 16, 4, acc),
-        NoDot::Int8Avx2 => by_shape!(int8_avx2, x, w, rows, c0, w.kg, 8, 2, acc),
+        NoDot::Bf16Avx512 => by_shape!(bf16_avx512, x, w, rows, c0, ks, 2 * w.kg, 16, 4, acc),
+        NoDot::Bf16Avx2 => by_shape!(bf16_avx2, x, w, rows, c0, ks, 2 * w.kg, 8, 2, acc),
+        NoDot::Int8Avx512bw => by_shape!(int8_avx512bw, x, w, rows, c0, ks, w.kg, 16, 4, acc),
+        NoDot::Int8Avx2 => by_shape!(int8_avx2, x, w, rows, c0, ks, w.kg, 8, 2, acc),
     }
-    acc
 }
