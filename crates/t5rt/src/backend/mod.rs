@@ -78,8 +78,10 @@ pub struct MatDims {
 /// q, out: `[batch, q_len, heads * d_kv]`; k, v: `[batch / kv_group, kv_stride, heads * d_kv]` of
 /// which the first `kv_len` rows per sequence are attended; query sequence `b` reads key/value
 /// sequence `b / kv_group` (beams share their source's cross-attention keys/values); bias:
-/// `[heads, q_len, kv_len]`, shared by the batch; mask: `[batch / kv_group, kv_len]`, additive
-/// (0 or -inf).
+/// `[heads, q_len, bias_stride]`, shared by the batch, each row's last `kv_len` values used
+/// (`bias_stride == kv_len`: the dense layout; a decoder step reads the last `pos + 1` values of
+/// one table made for the whole decode, whose entry `T - 1 - d` is distance `d`); mask:
+/// `[batch / kv_group, kv_len]`, additive (0 or -inf).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnShape {
     pub batch: usize,
@@ -89,6 +91,8 @@ pub struct AttnShape {
     pub kv_len: usize,
     pub kv_stride: usize,
     pub kv_group: usize,
+    /// Length of the bias rows (at least `kv_len`); see the type's docs.
+    pub bias_stride: usize,
     /// k and v hold bf16 values, two per f32 slot (from [`Backend::compress_kv`]); only for
     /// one query per sequence (decoding steps).
     pub kv_bf16: bool,
@@ -137,7 +141,13 @@ impl AttnShape {
             )));
         }
         if let Some(b) = bias {
-            check_len("attention bias", b, s.heads * s.q_len * s.kv_len)?;
+            if s.bias_stride < s.kv_len {
+                return Err(T5Error::Backend(format!(
+                    "attention bias rows of {} values for {} keys",
+                    s.bias_stride, s.kv_len
+                )));
+            }
+            check_len("attention bias", b, s.heads * s.q_len * s.bias_stride)?;
         }
         if let Some(m) = mask {
             check_len("attention mask", m, kv_batch * s.kv_len)?;

@@ -4,7 +4,7 @@ use crate::backend::{AttnShape, Backend, MatDims};
 use crate::error::{Result, T5Error};
 
 use super::ffn::feed_forward;
-use super::relpos::position_bias;
+use super::relpos::decoder_bias_table;
 use super::state::{DecoderScratch, DecoderState, EncoderOutput, ScratchDims};
 use super::T5Model;
 
@@ -109,6 +109,7 @@ impl<B: Backend> T5Model<B> {
             starts: vec![0; batch],
             scratch: DecoderScratch::new(b, batch, dims)?,
             dims,
+            self_bias: None,
         })
     }
 
@@ -153,16 +154,22 @@ impl<B: Backend> T5Model<B> {
             cfg.num_heads,
             cfg.layer_norm_epsilon,
         );
-        // Causal buckets for the one new query at `pos` over keys 0..=pos, shared by all layers.
-        let bias = b.upload(&position_bias(
-            &self.params.decoder_relpos,
-            heads,
-            pos,
-            1,
-            pos + 1,
-            false,
-            cfg.relative_attention_max_distance,
-        ))?;
+        // Causal buckets for the one new query at `pos` over keys 0..=pos, shared by all layers
+        // and steps: one table for the whole decode, made (and uploaded) at the first step.
+        if state.self_bias.as_ref().is_none_or(|(_, len)| *len <= pos) {
+            let len = state.max_steps.max(pos + 1);
+            let table = decoder_bias_table(
+                &self.params.decoder_relpos,
+                heads,
+                len,
+                cfg.relative_attention_max_distance,
+            );
+            state.self_bias = Some((b.upload(&table)?, len));
+        }
+        let (bias, bias_stride) = match &state.self_bias {
+            Some((t, len)) => (t, *len),
+            None => unreachable!("made just above"),
+        };
         // Rows that joined a running batch mask the positions before their first token.
         let self_mask = state.self_mask().map(|m| b.upload(&m)).transpose()?;
         let self_shape = AttnShape {
@@ -173,6 +180,7 @@ impl<B: Backend> T5Model<B> {
             kv_len: pos + 1,
             kv_stride: state.capacity,
             kv_group: 1,
+            bias_stride,
             kv_bf16: false,
         };
         let cross_shape = AttnShape {
@@ -219,7 +227,7 @@ impl<B: Backend> T5Model<B> {
             )?;
             let (ck, cv) = (&state.self_k[l], &state.self_v[l]);
             let mask = self_mask.as_ref();
-            b.attention(&s.q, ck, cv, Some(&bias), mask, &mut s.attn, self_shape)?;
+            b.attention(&s.q, ck, cv, Some(bias), mask, &mut s.attn, self_shape)?;
             // residual: x += attn · oᵀ
             b.matmul_nt(&s.attn, &layer.self_attn.o, &mut s.x, out_proj, true)?;
 

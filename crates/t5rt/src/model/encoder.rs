@@ -54,6 +54,7 @@ impl<B: Backend> T5Model<B> {
             kv_len: src_len,
             kv_stride: src_len,
             kv_group: 1,
+            bias_stride: src_len,
             kv_bf16: false,
         };
         let proj = MatDims {

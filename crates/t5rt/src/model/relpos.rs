@@ -57,9 +57,50 @@ pub fn position_bias(
     bias
 }
 
+/// The decoder's causal bias for one query over the keys up to it, as one table for a whole
+/// decode: `[heads, len]`, entry `len - 1 - d` holding the bias at distance `d` (key `pos - d`
+/// of the query at `pos`). The query at `pos` reads the last `pos + 1` values of each row
+/// (`AttnShape::bias_stride = len`), which are `position_bias(.., pos, 1, pos + 1, false, ..)`.
+pub fn decoder_bias_table(
+    table: &[f32],
+    heads: usize,
+    len: usize,
+    max_distance: usize,
+) -> Vec<f32> {
+    let num_buckets = table.len() / heads;
+    let mut out = vec![0.0f32; heads * len];
+    for d in 0..len {
+        let b = bucket(-(d as i64), false, num_buckets, max_distance);
+        for h in 0..heads {
+            out[h * len + len - 1 - d] = table[b * heads + h];
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_decoder_table_holds_every_steps_bias() {
+        let (heads, buckets, len) = (3, 32, 300);
+        let table: Vec<f32> = (0..heads * buckets)
+            .map(|i| i as f32 * 0.25 - 7.0)
+            .collect();
+        let t = decoder_bias_table(&table, heads, len, 128);
+        for pos in [0, 1, 7, 8, 31, 200, len - 1] {
+            let want = position_bias(&table, heads, pos, 1, pos + 1, false, 128);
+            for h in 0..heads {
+                let row = &t[h * len + len - (pos + 1)..(h + 1) * len];
+                assert_eq!(
+                    row,
+                    &want[h * (pos + 1)..(h + 1) * (pos + 1)],
+                    "pos {pos} head {h}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn small_distances_are_exact_and_large_ones_saturate() {

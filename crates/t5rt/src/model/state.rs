@@ -97,6 +97,9 @@ pub struct DecoderState<T> {
     pub(crate) starts: Vec<usize>,
     pub(crate) scratch: DecoderScratch<T>,
     pub(crate) dims: ScratchDims,
+    /// The self-attention position bias for every step, made at the first step
+    /// ([`crate::model::relpos::decoder_bias_table`]), and its row length.
+    pub(crate) self_bias: Option<(T, usize)>,
 }
 
 impl<T> DecoderState<T> {

@@ -197,7 +197,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 fn to_probs(a: &AttnArgs, row: &mut [f32], h: usize, qi: usize, kv_b: usize, j0: usize) {
     let (s, n) = (a.s, row.len());
     if let Some(bias) = a.bias {
-        let at = (h * s.q_len + qi) * s.kv_len + j0;
+        let at = (h * s.q_len + qi) * s.bias_stride + s.bias_stride - s.kv_len + j0;
         for (r, b) in row.iter_mut().zip(&bias[at..at + n]) {
             *r += b;
         }

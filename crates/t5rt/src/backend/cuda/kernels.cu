@@ -233,13 +233,14 @@ __device__ __forceinline__ float kv_at(const float* kv, size_t at, int bf16) {
 
 // softmax(q·kᵀ + bias + mask)·v without 1/sqrt(d_kv) (T5), one block per (sequence b,
 // head h, query i). q, out: [batch, q_len, heads*d_kv]; k, v: [batch/kv_group, kv_stride,
-// heads*d_kv] (bf16 pairs when kv_bf16); bias: [heads, q_len, kv_len] or null; mask:
+// heads*d_kv] (bf16 pairs when kv_bf16); bias: [heads, q_len, bias_stride] or null, each row's
+// last kv_len values used; mask:
 // [batch/kv_group, kv_len] or null. Keys the mask masks at the start or the end of the row
 // are skipped, as the CPU kernel does. Scores live in dynamic shared memory (kv_len floats).
 extern "C" __global__ void attention(const float* q, const float* k, const float* v,
                                      const float* bias, const float* mask, float* out, int batch,
                                      int heads, int d_kv, int q_len, int kv_len, int kv_stride,
-                                     int kv_group, int kv_bf16) {
+                                     int kv_group, int kv_bf16, int bias_stride) {
     extern __shared__ float scores[];
     __shared__ float scratch[32];
     int idx = blockIdx.x;
@@ -262,7 +263,7 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
         size_t base = ((size_t)kb * kv_stride + j) * inner + (size_t)h * d_kv;
         float s = 0.0f;
         for (int t = 0; t < d_kv; t++) s += qr[t] * kv_at(k, base + t, kv_bf16);
-        if (bias) s += bias[((size_t)h * q_len + i) * kv_len + j];
+        if (bias) s += bias[((size_t)h * q_len + i) * bias_stride + (bias_stride - kv_len) + j];
         if (mask) s += mask[(size_t)kb * kv_len + j];
         scores[j - j0] = s;
         mx = fmaxf(mx, s);

@@ -624,6 +624,7 @@ impl Backend for CudaBackend {
         .map(|&v| i32_of("attention shape", v))
         .collect::<Result<_>>()?;
         let kv_bf16 = i32::from(s.kv_bf16);
+        let bias_stride = i32_of("attention bias stride", s.bias_stride)?;
         let null = 0u64;
         let mut b = self.stream.launch_builder(self.f("attention"));
         b.arg(q).arg(k).arg(v);
@@ -640,6 +641,7 @@ impl Backend for CudaBackend {
             b.arg(v);
         }
         b.arg(&kv_bf16);
+        b.arg(&bias_stride);
         self.launch(&mut b, cfg, "attention")
     }
 
