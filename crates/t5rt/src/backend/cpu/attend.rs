@@ -80,19 +80,17 @@ struct AttnArgs<'a> {
 #[inline(always)]
 fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
     let s = a.s;
-    let (inner, hn, d) = (s.heads * s.d_kv, a.heads_per_task, s.d_kv);
-    let groups = s.heads / hn;
-    let (row, h0) = (task / groups, (task % groups) * hn);
-    let (b, qi) = (row / s.q_len, row % s.q_len);
-    let kv_b = b / s.kv_group; // beams read their source's keys/values
-    let q = &a.q[row * inner + h0 * d..row * inner + (h0 + hn) * d];
-    // The keys this row reads: those its mask does not mask at the start (a row that joined
-    // a running batch) or at the end (a shorter source, padded). The others are skipped
-    // altogether, so a row costs its own length and gets the result it gets alone.
-    let (j0, j1) = match a.mask {
-        Some(m) => unmasked_range(&m[kv_b * s.kv_len..(kv_b + 1) * s.kv_len]),
-        None => (0, s.kv_len),
-    };
+    let Task {
+        inner,
+        hn,
+        d,
+        h0,
+        qi,
+        kv_b,
+        q,
+        j0,
+        j1,
+    } = Task::of(a, task);
     let n = j1 - j0;
     // scores[h, j] = q_h·k_h[j] (no 1/sqrt(d_kv): T5 folds it into the weights).
     // (Plain loops, not iterator adaptors: those are separate functions that would not be
@@ -191,6 +189,52 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
+/// What one task of [`attention`] reads: query row `task / groups`, heads `[h0, h0 + hn)`.
+struct Task<'a> {
+    inner: usize,
+    hn: usize,
+    d: usize,
+    h0: usize,
+    /// The query's position in its sequence.
+    qi: usize,
+    /// The key/value sequence it reads (beams read their source's).
+    kv_b: usize,
+    /// Its heads' query values.
+    q: &'a [f32],
+    /// The keys it reads, `[j0, j1)`: those its mask does not mask at the start (a row that
+    /// joined a running batch) or at the end (a shorter source, padded). The others are
+    /// skipped altogether, so a row costs its own length and gets the result it gets alone.
+    j0: usize,
+    j1: usize,
+}
+
+impl<'a> Task<'a> {
+    #[inline(always)]
+    fn of(a: &AttnArgs<'a>, task: usize) -> Self {
+        let s = a.s;
+        let (inner, hn, d) = (s.heads * s.d_kv, a.heads_per_task, s.d_kv);
+        let groups = s.heads / hn;
+        let (row, h0) = (task / groups, (task % groups) * hn);
+        let (b, qi) = (row / s.q_len, row % s.q_len);
+        let kv_b = b / s.kv_group;
+        let (j0, j1) = match a.mask {
+            Some(m) => unmasked_range(&m[kv_b * s.kv_len..(kv_b + 1) * s.kv_len]),
+            None => (0, s.kv_len),
+        };
+        Task {
+            inner,
+            hn,
+            d,
+            h0,
+            qi,
+            kv_b,
+            q: &a.q[row * inner + h0 * d..row * inner + (h0 + hn) * d],
+            j0,
+            j1,
+        }
+    }
+}
+
 /// One head's scores over keys `[j0, j0 + row.len())` to probabilities:
 /// `softmax(scores + bias[h, qi, :] + mask[kv_b, :])`.
 #[inline(always)]
@@ -229,16 +273,17 @@ macro_rules! attend_simd {
         unsafe fn $name(a: &AttnArgs, task: usize, oh: &mut [f32]) {
             use std::arch::x86_64::*;
             let s = a.s;
-            let (inner, hn, d) = (s.heads * s.d_kv, a.heads_per_task, s.d_kv);
-            let groups = s.heads / hn;
-            let (row, h0) = (task / groups, (task % groups) * hn);
-            let (b, qi) = (row / s.q_len, row % s.q_len);
-            let kv_b = b / s.kv_group;
-            let q = &a.q[row * inner + h0 * d..row * inner + (h0 + hn) * d];
-            let (j0, j1) = match a.mask {
-                Some(m) => unmasked_range(&m[kv_b * s.kv_len..(kv_b + 1) * s.kv_len]),
-                None => (0, s.kv_len),
-            };
+            let Task {
+                inner,
+                hn,
+                d,
+                h0,
+                qi,
+                kv_b,
+                q,
+                j0,
+                j1,
+            } = Task::of(a, task);
             let n = j1 - j0;
             let mut probs = vec![0.0f32; hn * n];
             // A task with all heads reads whole keys, one contiguous stream; with some of
