@@ -825,13 +825,13 @@ fn store(dst: &mut [f32], vals: impl Iterator<Item = f32>, accumulate: bool) {
 }
 
 /// Lanes of `k` per block when a task walks several register tiles of rows with the AVX2 f32
-/// tile (see [`matmul_packed`]): 48 lanes of a 64-column panel are 12 KiB, under half of a
-/// typical L1. That tile walks a panel in four column passes, each of which would otherwise
-/// come from L2 once per row tile: blocks made its products about 25% faster
-/// (`examples/matmul_speed`, alternating runs on a 2-core Xeon VM). The AVX-512 tiles read a
-/// whole panel row per pass and gained nothing (3% slower encoders in A/B runs), and the AVX2
-/// bf16 and int8 tiles showed no clear difference, so they walk `k` in one go.
-/// `T5RT_KC` overrides the block, for tuning.
+/// or widened bf16 tile (see [`matmul_packed`]): 48 lanes of a 64-column panel are 12 KiB,
+/// under half of a typical L1. Those tiles walk a panel in several column passes, each of
+/// which would otherwise come from L2 once per row tile: blocks made the f32 products about
+/// 25% faster and the bf16 ones about 10% (`examples/matmul_speed`, alternating runs on a
+/// 2-core Xeon VM). The AVX-512 tiles read a whole panel row per pass and gained nothing (3%
+/// slower encoders in A/B runs), and the AVX2 int8 tile showed no clear difference, so they
+/// walk `k` in one go. `T5RT_KC` overrides the block, for tuning.
 fn k_block() -> usize {
     static KC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *KC.get_or_init(|| {
@@ -887,7 +887,7 @@ pub(super) fn matmul_packed(
         // the row tiles go by, instead of coming from L2 once per tile.
         let tiles = (r_end - r_start).div_ceil(MR);
         let mut sums: Vec<TileAcc> = vec![[[0; BLOCK]; MR]; tiles];
-        let kc = if tiles > 1 && w.kind == WeightDtype::F32 && !isa.avx512() {
+        let kc = if tiles > 1 && w.kind != WeightDtype::Int8 && !isa.avx512() {
             kc
         } else {
             w.kg.max(1)
