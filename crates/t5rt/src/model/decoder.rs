@@ -156,20 +156,17 @@ impl<B: Backend> T5Model<B> {
         );
         // Causal buckets for the one new query at `pos` over keys 0..=pos, shared by all layers
         // and steps: one table for the whole decode, made (and uploaded) at the first step.
-        if state.self_bias.as_ref().is_none_or(|(_, len)| *len <= pos) {
-            let len = state.max_steps.max(pos + 1);
-            let table = decoder_bias_table(
+        // Rows of max_steps values cover every step (pos < max_steps, checked above).
+        let bias_stride = state.max_steps;
+        if state.self_bias.is_none() {
+            state.self_bias = Some(b.upload(&decoder_bias_table(
                 &self.params.decoder_relpos,
                 heads,
-                len,
+                bias_stride,
                 cfg.relative_attention_max_distance,
-            );
-            state.self_bias = Some((b.upload(&table)?, len));
+            ))?);
         }
-        let (bias, bias_stride) = match &state.self_bias {
-            Some((t, len)) => (t, *len),
-            None => unreachable!("made just above"),
-        };
+        let bias = state.self_bias.as_ref().expect("made just above");
         // Rows that joined a running batch mask the positions before their first token.
         let self_mask = state.self_mask().map(|m| b.upload(&m)).transpose()?;
         let self_shape = AttnShape {

@@ -97,9 +97,9 @@ pub struct DecoderState<T> {
     pub(crate) starts: Vec<usize>,
     pub(crate) scratch: DecoderScratch<T>,
     pub(crate) dims: ScratchDims,
-    /// The self-attention position bias for every step, made at the first step
-    /// ([`crate::model::relpos::decoder_bias_table`]), and its row length.
-    pub(crate) self_bias: Option<(T, usize)>,
+    /// The self-attention position bias for every step, `[heads, max_steps]`, made at the
+    /// first step ([`crate::model::relpos::decoder_bias_table`]).
+    pub(crate) self_bias: Option<T>,
 }
 
 impl<T> DecoderState<T> {

@@ -288,7 +288,7 @@ macro_rules! attend_simd {
             let mut probs = vec![0.0f32; hn * n];
             // A task with all heads reads whole keys, one contiguous stream; with some of
             // them, a part of each key, which it prefetches.
-            let prefetch_ahead = |cache: &[f32], at: usize, len: usize, stride: usize| {
+            let prefetch = |cache: &[f32], at: usize, len: usize, stride: usize| {
                 if hn < s.heads {
                     prefetch_ahead(cache, at, len, stride)
                 }
@@ -306,7 +306,7 @@ macro_rules! attend_simd {
                 debug_assert!(a.k.len() >= at(j1.max(1) - 1) / 2 + hn * half || n == 0);
                 for j in j0..j1 {
                     let kp = a.k.as_ptr().add(at(j) / 2);
-                    prefetch_ahead(a.k, at(j) / 2, hn * half, inner / 2);
+                    prefetch(a.k, at(j) / 2, hn * half, inner / 2);
                     for h in 0..hn {
                         let mut acc = $zero;
                         for c in (0..half).step_by($n) {
@@ -320,7 +320,7 @@ macro_rules! attend_simd {
             } else {
                 for j in j0..j1 {
                     let kp = a.k.as_ptr().add(at(j));
-                    prefetch_ahead(a.k, at(j), hn * d, inner);
+                    prefetch(a.k, at(j), hn * d, inner);
                     for h in 0..hn {
                         let qh = q.as_ptr().add(h * d);
                         let mut acc = $mul($load(qh), $load(kp.add(h * d)));
@@ -339,7 +339,7 @@ macro_rules! attend_simd {
                 let (mut oe, mut oo) = (vec![0.0f32; hn * half], vec![0.0f32; hn * half]);
                 for j in j0..j1 {
                     let vp = a.v.as_ptr().add(at(j) / 2);
-                    prefetch_ahead(a.v, at(j) / 2, hn * half, inner / 2);
+                    prefetch(a.v, at(j) / 2, hn * half, inner / 2);
                     for h in 0..hn {
                         let p = probs[h * n + j - j0];
                         if p == 0.0 {
@@ -365,7 +365,7 @@ macro_rules! attend_simd {
                 oh.fill(0.0);
                 for j in j0..j1 {
                     let vp = a.v.as_ptr().add(at(j));
-                    prefetch_ahead(a.v, at(j), hn * d, inner);
+                    prefetch(a.v, at(j), hn * d, inner);
                     for h in 0..hn {
                         let p = probs[h * n + j - j0];
                         if p == 0.0 {

@@ -120,6 +120,24 @@ fn try_copy(data: &[f32]) -> Result<Vec<f32>> {
     Ok(v)
 }
 
+impl CpuBackend {
+    /// A checkpoint weight `[n, k]` packed as `kind` on this backend's threads.
+    fn pack(&self, w: &[f32], n: usize, k: usize, kind: WeightDtype) -> Result<CpuWeight> {
+        check_len("upload_linear", w.len(), n * k)?;
+        if kind == WeightDtype::F16 {
+            return Err(T5Error::Backend(
+                "f16 weights run on CUDA only; on the CPU use bf16 (the same halved memory, f32's range)"
+                    .into(),
+            ));
+        }
+        if kind == WeightDtype::Int8 {
+            check_int8_inputs(k)?;
+        }
+        let isa = self.isa;
+        Ok(self.pool.install(|| PackedWeight::pack(w, n, k, kind, isa)))
+    }
+}
+
 impl Backend for CpuBackend {
     type Tensor = Vec<f32>;
     type Weight = CpuWeight;
@@ -143,27 +161,11 @@ impl Backend for CpuBackend {
     }
 
     fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<CpuWeight> {
-        check_len("upload_linear", w.len(), n * k)?;
-        let kind = self.dtype;
-        if kind == WeightDtype::F16 {
-            return Err(T5Error::Backend(
-                "f16 weights run on CUDA only; on the CPU use bf16 (the same halved memory, f32's range)"
-                    .into(),
-            ));
-        }
-        if kind == WeightDtype::Int8 {
-            check_int8_inputs(k)?;
-        }
-        let isa = self.isa;
-        Ok(self.pool.install(|| PackedWeight::pack(w, n, k, kind, isa)))
+        self.pack(w, n, k, self.dtype)
     }
 
     fn upload_linear_f32(&self, w: &[f32], n: usize, k: usize) -> Result<CpuWeight> {
-        check_len("upload_linear", w.len(), n * k)?;
-        let isa = self.isa;
-        Ok(self
-            .pool
-            .install(|| PackedWeight::pack(w, n, k, WeightDtype::F32, isa)))
+        self.pack(w, n, k, WeightDtype::F32)
     }
 
     fn upload_linear_int8(

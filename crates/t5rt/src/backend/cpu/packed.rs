@@ -875,7 +875,6 @@ pub(super) fn matmul_packed(
     let col_blocks = n.div_ceil(BLOCK);
     let row_tasks = m.div_ceil(ROWS_PER_TASK);
     let outp = SharedMut(out.as_mut_ptr());
-    let kc = k_block();
     (0..col_blocks * row_tasks).into_par_iter().for_each(|t| {
         let (cb, rt) = (t % col_blocks, t / col_blocks);
         let c0 = cb * BLOCK;
@@ -888,7 +887,7 @@ pub(super) fn matmul_packed(
         let tiles = (r_end - r_start).div_ceil(MR);
         let mut sums: Vec<TileAcc> = vec![[[0; BLOCK]; MR]; tiles];
         let kc = if tiles > 1 && w.kind != WeightDtype::Int8 && !isa.avx512() {
-            kc
+            k_block()
         } else {
             w.kg.max(1)
         };
