@@ -24,6 +24,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod generate;
+mod hugepage;
 mod math;
 pub mod model;
 pub mod tokenizer;

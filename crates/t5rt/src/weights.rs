@@ -242,9 +242,39 @@ impl TensorStore {
         })
     }
 
-    /// An int8 tensor (safetensors `I8`) as stored, such as the weights `t5rt convert`
-    /// quantized; an error for any other dtype.
-    pub fn read_i8(&self, name: &str, expected: &[usize]) -> Result<Vec<i8>> {
+    /// Calls `f` on a tensor as f32, checking its shape: borrowed from the mapped file when
+    /// it is stored as f32 at an aligned offset (no copy: loading packs straight from the
+    /// file), otherwise converted as [`Self::read`] does. The tensor's pages are released
+    /// from this process afterwards.
+    pub fn with_f32<R>(
+        &self,
+        name: &str,
+        expected: &[usize],
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> Result<R> {
+        let (shard, info) = self.locate(name, expected)?;
+        let bytes = &shard.bytes.as_slice()[info.start..info.end];
+        let out = match as_f32(info.dtype, bytes) {
+            Some(values) => {
+                populate(bytes);
+                f(values)
+            }
+            None => f(&decode(name, info.dtype, bytes)?),
+        };
+        shard.bytes.release(info.start, info.end);
+        Ok(out)
+    }
+
+    /// Calls `f` on an int8 tensor (safetensors `I8`) as stored, such as the weights `t5rt
+    /// convert` quantized, borrowed from the mapped file (no copy); an error for any other
+    /// dtype. The tensor's pages are released from this process afterwards, as [`Self::read`]
+    /// does.
+    pub fn with_i8<R>(
+        &self,
+        name: &str,
+        expected: &[usize],
+        f: impl FnOnce(&[i8]) -> R,
+    ) -> Result<R> {
         let (shard, info) = self.locate(name, expected)?;
         if info.dtype != Dtype::I8 {
             return Err(T5Error::UnsupportedDtype {
@@ -252,12 +282,14 @@ impl TensorStore {
                 dtype: format!("{:?} (expected I8)", info.dtype),
             });
         }
-        let data = shard.bytes.as_slice()[info.start..info.end]
-            .iter()
-            .map(|&b| b as i8)
-            .collect();
+        let bytes = &shard.bytes.as_slice()[info.start..info.end];
+        // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid
+        // for both.
+        let values =
+            unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), bytes.len()) };
+        let out = f(values);
         shard.bytes.release(info.start, info.end);
-        Ok(data)
+        Ok(out)
     }
 
     /// The shard and entry of `name`, checked against the `expected` shape.
@@ -321,11 +353,46 @@ fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Stored f32 values viewed in place, where the host is little-endian and they are aligned.
+fn as_f32(dtype: Dtype, bytes: &[u8]) -> Option<&[f32]> {
+    if dtype != Dtype::F32 || cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid f32; `align_to` splits off any unaligned ends.
+    match unsafe { bytes.align_to::<f32>() } {
+        ([], values, []) => Some(values),
+        _ => None,
+    }
+}
+
+/// Maps the pages of `bytes` (part of a file mapping) in one call instead of one fault per
+/// 4 KiB page as they are first read; a kernel without `MADV_POPULATE_READ` (before 5.14)
+/// refuses it and the pages fault in as usual.
+fn populate(bytes: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = bytes.as_ptr() as usize;
+        let (lo, hi) = (
+            start / PAGE * PAGE,
+            (start + bytes.len()).div_ceil(PAGE) * PAGE,
+        );
+        // SAFETY: the range covers the pages of a read-only file mapping this process holds
+        // (rounded out to whole pages, all inside the mapping); populating reads them and
+        // changes nothing.
+        unsafe {
+            libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_POPULATE_READ);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = bytes;
+}
+
 /// Converts little-endian stored values to f32. Works at any alignment.
 fn decode(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
         Dtype::F32 => {
-            let mut out = vec![0f32; bytes.len() / 4];
+            let mut out = crate::hugepage::zeroed::<f32>(bytes.len() / 4);
             // Little-endian hosts hold f32 as stored: one copy (the map need not be aligned).
             #[cfg(target_endian = "little")]
             // SAFETY: `out` holds bytes.len() / 4 f32s; any bit pattern is a valid f32.
@@ -357,4 +424,59 @@ fn decode(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
             })
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file by hand: `c` (f32, aligned), `a` (one byte), then `b` (f32 at an
+    /// odd offset), so that both paths of [`TensorStore::with_f32`] run.
+    fn store() -> TensorStore {
+        let header = r#"{"c":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"U8","shape":[1],"data_offsets":[8,9]},"b":{"dtype":"F32","shape":[2],"data_offsets":[9,17]}}"#;
+        let mut header = header.as_bytes().to_vec();
+        while (8 + header.len()) % 8 != 0 {
+            header.push(b' ');
+        }
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(&header);
+        for v in [1.5f32, -2.0] {
+            file.extend_from_slice(&v.to_le_bytes());
+        }
+        file.push(7);
+        for v in [3.25f32, f32::MIN_POSITIVE] {
+            file.extend_from_slice(&v.to_le_bytes());
+        }
+        // A u64-aligned copy, so that the data's alignment is the offsets'.
+        let words: Vec<u64> = file
+            .chunks(8)
+            .map(|c| {
+                let mut w = [0u8; 8];
+                w[..c.len()].copy_from_slice(c);
+                u64::from_le_bytes(w)
+            })
+            .collect();
+        let bytes: &'static [u64] = Box::leak(words.into_boxed_slice());
+        // SAFETY: u64s viewed as their bytes, trimmed to the file's length.
+        let bytes = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<u8>(), file.len()) };
+        TensorStore::from_static(bytes, "hand-made").unwrap()
+    }
+
+    #[test]
+    fn with_f32_borrows_aligned_values_and_converts_the_rest() {
+        let s = store();
+        let aligned = s.with_f32("c", &[2], |v| v.to_vec()).unwrap();
+        let odd = s.with_f32("b", &[2], |v| v.to_vec()).unwrap();
+        assert_eq!(aligned, s.read("c", &[2]).unwrap().data);
+        assert_eq!(aligned, [1.5, -2.0]);
+        assert_eq!(odd, s.read("b", &[2]).unwrap().data);
+        assert_eq!(odd, [3.25, f32::MIN_POSITIVE]);
+        let (shard, c) = s.locate("c", &[2]).unwrap();
+        let (_, b) = s.locate("b", &[2]).unwrap();
+        let bytes = shard.bytes.as_slice();
+        assert!(as_f32(Dtype::F32, &bytes[c.start..c.end]).is_some());
+        assert!(as_f32(Dtype::F32, &bytes[b.start..b.end]).is_none());
+        assert!(s.with_f32("c", &[3], |_| ()).is_err(), "shape checked");
+        assert!(s.with_i8("c", &[2], |_| ()).is_err(), "dtype checked");
+    }
 }

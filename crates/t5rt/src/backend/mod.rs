@@ -172,6 +172,11 @@ pub trait Backend: Send + Sync {
     /// Human-readable device name, for logs and errors.
     fn name(&self) -> String;
     fn upload(&self, data: &[f32]) -> Result<Self::Tensor>;
+    /// [`Backend::upload`] of values the caller no longer needs: a host backend keeps the
+    /// vector itself instead of copying it (the embedding table at load).
+    fn upload_owned(&self, data: Vec<f32>) -> Result<Self::Tensor> {
+        self.upload(&data)
+    }
     /// Copies the first `len` values back to the host.
     fn download(&self, t: &Self::Tensor, len: usize) -> Result<Vec<f32>>;
     fn zeros(&self, len: usize) -> Result<Self::Tensor>;

@@ -93,8 +93,18 @@ impl<B: Backend> Loader<'_, B> {
         Ok(self.store.read(name, shape)?.data)
     }
 
+    /// Calls `f` on a weight as f32, borrowed from the file where it is stored so.
+    fn with_host<R>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        f: impl FnOnce(&[f32]) -> Result<R>,
+    ) -> Result<R> {
+        self.store.with_f32(name, shape, f)?
+    }
+
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<B::Tensor> {
-        self.backend.upload(&self.host(name, shape)?)
+        self.backend.upload_owned(self.host(name, shape)?)
     }
 
     /// A linear weight `[out, in]`, stored as the backend's matmul wants it.
@@ -105,15 +115,16 @@ impl<B: Backend> Loader<'_, B> {
     /// [`Loader::linear`]; `head`: the weight is the LM head.
     fn linear_as(&self, name: &str, out: usize, inp: usize, head: bool) -> Result<B::Weight> {
         if self.keep.weight(name, head) {
-            return self
-                .backend
-                .upload_linear_f32(&self.host(name, &[out, inp])?, out, inp);
+            return self.with_host(name, &[out, inp], |w| {
+                self.backend.upload_linear_f32(w, out, inp)
+            });
         }
         if let Some(w) = self.quantized(name, out, inp)? {
             return Ok(w);
         }
-        self.backend
-            .upload_linear(&self.host(name, &[out, inp])?, out, inp)
+        self.with_host(name, &[out, inp], |w| {
+            self.backend.upload_linear(w, out, inp)
+        })
     }
 
     /// The feed-forward output projection, which may need a range-safe precision.
@@ -124,8 +135,9 @@ impl<B: Backend> Loader<'_, B> {
         if let Some(w) = self.quantized(name, out, inp)? {
             return Ok(w);
         }
-        self.backend
-            .upload_output_linear(&self.host(name, &[out, inp])?, out, inp)
+        self.with_host(name, &[out, inp], |w| {
+            self.backend.upload_output_linear(w, out, inp)
+        })
     }
 
     /// The int8 form `t5rt convert` stored for `name` (`{name}.t5rt_int8` and
@@ -138,10 +150,11 @@ impl<B: Backend> Loader<'_, B> {
         if !self.store.contains(&qname) {
             return Ok(None);
         }
-        let q = self.store.read_i8(&qname, &[out, inp])?;
         let scales = self.store.read(&sname, &[out])?.data;
-        self.backend
-            .upload_linear_int8(&q, &scales, out, inp)
+        self.store
+            .with_i8(&qname, &[out, inp], |q| {
+                self.backend.upload_linear_int8(q, &scales, out, inp)
+            })?
             .map(Some)
     }
 

@@ -160,6 +160,10 @@ impl Backend for CpuBackend {
         try_copy(data)
     }
 
+    fn upload_owned(&self, data: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(data)
+    }
+
     fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<CpuWeight> {
         self.pack(w, n, k, self.dtype)
     }

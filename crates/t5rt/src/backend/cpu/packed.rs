@@ -165,7 +165,7 @@ impl PackedWeight {
         }
         let g = group(kind);
         let (kg, n_pad) = (k.div_ceil(g), n.div_ceil(16) * 16);
-        let mut lanes = vec![0u32; kg * n_pad];
+        let mut lanes = crate::hugepage::zeroed::<u32>(kg * n_pad);
         // One panel (64 columns, `[kg, width]` row-major, see `lane_index`) at a time, in
         // parallel: panel `p`'s lanes are one contiguous chunk of `lanes`.
         let fill = |p: usize, panel: &mut [u32]| {
@@ -218,7 +218,7 @@ impl PackedWeight {
     pub fn from_int8(q: &[i8], scales: &[f32], n: usize, k: usize) -> Self {
         use rayon::prelude::*;
         let (kg, n_pad) = (k.div_ceil(4), n.div_ceil(16) * 16);
-        let mut lanes = vec![0u32; kg * n_pad];
+        let mut lanes = crate::hugepage::zeroed::<u32>(kg * n_pad);
         let mut col_sums = vec![0i32; n_pad];
         let mut all_scales = vec![1.0f32; n_pad];
         all_scales[..n].copy_from_slice(&scales[..n]);
@@ -229,16 +229,31 @@ impl PackedWeight {
                 .enumerate()
                 .for_each(|(p, (panel, sums))| {
                     let (c0, width) = (p * BLOCK, panel_width(n_pad, p));
-                    for j in 0..width.min(n.saturating_sub(c0)) {
-                        let row = &q[(c0 + j) * k..(c0 + j + 1) * k];
-                        sums[j] = row.iter().map(|&v| v as i32).sum();
-                        // k's padding holds q = 0.
-                        for (gi, quad) in row.chunks(4).enumerate() {
-                            let lane = quad
-                                .iter()
-                                .enumerate()
-                                .fold(0u32, |l, (i, &v)| l | (v as u8 as u32) << (8 * i));
-                            panel[gi * width + j] = lane;
+                    let cols = width.min(n.saturating_sub(c0));
+                    let rows = &q[c0 * k..(c0 + cols) * k];
+                    for (sum, row) in sums.iter_mut().zip(rows.chunks_exact(k)) {
+                        *sum = row.iter().map(|&v| v as i32).sum();
+                    }
+                    // Lanes in the order they are stored: one group of 4 values across the
+                    // panel's columns at a time. k's padding holds q = 0.
+                    let lane = |row: &[i8], at: usize| {
+                        let mut b = [0u8; 4];
+                        for (d, &v) in b.iter_mut().zip(&row[at..k.min(at + 4)]) {
+                            *d = v as u8;
+                        }
+                        u32::from_le_bytes(b)
+                    };
+                    let full = k / 4;
+                    for (gi, out) in panel.chunks_exact_mut(width).enumerate() {
+                        if gi < full {
+                            for (o, row) in out.iter_mut().zip(rows.chunks_exact(k)) {
+                                let quad: [i8; 4] = row[gi * 4..gi * 4 + 4].try_into().unwrap();
+                                *o = u32::from_le_bytes(quad.map(|v| v as u8));
+                            }
+                        } else {
+                            for (o, row) in out.iter_mut().zip(rows.chunks_exact(k)) {
+                                *o = lane(row, gi * 4);
+                            }
                         }
                     }
                 });
