@@ -435,7 +435,7 @@ mod tests {
     fn store() -> TensorStore {
         let header = r#"{"c":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"U8","shape":[1],"data_offsets":[8,9]},"b":{"dtype":"F32","shape":[2],"data_offsets":[9,17]}}"#;
         let mut header = header.as_bytes().to_vec();
-        while (8 + header.len()) % 8 != 0 {
+        while !header.len().is_multiple_of(8) {
             header.push(b' ');
         }
         let mut file = (header.len() as u64).to_le_bytes().to_vec();
