@@ -20,14 +20,14 @@ use std::arch::x86_64::*;
 
 use std::ops::Range;
 
-use super::{panel_width, PackedWeight, TileAcc, BLOCK, MR};
+use super::{panel_width, prefetch_panel, PackedWeight, TileAcc, BLOCK, MR};
 
 /// Column sub-blocks of `lanes * V` columns, rows in groups of at most 4: one row (batch-1
 /// decoding) reads the panel in blocks of 4 vectors, several rows in blocks of `$vmax`
 /// vectors (as many accumulators as the registers hold), and the rest one vector at a time.
 #[cfg(target_arch = "x86_64")]
 macro_rules! by_shape {
-    ($f:ident, $x:expr, $w:expr, $rows:expr, $c0:expr, $ks:expr, $xs:expr, $lanes:expr, $vmax:literal, $acc:expr) => {{
+    ($f:ident, $x:expr, $w:expr, $rows:expr, $c0:expr, $ks:expr, $xs:expr, $lanes:expr, $vmax:literal, $acc:expr, $ahead:expr) => {{
         let pw = panel_width($w.n_pad, $c0 / BLOCK);
         let mut r0 = 0;
         while r0 < $rows {
@@ -37,25 +37,25 @@ macro_rules! by_shape {
             let mut sub = 0;
             if n == 1 {
                 while sub + 4 * $lanes <= pw {
-                    $f::<1, 4>(x, $w, $c0, sub, $ks.clone(), out);
+                    $f::<1, 4>(x, $w, $c0, sub, $ks.clone(), out, $ahead);
                     sub += 4 * $lanes;
                 }
             } else {
                 while sub + $vmax * $lanes <= pw {
                     match n {
-                        2 => $f::<2, $vmax>(x, $w, $c0, sub, $ks.clone(), out),
-                        3 => $f::<3, $vmax>(x, $w, $c0, sub, $ks.clone(), out),
-                        _ => $f::<4, $vmax>(x, $w, $c0, sub, $ks.clone(), out),
+                        2 => $f::<2, $vmax>(x, $w, $c0, sub, $ks.clone(), out, $ahead),
+                        3 => $f::<3, $vmax>(x, $w, $c0, sub, $ks.clone(), out, $ahead),
+                        _ => $f::<4, $vmax>(x, $w, $c0, sub, $ks.clone(), out, $ahead),
                     }
                     sub += $vmax * $lanes;
                 }
             }
             while sub < pw {
                 match n {
-                    1 => $f::<1, 1>(x, $w, $c0, sub, $ks.clone(), out),
-                    2 => $f::<2, 1>(x, $w, $c0, sub, $ks.clone(), out),
-                    3 => $f::<3, 1>(x, $w, $c0, sub, $ks.clone(), out),
-                    _ => $f::<4, 1>(x, $w, $c0, sub, $ks.clone(), out),
+                    1 => $f::<1, 1>(x, $w, $c0, sub, $ks.clone(), out, $ahead),
+                    2 => $f::<2, 1>(x, $w, $c0, sub, $ks.clone(), out, $ahead),
+                    3 => $f::<3, 1>(x, $w, $c0, sub, $ks.clone(), out, $ahead),
+                    _ => $f::<4, 1>(x, $w, $c0, sub, $ks.clone(), out, $ahead),
                 }
                 sub += $lanes;
             }
@@ -77,6 +77,7 @@ unsafe fn bf16_avx512<const R: usize, const V: usize>(
     sub: usize,
     ks: Range<usize>,
     out: &mut [[u32; BLOCK]],
+    ahead: usize,
 ) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
@@ -90,6 +91,7 @@ unsafe fn bf16_avx512<const R: usize, const V: usize>(
         }
     }
     for g in ks {
+        prefetch_panel(wp, ahead, pw, 16 * V);
         let mut we = [_mm512_setzero_ps(); V];
         let mut wo = [_mm512_setzero_ps(); V];
         for v in 0..V {
@@ -127,6 +129,7 @@ unsafe fn bf16_avx2<const R: usize, const V: usize>(
     sub: usize,
     ks: Range<usize>,
     out: &mut [[u32; BLOCK]],
+    ahead: usize,
 ) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
@@ -140,6 +143,7 @@ unsafe fn bf16_avx2<const R: usize, const V: usize>(
         }
     }
     for g in ks {
+        prefetch_panel(wp, ahead, pw, 8 * V);
         // The weights widened once, then each row's two activations broadcast once.
         let mut we = [_mm256_setzero_ps(); V];
         let mut wo = [_mm256_setzero_ps(); V];
@@ -197,6 +201,7 @@ unsafe fn int8_avx512bw<const R: usize, const V: usize>(
     sub: usize,
     ks: Range<usize>,
     out: &mut [[u32; BLOCK]],
+    ahead: usize,
 ) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
@@ -215,6 +220,7 @@ unsafe fn int8_avx512bw<const R: usize, const V: usize>(
     }
     let last_block = ks.end == kg;
     for g in ks {
+        prefetch_panel(wp, ahead, pw, 16 * V);
         let mut wv = [zero; V];
         for (v, wv) in wv.iter_mut().enumerate() {
             *wv = _mm512_loadu_si512(wp.add(16 * v) as *const _);
@@ -259,6 +265,7 @@ unsafe fn int8_avx2<const R: usize, const V: usize>(
     sub: usize,
     ks: Range<usize>,
     out: &mut [[u32; BLOCK]],
+    ahead: usize,
 ) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
@@ -273,6 +280,7 @@ unsafe fn int8_avx2<const R: usize, const V: usize>(
     }
     let last_block = ks.end == kg;
     for g in ks {
+        prefetch_panel(wp, ahead, pw, 8 * V);
         let mut wv = [_mm256_setzero_si256(); V];
         for (v, wv) in wv.iter_mut().enumerate() {
             *wv = _mm256_loadu_si256(wp.add(8 * v) as *const _);
@@ -317,6 +325,7 @@ pub(super) enum NoDot {
 /// The CPU must have the instructions `kind` names; `x` holds `rows` rows at the stride the
 /// tile reads (`2 kg` f32 values for bf16, `kg` lanes for int8).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn tile(
     x: &[u32],
     w: &PackedWeight,
@@ -325,12 +334,17 @@ pub(super) unsafe fn tile(
     ks: Range<usize>,
     acc: &mut TileAcc,
     kind: NoDot,
+    ahead: usize,
 ) {
     debug_assert!(rows <= MR);
     match kind {
-        NoDot::Bf16Avx512 => by_shape!(bf16_avx512, x, w, rows, c0, ks, 2 * w.kg, 16, 4, acc),
-        NoDot::Bf16Avx2 => by_shape!(bf16_avx2, x, w, rows, c0, ks, 2 * w.kg, 8, 2, acc),
-        NoDot::Int8Avx512bw => by_shape!(int8_avx512bw, x, w, rows, c0, ks, w.kg, 16, 4, acc),
-        NoDot::Int8Avx2 => by_shape!(int8_avx2, x, w, rows, c0, ks, w.kg, 8, 2, acc),
+        NoDot::Bf16Avx512 => {
+            by_shape!(bf16_avx512, x, w, rows, c0, ks, 2 * w.kg, 16, 4, acc, ahead)
+        }
+        NoDot::Bf16Avx2 => by_shape!(bf16_avx2, x, w, rows, c0, ks, 2 * w.kg, 8, 2, acc, ahead),
+        NoDot::Int8Avx512bw => {
+            by_shape!(int8_avx512bw, x, w, rows, c0, ks, w.kg, 16, 4, acc, ahead)
+        }
+        NoDot::Int8Avx2 => by_shape!(int8_avx2, x, w, rows, c0, ks, w.kg, 8, 2, acc, ahead),
     }
 }
