@@ -20,11 +20,13 @@ the same session), whose FLOPs this script counts.
 
 It is an estimate, not a proof: a system can beat it where its products run faster than
 OpenBLAS's 2048^3 product did, or where the bandwidth was higher during its run than during the
-probe. What it shows is which cells of the target "t5rt f32 at least 1.3x the best f32 peer"
-no implementation can reach on this machine, because the best peer already runs within 1.3x
-of the floor.
+probe. What it shows is which cells of the speed targets (t5rt f32 at least 1.3x the best f32 peer,
+bf16 at least 1.2x and int8 at least 1.5x CTranslate2 int8) no implementation can reach on this
+machine, because the peer already runs within that ratio of the floor. bf16 and int8 read 2
+and 1 bytes per weight and keep bf16 caches; their product rate is the fastest seen for them
+or for f32 (without AVX-512 BF16, bf16 products are f32 products on widened weights).
 
-    python3 bench/floors.py            # prints a Markdown table, writes results/floors.json
+    python3 bench/floors.py            # prints Markdown tables, writes results/floors.json
 """
 
 import json
@@ -36,10 +38,16 @@ sys.path.insert(0, str(ROOT))
 from run_peers import CASES, MODELS  # noqa: E402
 
 F32_PEERS = {"hf": "HF torch", "ort": "ORT", "ct2-float32": "CT2"}
-TARGET = 1.3
+# t5rt precision -> (its system in the speed table, bytes per weight, bytes per cached key or
+# value, the target's peer systems, the target ratio). Reduced precisions keep bf16 caches.
+PRECISIONS = {
+    "f32": ("t5rt", 4, 4, F32_PEERS, 1.3),
+    "bf16": ("t5rt-bf16", 2, 2, {"ct2-int8": "CT2 int8"}, 1.2),
+    "int8": ("t5rt-int8", 1, 2, {"ct2-int8": "CT2 int8"}, 1.5),
+}
 
 
-def work(spec, batch, length, new):
+def work(spec, batch, length, new, weight_bytes=4, cache_bytes=4):
     """(encoder FLOPs, cross-projection FLOPs, [(bytes, FLOPs) per decoding step])."""
     d, ff, heads, dkv = spec["d_model"], spec["d_ff"], spec["num_heads"], spec["d_kv"]
     inner = heads * dkv
@@ -53,7 +61,7 @@ def work(spec, batch, length, new):
     steps = []
     for t in range(1, new + 1):
         caches = layers * 2 * inner * batch * (length + t)  # cross and self keys and values
-        nbytes = 4 * (step_params + caches)
+        nbytes = weight_bytes * step_params + cache_bytes * caches
         flops = 2 * batch * step_params + 2 * 2 * batch * heads * dkv * (length + t) * layers
         steps.append((nbytes, flops))
     return enc_layer * spec["num_layers"], cross_kv, steps
@@ -65,43 +73,47 @@ def main():
     numpy_rate = limits["f32_matmul_gflops_numpy"] * 1e9
     tables = {name: json.loads((ROOT / "results" / f"{name}.json").read_text())
               for name in MODELS if (ROOT / "results" / f"{name}.json").exists()}
-    # The fastest t5rt f32 encoder pass of the run, in FLOP/s.
-    seen = [work(MODELS[name], *CASES[case])[0] / c["encode_s"]
-            for name, table in tables.items()
-            for case, c in table["t5rt"]["cases"].items() if c.get("encode_s")]
-    peak = max([numpy_rate] + seen)
-    rows = []
-    for name, table in tables.items():
-        spec = MODELS[name]
-        for case, (batch, length, new) in CASES.items():
-            enc, cross_kv, steps = work(spec, batch, length, new)
-            floor_s = (enc + cross_kv) / peak + sum(max(b / bandwidth, f / peak) for b, f in steps)
-            floor = batch * new / floor_s
-            peers = {F32_PEERS[k]: table[k]["cases"][case]["tokens_per_s"]
-                     for k in F32_PEERS if k in table}
-            best_name = max(peers, key=peers.get)
-            ours = table["t5rt"]["cases"][case]
-            # t5rt times its encoder pass alone (the cross projections run at the first step).
-            enc_gflops = enc / ours["encode_s"] / 1e9 if ours.get("encode_s") else None
-            rows.append({"model": name, "case": case, "best_f32_peer": best_name,
-                         "best_f32_peer_tps": peers[best_name], "t5rt_f32_tps": ours["tokens_per_s"],
-                         "floor_tps": floor, "floor_over_best_peer": floor / peers[best_name],
-                         "t5rt_over_floor": ours["tokens_per_s"] / floor,
-                         "t5rt_encoder_gflops": enc_gflops})
-    out = {"product_gflops": peak / 1e9, "numpy_gflops": numpy_rate / 1e9,
-           "read_bandwidth_gbs": bandwidth / 1e9, "target": TARGET, "rows": rows}
+
+    def seen(system):
+        """The fastest encoder pass of `system` in the run, in FLOP/s (0 if none)."""
+        return max([work(MODELS[name], *CASES[case])[0] / c["encode_s"]
+                    for name, table in tables.items() if system in table
+                    for case, c in table[system]["cases"].items() if c.get("encode_s")], default=0)
+
+    f32_rate = max(numpy_rate, seen("t5rt"))
+    # Without AVX-512 BF16, bf16 products are f32 products on widened weights.
+    rates = {"f32": f32_rate, "bf16": max(f32_rate, seen("t5rt-bf16")),
+             "int8": max(f32_rate, seen("t5rt-int8"))}
+    out = {"numpy_gflops": numpy_rate / 1e9, "read_bandwidth_gbs": bandwidth / 1e9,
+           "product_gflops": {p: r / 1e9 for p, r in rates.items()}, "rows": []}
+    print(f"Rates: read bandwidth {bandwidth / 1e9:.1f} GB/s; products (GFLOP/s, the fastest seen "
+          f"in the run; numpy's f32 2048^3 product: {numpy_rate / 1e9:.1f}): "
+          + ", ".join(f"{p} {r / 1e9:.0f}" for p, r in rates.items()) + ".")
+    for prec, (system, wbytes, cbytes, peers, target) in PRECISIONS.items():
+        print(f"\n{prec}: target {target}x {' / '.join(peers.values())}\n")
+        print("| model | case | peer, tokens/s | t5rt | floor | floor / peer | reachable? | t5rt / floor |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        rate = rates[prec]
+        for name, table in tables.items():
+            if system not in table:
+                continue
+            for case, (batch, length, new) in CASES.items():
+                enc, cross_kv, steps = work(MODELS[name], batch, length, new, wbytes, cbytes)
+                floor_s = (enc + cross_kv) / rate + sum(max(b / bandwidth, f / rate) for b, f in steps)
+                floor = batch * new / floor_s
+                have = {label: table[k]["cases"][case]["tokens_per_s"] for k, label in peers.items()
+                        if k in table}
+                peer = max(have, key=have.get)
+                ours = table[system]["cases"][case]["tokens_per_s"]
+                row = {"precision": prec, "model": name, "case": case, "peer": peer,
+                       "peer_tps": have[peer], "target": target, "t5rt_tps": ours, "floor_tps": floor,
+                       "floor_over_peer": floor / have[peer], "reachable": floor / have[peer] >= target,
+                       "t5rt_over_floor": ours / floor}
+                out["rows"].append(row)
+                print(f"| {name} | {case} | {peer} {have[peer]:.1f} | {ours:.1f} | {floor:.1f} "
+                      f"| {row['floor_over_peer']:.2f}x | {'yes' if row['reachable'] else 'no'} "
+                      f"| {row['t5rt_over_floor']:.2f}x |")
     (ROOT / "results" / "floors.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"Rates: f32 products {peak / 1e9:.1f} GFLOP/s (numpy's 2048^3 product: "
-          f"{numpy_rate / 1e9:.1f}), read bandwidth {bandwidth / 1e9:.1f} GB/s.\n")
-    print("| model | case | best f32 peer, tokens/s | t5rt f32 | floor | floor / best peer "
-          f"| {TARGET}x the best peer reachable? | t5rt / floor | t5rt encoder GFLOP/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        reach = "yes" if r["floor_over_best_peer"] >= TARGET else "no"
-        enc = f"{r['t5rt_encoder_gflops']:.0f}" if r["t5rt_encoder_gflops"] else ""
-        print(f"| {r['model']} | {r['case']} | {r['best_f32_peer']} {r['best_f32_peer_tps']:.1f} "
-              f"| {r['t5rt_f32_tps']:.1f} | {r['floor_tps']:.1f} | {r['floor_over_best_peer']:.2f}x "
-              f"| {reach} | {r['t5rt_over_floor']:.2f}x | {enc} |")
 
 
 if __name__ == "__main__":
