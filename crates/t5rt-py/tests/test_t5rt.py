@@ -215,8 +215,13 @@ def test_two_threads_on_one_model(model):
 
 
 def test_ctrl_c_interrupts_a_long_call():
+    # The child starts with Python's own Ctrl-C handling whatever it inherits: a SIGINT left
+    # blocked or ignored in this test process (say, by a library an earlier test loaded) would
+    # pass to it, and the signal would never arrive (the test timed out so once in CI).
     code = (
-        "import t5rt, sys\n"
+        "import signal, t5rt, sys\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "m = t5rt.Model(threads=1)\n"
         "print('ready', flush=True)\n"
         "try:\n"
