@@ -71,7 +71,8 @@ pub fn exp(x: f32) -> f32 {
     } else {
         x
     };
-    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -80,7 +81,11 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n as an integer, read from t's low mantissa bits (t lies in [2^23, 2^24), where one
+    // unit is one step): integer arithmetic that vectorises, where `n as i32` (a saturating
+    // conversion) made the compiler convert lane by lane.
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let scale = f32::from_bits(((ni + 127) as u32) << 23);
     if x < -87.0 {
         0.0
     } else if x > 88.0 {
