@@ -854,6 +854,11 @@ fn store(dst: &mut [f32], vals: impl Iterator<Item = f32>, accumulate: bool) {
     }
 }
 
+/// A tuning knob from the environment: `var` as a number, if it is set and parses.
+fn tuning(var: &str) -> Option<usize> {
+    std::env::var(var).ok().and_then(|v| v.parse().ok())
+}
+
 /// Lanes of `k` per block when a task walks several register tiles of rows with the AVX2 f32
 /// or widened bf16 tile (see [`matmul_packed`]): 48 lanes of a 64-column panel are 12 KiB,
 /// under half of a typical L1. Those tiles walk a panel in several column passes, each of
@@ -863,6 +868,11 @@ fn store(dst: &mut [f32], vals: impl Iterator<Item = f32>, accumulate: bool) {
 /// slower encoders in A/B runs), and the AVX2 int8 tile showed no clear difference, so they
 /// walk `k` in one go, except the AVX-512 f32 tile on long rows (see [`AVX512_KC`]).
 /// `T5RT_KC` overrides the block, for tuning.
+fn k_block() -> usize {
+    static KC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KC.get_or_init(|| tuning("T5RT_KC").filter(|&v| v > 0).unwrap_or(48))
+}
+
 /// The AVX-512 f32 tile walks `k` in blocks of this many lanes when `k` exceeds
 /// [`AVX512_LONG_K`] (t5-base's and larger models' feed-forward output, k = 3072 or more):
 /// a block of the panel is then 128 KiB and stays in L2 while the row tiles go by, instead of
@@ -881,12 +891,7 @@ const AVX512_LONG_K: usize = 2048;
 /// from 8 to 64 rows did about as well. `T5RT_PREFETCH` overrides it (0: none), for tuning.
 fn prefetch_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("T5RT_PREFETCH")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(16)
-    })
+    *ROWS.get_or_init(|| tuning("T5RT_PREFETCH").unwrap_or(16))
 }
 
 /// Asks for the `n` lanes `ahead` rows of the panel below `wp` (rows of `pw` lanes), one
@@ -906,17 +911,6 @@ pub(super) fn prefetch_panel(wp: *const u32, ahead: usize, pw: usize, n: usize) 
             };
         }
     }
-}
-
-fn k_block() -> usize {
-    static KC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *KC.get_or_init(|| {
-        std::env::var("T5RT_KC")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&v| v > 0)
-            .unwrap_or(48)
-    })
 }
 
 /// `out[m, n] (+)= x[m, k] · wᵀ` in the weight's precision (see the module docs).
