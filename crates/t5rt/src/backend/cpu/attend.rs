@@ -446,12 +446,8 @@ const PREFETCH_KEYS: usize = 8;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_ahead(cache: &[f32], at: usize, len: usize, stride: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     let start = at + PREFETCH_KEYS * stride;
     if start + len <= cache.len() {
-        for line in (0..len).step_by(16) {
-            // SAFETY: prefetching is only a hint, and the address lies inside `cache`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(cache.as_ptr().add(start + line) as *const i8) };
-        }
+        super::packed::prefetch_lines(cache[start..].as_ptr(), len);
     }
 }

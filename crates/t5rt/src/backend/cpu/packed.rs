@@ -894,22 +894,28 @@ fn prefetch_rows() -> usize {
     *ROWS.get_or_init(|| tuning("T5RT_PREFETCH").unwrap_or(16))
 }
 
-/// Asks for the `n` lanes `ahead` rows of the panel below `wp` (rows of `pw` lanes), one
-/// request per 64-byte line; nothing when `ahead` is 0.
+/// Asks for the cache lines of the `n` values from `p` on, one request per 64-byte line.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn prefetch_lines<T>(p: *const T, n: usize) {
+    for i in (0..n).step_by((64 / std::mem::size_of::<T>()).max(1)) {
+        // SAFETY: a prefetch reads nothing architecturally and never faults, whatever the
+        // address (outside the data it is only wasted).
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                p.wrapping_add(i) as *const i8
+            )
+        };
+    }
+}
+
+/// Asks for the `n` lanes `ahead` rows of the panel below `wp` (rows of `pw` lanes); nothing
+/// when `ahead` is 0.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) fn prefetch_panel(wp: *const u32, ahead: usize, pw: usize, n: usize) {
     if ahead > 0 {
-        let p = wp.wrapping_add(ahead * pw);
-        for i in (0..n).step_by(16) {
-            // SAFETY: a prefetch reads nothing architecturally and never faults, whatever
-            // the address (past the panel's end it is only wasted).
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    p.wrapping_add(i) as *const i8,
-                )
-            };
-        }
+        prefetch_lines(wp.wrapping_add(ahead * pw), n);
     }
 }
 
