@@ -226,68 +226,75 @@ impl TensorStore {
 
     /// Reads a tensor as f32, checking its shape.
     pub fn read(&self, name: &str, expected: &[usize]) -> Result<HostTensor> {
-        let (shard, info) = self.locate(name, expected)?;
-        let (start, end) = (info.start, info.end);
-        let data = decode(name, info.dtype, &shard.bytes.as_slice()[start..end])?;
-        shard.bytes.release(start, end);
-        debug_assert_eq!(
-            data.len(),
-            expected.iter().product::<usize>(),
-            "{}",
-            shard.name
-        );
-        Ok(HostTensor {
-            shape: info.shape.clone(),
-            data,
-        })
+        self.with_bytes(name, expected, |shard, info, bytes| {
+            let data = decode(name, info.dtype, bytes)?;
+            debug_assert_eq!(data.len(), expected.iter().product::<usize>(), "{shard}");
+            Ok(HostTensor {
+                shape: info.shape.clone(),
+                data,
+            })
+        })?
     }
 
     /// Calls `f` on a tensor as f32, checking its shape: borrowed from the mapped file when
     /// it is stored as f32 at an aligned offset (no copy: loading packs straight from the
-    /// file), otherwise converted as [`Self::read`] does. The tensor's pages are released
-    /// from this process afterwards.
+    /// file), otherwise converted as [`Self::read`] does.
     pub fn with_f32<R>(
         &self,
         name: &str,
         expected: &[usize],
         f: impl FnOnce(&[f32]) -> R,
     ) -> Result<R> {
-        let (shard, info) = self.locate(name, expected)?;
-        let bytes = &shard.bytes.as_slice()[info.start..info.end];
-        let out = match as_f32(info.dtype, bytes) {
-            Some(values) => {
-                populate(bytes);
-                f(values)
-            }
-            None => f(&decode(name, info.dtype, bytes)?),
-        };
-        shard.bytes.release(info.start, info.end);
-        Ok(out)
+        self.with_bytes(name, expected, |_, info, bytes| {
+            Ok(match as_f32(info.dtype, bytes) {
+                Some(values) => {
+                    populate(bytes);
+                    f(values)
+                }
+                None => f(&decode(name, info.dtype, bytes)?),
+            })
+        })?
     }
 
     /// Calls `f` on an int8 tensor (safetensors `I8`) as stored, such as the weights `t5rt
     /// convert` quantized, borrowed from the mapped file (no copy); an error for any other
-    /// dtype. The tensor's pages are released from this process afterwards, as [`Self::read`]
-    /// does.
+    /// dtype.
     pub fn with_i8<R>(
         &self,
         name: &str,
         expected: &[usize],
         f: impl FnOnce(&[i8]) -> R,
     ) -> Result<R> {
+        self.with_bytes(name, expected, |_, info, bytes| {
+            if info.dtype != Dtype::I8 {
+                return Err(T5Error::UnsupportedDtype {
+                    name: name.to_string(),
+                    dtype: format!("{:?} (expected I8)", info.dtype),
+                });
+            }
+            // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is
+            // valid for both.
+            let values =
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), bytes.len()) };
+            Ok(f(values))
+        })?
+    }
+
+    /// Calls `f` on the stored bytes of `name` (with its shard's name and its entry), checked
+    /// against the `expected` shape, then releases the tensor's pages from this process, so
+    /// that loading never holds the file and its converted copy at once.
+    fn with_bytes<R>(
+        &self,
+        name: &str,
+        expected: &[usize],
+        f: impl FnOnce(&str, &TensorEntry, &[u8]) -> R,
+    ) -> Result<R> {
         let (shard, info) = self.locate(name, expected)?;
-        if info.dtype != Dtype::I8 {
-            return Err(T5Error::UnsupportedDtype {
-                name: name.to_string(),
-                dtype: format!("{:?} (expected I8)", info.dtype),
-            });
-        }
-        let bytes = &shard.bytes.as_slice()[info.start..info.end];
-        // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid
-        // for both.
-        let values =
-            unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), bytes.len()) };
-        let out = f(values);
+        let out = f(
+            &shard.name,
+            info,
+            &shard.bytes.as_slice()[info.start..info.end],
+        );
         shard.bytes.release(info.start, info.end);
         Ok(out)
     }
