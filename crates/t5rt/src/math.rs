@@ -31,6 +31,18 @@ pub(crate) fn max_abs(x: &[f32]) -> f32 {
     reduce16(x, 0.0, |m, v| if v.abs() > m { v.abs() } else { m })
 }
 
+/// The smallest and largest values of `x`, NaNs skipped (the comparisons skip them); `(0, 0)`
+/// when there are none.
+pub(crate) fn min_max(x: &[f32]) -> (f32, f32) {
+    let lo = reduce16(x, f32::INFINITY, |m, v| if v < m { v } else { m });
+    let hi = reduce16(x, f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
+    if lo <= hi {
+        (lo, hi)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
 /// Folds `x` with `f` in 16 interleaved lanes, then folds the lanes: the order a vector
 /// unit uses, so the compiler may vectorise it.
 #[inline(always)]

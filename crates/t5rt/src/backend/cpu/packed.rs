@@ -28,9 +28,13 @@
 //!   on bf16-rounded weights ([`nodot`]).
 //! - int8 without VNNI: the same exact i32 sums through 16-bit products (`vpmaddwd`, [`nodot`]).
 //! - int8: each weight column has the scale `max|w| / 127` and values `round(w · (1 / scale))`
-//!   (f32 arithmetic, ties to even); each activation row is quantized the same way at run time,
-//!   then offset by 128 to u8 (the operand type of `vpdpbusd`). Sums are exact in i32; the
-//!   offset is taken back with the column sums: `Σ (q+128)·w = Σ q·w + 128·Σ w`.
+//!   (f32 arithmetic, ties to even). Each activation row is quantized at run time around its
+//!   center `c` (halfway between its smallest and largest values), with the scale `s` half
+//!   their distance over 127, `q = round((x - c) · (1 / s))`, then offset by 128 to u8 (the
+//!   operand type of `vpdpbusd`). Sums are exact in i32; the offset is taken back with the
+//!   column sums, `Σ (q+128)·w = Σ q·w + 128·Σ w`, and the center added with them:
+//!   `Σ x·w ≈ s·ws·Σ q·w + c·ws·Σ w`. The center costs nothing in the tiles and gives rows of
+//!   one sign (ReLU's output) twice the resolution of symmetric quantization.
 
 mod nodot;
 
@@ -117,7 +121,7 @@ pub fn quantize_int8(w: &[f32], n: usize, k: usize, isa: Isa) -> (Vec<i8>, Vec<f
                 *scale = i8_scale(row);
                 // quantize_row writes q + 128 as bytes; q = byte ^ 0x80 read as i8.
                 let mut bytes = vec![0u8; k];
-                quantize_row(row, &mut bytes, 1.0 / *scale, isa);
+                quantize_row(row, &mut bytes, 0.0, 1.0 / *scale, isa);
                 for (o, b) in qrow.iter_mut().zip(bytes) {
                     *o = (b ^ 0x80) as i8;
                 }
@@ -309,12 +313,13 @@ fn lane_index(kg: usize, n_pad: usize, g: usize, c: usize) -> usize {
     p * BLOCK * kg + g * panel_width(n_pad, p) + c % BLOCK
 }
 
-/// `bytes[i] = round(row[i] · inv) + 128`.
-fn quantize_row(row: &[f32], bytes: &mut [u8], inv: f32, isa: Isa) {
+/// `bytes[i] = round((row[i] - center) · inv) + 128` (`center` is 0 for weights, which
+/// makes the subtraction exact and a no-op).
+fn quantize_row(row: &[f32], bytes: &mut [u8], center: f32, inv: f32, isa: Isa) {
     #[inline(always)]
-    fn body(row: &[f32], bytes: &mut [u8], inv: f32) {
+    fn body(row: &[f32], bytes: &mut [u8], center: f32, inv: f32) {
         for i in 0..row.len().min(bytes.len()) {
-            bytes[i] = (quantize_one(row[i], inv) as i32 + 128) as u8;
+            bytes[i] = (quantize_one(row[i] - center, inv) as i32 + 128) as u8;
         }
     }
     // 16 at a time: the same rounding (the product in f32, clamped, to nearest-even as
@@ -323,10 +328,11 @@ fn quantize_row(row: &[f32], bytes: &mut [u8], inv: f32, isa: Isa) {
     // byte after + 128 is 128: q = 0, as `quantize_one` gives. Tested against `body`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn body_avx512(row: &[f32], bytes: &mut [u8], inv: f32) {
+    unsafe fn body_avx512(row: &[f32], bytes: &mut [u8], center: f32, inv: f32) {
         use std::arch::x86_64::*;
         let n = row.len().min(bytes.len());
-        let (vinv, lo, hi) = (
+        let (vc, vinv, lo, hi) = (
+            _mm512_set1_ps(center),
             _mm512_set1_ps(inv),
             _mm512_set1_ps(-127.0),
             _mm512_set1_ps(127.0),
@@ -335,7 +341,8 @@ fn quantize_row(row: &[f32], bytes: &mut [u8], inv: f32, isa: Isa) {
         let mut i = 0;
         while i + 16 <= n {
             // SAFETY: i + 16 <= n <= both lengths.
-            let y = _mm512_mul_ps(_mm512_loadu_ps(row.as_ptr().add(i)), vinv);
+            let x = _mm512_sub_ps(_mm512_loadu_ps(row.as_ptr().add(i)), vc);
+            let y = _mm512_mul_ps(x, vinv);
             let y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));
             let q = _mm512_add_epi32(_mm512_cvtps_epi32(y), off);
             _mm_storeu_si128(
@@ -344,22 +351,37 @@ fn quantize_row(row: &[f32], bytes: &mut [u8], inv: f32, isa: Isa) {
             );
             i += 16;
         }
-        body(&row[i..n], &mut bytes[i..n], inv)
+        body(&row[i..n], &mut bytes[i..n], center, inv)
     }
     #[cfg(target_arch = "x86_64")]
     if isa.avx512() {
         // SAFETY: the backend only runs at levels the CPU has.
-        return unsafe { body_avx512(row, bytes, inv) };
+        return unsafe { body_avx512(row, bytes, center, inv) };
     }
     let _ = isa;
-    body(row, bytes, inv)
+    body(row, bytes, center, inv)
 }
 
-/// Activations in the weight's lane format: `[m, kg]` lanes, and for int8 a scale per row.
-fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u32>, Vec<f32>) {
+/// The affine 8-bit quantization of an activation row, `(center, scale)`: values become
+/// `center + scale · q` with `|q| <= 127`, the center halfway between the row's smallest and
+/// largest values and the scale half their distance over 127. A row whose values all have
+/// one sign (ReLU's output) gets twice symmetric quantization's resolution; a symmetric row
+/// gets the same. Rows with an infinity fall back to the symmetric rule (center 0).
+fn affine_i8(row: &[f32]) -> (f32, f32) {
+    let (lo, hi) = crate::math::min_max(row);
+    if !(lo.is_finite() && hi.is_finite()) {
+        return (0.0, i8_scale(row));
+    }
+    let (center, half) = (0.5 * lo + 0.5 * hi, 0.5 * hi - 0.5 * lo);
+    (center, if half > 0.0 { half / 127.0 } else { 1.0 })
+}
+
+/// Activations in the weight's lane format: `[m, kg]` lanes, and for int8 each row's center
+/// and scale ([`affine_i8`]).
+fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u32>, Vec<[f32; 2]>) {
     let kg = w.kg;
     let mut lanes = vec![0u32; m * kg];
-    let mut scales = vec![0.0f32; m];
+    let mut scales = vec![[0.0f32; 2]; m];
     // Big batches (encoder passes) are converted in parallel, a few rows per task.
     let rows_per_task = (4096 / k.max(1)).max(1);
     let row_tasks = lanes
@@ -381,9 +403,11 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u3
             }
         }),
         WeightDtype::Int8 => row_tasks.for_each(|((dst, x), scales)| {
-            for ((dst, row), scale) in dst.chunks_exact_mut(kg).zip(x.chunks_exact(k)).zip(scales) {
-                *scale = i8_scale(row);
-                // Padding holds u8 128 (q = 0), so the column-sum correction stays exact.
+            for ((dst, row), cs) in dst.chunks_exact_mut(kg).zip(x.chunks_exact(k)).zip(scales) {
+                *cs = affine_i8(row).into();
+                let [center, scale] = *cs;
+                // Padding holds u8 128 (q = 0) against zero weights: it adds nothing, so the
+                // column-sum corrections stay exact.
                 dst.fill(0x8080_8080);
                 // SAFETY: a u32 slice viewed as its bytes (u8 has no alignment or validity
                 // requirements). Byte `kk` of the row lands in memory byte `kk % 4` of lane
@@ -392,7 +416,7 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u3
                 let bytes = unsafe {
                     std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u8, dst.len() * 4)
                 };
-                quantize_row(row, &mut bytes[..row.len()], 1.0 / *scale, isa);
+                quantize_row(row, &mut bytes[..row.len()], center, 1.0 / scale, isa);
                 #[cfg(target_endian = "big")]
                 dst.iter_mut().for_each(|l| *l = l.swap_bytes());
             }
@@ -994,13 +1018,15 @@ pub(super) fn matmul_packed(
                         store(dst, acc.iter().map(|&a| f32::from_bits(a)), accumulate)
                     }
                     WeightDtype::Int8 => {
-                        let xs = xscales[r0 + r];
+                        let [xc, xs] = xscales[r0 + r];
                         let sums = &w.col_sums[c0..c0 + width];
                         let scales = &w.scales[c0..c0 + width];
-                        // The true sum fits in i32 (|q| <= 127, k < 2^17), so wrapping
-                        // arithmetic gives it exactly.
+                        // Σ (xc + xs·q)·ws·qw = xs·ws·Σ q·qw + xc·ws·Σ qw. The true sum fits
+                        // in i32 (|q| <= 127, k < 2^17), so wrapping arithmetic gives it
+                        // exactly; so does the column sum in f32 (|Σ qw| < 2^24).
                         let vals = acc.iter().zip(sums).zip(scales).map(|((&a, &cs), &ws)| {
-                            (a as i32).wrapping_sub(cs.wrapping_mul(128)) as f32 * (xs * ws)
+                            let dot = (a as i32).wrapping_sub(cs.wrapping_mul(128)) as f32;
+                            dot * (xs * ws) + xc * (cs as f32 * ws)
                         });
                         store(dst, vals, accumulate)
                     }
@@ -1012,7 +1038,7 @@ pub(super) fn matmul_packed(
 
 #[cfg(test)]
 mod quantize_tests {
-    use super::{quantize_one, quantize_row, Isa};
+    use super::{affine_i8, quantize_one, quantize_row, Isa};
 
     /// Every level's row quantization equals `quantize_one`, value for value: ties, the
     /// clamp, infinities, NaN, signed zeros, denormals, and a ragged tail.
@@ -1043,16 +1069,42 @@ mod quantize_tests {
             x ^= x << 5;
             row.push((x as f32 / u32::MAX as f32 - 0.5) * 300.0);
         }
-        for inv in [1.0f32, 0.37, 3.0] {
+        for (center, inv) in [
+            (0.0, 1.0f32),
+            (0.0, 0.37),
+            (0.0, 3.0),
+            (-1.25, 0.37),
+            (40.0, 1.0),
+        ] {
             let want: Vec<u8> = row
                 .iter()
-                .map(|&v| (quantize_one(v, inv) as i32 + 128) as u8)
+                .map(|&v| (quantize_one(v - center, inv) as i32 + 128) as u8)
                 .collect();
             for level in Isa::available_levels() {
                 let mut got = vec![0u8; row.len()];
-                quantize_row(&row, &mut got, inv, level);
-                assert_eq!(got, want, "{level} inv {inv}");
+                quantize_row(&row, &mut got, center, inv, level);
+                assert_eq!(got, want, "{level} center {center} inv {inv}");
             }
         }
+    }
+
+    /// The affine rule spends all 255 levels on the row's range: a row of one sign gets half
+    /// the symmetric step, a symmetric row the same step, both ends map to ±127, a constant row
+    /// is its center exactly, and an infinity falls back to the symmetric rule.
+    #[test]
+    fn affine_activation_quantization_covers_the_row_range() {
+        let relu = [0.0f32, 0.5, 2.0, 3.0, 1.0];
+        let (c, s) = affine_i8(&relu);
+        assert_eq!((c, s), (1.5, 1.5 / 127.0));
+        let q = |v: f32| quantize_one(v - c, 1.0 / s);
+        assert_eq!((q(0.0), q(3.0)), (-127, 127));
+        let symmetric = [-2.0f32, 0.5, 2.0];
+        assert_eq!(affine_i8(&symmetric), (0.0, 2.0 / 127.0));
+        assert_eq!(affine_i8(&[0.75f32; 9]), (0.75, 1.0));
+        assert_eq!(quantize_one(0.75 - 0.75, 1.0), 0);
+        assert_eq!(
+            affine_i8(&[1.0f32, f32::INFINITY, -3.0]),
+            (0.0, f32::INFINITY / 127.0)
+        );
     }
 }

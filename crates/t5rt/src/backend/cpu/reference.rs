@@ -62,10 +62,31 @@ pub fn fake_quant_rows(v: &[f32], k: usize) -> Vec<f32> {
     out
 }
 
-/// `matmul_nt` with activations quantized per row and weights per output channel (the int8
-/// weight path's contract).
+/// Each row of `v` (width `k`, finite values) quantized to `center + scale · q`, `q` an
+/// integer in [-127, 127]: the center halfway between the row's smallest and largest values,
+/// the scale half their distance over 127 (1 for a constant row), `q = round((x - center) ·
+/// (1 / scale))` in f32, ties to even; then mapped back in f64.
+pub fn fake_quant_rows_affine(v: &[f32], k: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(v.len());
+    for row in v.chunks_exact(k) {
+        let lo = row.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (center, half) = (0.5 * lo + 0.5 * hi, 0.5 * hi - 0.5 * lo);
+        let scale = if half > 0.0 { half / 127.0 } else { 1.0 };
+        let inv = 1.0 / scale;
+        out.extend(row.iter().map(|&x| {
+            let q = ((x - center) * inv).round_ties_even().clamp(-127.0, 127.0);
+            (center as f64 + q as f64 * scale as f64) as f32
+        }));
+    }
+    out
+}
+
+/// `matmul_nt` with activations quantized per row (affine, [`fake_quant_rows_affine`]) and
+/// weights per output channel (symmetric, [`fake_quant_rows`]): the int8 weight path's
+/// contract.
 pub fn matmul_nt_int8(x: &[f32], w: &[f32], d: MatDims) -> Vec<f32> {
-    matmul_nt(&fake_quant_rows(x, d.k), &fake_quant_rows(w, d.k), d)
+    matmul_nt(&fake_quant_rows_affine(x, d.k), &fake_quant_rows(w, d.k), d)
 }
 
 /// RMSNorm over rows of width `w.len()`.
