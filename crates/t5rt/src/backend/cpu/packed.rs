@@ -367,8 +367,8 @@ fn quantize_row(row: &[f32], bytes: &mut [u8], center: f32, inv: f32, isa: Isa) 
 /// largest values and the scale half their distance over 127. A row whose values all have
 /// one sign (ReLU's output) gets twice symmetric quantization's resolution; a symmetric row
 /// gets the same. Rows with an infinity fall back to the symmetric rule (center 0).
-fn affine_i8(row: &[f32]) -> (f32, f32) {
-    let (lo, hi) = crate::math::min_max(row);
+fn affine_i8(row: &[f32], isa: Isa) -> (f32, f32) {
+    let (lo, hi) = row_range(row, isa);
     if !(lo.is_finite() && hi.is_finite()) {
         return (0.0, i8_scale(row));
     }
@@ -404,7 +404,7 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u3
         }),
         WeightDtype::Int8 => row_tasks.for_each(|((dst, x), scales)| {
             for ((dst, row), cs) in dst.chunks_exact_mut(kg).zip(x.chunks_exact(k)).zip(scales) {
-                *cs = affine_i8(row).into();
+                *cs = affine_i8(row, isa).into();
                 let [center, scale] = *cs;
                 // Padding holds u8 128 (q = 0) against zero weights: it adds nothing, so the
                 // column-sum corrections stay exact.
@@ -868,6 +868,121 @@ fn pad_rows(x: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u32> {
     out
 }
 
+/// `dst (+)= ` one row of an int8 tile's results: `Σ (xc + xs·q)·ws·qw = xs·ws·Σ q·qw + xc·ws·Σ
+/// qw`, from the i32 sums of `q + 128` (`acc`), the column sums `Σ qw` and scales `ws`, and the
+/// row's center `xc` and scale `xs`. The true sum fits in i32 (|q| <= 127, k < 2^17), so
+/// wrapping arithmetic gives it exactly; so does the column sum in f32 (|Σ qw| < 2^24). The
+/// AVX-512 version does the same operations in the same order, so the same bits.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn int8_out(
+    dst: &mut [f32],
+    acc: &[u32],
+    sums: &[i32],
+    scales: &[f32],
+    xc: f32,
+    xs: f32,
+    accumulate: bool,
+    isa: Isa,
+) {
+    let n = dst.len().min(acc.len()).min(sums.len()).min(scales.len());
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(
+        dst: &mut [f32],
+        acc: &[u32],
+        sums: &[i32],
+        scales: &[f32],
+        xc: f32,
+        xs: f32,
+        accumulate: bool,
+        n: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let (vxc, vxs) = (_mm512_set1_ps(xc), _mm512_set1_ps(xs));
+        for j in (0..n).step_by(16) {
+            let m: __mmask16 = if n - j >= 16 {
+                0xffff
+            } else {
+                (1u16 << (n - j)) - 1
+            };
+            // SAFETY: lanes at and past `n` are masked off; the rest are in every slice.
+            let a = _mm512_maskz_loadu_epi32(m, acc.as_ptr().add(j) as *const i32);
+            let cs = _mm512_maskz_loadu_epi32(m, sums.as_ptr().add(j));
+            let ws = _mm512_maskz_loadu_ps(m, scales.as_ptr().add(j));
+            let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, _mm512_slli_epi32(cs, 7)));
+            let center = _mm512_mul_ps(vxc, _mm512_mul_ps(_mm512_cvtepi32_ps(cs), ws));
+            let mut v = _mm512_add_ps(_mm512_mul_ps(dot, _mm512_mul_ps(vxs, ws)), center);
+            let d = dst.as_mut_ptr().add(j);
+            if accumulate {
+                v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, d), v);
+            }
+            _mm512_mask_storeu_ps(d, m, v);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx512() {
+        // SAFETY: the backend only runs at levels the CPU has.
+        return unsafe { avx512(dst, acc, sums, scales, xc, xs, accumulate, n) };
+    }
+    let _ = isa;
+    let val = |j: usize| {
+        let dot = (acc[j] as i32).wrapping_sub(sums[j].wrapping_mul(128)) as f32;
+        dot * (xs * scales[j]) + xc * (sums[j] as f32 * scales[j])
+    };
+    if accumulate {
+        dst[..n]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, d)| *d += val(j));
+    } else {
+        dst[..n]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, d)| *d = val(j));
+    }
+}
+
+/// The smallest and largest values of `row` ([`crate::math::min_max`]; in AVX-512 vectors
+/// where the CPU has them, the same values).
+fn row_range(row: &[f32], isa: Isa) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(row: &[f32]) -> (f32, f32) {
+        use std::arch::x86_64::*;
+        let (mut lo, mut hi) = (
+            _mm512_set1_ps(f32::INFINITY),
+            _mm512_set1_ps(f32::NEG_INFINITY),
+        );
+        let chunks = row.chunks_exact(16);
+        let tail = chunks.remainder();
+        for c in chunks {
+            // SAFETY: 16 values. min/max return the second operand when the first is NaN,
+            // so NaNs are skipped, as in `min_max`.
+            let x = _mm512_loadu_ps(c.as_ptr());
+            lo = _mm512_min_ps(x, lo);
+            hi = _mm512_max_ps(x, hi);
+        }
+        let (mut l, mut h) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+        for &v in tail {
+            l = if v < l { v } else { l };
+            h = if v > h { v } else { h };
+        }
+        if l <= h {
+            (l, h)
+        } else {
+            (0.0, 0.0)
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx512() {
+        // SAFETY: the backend only runs at levels the CPU has.
+        return unsafe { avx512(row) };
+    }
+    let _ = isa;
+    crate::math::min_max(row)
+}
+
 /// `dst = vals` or `dst += vals`.
 #[inline(always)]
 fn store(dst: &mut [f32], vals: impl Iterator<Item = f32>, accumulate: bool) {
@@ -1021,14 +1136,7 @@ pub(super) fn matmul_packed(
                         let [xc, xs] = xscales[r0 + r];
                         let sums = &w.col_sums[c0..c0 + width];
                         let scales = &w.scales[c0..c0 + width];
-                        // Σ (xc + xs·q)·ws·qw = xs·ws·Σ q·qw + xc·ws·Σ qw. The true sum fits
-                        // in i32 (|q| <= 127, k < 2^17), so wrapping arithmetic gives it
-                        // exactly; so does the column sum in f32 (|Σ qw| < 2^24).
-                        let vals = acc.iter().zip(sums).zip(scales).map(|((&a, &cs), &ws)| {
-                            let dot = (a as i32).wrapping_sub(cs.wrapping_mul(128)) as f32;
-                            dot * (xs * ws) + xc * (cs as f32 * ws)
-                        });
-                        store(dst, vals, accumulate)
+                        int8_out(dst, acc, sums, scales, xc, xs, accumulate, isa)
                     }
                 }
             }
@@ -1093,18 +1201,58 @@ mod quantize_tests {
     /// is its center exactly, and an infinity falls back to the symmetric rule.
     #[test]
     fn affine_activation_quantization_covers_the_row_range() {
-        let relu = [0.0f32, 0.5, 2.0, 3.0, 1.0];
-        let (c, s) = affine_i8(&relu);
-        assert_eq!((c, s), (1.5, 1.5 / 127.0));
-        let q = |v: f32| quantize_one(v - c, 1.0 / s);
-        assert_eq!((q(0.0), q(3.0)), (-127, 127));
-        let symmetric = [-2.0f32, 0.5, 2.0];
-        assert_eq!(affine_i8(&symmetric), (0.0, 2.0 / 127.0));
-        assert_eq!(affine_i8(&[0.75f32; 9]), (0.75, 1.0));
-        assert_eq!(quantize_one(0.75 - 0.75, 1.0), 0);
-        assert_eq!(
-            affine_i8(&[1.0f32, f32::INFINITY, -3.0]),
-            (0.0, f32::INFINITY / 127.0)
-        );
+        for isa in Isa::available_levels() {
+            let relu = [0.0f32, 0.5, 2.0, 3.0, 1.0];
+            let (c, s) = affine_i8(&relu, isa);
+            assert_eq!((c, s), (1.5, 1.5 / 127.0));
+            let q = |v: f32| quantize_one(v - c, 1.0 / s);
+            assert_eq!((q(0.0), q(3.0)), (-127, 127));
+            let symmetric = [-2.0f32, 0.5, 2.0];
+            assert_eq!(affine_i8(&symmetric, isa), (0.0, 2.0 / 127.0));
+            assert_eq!(affine_i8(&[0.75f32; 9], isa), (0.75, 1.0));
+            assert_eq!(quantize_one(0.75 - 0.75, 1.0), 0);
+            assert_eq!(
+                affine_i8(&[1.0f32, f32::INFINITY, -3.0], isa),
+                (0.0, f32::INFINITY / 127.0)
+            );
+        }
+    }
+
+    /// Every level finds a row's range as `min_max` does: whole vectors and a tail, NaNs
+    /// skipped wherever they are, extremes in the tail.
+    #[test]
+    fn row_range_is_min_max_at_every_level() {
+        let mut x = 0x9e37_79b9u32;
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        for len in [0usize, 1, 15, 16, 17, 33, 512, 515] {
+            let row: Vec<f32> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    (x as f32 / u32::MAX as f32 - 0.3) * 10.0
+                })
+                .collect();
+            rows.push(row.clone());
+            if len > 2 {
+                let mut r = row.clone();
+                r[0] = f32::NAN;
+                r[len - 1] = 99.0;
+                r[len - 2] = -99.0;
+                rows.push(r);
+            }
+        }
+        rows.push(vec![f32::NAN; 20]);
+        for row in &rows {
+            let want = crate::math::min_max(row);
+            for isa in Isa::available_levels() {
+                assert_eq!(
+                    super::row_range(row, isa),
+                    want,
+                    "{isa}, {} values",
+                    row.len()
+                );
+            }
+        }
     }
 }
