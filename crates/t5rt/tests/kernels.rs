@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_close, Rng};
 use t5rt::backend::cpu::reference;
-use t5rt::backend::{AttnShape, Backend, MatDims};
+use t5rt::backend::{AttnShape, Backend, KvFormat, MatDims};
 use t5rt::{Activation, CpuBackend};
 
 const F32_TOL: f32 = 2e-6;
@@ -138,7 +138,7 @@ fn check_attention_cases<B: Backend>(b: &B, rng: &mut Rng, cases: &[AttnCase]) {
             kv_stride,
             kv_group,
             bias_stride: kv_len,
-            kv_bf16: false,
+            kv: KvFormat::F32,
         };
         let kv_batch = batch / kv_group;
         let inner = heads * d_kv;
@@ -214,7 +214,10 @@ fn check_attention_cases<B: Backend>(b: &B, rng: &mut Rng, cases: &[AttnCase]) {
             // bf16 caches: the same as the reference on keys/values rounded to bf16.
             let round =
                 |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| reference::round_bf16(v)).collect() };
-            let s16 = AttnShape { kv_bf16: true, ..s };
+            let s16 = AttnShape {
+                kv: KvFormat::Bf16,
+                ..s
+            };
             let want = reference::attention(
                 &q,
                 &round(&k),
@@ -240,6 +243,48 @@ fn check_attention_cases<B: Backend>(b: &B, rng: &mut Rng, cases: &[AttnCase]) {
                 &b.download(&out, want.len()).unwrap(),
                 &want,
                 tol,
+            );
+            if !b.int8_kv() || !KvFormat::Int8.fits(d_kv) {
+                continue;
+            }
+            // int8 caches: the reference on keys/values quantized per (position, head) by the
+            // documented rule, and bit for bit the backend's own f32 path on those values.
+            let dequant = |x: &[f32]| -> Vec<f32> {
+                x.chunks_exact(d_kv)
+                    .flat_map(|head| {
+                        let max = head.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+                        let inv = 1.0 / scale;
+                        head.iter()
+                            .map(move |&v| (v * inv).round_ties_even().clamp(-127.0, 127.0) * scale)
+                    })
+                    .collect()
+            };
+            let (kq, vq) = (dequant(&k), dequant(&v));
+            let args = (use_bias.then_some(&bias[..]), use_mask.then_some(&mask[..]));
+            let want = reference::attention(&q, &kq, &vq, args.0, args.1, s);
+            let positions = kv_batch * kv_stride;
+            let quant = |x: &[f32]| {
+                b.quantize_kv(&b.upload(x).unwrap(), positions, heads, d_kv)
+                    .unwrap()
+            };
+            let run = |k: &B::Tensor, v: &B::Tensor, s: AttnShape| {
+                let mut out = b.zeros(want.len()).unwrap();
+                let (bias, mask) = (use_bias.then_some(&bt), use_mask.then_some(&mt));
+                b.attention(&b.upload(&q).unwrap(), k, v, bias, mask, &mut out, s)
+                    .unwrap();
+                b.download(&out, want.len()).unwrap()
+            };
+            let s8 = AttnShape {
+                kv: KvFormat::Int8,
+                ..s
+            };
+            let got = run(&quant(&k), &quant(&v), s8);
+            assert_close(&format!("{what} int8 k/v"), &got, &want, tol);
+            let f32_path = run(&b.upload(&kq).unwrap(), &b.upload(&vq).unwrap(), s);
+            assert_eq!(
+                got, f32_path,
+                "{what} int8 k/v against f32 on the same values"
             );
         }
     }

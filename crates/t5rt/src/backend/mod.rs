@@ -73,6 +73,42 @@ pub struct MatDims {
     pub k: usize,
 }
 
+/// How a key/value cache is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvFormat {
+    /// f32 values, `heads * d_kv` per position.
+    F32,
+    /// bf16 values, two per f32 slot (even element in the low half): from
+    /// [`Backend::compress_kv`].
+    Bf16,
+    /// Per position, `heads * d_kv` int8 values (four per slot, in order), then one f32 scale
+    /// per head: value = `q · scale`, the scale `max|x| / 127` of that head's `d_kv` values
+    /// (1 when all are zero), `q = round(x · (1 / scale))` ties to even. From
+    /// [`Backend::quantize_kv`]; a bit more than a quarter of f32's bytes.
+    Int8,
+}
+
+impl KvFormat {
+    /// f32 slots a cache of this format takes per position.
+    pub fn slots_per_position(self, heads: usize, d_kv: usize) -> usize {
+        let inner = heads * d_kv;
+        match self {
+            KvFormat::F32 => inner,
+            KvFormat::Bf16 => inner / 2,
+            KvFormat::Int8 => inner / 4 + heads,
+        }
+    }
+
+    /// Whether keys/values of heads of `d_kv` values can be stored so.
+    pub fn fits(self, d_kv: usize) -> bool {
+        match self {
+            KvFormat::F32 => true,
+            KvFormat::Bf16 => d_kv.is_multiple_of(2),
+            KvFormat::Int8 => d_kv.is_multiple_of(4),
+        }
+    }
+}
+
 /// Shapes of one attention call.
 ///
 /// q, out: `[batch, q_len, heads * d_kv]`; k, v: `[batch / kv_group, kv_stride, heads * d_kv]` of
@@ -93,15 +129,15 @@ pub struct AttnShape {
     pub kv_group: usize,
     /// Length of the bias rows (at least `kv_len`); see the type's docs.
     pub bias_stride: usize,
-    /// k and v hold bf16 values, two per f32 slot (from [`Backend::compress_kv`]); only for
-    /// one query per sequence (decoding steps).
-    pub kv_bf16: bool,
+    /// How k and v are stored; anything but f32 only for one query per sequence (decoding
+    /// steps).
+    pub kv: KvFormat,
 }
 
 impl AttnShape {
     /// Checks the lengths of the buffers an attention call is given against this shape (the
-    /// one check every backend makes): q and out, k and v (bf16 pairs when `kv_bf16`), the
-    /// bias and the mask when given.
+    /// one check every backend makes): q and out, k and v (in `kv`'s format), the bias and the
+    /// mask when given.
     pub fn check(
         &self,
         q: usize,
@@ -121,17 +157,16 @@ impl AttnShape {
             )));
         }
         let kv_batch = s.batch / s.kv_group;
-        let kv_values = kv_batch * s.kv_stride * inner;
-        let kv_slots = if s.kv_bf16 {
-            if s.q_len > 1 || !s.d_kv.is_multiple_of(2) {
-                return Err(T5Error::Backend(
-                    "attention: bf16 keys/values need one query and an even d_kv".into(),
-                ));
-            }
-            kv_values / 2
-        } else {
-            kv_values
-        };
+        if s.kv != KvFormat::F32 && (s.q_len > 1 || !s.kv.fits(s.d_kv)) {
+            return Err(T5Error::Backend(format!(
+                "attention: {:?} keys/values need one query and d_kv a multiple of {} (got {} and {})",
+                s.kv,
+                if s.kv == KvFormat::Int8 { 4 } else { 2 },
+                s.q_len,
+                s.d_kv
+            )));
+        }
+        let kv_slots = kv_batch * s.kv_stride * s.kv.slots_per_position(s.heads, s.d_kv);
         check_len("attention k", kv.0, kv_slots)?;
         check_len("attention v", kv.1, kv_slots)?;
         if s.kv_len > s.kv_stride || s.kv_len == 0 {
@@ -288,8 +323,29 @@ pub trait Backend: Send + Sync {
     fn scale(&self, x: &mut Self::Tensor, len: usize, s: f32) -> Result<()>;
 
     /// The first `len` values of `t` (`len` even) rounded to bf16 and stored two per slot: a
-    /// key/value cache at half the memory traffic, for attention with `kv_bf16`.
+    /// key/value cache at half the memory traffic, for attention with [`KvFormat::Bf16`].
     fn compress_kv(&self, t: &Self::Tensor, len: usize) -> Result<Self::Tensor>;
+
+    /// Whether this backend attends over [`KvFormat::Int8`] caches ([`Backend::quantize_kv`]).
+    fn int8_kv(&self) -> bool {
+        false
+    }
+
+    /// The first `positions` rows of `t` (`[positions, heads * d_kv]`) as a [`KvFormat::Int8`]
+    /// cache: a quarter of f32's memory traffic, for int8 weights.
+    fn quantize_kv(
+        &self,
+        t: &Self::Tensor,
+        positions: usize,
+        heads: usize,
+        d_kv: usize,
+    ) -> Result<Self::Tensor> {
+        let _ = (t, positions, heads, d_kv);
+        Err(T5Error::Backend(format!(
+            "{}: no int8 key/value caches",
+            self.name()
+        )))
+    }
 
     /// Softmax attention without `1/sqrt(d_kv)` scaling (T5 folds it into the weights).
     /// `mask` (`[batch / kv_group, kv_len]`, added to the scores) may mask keys at the end of

@@ -62,11 +62,17 @@ impl<B: Backend> T5Model<B> {
             n: inner,
             k: d,
         };
-        // With reduced-precision weights the cross-attention keys/values are kept in bf16 too
-        // (f32 keeps them exact, for parity).
-        let cross_bf16 = b.weight_dtype() != crate::backend::WeightDtype::F32
-            && cfg.d_kv.is_multiple_of(2)
-            && !self.params.cross_cache_f32;
+        // With reduced-precision weights the cross-attention keys/values (the largest memory
+        // stream of batched decoding) are kept in bf16, and with int8 weights in int8 where
+        // the backend can (f32 keeps them exact, for parity).
+        use crate::backend::{KvFormat, WeightDtype};
+        let cross_kv = match b.weight_dtype() {
+            _ if self.params.cross_cache_f32 => KvFormat::F32,
+            WeightDtype::F32 => KvFormat::F32,
+            WeightDtype::Int8 if b.int8_kv() && KvFormat::Int8.fits(cfg.d_kv) => KvFormat::Int8,
+            _ if KvFormat::Bf16.fits(cfg.d_kv) => KvFormat::Bf16,
+            _ => KvFormat::F32,
+        };
         let mut self_k = Vec::with_capacity(cfg.num_decoder_layers);
         let mut self_v = Vec::with_capacity(cfg.num_decoder_layers);
         let mut cross_k = Vec::with_capacity(cfg.num_decoder_layers);
@@ -78,10 +84,16 @@ impl<B: Backend> T5Model<B> {
             let mut v = b.zeros(rows * inner)?;
             b.matmul_nt(&enc.hidden, &layer.cross_attn.k, &mut k, proj, false)?;
             b.matmul_nt(&enc.hidden, &layer.cross_attn.v, &mut v, proj, false)?;
-            if cross_bf16 {
-                // The largest memory stream of batched decoding, halved.
-                k = b.compress_kv(&k, rows * inner)?;
-                v = b.compress_kv(&v, rows * inner)?;
+            match cross_kv {
+                KvFormat::F32 => {}
+                KvFormat::Bf16 => {
+                    k = b.compress_kv(&k, rows * inner)?;
+                    v = b.compress_kv(&v, rows * inner)?;
+                }
+                KvFormat::Int8 => {
+                    k = b.quantize_kv(&k, rows, cfg.num_heads, cfg.d_kv)?;
+                    v = b.quantize_kv(&v, rows, cfg.num_heads, cfg.d_kv)?;
+                }
             }
             cross_k.push(k);
             cross_v.push(v);
@@ -104,7 +116,8 @@ impl<B: Backend> T5Model<B> {
             self_v,
             cross_k,
             cross_v,
-            cross_bf16,
+            cross_kv,
+            cross_slots: cross_kv.slots_per_position(cfg.num_heads, cfg.d_kv),
             cross_mask: b.gather_rows(&enc.mask, &all, enc.src_len)?,
             starts: vec![0; batch],
             scratch: DecoderScratch::new(b, batch, dims)?,
@@ -178,13 +191,13 @@ impl<B: Backend> T5Model<B> {
             kv_stride: state.capacity,
             kv_group: 1,
             bias_stride,
-            kv_bf16: false,
+            kv: crate::backend::KvFormat::F32,
         };
         let cross_shape = AttnShape {
             kv_len: state.src_len,
             kv_stride: state.src_len,
             kv_group: state.group,
-            kv_bf16: state.cross_bf16,
+            kv: state.cross_kv,
             ..self_shape
         };
         let proj = MatDims {

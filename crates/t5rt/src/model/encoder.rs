@@ -55,7 +55,7 @@ impl<B: Backend> T5Model<B> {
             kv_stride: src_len,
             kv_group: 1,
             bias_stride: src_len,
-            kv_bf16: false,
+            kv: crate::backend::KvFormat::F32,
         };
         let proj = MatDims {
             m: rows,

@@ -19,8 +19,8 @@ pub enum Part {
     AttnOut,
     /// Cross-attention's k and v products (run once per request, over the encoder output).
     CrossKv,
-    /// The cross-attention keys and values themselves (kept in bf16 with reduced-precision
-    /// weights).
+    /// The cross-attention keys and values themselves (kept in bf16 with bf16 weights, int8
+    /// with int8 weights).
     CrossCache,
     /// Every product of the encoder.
     Encoder,

@@ -87,8 +87,10 @@ pub struct DecoderState<T> {
     pub(crate) cross_k: Vec<T>,
     /// Per layer: [batch / group, src_len, inner]
     pub(crate) cross_v: Vec<T>,
-    /// Cross-attention keys/values are stored as bf16 pairs (reduced-precision weights).
-    pub(crate) cross_bf16: bool,
+    /// How the cross-attention keys/values are stored (f32; bf16 or int8 with
+    /// reduced-precision weights), and the f32 slots that takes per source position.
+    pub(crate) cross_kv: crate::backend::KvFormat,
+    pub(crate) cross_slots: usize,
     /// [batch / group, src_len] additive padding mask of the source
     pub(crate) cross_mask: T,
     /// Per row: the cache position of its first token. 0 for every row of a batch started
@@ -147,7 +149,10 @@ impl<T> DecoderState<T> {
                 "only fresh one-row-per-source states can join a running one".into(),
             ));
         }
-        if self.cross_bf16 != other.cross_bf16 || self.dims.inner != other.dims.inner {
+        if self.cross_kv != other.cross_kv
+            || self.cross_slots != other.cross_slots
+            || self.dims.inner != other.dims.inner
+        {
             return Err(T5Error::Input(
                 "states of different models cannot be joined".into(),
             ));
@@ -176,13 +181,7 @@ impl<T> DecoderState<T> {
         } else {
             self.src_len
         };
-        let slot = |len: usize| {
-            if self.cross_bf16 {
-                len * inner / 2
-            } else {
-                len * inner
-            }
-        };
+        let slot = |len: usize| len * self.cross_slots;
         for (mine, theirs) in self
             .cross_k
             .iter_mut()
@@ -285,11 +284,7 @@ impl<T> DecoderState<T> {
             }
         };
         if self.group == 1 {
-            let cross_row = if self.cross_bf16 {
-                self.src_len * inner / 2
-            } else {
-                self.src_len * inner
-            };
+            let cross_row = self.src_len * self.cross_slots;
             for t in self.cross_k.iter_mut().chain(self.cross_v.iter_mut()) {
                 keep(t, cross_row)?;
             }

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::isa::IsaLevel;
-use crate::backend::AttnShape;
+use crate::backend::{AttnShape, KvFormat};
 use crate::math::softmax_in_place;
 
 /// Attention for few queries (decoding steps). A task takes one query row and a group of
@@ -46,7 +46,12 @@ pub(super) fn attention(
             {
                 // Whole vectors per head: d_kv a multiple of 16 (32 for bf16 caches, whose
                 // slots hold two values) on AVX-512, of 8 (16) on AVX2. T5's d_kv is 64.
-                let per_head = if s.kv_bf16 { s.d_kv / 2 } else { s.d_kv };
+                // (int8 caches are dequantized to f32 rows first.)
+                let per_head = if s.kv == KvFormat::Bf16 {
+                    s.d_kv / 2
+                } else {
+                    s.d_kv
+                };
                 let even =
                     |lanes: usize| s.d_kv.is_multiple_of(2) && per_head.is_multiple_of(lanes);
                 if isa.avx512() && even(16) {
@@ -81,7 +86,7 @@ struct AttnArgs<'a> {
 fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
     let s = a.s;
     let Task {
-        inner,
+        inner: _,
         hn,
         d,
         h0,
@@ -96,11 +101,10 @@ fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
     // (Plain loops, not iterator adaptors: those are separate functions that would not be
     // compiled with the caller's target features.)
     let mut probs = vec![0.0f32; hn * n];
-    // bf16 caches: each key/value row is widened here first (two values per slot).
-    let mut wide = vec![0.0f32; if s.kv_bf16 { hn * d } else { 0 }];
+    // bf16 and int8 caches: each key/value row is widened here first.
+    let mut wide = vec![0.0f32; if s.kv == KvFormat::F32 { 0 } else { hn * d }];
     for j in j0..j1 {
-        let kb = (kv_b * s.kv_stride + j) * inner + h0 * d;
-        let key = kv_row(a.k, kb, hn * d, s.kv_bf16, &mut wide);
+        let key = kv_row(a.k, s, kv_b * s.kv_stride + j, h0, hn, &mut wide);
         for h in 0..hn {
             probs[h * n + j - j0] = dot(&q[h * d..(h + 1) * d], &key[h * d..(h + 1) * d]);
         }
@@ -111,8 +115,7 @@ fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
     // out_h = Σ_j p_hj · v_h[j]
     oh.fill(0.0);
     for j in j0..j1 {
-        let vb = (kv_b * s.kv_stride + j) * inner + h0 * d;
-        let val = kv_row(a.v, vb, hn * d, s.kv_bf16, &mut wide);
+        let val = kv_row(a.v, s, kv_b * s.kv_stride + j, h0, hn, &mut wide);
         for h in 0..hn {
             let p = probs[h * n + j - j0];
             if p == 0.0 {
@@ -138,26 +141,57 @@ fn unmasked_range(mask: &[f32]) -> (usize, usize) {
     }
 }
 
-/// Values `[at, at + len)` of a key/value cache: a slice of it (f32), or widened into `wide`
-/// (bf16 pairs; `at` and `len` even).
+/// Heads `[h0, h0 + hn)` of the key/value at position `pos` of a cache (`kv_b · kv_stride + j`):
+/// a slice of an f32 cache, or the values widened (bf16 pairs) or dequantized (int8, `q ·
+/// scale`, in f32) into `wide`.
 #[inline(always)]
 fn kv_row<'a>(
     cache: &'a [f32],
-    at: usize,
-    len: usize,
-    bf16: bool,
+    s: AttnShape,
+    pos: usize,
+    h0: usize,
+    hn: usize,
     wide: &'a mut [f32],
 ) -> &'a [f32] {
-    if !bf16 {
-        return &cache[at..at + len];
+    let (d, inner) = (s.d_kv, s.heads * s.d_kv);
+    let len = hn * d;
+    match s.kv {
+        KvFormat::F32 => {
+            let at = pos * inner + h0 * d;
+            &cache[at..at + len]
+        }
+        KvFormat::Bf16 => {
+            let at = (pos * inner + h0 * d) / 2;
+            for (pair, slot) in wide.chunks_exact_mut(2).zip(&cache[at..at + len / 2]) {
+                let bits = slot.to_bits();
+                pair[0] = f32::from_bits(bits << 16);
+                pair[1] = f32::from_bits(bits & 0xffff_0000);
+            }
+            &wide[..len]
+        }
+        KvFormat::Int8 => {
+            let base = pos * KvFormat::Int8.slots_per_position(s.heads, d);
+            let (values, scales) = (
+                &cache[base..base + inner / 4],
+                &cache[base + inner / 4 + h0..base + inner / 4 + h0 + hn],
+            );
+            // SAFETY: the f32 slots viewed as the int8 values they hold, four per slot in
+            // memory order (`quantize_kv`'s layout); i8 has no alignment or validity
+            // requirements.
+            let q = unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<i8>(), inner) };
+            let q = &q[h0 * d..h0 * d + len];
+            for ((w, q), &scale) in wide[..len]
+                .chunks_exact_mut(d)
+                .zip(q.chunks_exact(d))
+                .zip(scales)
+            {
+                for t in 0..d {
+                    w[t] = q[t] as f32 * scale;
+                }
+            }
+            &wide[..len]
+        }
     }
-    let slots = &cache[at / 2..(at + len) / 2];
-    for (pair, slot) in wide.chunks_exact_mut(2).zip(slots) {
-        let bits = slot.to_bits();
-        pair[0] = f32::from_bits(bits << 16);
-        pair[1] = f32::from_bits(bits & 0xffff_0000);
-    }
-    &wide[..len]
 }
 
 /// Dot product with 16 independent partial sums, so the compiler can vectorise it.
@@ -259,7 +293,8 @@ fn to_probs(a: &AttnArgs, row: &mut [f32], h: usize, qi: usize, kv_b: usize, j0:
 /// over `d_kv`, then a sum across the lanes; `out += p · v` in vectors. bf16 caches are
 /// widened in registers (each 32-bit slot holds an even and an odd value), against the query
 /// split into its even and odd values, and the output is gathered the same way and
-/// interleaved at the end. The sums run in a different order from [`attend`]'s, so results
+/// interleaved at the end. int8 caches are dequantized one key (the task's heads) at a time
+/// into f32 and read as an f32 cache. The sums run in a different order from [`attend`]'s, so results
 /// differ from it in the last bits; each (row, head) is computed alone, so a row's result
 /// does not depend on its batch or on the grouping of heads into tasks.
 #[cfg(target_arch = "x86_64")]
@@ -296,7 +331,11 @@ macro_rules! attend_simd {
             // Element offset of key/value `j`'s first head of this task (in f32 values; bf16
             // slots are at half of it).
             let at = |j: usize| (kv_b * s.kv_stride + j) * inner + h0 * d;
-            if s.kv_bf16 {
+            // int8 caches: each key/value row dequantized here first, then read as f32.
+            let int8 = s.kv == KvFormat::Int8;
+            let per = s.kv.slots_per_position(s.heads, d);
+            let mut wide = vec![0.0f32; if int8 { hn * d } else { 0 }];
+            if s.kv == KvFormat::Bf16 {
                 let half = d / 2;
                 let (mut qe, mut qo) = (vec![0.0f32; hn * half], vec![0.0f32; hn * half]);
                 for (i, pair) in q.chunks_exact(2).enumerate() {
@@ -319,8 +358,14 @@ macro_rules! attend_simd {
                 }
             } else {
                 for j in j0..j1 {
-                    let kp = a.k.as_ptr().add(at(j));
-                    prefetch(a.k, at(j), hn * d, inner);
+                    let kp = if int8 {
+                        let pos = kv_b * s.kv_stride + j;
+                        prefetch(a.k, pos * per + h0 * d / 4, hn * d / 4, per);
+                        kv_row(a.k, s, pos, h0, hn, &mut wide).as_ptr()
+                    } else {
+                        prefetch(a.k, at(j), hn * d, inner);
+                        a.k.as_ptr().add(at(j))
+                    };
                     for h in 0..hn {
                         let qh = q.as_ptr().add(h * d);
                         let mut acc = $mul($load(qh), $load(kp.add(h * d)));
@@ -334,7 +379,7 @@ macro_rules! attend_simd {
             for h in 0..hn {
                 to_probs(a, &mut probs[h * n..(h + 1) * n], h0 + h, qi, kv_b, j0);
             }
-            if s.kv_bf16 {
+            if s.kv == KvFormat::Bf16 {
                 let half = d / 2;
                 let (mut oe, mut oo) = (vec![0.0f32; hn * half], vec![0.0f32; hn * half]);
                 for j in j0..j1 {
@@ -364,8 +409,14 @@ macro_rules! attend_simd {
             } else {
                 oh.fill(0.0);
                 for j in j0..j1 {
-                    let vp = a.v.as_ptr().add(at(j));
-                    prefetch(a.v, at(j), hn * d, inner);
+                    let vp = if int8 {
+                        let pos = kv_b * s.kv_stride + j;
+                        prefetch(a.v, pos * per + h0 * d / 4, hn * d / 4, per);
+                        kv_row(a.v, s, pos, h0, hn, &mut wide).as_ptr()
+                    } else {
+                        prefetch(a.v, at(j), hn * d, inner);
+                        a.v.as_ptr().add(at(j))
+                    };
                     for h in 0..hn {
                         let p = probs[h * n + j - j0];
                         if p == 0.0 {

@@ -10,7 +10,7 @@ pub mod reference;
 
 use rayon::prelude::*;
 
-use super::{check_len, checks, AttnShape, Backend, MatDims, WeightDtype};
+use super::{check_len, checks, AttnShape, Backend, KvFormat, MatDims, WeightDtype};
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
 pub use isa::IsaLevel;
@@ -379,6 +379,52 @@ impl Backend for CpuBackend {
                 f32::from_bits(lo | hi << 16)
             })
             .collect())
+    }
+
+    fn int8_kv(&self) -> bool {
+        true
+    }
+
+    fn quantize_kv(
+        &self,
+        t: &Vec<f32>,
+        positions: usize,
+        heads: usize,
+        d_kv: usize,
+    ) -> Result<Vec<f32>> {
+        let inner = heads * d_kv;
+        check_len("quantize_kv", t.len(), positions * inner)?;
+        if !KvFormat::Int8.fits(d_kv) {
+            return Err(T5Error::Backend(format!(
+                "quantize_kv: d_kv {d_kv} is not a multiple of 4"
+            )));
+        }
+        let per = KvFormat::Int8.slots_per_position(heads, d_kv);
+        let mut out = vec![0.0f32; positions * per];
+        self.pool.install(|| {
+            out.par_chunks_exact_mut(per)
+                .zip(t[..positions * inner].par_chunks_exact(inner))
+                .for_each(|(dst, row)| {
+                    let (values, scales) = dst.split_at_mut(inner / 4);
+                    // SAFETY: an f32 slice viewed as its bytes (u8 has no alignment or
+                    // validity requirements); value `i` is byte `i` in memory order.
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), inner)
+                    };
+                    for ((head, q), scale) in row
+                        .chunks_exact(d_kv)
+                        .zip(bytes.chunks_exact_mut(d_kv))
+                        .zip(scales)
+                    {
+                        *scale = packed::i8_scale(head);
+                        let inv = 1.0 / *scale;
+                        for (q, &x) in q.iter_mut().zip(head) {
+                            *q = packed::quantize_one(x, inv) as u8;
+                        }
+                    }
+                });
+        });
+        Ok(out)
     }
 
     fn write_position(

@@ -132,7 +132,7 @@ pub fn quantize_int8(w: &[f32], n: usize, k: usize, isa: Isa) -> (Vec<i8>, Vec<f
 
 /// The scale of symmetric 8-bit quantization of `v`: `max|v| / 127` (1 if all are zero).
 #[inline]
-fn i8_scale(v: &[f32]) -> f32 {
+pub(super) fn i8_scale(v: &[f32]) -> f32 {
     let max = crate::math::max_abs(v);
     if max > 0.0 {
         max / 127.0
@@ -143,7 +143,7 @@ fn i8_scale(v: &[f32]) -> f32 {
 
 /// `round(v · inv)`, clamped to [-127, 127]; `inv = 1 / scale`, in f32.
 #[inline(always)]
-fn quantize_one(v: f32, inv: f32) -> i8 {
+pub(super) fn quantize_one(v: f32, inv: f32) -> i8 {
     let y = v * inv;
     // (Comparisons, not `clamp`, whose NaN rules keep the loop from vectorising.)
     #[allow(clippy::manual_clamp)]

@@ -18,7 +18,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use super::{check_len, checks, AttnShape, Backend, MatDims, WeightDtype};
+use super::{check_len, checks, AttnShape, Backend, KvFormat, MatDims, WeightDtype};
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
 
@@ -623,7 +623,15 @@ impl Backend for CudaBackend {
         .iter()
         .map(|&v| i32_of("attention shape", v))
         .collect::<Result<_>>()?;
-        let kv_bf16 = i32::from(s.kv_bf16);
+        let kv_bf16 = match s.kv {
+            KvFormat::F32 => 0i32,
+            KvFormat::Bf16 => 1,
+            KvFormat::Int8 => {
+                return Err(T5Error::Backend(
+                    "cuda attention over int8 keys/values: not supported (use bf16)".into(),
+                ))
+            }
+        };
         let bias_stride = i32_of("attention bias stride", s.bias_stride)?;
         let null = 0u64;
         let mut b = self.stream.launch_builder(self.f("attention"));
