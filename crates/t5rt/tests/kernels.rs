@@ -118,6 +118,11 @@ const ATTN_CASES: &[AttnCase] = &[
     // T5's d_kv: whole 16-lane vectors per head for f32 and bf16 caches (the AVX-512 path)
     (4, 8, 64, 1, 37, 40, 1),
     (6, 2, 32, 1, 9, 9, 3),
+    // batch 1 (heads split between tasks, a part of each key read), and heads of 80 and 96
+    // values (whole blocks of 64 values and a remainder in the AVX-512 walk)
+    (1, 8, 64, 1, 70, 72, 1),
+    (2, 2, 80, 1, 11, 11, 1),
+    (3, 2, 96, 1, 13, 16, 1),
 ];
 
 fn check_attention<B: Backend>(b: &B, rng: &mut Rng) {
@@ -248,7 +253,8 @@ fn check_attention_cases<B: Backend>(b: &B, rng: &mut Rng, cases: &[AttnCase]) {
                 continue;
             }
             // int8 caches: the reference on keys/values quantized per (position, head) by the
-            // documented rule, and bit for bit the backend's own f32 path on those values.
+            // documented rule, and the backend's own f32 path on those values (to rounding:
+            // AVX-512 walks int8 caches in blocks of keys, summing scores in another order).
             let dequant = |x: &[f32]| -> Vec<f32> {
                 x.chunks_exact(d_kv)
                     .flat_map(|head| {
@@ -282,9 +288,11 @@ fn check_attention_cases<B: Backend>(b: &B, rng: &mut Rng, cases: &[AttnCase]) {
             let got = run(&quant(&k), &quant(&v), s8);
             assert_close(&format!("{what} int8 k/v"), &got, &want, tol);
             let f32_path = run(&b.upload(&kq).unwrap(), &b.upload(&vq).unwrap(), s);
-            assert_eq!(
-                got, f32_path,
-                "{what} int8 k/v against f32 on the same values"
+            assert_close(
+                &format!("{what} int8 k/v against f32 on the same values"),
+                &got,
+                &f32_path,
+                tol,
             );
         }
     }

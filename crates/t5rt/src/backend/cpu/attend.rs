@@ -1,6 +1,9 @@
 //! Attention for few queries (decoding steps): the generic loop, and the same walk in explicit
 //! AVX-512 and AVX2 vectors.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 use rayon::prelude::*;
 
 use super::isa::IsaLevel;
@@ -57,7 +60,13 @@ pub(super) fn attention(
                 if isa.avx512() && even(16) {
                     // SAFETY: the backend only runs at levels the CPU has
                     // (`IsaLevel::checked`); d_kv checked just above.
-                    return unsafe { attend_avx512(&a, task, oh) };
+                    return unsafe {
+                        if s.kv == KvFormat::Int8 {
+                            avx512::attend_int8(&a, task, oh)
+                        } else {
+                            attend_avx512(&a, task, oh)
+                        }
+                    };
                 }
                 if isa >= IsaLevel::Avx2 && even(8) {
                     // SAFETY: as above.
