@@ -9,11 +9,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use t5rt::engine::{Batching, EngineConfig, EngineHandle, Event, FinishReason, SubmitError};
-use t5rt::{generate, Checkpoint, CpuBackend, GenerationConfig, T5Model, T5Tokenizer};
+use t5rt::{generate, Checkpoint, CpuBackend, GenerationConfig, T5Model, T5Tokenizer, WeightDtype};
 
 fn setup() -> (Arc<T5Model<CpuBackend>>, Arc<T5Tokenizer>) {
+    setup_as(WeightDtype::F32)
+}
+
+fn setup_as(dtype: WeightDtype) -> (Arc<T5Model<CpuBackend>>, Arc<T5Tokenizer>) {
     let ckpt = Checkpoint::open(&common::bundled_model()).unwrap();
-    let model = ckpt.load_model(CpuBackend::new(2).unwrap()).unwrap();
+    let model = ckpt
+        .load_model(CpuBackend::new(2).unwrap().with_dtype(dtype))
+        .unwrap();
     let Checkpoint { tokenizer, .. } = ckpt;
     (Arc::new(model), Arc::new(tokenizer.unwrap()))
 }
@@ -294,10 +300,18 @@ fn shutdown_finishes_what_is_running() {
 }
 
 /// Rows that join a batch far into its decoding, past the caches' first growth, and a batch
-/// that outlives its first rows (its caches are compacted): still the offline tokens.
+/// that outlives its first rows (its caches are compacted): still the offline tokens. In f32,
+/// and in int8, whose cross-attention caches are int8 (widened for a longer source as rows
+/// join).
 #[test]
 fn late_joiners_and_compacted_caches_give_offline_tokens() {
-    let (model, tok) = setup();
+    for dtype in [WeightDtype::F32, WeightDtype::Int8] {
+        late_joiners(dtype);
+    }
+}
+
+fn late_joiners(dtype: WeightDtype) {
+    let (model, tok) = setup_as(dtype);
     let engine = EngineHandle::start(
         model.clone(),
         Some(tok.clone()),
@@ -368,7 +382,7 @@ fn late_joiners_and_compacted_caches_give_offline_tokens() {
         let want = generate(&model, &[tok.encode(text).unwrap()], cfg, None, |_| {}).unwrap();
         assert_eq!(
             done.ids, want[0][0].ids,
-            "request {i} differs from generate()"
+            "{dtype}: request {i} differs from generate()"
         );
     }
     let steps = engine
@@ -376,5 +390,5 @@ fn late_joiners_and_compacted_caches_give_offline_tokens() {
         .steps
         .load(std::sync::atomic::Ordering::SeqCst);
     // Far fewer steps than tokens: the requests did share the batch.
-    assert!(steps < 300 + 400 + 150 + 20, "{steps} steps");
+    assert!(steps < 300 + 400 + 150 + 20, "{dtype}: {steps} steps");
 }
