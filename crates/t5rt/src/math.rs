@@ -39,9 +39,7 @@ pub(crate) fn max_abs(x: &[f32]) -> f32 {
 }
 
 /// The smallest and largest values of `x`, NaNs skipped (the comparisons skip them); `(0, 0)`
-/// when there are none. One pass in 16 interleaved lanes; inlined, so that a caller compiled
-/// for wider vectors vectorises it at their width.
-#[inline(always)]
+/// when there are none. One pass in 16 interleaved lanes.
 pub(crate) fn min_max(x: &[f32]) -> (f32, f32) {
     let (mut lo, mut hi) = ([f32::INFINITY; 16], [f32::NEG_INFINITY; 16]);
     let chunks = x.chunks_exact(16);
@@ -57,6 +55,13 @@ pub(crate) fn min_max(x: &[f32]) -> (f32, f32) {
         l = if a < l { a } else { l };
         h = if b > h { b } else { h };
     }
+    min_max_with((l, h), tail)
+}
+
+/// [`min_max`]'s end, shared with its vector versions: the range `(l, h)` found so far
+/// (infinities for none) widened by the values of `tail`, then `(0, 0)` if it is empty.
+#[inline(always)]
+pub(crate) fn min_max_with((mut l, mut h): (f32, f32), tail: &[f32]) -> (f32, f32) {
     for &v in tail {
         l = if v < l { v } else { l };
         h = if v > h { v } else { h };

@@ -344,6 +344,18 @@ macro_rules! attend_simd {
             let int8 = s.kv == KvFormat::Int8;
             let per = s.kv.slots_per_position(s.heads, d);
             let mut wide = vec![0.0f32; if int8 { hn * d } else { 0 }];
+            // Key or value `j`, from this task's first head: in the f32 cache, or dequantized
+            // into `wide` (int8); asked for a few keys ahead either way.
+            let row = |cache: &[f32], j: usize, wide: &mut Vec<f32>| -> *const f32 {
+                if int8 {
+                    let pos = kv_b * s.kv_stride + j;
+                    prefetch(cache, pos * per + h0 * d / 4, hn * d / 4, per);
+                    kv_row(cache, s, pos, h0, hn, wide).as_ptr()
+                } else {
+                    prefetch(cache, at(j), hn * d, inner);
+                    cache[at(j)..].as_ptr()
+                }
+            };
             if s.kv == KvFormat::Bf16 {
                 let half = d / 2;
                 let (mut qe, mut qo) = (vec![0.0f32; hn * half], vec![0.0f32; hn * half]);
@@ -367,14 +379,7 @@ macro_rules! attend_simd {
                 }
             } else {
                 for j in j0..j1 {
-                    let kp = if int8 {
-                        let pos = kv_b * s.kv_stride + j;
-                        prefetch(a.k, pos * per + h0 * d / 4, hn * d / 4, per);
-                        kv_row(a.k, s, pos, h0, hn, &mut wide).as_ptr()
-                    } else {
-                        prefetch(a.k, at(j), hn * d, inner);
-                        a.k.as_ptr().add(at(j))
-                    };
+                    let kp = row(a.k, j, &mut wide);
                     for h in 0..hn {
                         let qh = q.as_ptr().add(h * d);
                         let mut acc = $mul($load(qh), $load(kp.add(h * d)));
@@ -418,14 +423,7 @@ macro_rules! attend_simd {
             } else {
                 oh.fill(0.0);
                 for j in j0..j1 {
-                    let vp = if int8 {
-                        let pos = kv_b * s.kv_stride + j;
-                        prefetch(a.v, pos * per + h0 * d / 4, hn * d / 4, per);
-                        kv_row(a.v, s, pos, h0, hn, &mut wide).as_ptr()
-                    } else {
-                        prefetch(a.v, at(j), hn * d, inner);
-                        a.v.as_ptr().add(at(j))
-                    };
+                    let vp = row(a.v, j, &mut wide);
                     for h in 0..hn {
                         let p = probs[h * n + j - j0];
                         if p == 0.0 {

@@ -399,29 +399,26 @@ impl Backend for CpuBackend {
                 "quantize_kv: d_kv {d_kv} is not a multiple of 4"
             )));
         }
+        // Each head's values are a row of the weights' per-row rule (`quantize_int8`), then
+        // laid out per position: the values, then the heads' scales.
+        let (q, scales) = self.pool.install(|| {
+            packed::quantize_int8(&t[..positions * inner], positions * heads, d_kv, self.isa)
+        });
         let per = KvFormat::Int8.slots_per_position(heads, d_kv);
         let mut out = vec![0.0f32; positions * per];
         self.pool.install(|| {
             out.par_chunks_exact_mut(per)
-                .zip(t[..positions * inner].par_chunks_exact(inner))
-                .for_each(|(dst, row)| {
+                .zip(q.par_chunks_exact(inner))
+                .zip(scales.par_chunks_exact(heads))
+                .for_each(|((dst, q), s)| {
                     let (values, scales) = dst.split_at_mut(inner / 4);
                     // SAFETY: an f32 slice viewed as its bytes (u8 has no alignment or
                     // validity requirements); value `i` is byte `i` in memory order.
                     let bytes = unsafe {
-                        std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), inner)
+                        std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<i8>(), inner)
                     };
-                    for ((head, q), scale) in row
-                        .chunks_exact(d_kv)
-                        .zip(bytes.chunks_exact_mut(d_kv))
-                        .zip(scales)
-                    {
-                        *scale = packed::i8_scale(head);
-                        let inv = 1.0 / *scale;
-                        for (q, &x) in q.iter_mut().zip(head) {
-                            *q = packed::quantize_one(x, inv) as u8;
-                        }
-                    }
+                    bytes.copy_from_slice(q);
+                    scales.copy_from_slice(s);
                 });
         });
         Ok(out)

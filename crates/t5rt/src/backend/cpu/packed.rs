@@ -132,7 +132,7 @@ pub fn quantize_int8(w: &[f32], n: usize, k: usize, isa: Isa) -> (Vec<i8>, Vec<f
 
 /// The scale of symmetric 8-bit quantization of `v`: `max|v| / 127` (1 if all are zero).
 #[inline]
-pub(super) fn i8_scale(v: &[f32]) -> f32 {
+fn i8_scale(v: &[f32]) -> f32 {
     let max = crate::math::max_abs(v);
     if max > 0.0 {
         max / 127.0
@@ -143,7 +143,7 @@ pub(super) fn i8_scale(v: &[f32]) -> f32 {
 
 /// `round(v · inv)`, clamped to [-127, 127]; `inv = 1 / scale`, in f32.
 #[inline(always)]
-pub(super) fn quantize_one(v: f32, inv: f32) -> i8 {
+fn quantize_one(v: f32, inv: f32) -> i8 {
     let y = v * inv;
     // (Comparisons, not `clamp`, whose NaN rules keep the loop from vectorising.)
     #[allow(clippy::manual_clamp)]
@@ -926,21 +926,11 @@ fn int8_out(
         return unsafe { avx512(dst, acc, sums, scales, xc, xs, accumulate, n) };
     }
     let _ = isa;
-    let val = |j: usize| {
+    let vals = (0..n).map(|j| {
         let dot = (acc[j] as i32).wrapping_sub(sums[j].wrapping_mul(128)) as f32;
         dot * (xs * scales[j]) + xc * (sums[j] as f32 * scales[j])
-    };
-    if accumulate {
-        dst[..n]
-            .iter_mut()
-            .enumerate()
-            .for_each(|(j, d)| *d += val(j));
-    } else {
-        dst[..n]
-            .iter_mut()
-            .enumerate()
-            .for_each(|(j, d)| *d = val(j));
-    }
+    });
+    store(&mut dst[..n], vals, accumulate)
 }
 
 /// The smallest and largest values of `row` ([`crate::math::min_max`]; in AVX-512 vectors
@@ -963,16 +953,8 @@ fn row_range(row: &[f32], isa: Isa) -> (f32, f32) {
             lo = _mm512_min_ps(x, lo);
             hi = _mm512_max_ps(x, hi);
         }
-        let (mut l, mut h) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
-        for &v in tail {
-            l = if v < l { v } else { l };
-            h = if v > h { v } else { h };
-        }
-        if l <= h {
-            (l, h)
-        } else {
-            (0.0, 0.0)
-        }
+        let lanes = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+        crate::math::min_max_with(lanes, tail)
     }
     #[cfg(target_arch = "x86_64")]
     if isa.avx512() {
