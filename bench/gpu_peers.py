@@ -143,6 +143,7 @@ def main():
     ap.add_argument("--models", default=None, help="comma-separated (default: t5-small,flan-t5-small,t5-base)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: tests the script")
+    ap.add_argument("--work", default=None, help="where the weights and inputs go (default: OUT/gpu-peers-work)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,8 +161,8 @@ def main():
               "dry_run": args.dry_run, "torch": torch.__version__, "transformers": transformers.__version__,
               "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "repeats": args.repeats, "models": {}}
-    work = out / "gpu-peers-work"
-    work.mkdir(exist_ok=True)
+    work = Path(args.work) if args.work else out / "gpu-peers-work"
+    work.mkdir(parents=True, exist_ok=True)
     for name, case_names in plan.items():
         model_dir = work / name
         make_model(name, model_dir)

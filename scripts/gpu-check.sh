@@ -35,7 +35,7 @@ run() {
   local name=$1; shift
   local t0=$(date +%s.%N)
   log "== $name: $*"
-  timeout 240 "$@" >>"$LOG" 2>&1
+  timeout "${GPU_STEP_TIMEOUT:-240}" "$@" >>"$LOG" 2>&1
   local rc=$?
   local dt=$(python3 -c "print(round($(date +%s.%N) - $t0, 1))")
   log "== $name: exit $rc in ${dt}s"
