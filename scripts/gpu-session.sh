@@ -34,7 +34,37 @@ timeout "${PEER_TIMEOUT:-300}" python3 bench/gpu_peers.py --models "${PEER_MODEL
   --repeats "${PEER_REPEATS:-3}" --out "$OUT/peers" --work /tmp/gpu-peers-work 2>&1 | tee "$OUT/peers.log"
 echo "peers exit ${PIPESTATUS[0]}"
 
+# Decoding steps with and without CUDA graphs: same binary, same t5-base weights, alternated.
+mkdir -p "$OUT/graphs"
+if [ -d /tmp/gpu-peers-work/t5-base ]; then
+  for round in 1 2; do
+    for g in 1 0; do
+      for dt in f32 bf16; do
+        T5RT_CUDA_GRAPHS=$g timeout 120 gpu/t5rt bench --model /tmp/gpu-peers-work/t5-base --device cuda \
+          --dtype $dt --case a --case 1:512:64 --case 32:512:64 --repeats 3 \
+          --json "$OUT/graphs/r$round-g$g-$dt.json" 2>&1 | tee -a "$OUT/graphs.log"
+      done
+    done
+  done
+fi
+
+# The card's copy bandwidth (bytes read + written), for the floor of a decoding step.
+python3 - <<'PY' 2>&1 | tee "$OUT/bandwidth.txt"
+import torch
+x = torch.randint(0, 255, (2**31,), dtype=torch.uint8, device="cuda")
+y = torch.empty_like(x)
+for _ in range(3):
+    y.copy_(x)
+ts = []
+for _ in range(10):
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record(); y.copy_(x); b.record(); b.synchronize()
+    ts.append(a.elapsed_time(b) / 1000)
+ts.sort()
+print(f"device-to-device copy, 2 GiB: median {2 * x.numel() / ts[5] / 1e12:.2f} TB/s (read + write), {torch.cuda.get_device_name(0)}")
+PY
+
 cp "$OUT/check/gpu-check.log" "$OUT/gpu-check.log" 2>/dev/null
 cp "$OUT/peers/gpu_peers.md" "$OUT/gpu_peers.md" 2>/dev/null
-tar czf "$OUT/all.tgz" -C "$OUT" check peers 2>/dev/null && rm -rf "$OUT/check" "$OUT/peers"
+tar czf "$OUT/all.tgz" -C "$OUT" check peers graphs 2>/dev/null && rm -rf "$OUT/check" "$OUT/peers" "$OUT/graphs"
 ls -la "$OUT"

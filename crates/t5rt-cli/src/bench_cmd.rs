@@ -126,6 +126,9 @@ struct Report {
     /// Seconds from opening the checkpoint to the model ready on the device (reading,
     /// converting and packing the weights).
     load_s: f64,
+    /// How the backend ran the decoding steps (CUDA: graphs captured and replayed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    steps: Option<String>,
     cases: Vec<CaseResult>,
 }
 
@@ -364,6 +367,10 @@ fn measure<B: Backend>(
         );
         results.push(r);
     }
+    let steps = model.backend.step_report();
+    if let Some(line) = &steps {
+        println!("{line}");
+    }
     let report = Report {
         engine: format!("t5rt {} {}", env!("CARGO_PKG_VERSION"), args.dtype),
         model: model_name,
@@ -373,6 +380,7 @@ fn measure<B: Backend>(
         repeats: args.repeats,
         warmup: args.warmup,
         load_s,
+        steps,
         cases: results,
     };
     if let Some(path) = &args.json {

@@ -191,6 +191,19 @@ impl AttnShape {
     }
 }
 
+/// How a decoding step runs, as [`Backend::begin_step`] decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPlan {
+    /// The decoder calls the step's operations, which run as they are called.
+    Eager,
+    /// The decoder calls the step's operations, which the backend records (a CUDA graph);
+    /// then [`Backend::end_step`] runs the recording.
+    Capture,
+    /// The backend ran a recording of an earlier step of the same layout: the decoder calls
+    /// nothing.
+    Replayed,
+}
+
 /// A compute device. The CPU implementation is the reference every other one is tested against.
 pub trait Backend: Send + Sync {
     /// A flat f32 buffer in this device's memory.
@@ -419,6 +432,46 @@ pub trait Backend: Send + Sync {
         start: usize,
         len: usize,
     ) -> Result<Self::Tensor>;
+
+    /// Starts decoding step `pos` of a state whose buffers have layout id `layout` (None: this
+    /// step cannot be recorded, e.g. its self-attention needs a mask), fed `tokens`. A backend
+    /// that launches work from the host (CUDA) records a layout's step once and replays it
+    /// for the steps after, reading the position and tokens from the device; the CPU runs
+    /// every step as it comes.
+    fn begin_step(&self, layout: Option<u64>, pos: usize, tokens: &[u32]) -> Result<StepPlan> {
+        let _ = (layout, pos, tokens);
+        Ok(StepPlan::Eager)
+    }
+
+    /// Ends a step that [`Backend::begin_step`] said to capture; `ok` says whether every
+    /// operation was recorded. Returns whether the recorded step ran: false means the
+    /// recording failed and the decoder runs the step's operations again, uncaptured.
+    fn end_step(&self, ok: bool) -> Result<bool> {
+        let _ = ok;
+        Ok(false)
+    }
+
+    /// [`Backend::attention`] for a decoding step's self-attention over its cache, whose
+    /// `kv_len` is the step's position + 1 (a recorded step reads that on the device).
+    #[allow(clippy::too_many_arguments)]
+    fn step_attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        mask: Option<&Self::Tensor>,
+        out: &mut Self::Tensor,
+        shape: AttnShape,
+    ) -> Result<()> {
+        self.attention(q, k, v, bias, mask, out, shape)
+    }
+
+    /// A line on how this backend ran its decoding steps (CUDA: graphs captured and replayed),
+    /// for benchmarks; None when there is nothing to say.
+    fn step_report(&self) -> Option<String> {
+        None
+    }
 
     /// Index of the largest value of each of `rows` rows of width `n` (first one on ties).
     fn argmax_rows(&self, x: &Self::Tensor, rows: usize, n: usize) -> Result<Vec<u32>>;

@@ -1,6 +1,6 @@
 //! The decoder: cross-attention keys/values once per request, then one token per step.
 
-use crate::backend::{AttnShape, Backend, MatDims};
+use crate::backend::{AttnShape, Backend, MatDims, StepPlan};
 use crate::error::{Result, T5Error};
 
 use super::ffn::feed_forward;
@@ -123,6 +123,7 @@ impl<B: Backend> T5Model<B> {
             scratch: DecoderScratch::new(b, batch, dims)?,
             dims,
             self_bias: None,
+            layout: super::state::new_layout(),
         })
     }
 
@@ -161,27 +162,59 @@ impl<B: Backend> T5Model<B> {
                 "token id {bad} is outside the vocabulary"
             )));
         }
+        let heads = cfg.num_heads;
+        // Causal buckets for the one new query at `pos` over keys 0..=pos, shared by all layers
+        // and steps: one table for the whole decode, made (and uploaded) at the first step.
+        // Rows of max_steps values cover every step (pos < max_steps, checked above).
+        if state.self_bias.is_none() {
+            state.self_bias = Some(b.upload(&decoder_bias_table(
+                &self.params.decoder_relpos,
+                heads,
+                state.max_steps,
+                cfg.relative_attention_max_distance,
+            ))?);
+        }
+        // Rows that joined a running batch mask the positions before their first token.
+        let self_mask = state.self_mask().map(|m| b.upload(&m)).transpose()?;
+        // A step with a mask is not recorded (the mask changes every step).
+        let layout = self_mask.is_none().then_some(state.layout);
+        match b.begin_step(layout, pos, tokens)? {
+            StepPlan::Replayed => {}
+            StepPlan::Eager => self.step_ops(tokens, state, self_mask.as_ref())?,
+            StepPlan::Capture => {
+                let recorded = self.step_ops(tokens, state, self_mask.as_ref());
+                if !b.end_step(recorded.is_ok())? {
+                    // The recording failed: run the step as it comes.
+                    self.step_ops(tokens, state, self_mask.as_ref())?;
+                }
+            }
+        }
+        state.step += 1;
+        Ok(&mut state.scratch.logits)
+    }
+
+    /// The operations of one decoding step at position `state.step`, logits in the scratch.
+    fn step_ops(
+        &self,
+        tokens: &[u32],
+        state: &mut DecoderState<B::Tensor>,
+        self_mask: Option<&B::Tensor>,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let b = &self.backend;
+        let batch = state.batch;
+        let pos = state.step;
         let (d, inner, heads, eps) = (
             cfg.d_model,
             cfg.inner_dim(),
             cfg.num_heads,
             cfg.layer_norm_epsilon,
         );
-        // Causal buckets for the one new query at `pos` over keys 0..=pos, shared by all layers
-        // and steps: one table for the whole decode, made (and uploaded) at the first step.
-        // Rows of max_steps values cover every step (pos < max_steps, checked above).
         let bias_stride = state.max_steps;
-        if state.self_bias.is_none() {
-            state.self_bias = Some(b.upload(&decoder_bias_table(
-                &self.params.decoder_relpos,
-                heads,
-                bias_stride,
-                cfg.relative_attention_max_distance,
-            ))?);
-        }
-        let bias = state.self_bias.as_ref().expect("made just above");
-        // Rows that joined a running batch mask the positions before their first token.
-        let self_mask = state.self_mask().map(|m| b.upload(&m)).transpose()?;
+        let bias = state
+            .self_bias
+            .as_ref()
+            .ok_or_else(|| T5Error::Input("decoding step before its bias table".into()))?;
         let self_shape = AttnShape {
             batch,
             heads,
@@ -236,8 +269,7 @@ impl<B: Backend> T5Model<B> {
                 pos,
             )?;
             let (ck, cv) = (&state.self_k[l], &state.self_v[l]);
-            let mask = self_mask.as_ref();
-            b.attention(&s.q, ck, cv, Some(bias), mask, &mut s.attn, self_shape)?;
+            b.step_attention(&s.q, ck, cv, Some(bias), self_mask, &mut s.attn, self_shape)?;
             // residual: x += attn · oᵀ
             b.matmul_nt(&s.attn, &layer.self_attn.o, &mut s.x, out_proj, true)?;
 
@@ -295,7 +327,6 @@ impl<B: Backend> T5Model<B> {
             },
             false,
         )?;
-        state.step += 1;
-        Ok(&mut state.scratch.logits)
+        Ok(())
     }
 }

@@ -102,6 +102,17 @@ pub struct DecoderState<T> {
     /// The self-attention position bias for every step, `[heads, max_steps]`, made at the
     /// first step ([`crate::model::relpos::decoder_bias_table`]).
     pub(crate) self_bias: Option<T>,
+    /// Names where this state's buffers are: a new id whenever one of them moves (rows dropped
+    /// or joined, caches grown or compacted). A backend that records decoding steps replays a
+    /// recording only for the layout it was made with.
+    pub(crate) layout: u64,
+}
+
+/// A layout id no state has had before.
+pub(crate) fn new_layout() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl<T> DecoderState<T> {
@@ -220,6 +231,7 @@ impl<T> DecoderState<T> {
         if self.batch > self.scratch.rows {
             self.scratch = DecoderScratch::new(backend, self.batch, self.dims)?;
         }
+        self.layout = new_layout();
         Ok(())
     }
 
@@ -239,6 +251,7 @@ impl<T> DecoderState<T> {
         }
         self.step -= shift;
         self.starts.iter_mut().for_each(|s| *s -= shift);
+        self.layout = new_layout();
         Ok(())
     }
 
@@ -250,6 +263,7 @@ impl<T> DecoderState<T> {
             *t = backend.widen_rows(t, self.batch, self.capacity * inner, new_capacity * inner)?;
         }
         self.capacity = new_capacity;
+        self.layout = new_layout();
         Ok(())
     }
 
@@ -298,6 +312,7 @@ impl<T> DecoderState<T> {
             self.scratch = DecoderScratch::new(backend, rows.len(), self.dims)?;
         }
         self.batch = rows.len();
+        self.layout = new_layout();
         Ok(())
     }
 }

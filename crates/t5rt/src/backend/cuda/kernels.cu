@@ -155,10 +155,12 @@ extern "C" __global__ void embed(const u32* ids, const float* table, float* out,
     }
 }
 
-// cache[b, pos, :] = src[b, :]
+// cache[b, pos, :] = src[b, :]; pos = step[0] when `step` is given (a captured decoding
+// step reads its position from the device), else the argument.
 extern "C" __global__ void write_position(const float* src, float* cache, int batch, int width,
-                                          int stride, int pos) {
+                                          int stride, int pos, const u32* step) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (step) pos = (int)step[0];
     if (i < (size_t)batch * width) {
         size_t b = i / width, c = i % width;
         cache[(b * stride + pos) * width + c] = src[i];
@@ -285,5 +287,130 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
             if (p != 0.0f) acc += p * kv_at(v, ((size_t)kb * kv_stride + j) * inner + (size_t)h * d_kv + t, kv_bf16);
         }
         o[t] = acc * inv;
+    }
+}
+
+// One query per sequence (a decoding step): the same function as `attention` with q_len 1,
+// laid out for the GPU. One block of STEP_THREADS per (sequence b, head h). Scores: a thread
+// per key, its row read 16 bytes at a time. Weighted values: the threads split each value row
+// into 16-byte pieces (4 f32 or 8 bf16 values) and the keys into groups; the groups' partial
+// sums meet in shared memory. Leading masked keys (a row that joined a running batch) are
+// left out and the threads' shares start at the first unmasked key, so that the result equals
+// the one without them bit for bit; other masked keys get exp(-inf) = 0, which sums add
+// exactly.
+// kv_len = step[0] + 1 when `step` is given (the self-attention of a captured decoding step,
+// whose length is read on the device); shared memory then holds kv_stride scores.
+// Needs d_kv % 8 == 0 and STEP_THREADS % (d_kv / 4) == 0 (cuda/mod.rs checks; else
+// `attention` serves). Shared memory: [scores: kv_cap][q: d_kv][partials: STEP_THREADS * 8].
+#define STEP_THREADS 256
+extern "C" __global__ void __launch_bounds__(STEP_THREADS)
+attention_step(const float* q, const float* k, const float* v, const float* bias,
+               const float* mask, float* out, int batch, int heads, int d_kv, int kv_len,
+               int kv_stride, int kv_group, int kv_bf16, int bias_stride, int kv_cap,
+               const u32* step) {
+    extern __shared__ float4 smem4[];
+    float* smem = (float*)smem4;
+    __shared__ float scratch[32];
+    int h = blockIdx.x % heads;
+    int b = blockIdx.x / heads;
+    if (b >= batch) return;
+    if (step) kv_len = (int)step[0] + 1;
+    int kb = b / kv_group;
+    size_t inner = (size_t)heads * d_kv;
+    float* scores = smem;
+    float* qs = smem + ((kv_cap + 3) & ~3);
+    float* part = qs + d_kv;
+    const float* qr = q + (size_t)b * inner + (size_t)h * d_kv;
+    for (int t = threadIdx.x; t < d_kv; t += blockDim.x) qs[t] = qr[t];
+    __syncthreads();
+    // Row j of k or v for this head: f32 values, or bf16 pairs (slots of compress_kv).
+    size_t row0 = (size_t)kb * kv_stride;
+    size_t head_off = (size_t)h * d_kv;
+    // The first unmasked key (the last key when all are masked, as the CPU keeps one).
+    int j0 = 0;
+    if (mask) {
+        float first = NEG_INF;  // -(index of the first unmasked key this thread sees)
+        for (int j = threadIdx.x; j < kv_len; j += blockDim.x)
+            if (mask[(size_t)kb * kv_len + j] != NEG_INF) { first = -(float)j; break; }
+        first = block_max(first, scratch);
+        j0 = first == NEG_INF ? kv_len - 1 : (int)(-first);
+    }
+    int n = kv_len - j0;
+    float mx = NEG_INF;
+    for (int l = threadIdx.x; l < n; l += blockDim.x) {
+        int j = j0 + l;
+        float s = 0.0f;
+        size_t at = (row0 + j) * inner + head_off;
+        if (kv_bf16) {
+            const uint4* kr = (const uint4*)((const u32*)k + at / 2);
+            for (int c = 0; c < d_kv / 8; c++) {
+                uint4 w = kr[c];
+                const float* qc = qs + 8 * c;
+                s += qc[0] * __uint_as_float(w.x << 16) + qc[1] * __uint_as_float(w.x & 0xffff0000u);
+                s += qc[2] * __uint_as_float(w.y << 16) + qc[3] * __uint_as_float(w.y & 0xffff0000u);
+                s += qc[4] * __uint_as_float(w.z << 16) + qc[5] * __uint_as_float(w.z & 0xffff0000u);
+                s += qc[6] * __uint_as_float(w.w << 16) + qc[7] * __uint_as_float(w.w & 0xffff0000u);
+            }
+        } else {
+            const float4* kr = (const float4*)(k + at);
+            for (int c = 0; c < d_kv / 4; c++) {
+                float4 w = kr[c];
+                const float* qc = qs + 4 * c;
+                s += qc[0] * w.x + qc[1] * w.y + qc[2] * w.z + qc[3] * w.w;
+            }
+        }
+        if (bias) s += bias[(size_t)h * bias_stride + (bias_stride - kv_len) + j];
+        if (mask) s += mask[(size_t)kb * kv_len + j];
+        scores[l] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = block_max(mx, scratch);
+    float sum = 0.0f;
+    for (int l = threadIdx.x; l < n; l += blockDim.x) {
+        float e = (scores[l] == NEG_INF) ? 0.0f : expf(scores[l] - mx);
+        scores[l] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, scratch);  // ends with a barrier: every score is written
+    float inv = 1.0f / sum;
+    // Weighted values: `per` values per thread and piece, `pieces` pieces per row.
+    int per = kv_bf16 ? 8 : 4;
+    int pieces = d_kv / per;
+    int groups = blockDim.x / pieces;
+    int c = threadIdx.x % pieces, g = threadIdx.x / pieces;
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (g < groups) {
+        for (int l = g; l < n; l += groups) {
+            float p = scores[l];
+            if (p == 0.0f) continue;
+            size_t at = (row0 + j0 + l) * inner + head_off;
+            if (kv_bf16) {
+                uint4 w = ((const uint4*)((const u32*)v + at / 2))[c];
+                acc[0] += p * __uint_as_float(w.x << 16);
+                acc[1] += p * __uint_as_float(w.x & 0xffff0000u);
+                acc[2] += p * __uint_as_float(w.y << 16);
+                acc[3] += p * __uint_as_float(w.y & 0xffff0000u);
+                acc[4] += p * __uint_as_float(w.z << 16);
+                acc[5] += p * __uint_as_float(w.z & 0xffff0000u);
+                acc[6] += p * __uint_as_float(w.w << 16);
+                acc[7] += p * __uint_as_float(w.w & 0xffff0000u);
+            } else {
+                float4 w = ((const float4*)(v + at))[c];
+                acc[0] += p * w.x;
+                acc[1] += p * w.y;
+                acc[2] += p * w.z;
+                acc[3] += p * w.w;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++)
+            if (u < per) part[(size_t)g * d_kv + c * per + u] = acc[u];
+    }
+    __syncthreads();
+    float* o = out + (size_t)b * inner + head_off;
+    for (int t = threadIdx.x; t < d_kv; t += blockDim.x) {
+        float total = 0.0f;
+        for (int gg = 0; gg < groups; gg++) total += part[(size_t)gg * d_kv + t];
+        o[t] = total * inv;
     }
 }

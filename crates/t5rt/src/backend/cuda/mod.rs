@@ -10,6 +10,7 @@
 //! weights are f16 ([`Backend::upload_output_linear`]): half precision is safe by construction.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig};
@@ -18,15 +19,18 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use super::{check_len, checks, AttnShape, Backend, KvFormat, MatDims, WeightDtype};
+use super::{check_len, checks, AttnShape, Backend, KvFormat, MatDims, StepPlan, WeightDtype};
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
+
+mod graphs;
+pub use graphs::GraphStats;
 
 /// The kernels' source, compiled at run time.
 pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// Every kernel `kernels.cu` defines (loaded at start; a missing one is an error then).
-pub const KERNEL_NAMES: [&str; 13] = [
+pub const KERNEL_NAMES: [&str; 14] = [
     "to_bf16",
     "to_f16",
     "compress_kv",
@@ -40,6 +44,7 @@ pub const KERNEL_NAMES: [&str; 13] = [
     "fill_column",
     "argmax_rows",
     "attention",
+    "attention_step",
 ];
 
 fn err(what: &str, e: impl std::fmt::Display) -> T5Error {
@@ -102,14 +107,34 @@ enum WeightData {
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: Mutex<CudaBlas>,
+    blas: Mutex<Blas>,
     kernels: HashMap<&'static str, CudaFunction>,
     dtype: WeightDtype,
     name: String,
+    /// Decoding steps captured as CUDA graphs and replayed (see [`Backend::begin_step`]).
+    steps: Mutex<graphs::StepGraphs>,
+    /// Set while a decoding step is being captured: the step's position and token ids are
+    /// then read from the device (`StepGraphs::args`), not passed as launch arguments.
+    capturing: AtomicBool,
 }
+
+/// cuBLAS, with what its products need in place: a workspace of its own (so that nothing is
+/// allocated while a step is captured) and the half-precision copy of the activations,
+/// reused from product to product (grown when a larger product comes).
+struct Blas {
+    handle: CudaBlas,
+    _workspace: CudaSlice<u8>,
+    half: Option<CudaSlice<u16>>,
+}
+
+/// cuBLAS's workspace: 32 MiB, what NVIDIA recommends for Hopper.
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 /// Threads per block of the elementwise kernels.
 const THREADS: u32 = 256;
+
+/// Threads per block of `attention_step` (its `STEP_THREADS`).
+const STEP_THREADS: usize = 256;
 
 fn grid(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -167,7 +192,11 @@ impl CudaBackend {
                 .map_err(|e| err(&format!("kernel {name}"), e))?;
             kernels.insert(name, f);
         }
-        let stream = ctx.default_stream();
+        // One stream of our own (a graph cannot be captured on the legacy default stream),
+        // with cudarc's cross-stream event tracking off: everything runs on this one stream.
+        // SAFETY: no slice of this context is used on another stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| err("creating a stream", e))?;
         if !probe(|| unsafe { cudarc::cublas::sys::is_culib_present() }) {
             return Err(T5Error::Backend(
                 "cuda: libcublas cannot be loaded (install the CUDA toolkit's cuBLAS)".into(),
@@ -180,14 +209,34 @@ impl CudaBackend {
         }
         .result()
         .map_err(|e| err("cuBLAS math mode", e))?;
+        let workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE)
+            .map_err(|e| err("allocating cuBLAS's workspace", e))?;
+        {
+            let (wp, _g) = workspace.device_ptr(&stream);
+            // SAFETY: a valid handle and a live buffer of that size, kept beside the handle.
+            unsafe {
+                blas_sys::cublasSetWorkspace_v2(*blas.handle(), wp as *mut _, BLAS_WORKSPACE)
+            }
+            .result()
+            .map_err(|e| err("cuBLAS workspace", e))?;
+        }
         let gpu = ctx.name().unwrap_or_else(|_| "GPU".into());
         Ok(CudaBackend {
             name: format!("cuda:{ordinal} ({gpu}, sm_{major}{minor}, {dtype})"),
             ctx,
             stream,
-            blas: Mutex::new(blas),
+            blas: Mutex::new(Blas {
+                handle: blas,
+                _workspace: workspace,
+                half: None,
+            }),
             kernels,
             dtype,
+            steps: Mutex::new(graphs::StepGraphs::new(
+                std::env::var("T5RT_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            )),
+            capturing: AtomicBool::new(false),
         })
     }
 
@@ -195,6 +244,27 @@ impl CudaBackend {
     pub fn memory(&self) -> Result<(usize, usize)> {
         self.bind()?;
         cudarc::driver::result::mem_get_info().map_err(|e| err("memory info", e))
+    }
+
+    /// How decoding steps have run so far (graphs captured, replayed; steps run uncaptured).
+    pub fn graph_stats(&self) -> GraphStats {
+        self.lock_steps().stats
+    }
+
+    /// Turns the capture of decoding steps as CUDA graphs on or off (on by default; the
+    /// environment variable `T5RT_CUDA_GRAPHS=0` starts it off).
+    pub fn set_graphs(&self, on: bool) {
+        let mut st = self.lock_steps();
+        st.enabled = on;
+        st.forget();
+    }
+
+    fn lock_steps(&self) -> std::sync::MutexGuard<'_, graphs::StepGraphs> {
+        self.steps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn capturing(&self) -> bool {
+        self.capturing.load(Ordering::Relaxed)
     }
 
     /// Makes this GPU current on the calling thread (the engine's workers are other threads).
@@ -226,12 +296,31 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `x` (first `n` values) as bf16 or f16 bits, for a half-precision product.
-    fn to_half(&self, x: &CudaSlice<f32>, n: usize, dtype: WeightDtype) -> Result<CudaSlice<u16>> {
-        let mut out = self
-            .stream
-            .alloc_zeros::<u16>(n.max(1))
-            .map_err(|e| err("allocating half activations", e))?;
+    /// `x` (first `n` values) as bf16 or f16 bits in `half` (grown to `n` values when
+    /// shorter), for a half-precision product.
+    fn to_half<'h>(
+        &self,
+        half: &'h mut Option<CudaSlice<u16>>,
+        x: &CudaSlice<f32>,
+        n: usize,
+        dtype: WeightDtype,
+    ) -> Result<&'h mut CudaSlice<u16>> {
+        if half.as_ref().is_none_or(|h| h.len() < n) {
+            if self.capturing() {
+                // Freeing the old buffer inside a capture would fail; the step runs uncaptured.
+                return Err(T5Error::Backend(
+                    "cuda: half-precision scratch would grow during graph capture".into(),
+                ));
+            }
+            // Graphs captured earlier read the old buffer: they go with it.
+            self.lock_steps().forget();
+            *half = None;
+            // SAFETY: every value a product reads is written by the conversion below first.
+            let fresh = unsafe { self.stream.alloc::<u16>(n.max(1)) }
+                .map_err(|e| err("allocating half activations (out of GPU memory?)", e))?;
+            *half = Some(fresh);
+        }
+        let out = half.as_mut().expect("allocated above");
         let kernel = if dtype == WeightDtype::F16 {
             "to_f16"
         } else {
@@ -239,8 +328,9 @@ impl CudaBackend {
         };
         let n32 = i32_of("length", n)?;
         let mut b = self.stream.launch_builder(self.f(kernel));
-        b.arg(x).arg(&mut out).arg(&n32);
+        b.arg(x).arg(&mut *out).arg(&n32);
         self.launch(&mut b, grid(n), kernel)?;
+        drop(b);
         Ok(out)
     }
 
@@ -272,6 +362,132 @@ impl CudaBackend {
             .arg(&nl);
         self.launch(&mut b, grid(rows * new_len), "copy_rows")?;
         Ok(out)
+    }
+
+    /// Attention (see [`Backend::attention`]); `step`: a recorded decoding step's
+    /// self-attention, whose length is read on the device (kv_len = position + 1).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        mask: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        s: AttnShape,
+        step: bool,
+    ) -> Result<()> {
+        s.check(
+            q.len(),
+            out.len(),
+            (k.len(), v.len()),
+            bias.map(CudaSlice::len),
+            mask.map(CudaSlice::len),
+        )?;
+        let blocks = s.batch * s.heads * s.q_len;
+        if blocks == 0 {
+            return Ok(());
+        }
+        let kv_bf16 = match s.kv {
+            KvFormat::F32 => 0i32,
+            KvFormat::Bf16 => 1,
+            KvFormat::Int8 => {
+                return Err(T5Error::Backend(
+                    "cuda attention over int8 keys/values: not supported (use bf16)".into(),
+                ))
+            }
+        };
+        let a: Vec<i32> = [
+            s.batch,
+            s.heads,
+            s.d_kv,
+            s.q_len,
+            s.kv_len,
+            s.kv_stride,
+            s.kv_group,
+        ]
+        .iter()
+        .map(|&v| i32_of("attention shape", v))
+        .collect::<Result<_>>()?;
+        let bias_stride = i32_of("attention bias stride", s.bias_stride)?;
+        let null = 0u64;
+        // One query per sequence: `attention_step`, when the head width suits its layout
+        // (16-byte pieces of 4 f32 / 8 bf16 values that split a block's threads evenly).
+        let per = if kv_bf16 == 1 { 8 } else { 4 };
+        let fits =
+            s.d_kv > 0 && s.d_kv.is_multiple_of(8) && STEP_THREADS.is_multiple_of(s.d_kv / 4);
+        if s.q_len == 1 && fits {
+            // A recorded step's self-attention holds room for every position of the cache.
+            let kv_cap = if step { s.kv_stride } else { s.kv_len };
+            let shared = (kv_cap.div_ceil(4) * 4 + s.d_kv + STEP_THREADS * per) * 4;
+            if shared <= 48 * 1024 {
+                let cap = i32_of("attention keys", kv_cap)?;
+                let st = step.then(|| self.lock_steps());
+                let args = st.as_ref().and_then(|st| st.args.as_ref());
+                let cfg = LaunchConfig {
+                    grid_dim: (i32_of("blocks", s.batch * s.heads)? as u32, 1, 1),
+                    block_dim: (STEP_THREADS as u32, 1, 1),
+                    shared_mem_bytes: shared as u32,
+                };
+                let mut b = self.stream.launch_builder(self.f("attention_step"));
+                b.arg(q).arg(k).arg(v);
+                match bias {
+                    Some(t) => b.arg(t),
+                    None => b.arg(&null),
+                };
+                match mask {
+                    Some(t) => b.arg(t),
+                    None => b.arg(&null),
+                };
+                b.arg(out);
+                // batch, heads, d_kv, (not q_len), kv_len, kv_stride, kv_group
+                for v in [&a[0], &a[1], &a[2], &a[4], &a[5], &a[6]] {
+                    b.arg(v);
+                }
+                b.arg(&kv_bf16).arg(&bias_stride).arg(&cap);
+                match args {
+                    Some(t) => b.arg(t),
+                    None => b.arg(&null),
+                };
+                return self.launch(&mut b, cfg, "attention_step");
+            }
+        }
+        if step {
+            return Err(T5Error::Backend(
+                "cuda: this self-attention cannot be recorded (head width or cache length)".into(),
+            ));
+        }
+        // Scores of one (sequence, head, query) in shared memory.
+        let shared = s.kv_len * 4;
+        if shared > 48 * 1024 {
+            return Err(T5Error::Backend(format!(
+                "cuda attention over {} keys: at most 12288 for now",
+                s.kv_len
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (i32_of("blocks", blocks)? as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let mut b = self.stream.launch_builder(self.f("attention"));
+        b.arg(q).arg(k).arg(v);
+        match bias {
+            Some(t) => b.arg(t),
+            None => b.arg(&null),
+        };
+        match mask {
+            Some(t) => b.arg(t),
+            None => b.arg(&null),
+        };
+        b.arg(out);
+        for v in &a {
+            b.arg(v);
+        }
+        b.arg(&kv_bf16);
+        b.arg(&bias_stride);
+        self.launch(&mut b, cfg, "attention")
     }
 
     fn upload_ids(&self, ids: &[u32]) -> Result<CudaSlice<u32>> {
@@ -391,7 +607,10 @@ impl Backend for CudaBackend {
         }
         let (m, n, k) = (i32_of("m", d.m)?, i32_of("n", d.n)?, i32_of("k", d.k)?);
         let beta = if accumulate { 1.0f32 } else { 0.0 };
-        let blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        let Blas {
+            handle: blas, half, ..
+        } = &mut *guard;
         // Row-major out[m, n] = x[m, k] · w[n, k]ᵀ is column-major outᵀ = w · xᵀ.
         match &w.data {
             WeightData::F32(wd) => {
@@ -413,7 +632,7 @@ impl Backend for CudaBackend {
                 unsafe { blas.gemm(cfg, wd, &xv, &mut ov) }.map_err(|e| err("sgemm", e))?;
             }
             WeightData::Half(wd, dtype) => {
-                let xh = self.to_half(x, d.m * d.k, *dtype)?;
+                let xh = self.to_half(half, x, d.m * d.k, *dtype)?;
                 let ty = if *dtype == WeightDtype::F16 {
                     blas_sys::cudaDataType_t::CUDA_R_16F
                 } else {
@@ -470,8 +689,20 @@ impl Backend for CudaBackend {
         if ids.is_empty() {
             return Ok(());
         }
-        let dev_ids = self.upload_ids(ids)?;
         let (n, d32) = (i32_of("ids", ids.len())?, i32_of("d", d)?);
+        if self.capturing() {
+            // A recorded step reads its tokens from the step's device arguments.
+            let st = self.lock_steps();
+            let args = st
+                .args
+                .as_ref()
+                .ok_or_else(|| err("embed", "no step arguments"))?;
+            let dev_ids = args.slice(1..1 + ids.len());
+            let mut b = self.stream.launch_builder(self.f("embed"));
+            b.arg(&dev_ids).arg(table).arg(out).arg(&n).arg(&d32);
+            return self.launch(&mut b, grid(ids.len() * d), "embed");
+        }
+        let dev_ids = self.upload_ids(ids)?;
         let mut b = self.stream.launch_builder(self.f("embed"));
         b.arg(&dev_ids).arg(table).arg(out).arg(&n).arg(&d32);
         self.launch(&mut b, grid(ids.len() * d), "embed")
@@ -587,70 +818,103 @@ impl Backend for CudaBackend {
         out: &mut CudaSlice<f32>,
         s: AttnShape,
     ) -> Result<()> {
-        s.check(
-            q.len(),
-            out.len(),
-            (k.len(), v.len()),
-            bias.map(CudaSlice::len),
-            mask.map(CudaSlice::len),
-        )?;
-        // Scores of one (sequence, head, query) in shared memory.
-        let shared = s.kv_len * 4;
-        if shared > 48 * 1024 {
-            return Err(T5Error::Backend(format!(
-                "cuda attention over {} keys: at most 12288 for now",
-                s.kv_len
-            )));
-        }
-        let blocks = s.batch * s.heads * s.q_len;
-        if blocks == 0 {
-            return Ok(());
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (i32_of("blocks", blocks)? as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: shared as u32,
+        self.attend(q, k, v, bias, mask, out, s, false)
+    }
+
+    fn step_attention(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        mask: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        s: AttnShape,
+    ) -> Result<()> {
+        self.attend(q, k, v, bias, mask, out, s, self.capturing())
+    }
+
+    fn begin_step(&self, layout: Option<u64>, pos: usize, tokens: &[u32]) -> Result<StepPlan> {
+        self.bind()?;
+        let mut st = self.lock_steps();
+        let Some(layout) = layout.filter(|&l| st.enabled && st.failed != Some(l)) else {
+            st.stats.eager += 1;
+            return Ok(StepPlan::Eager);
         };
-        let a: Vec<i32> = [
-            s.batch,
-            s.heads,
-            s.d_kv,
-            s.q_len,
-            s.kv_len,
-            s.kv_stride,
-            s.kv_group,
-        ]
-        .iter()
-        .map(|&v| i32_of("attention shape", v))
-        .collect::<Result<_>>()?;
-        let kv_bf16 = match s.kv {
-            KvFormat::F32 => 0i32,
-            KvFormat::Bf16 => 1,
-            KvFormat::Int8 => {
-                return Err(T5Error::Backend(
-                    "cuda attention over int8 keys/values: not supported (use bf16)".into(),
-                ))
+        let need = 1 + tokens.len();
+        if st.args.as_ref().is_none_or(|a| a.len() < need) {
+            st.forget(); // the graphs read the old buffer
+            st.args = None;
+            let fresh = self
+                .stream
+                .alloc_zeros::<u32>(need.max(64))
+                .map_err(|e| err("allocating step arguments", e))?;
+            st.args = Some(fresh);
+        }
+        let mut host = Vec::with_capacity(need);
+        host.push(u32::try_from(pos).map_err(|_| err("step", "position past 2^32"))?);
+        host.extend_from_slice(tokens);
+        {
+            let args = st.args.as_mut().expect("allocated above");
+            let mut head = args.slice_mut(0..need);
+            self.stream
+                .memcpy_htod(&host, &mut head)
+                .map_err(|e| err("uploading step arguments", e))?;
+        }
+        if let Some(g) = st.find(layout) {
+            g.0.launch()
+                .map_err(|e| err("replaying a decoding step", e))?;
+            st.stats.replays += 1;
+            return Ok(StepPlan::Replayed);
+        }
+        if st.seen == Some(layout) {
+            self.stream
+                .begin_capture(
+                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+                .map_err(|e| err("starting a graph capture", e))?;
+            st.capturing = Some(layout);
+            self.capturing.store(true, Ordering::Relaxed);
+            return Ok(StepPlan::Capture);
+        }
+        st.seen = Some(layout);
+        st.stats.eager += 1;
+        Ok(StepPlan::Eager)
+    }
+
+    fn end_step(&self, ok: bool) -> Result<bool> {
+        self.capturing.store(false, Ordering::Relaxed);
+        let mut st = self.lock_steps();
+        let layout = st.capturing.take();
+        let graph = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        match (ok, layout, graph) {
+            (true, Some(layout), Ok(Some(g))) => {
+                g.launch().map_err(|e| err("running a captured step", e))?;
+                st.keep(layout, graphs::Graph(g));
+                st.stats.captures += 1;
+                Ok(true)
             }
-        };
-        let bias_stride = i32_of("attention bias stride", s.bias_stride)?;
-        let null = 0u64;
-        let mut b = self.stream.launch_builder(self.f("attention"));
-        b.arg(q).arg(k).arg(v);
-        match bias {
-            Some(t) => b.arg(t),
-            None => b.arg(&null),
-        };
-        match mask {
-            Some(t) => b.arg(t),
-            None => b.arg(&null),
-        };
-        b.arg(out);
-        for v in &a {
-            b.arg(v);
+            _ => {
+                st.fail(layout);
+                st.stats.eager += 1;
+                Ok(false)
+            }
         }
-        b.arg(&kv_bf16);
-        b.arg(&bias_stride);
-        self.launch(&mut b, cfg, "attention")
+    }
+
+    fn step_report(&self) -> Option<String> {
+        let st = self.lock_steps();
+        let s = st.stats;
+        Some(format!(
+            "CUDA graphs {}: {} steps captured, {} replayed, {} run launch by launch, {} failed captures",
+            if st.enabled { "on" } else { "off" },
+            s.captures,
+            s.replays,
+            s.eager,
+            s.failures
+        ))
     }
 
     fn write_position(
@@ -672,6 +936,10 @@ impl Backend for CudaBackend {
             i32_of("stride", stride)?,
             i32_of("position", pos)?,
         ];
+        // A recorded step reads its position from the step's device arguments.
+        let st = self.capturing().then(|| self.lock_steps());
+        let step = st.as_ref().and_then(|st| st.args.as_ref());
+        let null = 0u64;
         let mut b = self.stream.launch_builder(self.f("write_position"));
         b.arg(src)
             .arg(cache)
@@ -679,6 +947,10 @@ impl Backend for CudaBackend {
             .arg(&a[1])
             .arg(&a[2])
             .arg(&a[3]);
+        match step {
+            Some(t) => b.arg(t),
+            None => b.arg(&null),
+        };
         self.launch(&mut b, grid(batch * width), "write_position")
     }
 
