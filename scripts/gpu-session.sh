@@ -37,7 +37,7 @@ echo "peers exit ${PIPESTATUS[0]}"
 # Decoding steps with and without CUDA graphs: same binary, same t5-base weights, alternated.
 mkdir -p "$OUT/graphs"
 if [ -d /tmp/gpu-peers-work/t5-base ]; then
-  for round in 1 2; do
+  for round in 1; do
     for g in 1 0; do
       for dt in f32 bf16; do
         T5RT_CUDA_GRAPHS=$g timeout 120 gpu/t5rt bench --model /tmp/gpu-peers-work/t5-base --device cuda \
@@ -45,6 +45,15 @@ if [ -d /tmp/gpu-peers-work/t5-base ]; then
           --json "$OUT/graphs/r$round-g$g-$dt.json" 2>&1 | tee -a "$OUT/graphs.log"
       done
     done
+  done
+fi
+
+# Where a step's time goes: every operation synchronized and timed (graphs off), few steps.
+if [ -d /tmp/gpu-peers-work/t5-base ]; then
+  for spec in "f32 1:32:16" "bf16 1:32:16" "bf16 32:512:8" "f32 32:512:8"; do
+    set -- $spec
+    T5RT_CUDA_PROFILE=1 timeout 60 gpu/t5rt bench --model /tmp/gpu-peers-work/t5-base --device cuda \
+      --dtype $1 --case $2 --repeats 1 --warmup 0 2>&1 | tee -a "$OUT/profile.log"
   done
 fi
 
@@ -64,6 +73,7 @@ ts.sort()
 print(f"device-to-device copy, 2 GiB: median {2 * x.numel() / ts[5] / 1e12:.2f} TB/s (read + write), {torch.cuda.get_device_name(0)}")
 PY
 
+mv "$OUT/bandwidth.txt" "$OUT/graphs/" 2>/dev/null
 cp "$OUT/check/gpu-check.log" "$OUT/gpu-check.log" 2>/dev/null
 cp "$OUT/peers/gpu_peers.md" "$OUT/gpu_peers.md" 2>/dev/null
 tar czf "$OUT/all.tgz" -C "$OUT" check peers graphs 2>/dev/null && rm -rf "$OUT/check" "$OUT/peers" "$OUT/graphs"

@@ -662,19 +662,36 @@ fn cuda_kernels_match_reference() {
     check_attention(&b, &mut Rng::new(4));
     check_data_movement(&b, &mut Rng::new(5));
     check_odd_shapes(&b, &mut Rng::new(7));
-    // Half-precision products: both operands rounded, products exact, sums in f32.
+    // Half-precision products through cuBLAS: both operands rounded, products exact, sums in
+    // f32. Through the `gemv` kernel (up to 8 rows, k a multiple of 8, the rows in 48 KB of
+    // shared memory): the weights rounded, the activations exact.
     let mut rng = Rng::new(6);
     for dtype in [t5rt::WeightDtype::Bf16, t5rt::WeightDtype::F16] {
         let Some(h) = common::cuda_backend(dtype) else {
             return;
         };
-        for (m, n, k) in [(1, 1, 1), (3, 17, 33), (33, 130, 513), (1, 1000, 512)] {
+        for (m, n, k) in [
+            (1, 1, 1),
+            (3, 17, 33),
+            (33, 130, 513),
+            (1, 1000, 512),
+            (2, 3072, 768),
+            (1, 768, 3072),
+            (8, 300, 1024),
+            (9, 40, 64),
+        ] {
             let d = MatDims { m, n, k };
             let (x, w) = (rng.vec(m * k), rng.vec(n * k));
-            let want = if dtype == t5rt::WeightDtype::Bf16 {
-                reference::matmul_nt_bf16(&x, &w, d)
-            } else {
-                reference::matmul_nt_f16(&x, &w, d)
+            let gemv = m <= 8 && k % 8 == 0 && m * k <= 12288;
+            let want = match (dtype, gemv) {
+                (t5rt::WeightDtype::Bf16, true) => reference::matmul_nt_bf16_weights(&x, &w, d),
+                (t5rt::WeightDtype::Bf16, false) => reference::matmul_nt_bf16(&x, &w, d),
+                (_, true) => {
+                    let w16: Vec<f32> =
+                        w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+                    reference::matmul_nt(&x, &w16, d)
+                }
+                (_, false) => reference::matmul_nt_f16(&x, &w, d),
             };
             let (xt, wt) = (h.upload(&x).unwrap(), h.upload_linear(&w, n, k).unwrap());
             let mut out = h.zeros(m * n).unwrap();

@@ -291,23 +291,33 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
 }
 
 // One query per sequence (a decoding step): the same function as `attention` with q_len 1,
-// laid out for the GPU. One block of STEP_THREADS per (sequence b, head h). Scores: a thread
-// per key, its row read 16 bytes at a time. Weighted values: the threads split each value row
-// into 16-byte pieces (4 f32 or 8 bf16 values) and the keys into groups; the groups' partial
-// sums meet in shared memory. Leading masked keys (a row that joined a running batch) are
-// left out and the threads' shares start at the first unmasked key, so that the result equals
-// the one without them bit for bit; other masked keys get exp(-inf) = 0, which sums add
-// exactly.
+// laid out for the GPU. One block of STEP_THREADS per (sequence b, head h). The threads split
+// each key/value row into `pieces` 16-byte pieces (4 f32 or 8 bf16 values) and the keys into
+// `groups` (STEP_THREADS / pieces), so that a warp reads whole rows, coalesced. Scores: each
+// group's lanes reduce their pieces' partial dot products with shuffles. Weighted values: the
+// groups' partial sums meet in shared memory. Leading masked keys (a row that joined a running
+// batch) are left out and the groups' shares start at the first unmasked key, so that the
+// result equals the one without them bit for bit; other masked keys get exp(-inf) = 0, which
+// sums add exactly.
 // kv_len = step[0] + 1 when `step` is given (the self-attention of a captured decoding step,
 // whose length is read on the device); shared memory then holds kv_stride scores.
-// Needs d_kv % 8 == 0 and STEP_THREADS % (d_kv / 4) == 0 (cuda/mod.rs checks; else
-// `attention` serves). Shared memory: [scores: kv_cap][q: d_kv][partials: STEP_THREADS * 8].
+// Needs d_kv in {8, 16, 32, 64, 128} (pieces a power of two, at most a warp; cuda/mod.rs
+// checks; else `attention` serves). Shared memory: [scores: kv_cap][q: d_kv][partials:
+// STEP_THREADS * 8].
 #define STEP_THREADS 256
+__device__ __forceinline__ void unpack_bf16x8(uint4 w, float* f) {
+    f[0] = __uint_as_float(w.x << 16); f[1] = __uint_as_float(w.x & 0xffff0000u);
+    f[2] = __uint_as_float(w.y << 16); f[3] = __uint_as_float(w.y & 0xffff0000u);
+    f[4] = __uint_as_float(w.z << 16); f[5] = __uint_as_float(w.z & 0xffff0000u);
+    f[6] = __uint_as_float(w.w << 16); f[7] = __uint_as_float(w.w & 0xffff0000u);
+}
+
 extern "C" __global__ void __launch_bounds__(STEP_THREADS)
-attention_step(const float* q, const float* k, const float* v, const float* bias,
-               const float* mask, float* out, int batch, int heads, int d_kv, int kv_len,
-               int kv_stride, int kv_group, int kv_bf16, int bias_stride, int kv_cap,
-               const u32* step) {
+attention_step(const float* __restrict__ q, const float* __restrict__ k,
+               const float* __restrict__ v, const float* __restrict__ bias,
+               const float* __restrict__ mask, float* __restrict__ out, int batch, int heads,
+               int d_kv, int kv_len, int kv_stride, int kv_group, int kv_bf16, int bias_stride,
+               int kv_cap, const u32* __restrict__ step) {
     extern __shared__ float4 smem4[];
     float* smem = (float*)smem4;
     __shared__ float scratch[32];
@@ -322,10 +332,6 @@ attention_step(const float* q, const float* k, const float* v, const float* bias
     float* part = qs + d_kv;
     const float* qr = q + (size_t)b * inner + (size_t)h * d_kv;
     for (int t = threadIdx.x; t < d_kv; t += blockDim.x) qs[t] = qr[t];
-    __syncthreads();
-    // Row j of k or v for this head: f32 values, or bf16 pairs (slots of compress_kv).
-    size_t row0 = (size_t)kb * kv_stride;
-    size_t head_off = (size_t)h * d_kv;
     // The first unmasked key (the last key when all are masked, as the CPU keeps one).
     int j0 = 0;
     if (mask) {
@@ -335,82 +341,155 @@ attention_step(const float* q, const float* k, const float* v, const float* bias
         first = block_max(first, scratch);
         j0 = first == NEG_INF ? kv_len - 1 : (int)(-first);
     }
+    __syncthreads();  // qs
     int n = kv_len - j0;
+    size_t row0 = (size_t)kb * kv_stride + j0;
+    size_t head_off = (size_t)h * d_kv;
+    int per = kv_bf16 ? 8 : 4;
+    int pieces = d_kv / per;
+    int groups = blockDim.x / pieces;
+    int c = threadIdx.x % pieces, g = threadIdx.x / pieces;
+    // Scores: key l = base + g, piece c of its row.
+    float qv[8];
+#pragma unroll
+    for (int u = 0; u < 8; u++) qv[u] = (u < per) ? qs[c * per + u] : 0.0f;
     float mx = NEG_INF;
-    for (int l = threadIdx.x; l < n; l += blockDim.x) {
-        int j = j0 + l;
+    for (int base = 0; base < n; base += groups) {  // the same trip count for every thread
+        int l = base + g;
         float s = 0.0f;
-        size_t at = (row0 + j) * inner + head_off;
-        if (kv_bf16) {
-            const uint4* kr = (const uint4*)((const u32*)k + at / 2);
-            for (int c = 0; c < d_kv / 8; c++) {
-                uint4 w = kr[c];
-                const float* qc = qs + 8 * c;
-                s += qc[0] * __uint_as_float(w.x << 16) + qc[1] * __uint_as_float(w.x & 0xffff0000u);
-                s += qc[2] * __uint_as_float(w.y << 16) + qc[3] * __uint_as_float(w.y & 0xffff0000u);
-                s += qc[4] * __uint_as_float(w.z << 16) + qc[5] * __uint_as_float(w.z & 0xffff0000u);
-                s += qc[6] * __uint_as_float(w.w << 16) + qc[7] * __uint_as_float(w.w & 0xffff0000u);
-            }
-        } else {
-            const float4* kr = (const float4*)(k + at);
-            for (int c = 0; c < d_kv / 4; c++) {
-                float4 w = kr[c];
-                const float* qc = qs + 4 * c;
-                s += qc[0] * w.x + qc[1] * w.y + qc[2] * w.z + qc[3] * w.w;
+        if (l < n) {
+            size_t at = (row0 + l) * inner + head_off;
+            if (kv_bf16) {
+                float f[8];
+                unpack_bf16x8(((const uint4*)((const u32*)k + at / 2))[c], f);
+#pragma unroll
+                for (int u = 0; u < 8; u++) s += qv[u] * f[u];
+            } else {
+                float4 w = ((const float4*)(k + at))[c];
+                s = qv[0] * w.x + qv[1] * w.y + qv[2] * w.z + qv[3] * w.w;
             }
         }
-        if (bias) s += bias[(size_t)h * bias_stride + (bias_stride - kv_len) + j];
-        if (mask) s += mask[(size_t)kb * kv_len + j];
-        scores[l] = s;
-        mx = fmaxf(mx, s);
+        for (int o = pieces >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (l < n && c == 0) {
+            if (bias) s += bias[(size_t)h * bias_stride + (bias_stride - kv_len) + j0 + l];
+            if (mask) s += mask[(size_t)kb * kv_len + j0 + l];
+            scores[l] = s;
+            mx = fmaxf(mx, s);
+        }
     }
-    mx = block_max(mx, scratch);
+    mx = block_max(mx, scratch);  // starts with a barrier: every score is written
     float sum = 0.0f;
     for (int l = threadIdx.x; l < n; l += blockDim.x) {
         float e = (scores[l] == NEG_INF) ? 0.0f : expf(scores[l] - mx);
         scores[l] = e;
         sum += e;
     }
-    sum = block_sum(sum, scratch);  // ends with a barrier: every score is written
+    sum = block_sum(sum, scratch);  // ends with a barrier: every weight is written
     float inv = 1.0f / sum;
-    // Weighted values: `per` values per thread and piece, `pieces` pieces per row.
-    int per = kv_bf16 ? 8 : 4;
-    int pieces = d_kv / per;
-    int groups = blockDim.x / pieces;
-    int c = threadIdx.x % pieces, g = threadIdx.x / pieces;
+    // Weighted values: piece c of rows l = g, g + groups, ...
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    if (g < groups) {
-        for (int l = g; l < n; l += groups) {
-            float p = scores[l];
-            if (p == 0.0f) continue;
-            size_t at = (row0 + j0 + l) * inner + head_off;
-            if (kv_bf16) {
-                uint4 w = ((const uint4*)((const u32*)v + at / 2))[c];
-                acc[0] += p * __uint_as_float(w.x << 16);
-                acc[1] += p * __uint_as_float(w.x & 0xffff0000u);
-                acc[2] += p * __uint_as_float(w.y << 16);
-                acc[3] += p * __uint_as_float(w.y & 0xffff0000u);
-                acc[4] += p * __uint_as_float(w.z << 16);
-                acc[5] += p * __uint_as_float(w.z & 0xffff0000u);
-                acc[6] += p * __uint_as_float(w.w << 16);
-                acc[7] += p * __uint_as_float(w.w & 0xffff0000u);
-            } else {
-                float4 w = ((const float4*)(v + at))[c];
-                acc[0] += p * w.x;
-                acc[1] += p * w.y;
-                acc[2] += p * w.z;
-                acc[3] += p * w.w;
-            }
-        }
+#pragma unroll 4
+    for (int l = g; l < n; l += groups) {
+        float p = scores[l];
+        size_t at = (row0 + l) * inner + head_off;
+        if (kv_bf16) {
+            float f[8];
+            unpack_bf16x8(((const uint4*)((const u32*)v + at / 2))[c], f);
 #pragma unroll
-        for (int u = 0; u < 8; u++)
-            if (u < per) part[(size_t)g * d_kv + c * per + u] = acc[u];
+            for (int u = 0; u < 8; u++) acc[u] += p * f[u];
+        } else {
+            float4 w = ((const float4*)(v + at))[c];
+            acc[0] += p * w.x;
+            acc[1] += p * w.y;
+            acc[2] += p * w.z;
+            acc[3] += p * w.w;
+        }
     }
+#pragma unroll
+    for (int u = 0; u < 8; u++)
+        if (u < per) part[(size_t)g * d_kv + c * per + u] = acc[u];
     __syncthreads();
     float* o = out + (size_t)b * inner + head_off;
     for (int t = threadIdx.x; t < d_kv; t += blockDim.x) {
         float total = 0.0f;
         for (int gg = 0; gg < groups; gg++) total += part[(size_t)gg * d_kv + t];
         o[t] = total * inv;
+    }
+}
+
+// ---------------------------------------------------------------- skinny products
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// out[r, col] (+)= sum_t x[r, t] * w[col, t] for r < m <= GEMV_ROWS: decoding's products
+// (a few rows), bound by reading the weights once. A warp per column: its lanes read the
+// weight row 16 bytes at a time (4 f32, or 8 bf16/f16 values widened to f32) against x staged
+// in shared memory, then reduce with shuffles. kind: 0 f32, 1 bf16, 2 f16 weights; the
+// activations stay f32 (not rounded). Needs k % 8 == 0 and m * k floats in shared memory.
+#define GEMV_ROWS 8
+extern "C" __global__ void __launch_bounds__(256)
+gemv(const float* __restrict__ x, const void* __restrict__ w, float* __restrict__ out, int m,
+     int n, int k, int kind, int accumulate) {
+    extern __shared__ float4 xs4[];
+    float* xs = (float*)xs4;
+    for (int i = threadIdx.x; i < m * k / 4; i += blockDim.x) xs4[i] = ((const float4*)x)[i];
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int warps = blockDim.x >> 5;
+    for (int col = blockIdx.x * warps + warp; col < n; col += gridDim.x * warps) {
+        float acc[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.0f;
+        if (kind == 0) {
+            const float4* wr = (const float4*)((const float*)w + (size_t)col * k);
+#pragma unroll 4
+            for (int c = lane; c < k / 4; c += 32) {
+                float4 wv = wr[c];
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) {
+                    if (r < m) {
+                        float4 xv = xs4[(r * k) / 4 + c];
+                        acc[r] += wv.x * xv.x + wv.y * xv.y + wv.z * xv.z + wv.w * xv.w;
+                    }
+                }
+            }
+        } else {
+            const uint4* wr = (const uint4*)((const u16*)w + (size_t)col * k);
+#pragma unroll 2
+            for (int c = lane; c < k / 8; c += 32) {
+                uint4 wv = wr[c];
+                float f[8];
+                if (kind == 1) {
+                    unpack_bf16x8(wv, f);
+                } else {
+                    f[0] = f16_to_f32((u16)(wv.x & 0xffffu)); f[1] = f16_to_f32((u16)(wv.x >> 16));
+                    f[2] = f16_to_f32((u16)(wv.y & 0xffffu)); f[3] = f16_to_f32((u16)(wv.y >> 16));
+                    f[4] = f16_to_f32((u16)(wv.z & 0xffffu)); f[5] = f16_to_f32((u16)(wv.z >> 16));
+                    f[6] = f16_to_f32((u16)(wv.w & 0xffffu)); f[7] = f16_to_f32((u16)(wv.w >> 16));
+                }
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) {
+                    if (r < m) {
+                        float4 a = xs4[(r * k) / 4 + 2 * c], bq = xs4[(r * k) / 4 + 2 * c + 1];
+                        acc[r] += f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w +
+                                  f[4] * bq.x + f[5] * bq.y + f[6] * bq.z + f[7] * bq.w;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            if (r < m) {
+                float sum = warp_sum(acc[r]);
+                if (lane == 0) {
+                    size_t at = (size_t)r * n + col;
+                    out[at] = accumulate ? out[at] + sum : sum;
+                }
+            }
+        }
     }
 }

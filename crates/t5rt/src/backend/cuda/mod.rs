@@ -4,7 +4,9 @@
 //! in `kernels.cu`, compiled by NVRTC for the GPU at start.
 //!
 //! Precisions (`WeightDtype`): f32; bf16 and f16, where a product's half-precision operands go
-//! into the matrix units and its result stays f32. Everything else stays f32: the residual
+//! into the matrix units and its result stays f32; products of up to 8 rows (decoding) go
+//! through the `gemv` kernel instead, which widens the weights to f32 and keeps the
+//! activations f32. Everything else stays f32: the residual
 //! stream, RMSNorm statistics, softmax, activations, caches. The feed-forward output projection
 //! (`wo`), whose inputs exceed fp16's range in T5 v1.1 / FLAN-T5 / mT5, is kept in f32 when the
 //! weights are f16 ([`Backend::upload_output_linear`]): half precision is safe by construction.
@@ -30,7 +32,7 @@ pub use graphs::GraphStats;
 pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// Every kernel `kernels.cu` defines (loaded at start; a missing one is an error then).
-pub const KERNEL_NAMES: [&str; 14] = [
+pub const KERNEL_NAMES: [&str; 15] = [
     "to_bf16",
     "to_f16",
     "compress_kv",
@@ -45,6 +47,7 @@ pub const KERNEL_NAMES: [&str; 14] = [
     "argmax_rows",
     "attention",
     "attention_step",
+    "gemv",
 ];
 
 fn err(what: &str, e: impl std::fmt::Display) -> T5Error {
@@ -116,6 +119,9 @@ pub struct CudaBackend {
     /// Set while a decoding step is being captured: the step's position and token ids are
     /// then read from the device (`StepGraphs::args`), not passed as launch arguments.
     capturing: AtomicBool,
+    /// With `T5RT_CUDA_PROFILE=1`: GPU time per operation (calls, seconds), each operation
+    /// synchronized before and after (slow; graphs off). For finding where a step goes.
+    profile: Option<Mutex<HashMap<String, (u64, f64)>>>,
 }
 
 /// cuBLAS, with what its products need in place: a workspace of its own (so that nothing is
@@ -135,6 +141,9 @@ const THREADS: u32 = 256;
 
 /// Threads per block of `attention_step` (its `STEP_THREADS`).
 const STEP_THREADS: usize = 256;
+
+/// Rows up to which products go through the `gemv` kernel (its `GEMV_ROWS`), not cuBLAS.
+const GEMV_ROWS: usize = 8;
 
 fn grid(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -222,6 +231,7 @@ impl CudaBackend {
             .map_err(|e| err("cuBLAS workspace", e))?;
         }
         let gpu = ctx.name().unwrap_or_else(|_| "GPU".into());
+        let profile = std::env::var("T5RT_CUDA_PROFILE").is_ok_and(|v| v == "1");
         Ok(CudaBackend {
             name: format!("cuda:{ordinal} ({gpu}, sm_{major}{minor}, {dtype})"),
             ctx,
@@ -234,9 +244,10 @@ impl CudaBackend {
             kernels,
             dtype,
             steps: Mutex::new(graphs::StepGraphs::new(
-                std::env::var("T5RT_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+                std::env::var("T5RT_CUDA_GRAPHS").map_or(true, |v| v != "0") && !profile,
             )),
             capturing: AtomicBool::new(false),
+            profile: profile.then(|| Mutex::new(HashMap::new())),
         })
     }
 
@@ -292,8 +303,31 @@ impl CudaBackend {
     ) -> Result<()> {
         // SAFETY: each caller passes the arguments its kernel declares, in order, with
         // buffers it checked against the shapes.
-        unsafe { b.launch(cfg) }.map_err(|e| err(what, e))?;
-        Ok(())
+        self.timed(
+            || what.to_string(),
+            || {
+                unsafe { b.launch(cfg) }.map_err(|e| err(what, e))?;
+                Ok(())
+            },
+        )
+    }
+
+    /// Runs `f`, and with profiling on, adds its GPU time to operation `what`.
+    fn timed<R>(&self, what: impl FnOnce() -> String, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let Some(profile) = &self.profile else {
+            return f();
+        };
+        let sync = || self.stream.synchronize().map_err(|e| err("profiling", e));
+        sync()?;
+        let t0 = std::time::Instant::now();
+        let r = f()?;
+        sync()?;
+        let dt = t0.elapsed().as_secs_f64();
+        let mut p = profile.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.entry(what()).or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += dt;
+        Ok(r)
     }
 
     /// `x` (first `n` values) as bf16 or f16 bits in `half` (grown to `n` values when
@@ -415,8 +449,8 @@ impl CudaBackend {
         // One query per sequence: `attention_step`, when the head width suits its layout
         // (16-byte pieces of 4 f32 / 8 bf16 values that split a block's threads evenly).
         let per = if kv_bf16 == 1 { 8 } else { 4 };
-        let fits =
-            s.d_kv > 0 && s.d_kv.is_multiple_of(8) && STEP_THREADS.is_multiple_of(s.d_kv / 4);
+        // (pieces of a row: a power of two, at most a warp: d_kv 8, 16, 32, 64 or 128)
+        let fits = s.d_kv.is_multiple_of(8) && (s.d_kv / 4).is_power_of_two() && s.d_kv <= 128;
         if s.q_len == 1 && fits {
             // A recorded step's self-attention holds room for every position of the cache.
             let kv_cap = if step { s.kv_stride } else { s.kv_len };
@@ -602,10 +636,34 @@ impl Backend for CudaBackend {
                 w.n, w.k, d.n, d.k
             )));
         }
-        if d.m == 0 {
+        if d.m == 0 || d.n == 0 {
             return Ok(());
         }
         let (m, n, k) = (i32_of("m", d.m)?, i32_of("n", d.n)?, i32_of("k", d.k)?);
+        if d.m <= GEMV_ROWS && d.k.is_multiple_of(8) && d.m * d.k * 4 <= 48 * 1024 {
+            // Decoding's few rows: the weights read once, activations in f32.
+            let cfg = LaunchConfig {
+                grid_dim: (d.n.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: (d.m * d.k * 4) as u32,
+            };
+            let (kind, acc) = (
+                match &w.data {
+                    WeightData::F32(_) => 0i32,
+                    WeightData::Half(_, WeightDtype::F16) => 2,
+                    WeightData::Half(..) => 1,
+                },
+                accumulate as i32,
+            );
+            let mut b = self.stream.launch_builder(self.f("gemv"));
+            b.arg(x);
+            match &w.data {
+                WeightData::F32(t) => b.arg(t),
+                WeightData::Half(t, _) => b.arg(t),
+            };
+            b.arg(out).arg(&m).arg(&n).arg(&k).arg(&kind).arg(&acc);
+            return self.launch(&mut b, cfg, "gemv");
+        }
         let beta = if accumulate { 1.0f32 } else { 0.0 };
         let mut guard = self.blas.lock().unwrap_or_else(|e| e.into_inner());
         let Blas {
@@ -628,8 +686,11 @@ impl Backend for CudaBackend {
                 };
                 let xv = x.slice(0..d.m * d.k);
                 let mut ov = out.slice_mut(0..d.m * d.n);
-                // SAFETY: the shapes were checked against the buffers above.
-                unsafe { blas.gemm(cfg, wd, &xv, &mut ov) }.map_err(|e| err("sgemm", e))?;
+                self.timed(
+                    || format!("sgemm {}x{}x{}", d.m, d.n, d.k),
+                    // SAFETY: the shapes were checked against the buffers above.
+                    || unsafe { blas.gemm(cfg, wd, &xv, &mut ov) }.map_err(|e| err("sgemm", e)),
+                )?;
             }
             WeightData::Half(wd, dtype) => {
                 let xh = self.to_half(half, x, d.m * d.k, *dtype)?;
@@ -642,31 +703,36 @@ impl Backend for CudaBackend {
                 let (wp, _gw) = wd.device_ptr(&self.stream);
                 let (xp, _gx) = xh.device_ptr(&self.stream);
                 let (op, _go) = out.device_ptr_mut(&self.stream);
-                // SAFETY: as above; the pointers' guards live until the call is queued.
-                unsafe {
-                    cudarc::cublas::result::gemm_ex(
-                        *blas.handle(),
-                        blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                        blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                        n,
-                        m,
-                        k,
-                        &alpha as *const f32 as *const _,
-                        wp as *const _,
-                        ty,
-                        k,
-                        xp as *const _,
-                        ty,
-                        k,
-                        &beta as *const f32 as *const _,
-                        op as *mut _,
-                        blas_sys::cudaDataType_t::CUDA_R_32F,
-                        n,
-                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
-                }
-                .map_err(|e| err("gemm_ex", e))?;
+                self.timed(
+                    || format!("gemm_ex {}x{}x{} {dtype}", d.m, d.n, d.k),
+                    // SAFETY: as above; the pointers' guards live until the call is queued.
+                    || {
+                        unsafe {
+                            cudarc::cublas::result::gemm_ex(
+                                *blas.handle(),
+                                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                                n,
+                                m,
+                                k,
+                                &alpha as *const f32 as *const _,
+                                wp as *const _,
+                                ty,
+                                k,
+                                xp as *const _,
+                                ty,
+                                k,
+                                &beta as *const f32 as *const _,
+                                op as *mut _,
+                                blas_sys::cudaDataType_t::CUDA_R_32F,
+                                n,
+                                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                            )
+                        }
+                        .map_err(|e| err("gemm_ex", e))
+                    },
+                )?;
             }
         }
         Ok(())
@@ -907,14 +973,34 @@ impl Backend for CudaBackend {
     fn step_report(&self) -> Option<String> {
         let st = self.lock_steps();
         let s = st.stats;
-        Some(format!(
+        let mut line = format!(
             "CUDA graphs {}: {} steps captured, {} replayed, {} run launch by launch, {} failed captures",
             if st.enabled { "on" } else { "off" },
             s.captures,
             s.replays,
             s.eager,
             s.failures
-        ))
+        );
+        if let Some(p) = &self.profile {
+            let p = p.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ops: Vec<_> = p.iter().collect();
+            ops.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+            let total: f64 = ops.iter().map(|(_, v)| v.1).sum();
+            line += &format!(
+                "\nT5RT_CUDA_PROFILE: {:.1} ms synchronized GPU time; by operation:",
+                total * 1e3
+            );
+            for (name, (calls, secs)) in ops.iter().take(25) {
+                line += &format!(
+                    "\n  {:>9.3} ms {:>5.1}% {:>6} calls {:>8.1} us/call  {name}",
+                    secs * 1e3,
+                    100.0 * secs / total.max(1e-12),
+                    calls,
+                    secs * 1e6 / *calls as f64
+                );
+            }
+        }
+        Some(line)
     }
 
     fn write_position(
