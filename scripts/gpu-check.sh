@@ -45,6 +45,8 @@ run() {
 : > "$OUT/steps.jsonl"
 run kernels gpu/test-kernels --test-threads=1 cuda --nocapture
 run model-tests gpu/test-cuda --test-threads=1 --nocapture
+# The encoder's attention through the decoding kernel (off by default until this passes).
+T5RT_CUDA_ENCODER_ATTENTION=step run model-tests-encoder-step gpu/test-cuda --test-threads=1 --nocapture
 for dtype in f32 bf16 f16; do
   run "bench-$dtype" gpu/t5rt bench --device cuda --dtype "$dtype" --case a --case 8:128:64 --case 32:128:64 \
       --repeats 3 --json "$OUT/bench-$dtype.json"

@@ -48,6 +48,17 @@ if [ -d /tmp/gpu-peers-work/t5-base ]; then
   done
 fi
 
+# The encoder's attention through the decoding kernel, against the default, on 32 x 512.
+if [ -d /tmp/gpu-peers-work/t5-base ]; then
+  for enc in default step; do
+    for dt in f32 bf16; do
+      T5RT_CUDA_ENCODER_ATTENTION=$enc timeout 120 gpu/t5rt bench --model /tmp/gpu-peers-work/t5-base \
+        --device cuda --dtype $dt --case 1:512:64 --case 32:512:64 --repeats 3 \
+        --json "$OUT/graphs/enc-$enc-$dt.json" 2>&1 | tee -a "$OUT/graphs.log"
+    done
+  done
+fi
+
 # Where a step's time goes: every operation synchronized and timed (graphs off), few steps.
 if [ -d /tmp/gpu-peers-work/t5-base ]; then
   for spec in "f32 1:32:16" "bf16 1:32:16" "bf16 32:512:8" "f32 32:512:8"; do

@@ -660,6 +660,11 @@ fn cuda_kernels_match_reference() {
     check_rms_norm(&b, &mut Rng::new(2));
     check_activations(&b, &mut Rng::new(3));
     check_attention(&b, &mut Rng::new(4));
+    // The encoder's attention (several queries per sequence) through the decoding kernel,
+    // a block per query (off by default until this has passed on a GPU).
+    b.set_encoder_step_attention(true);
+    check_attention(&b, &mut Rng::new(8));
+    b.set_encoder_step_attention(false);
     check_data_movement(&b, &mut Rng::new(5));
     check_odd_shapes(&b, &mut Rng::new(7));
     // Half-precision products through cuBLAS: both operands rounded, products exact, sums in

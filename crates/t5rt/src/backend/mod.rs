@@ -467,6 +467,12 @@ pub trait Backend: Send + Sync {
         self.attention(q, k, v, bias, mask, out, shape)
     }
 
+    /// Waits for the work queued so far (a GPU runs it asynchronously): timings of one stage,
+    /// such as the encoder's, then hold that stage's work alone. The CPU has nothing to wait for.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// A line on how this backend ran its decoding steps (CUDA: graphs captured and replayed),
     /// for benchmarks; None when there is nothing to say.
     fn step_report(&self) -> Option<String> {

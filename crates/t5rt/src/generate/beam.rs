@@ -74,6 +74,7 @@ pub(crate) fn beam_search<B: Backend>(
 
     let started = std::time::Instant::now();
     let enc = model.encode(inputs)?;
+    model.backend.synchronize()?; // the encoder's own time, on a GPU too
     let encode_secs = started.elapsed().as_secs_f64();
     let mut state = model.start_grouped_decoding(&enc, limit, k)?;
     drop(enc);

@@ -290,8 +290,10 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
     }
 }
 
-// One query per sequence (a decoding step): the same function as `attention` with q_len 1,
-// laid out for the GPU. One block of STEP_THREADS per (sequence b, head h). The threads split
+// One query per sequence (a decoding step): the same function as `attention`, laid out for the
+// GPU. One block of STEP_THREADS per (sequence b, head h, query i); decoding has one query per
+// sequence (q_len 1), the encoder q_len (cuda/mod.rs sends it here only when asked to: this
+// use has not run on a GPU yet). The threads split
 // each key/value row into `pieces` 16-byte pieces (4 f32 or 8 bf16 values) and the keys into
 // `groups` (STEP_THREADS / pieces), so that a warp reads whole rows, coalesced. Scores: each
 // group's lanes reduce their pieces' partial dot products with shuffles. Weighted values: the
@@ -316,21 +318,23 @@ extern "C" __global__ void __launch_bounds__(STEP_THREADS)
 attention_step(const float* __restrict__ q, const float* __restrict__ k,
                const float* __restrict__ v, const float* __restrict__ bias,
                const float* __restrict__ mask, float* __restrict__ out, int batch, int heads,
-               int d_kv, int kv_len, int kv_stride, int kv_group, int kv_bf16, int bias_stride,
-               int kv_cap, const u32* __restrict__ step) {
+               int d_kv, int q_len, int kv_len, int kv_stride, int kv_group, int kv_bf16,
+               int bias_stride, int kv_cap, const u32* __restrict__ step) {
     extern __shared__ float4 smem4[];
     float* smem = (float*)smem4;
     __shared__ float scratch[32];
-    int h = blockIdx.x % heads;
-    int b = blockIdx.x / heads;
+    int i = blockIdx.x % q_len;
+    int h = (blockIdx.x / q_len) % heads;
+    int b = blockIdx.x / (q_len * heads);
     if (b >= batch) return;
     if (step) kv_len = (int)step[0] + 1;
     int kb = b / kv_group;
     size_t inner = (size_t)heads * d_kv;
+    size_t row_q = (size_t)b * q_len + i;  // this query's row of q and out
     float* scores = smem;
     float* qs = smem + ((kv_cap + 3) & ~3);
     float* part = qs + d_kv;
-    const float* qr = q + (size_t)b * inner + (size_t)h * d_kv;
+    const float* qr = q + row_q * inner + (size_t)h * d_kv;
     for (int t = threadIdx.x; t < d_kv; t += blockDim.x) qs[t] = qr[t];
     // The first unmasked key (the last key when all are masked, as the CPU keeps one).
     int j0 = 0;
@@ -371,7 +375,8 @@ attention_step(const float* __restrict__ q, const float* __restrict__ k,
         }
         for (int o = pieces >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (l < n && c == 0) {
-            if (bias) s += bias[(size_t)h * bias_stride + (bias_stride - kv_len) + j0 + l];
+            if (bias)
+                s += bias[((size_t)h * q_len + i) * bias_stride + (bias_stride - kv_len) + j0 + l];
             if (mask) s += mask[(size_t)kb * kv_len + j0 + l];
             scores[l] = s;
             mx = fmaxf(mx, s);
@@ -409,7 +414,7 @@ attention_step(const float* __restrict__ q, const float* __restrict__ k,
     for (int u = 0; u < 8; u++)
         if (u < per) part[(size_t)g * d_kv + c * per + u] = acc[u];
     __syncthreads();
-    float* o = out + (size_t)b * inner + head_off;
+    float* o = out + row_q * inner + head_off;
     for (int t = threadIdx.x; t < d_kv; t += blockDim.x) {
         float total = 0.0f;
         for (int gg = 0; gg < groups; gg++) total += part[(size_t)gg * d_kv + t];

@@ -122,6 +122,10 @@ pub struct CudaBackend {
     /// With `T5RT_CUDA_PROFILE=1`: GPU time per operation (calls, seconds), each operation
     /// synchronized before and after (slow; graphs off). For finding where a step goes.
     profile: Option<Mutex<HashMap<String, (u64, f64)>>>,
+    /// Whether attention over several queries per sequence (the encoder) goes through
+    /// `attention_step` too, a block per query (`T5RT_CUDA_ENCODER_ATTENTION=step`; off by
+    /// default until it has run on a GPU: see [`CudaBackend::set_encoder_step_attention`]).
+    encoder_step_attention: AtomicBool,
 }
 
 /// cuBLAS, with what its products need in place: a workspace of its own (so that nothing is
@@ -248,6 +252,9 @@ impl CudaBackend {
             )),
             capturing: AtomicBool::new(false),
             profile: profile.then(|| Mutex::new(HashMap::new())),
+            encoder_step_attention: AtomicBool::new(
+                std::env::var("T5RT_CUDA_ENCODER_ATTENTION").is_ok_and(|v| v == "step"),
+            ),
         })
     }
 
@@ -268,6 +275,15 @@ impl CudaBackend {
         let mut st = self.lock_steps();
         st.enabled = on;
         st.forget();
+    }
+
+    /// Sends the encoder's attention (several queries per sequence) through `attention_step`,
+    /// the decoding kernel, a block per query, instead of `attention`. `attention`'s weighted
+    /// sum walks every key one after the other in each block: on an H200, t5-base's encoder
+    /// over 32 x 512 tokens spent 28 ms per layer there (2026-11-27). Off by default: this use
+    /// of the kernel has not run on a GPU yet (scripts/gpu-check.sh tests both).
+    pub fn set_encoder_step_attention(&self, on: bool) {
+        self.encoder_step_attention.store(on, Ordering::Relaxed);
     }
 
     fn lock_steps(&self) -> std::sync::MutexGuard<'_, graphs::StepGraphs> {
@@ -451,7 +467,8 @@ impl CudaBackend {
         let per = if kv_bf16 == 1 { 8 } else { 4 };
         // (pieces of a row: a power of two, at most a warp: d_kv 8, 16, 32, 64 or 128)
         let fits = s.d_kv.is_multiple_of(8) && (s.d_kv / 4).is_power_of_two() && s.d_kv <= 128;
-        if s.q_len == 1 && fits {
+        let queries_here = s.q_len == 1 || self.encoder_step_attention.load(Ordering::Relaxed);
+        if queries_here && fits {
             // A recorded step's self-attention holds room for every position of the cache.
             let kv_cap = if step { s.kv_stride } else { s.kv_len };
             let shared = (kv_cap.div_ceil(4) * 4 + s.d_kv + STEP_THREADS * per) * 4;
@@ -460,7 +477,7 @@ impl CudaBackend {
                 let st = step.then(|| self.lock_steps());
                 let args = st.as_ref().and_then(|st| st.args.as_ref());
                 let cfg = LaunchConfig {
-                    grid_dim: (i32_of("blocks", s.batch * s.heads)? as u32, 1, 1),
+                    grid_dim: (i32_of("blocks", blocks)? as u32, 1, 1),
                     block_dim: (STEP_THREADS as u32, 1, 1),
                     shared_mem_bytes: shared as u32,
                 };
@@ -475,8 +492,8 @@ impl CudaBackend {
                     None => b.arg(&null),
                 };
                 b.arg(out);
-                // batch, heads, d_kv, (not q_len), kv_len, kv_stride, kv_group
-                for v in [&a[0], &a[1], &a[2], &a[4], &a[5], &a[6]] {
+                // batch, heads, d_kv, q_len, kv_len, kv_stride, kv_group
+                for v in &a {
                     b.arg(v);
                 }
                 b.arg(&kv_bf16).arg(&bias_stride).arg(&cap);
@@ -968,6 +985,13 @@ impl Backend for CudaBackend {
                 Ok(false)
             }
         }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        self.stream
+            .synchronize()
+            .map_err(|e| err("waiting for the GPU", e))
     }
 
     fn step_report(&self) -> Option<String> {
