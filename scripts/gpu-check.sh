@@ -44,6 +44,7 @@ run() {
 }
 : > "$OUT/steps.jsonl"
 run kernels gpu/test-kernels --test-threads=1 cuda --nocapture
+T5RT_CUDA_GEMV_WARPS=2 run kernels-gemv-2-warps gpu/test-kernels --test-threads=1 cuda --nocapture
 run model-tests gpu/test-cuda --test-threads=1 --nocapture
 # The encoder's attention through the decoding kernel (off by default until this passes).
 T5RT_CUDA_ENCODER_ATTENTION=step run model-tests-encoder-step gpu/test-cuda --test-threads=1 --nocapture

@@ -59,6 +59,17 @@ if [ -d /tmp/gpu-peers-work/t5-base ]; then
   done
 fi
 
+# gemv's columns per block: 8 (the default) against 2, at batch 1 and 8.
+if [ -d /tmp/gpu-peers-work/t5-base ]; then
+  for warps in 8 2; do
+    for dt in f32 bf16; do
+      T5RT_CUDA_GEMV_WARPS=$warps timeout 120 gpu/t5rt bench --model /tmp/gpu-peers-work/t5-base \
+        --device cuda --dtype $dt --case a --case 8:128:64 --repeats 3 \
+        --json "$OUT/graphs/gemv-$warps-$dt.json" 2>&1 | tee -a "$OUT/graphs.log"
+    done
+  done
+fi
+
 # Where a step's time goes: every operation synchronized and timed (graphs off), few steps.
 if [ -d /tmp/gpu-peers-work/t5-base ]; then
   for spec in "f32 1:32:16" "bf16 1:32:16" "bf16 32:512:8" "f32 32:512:8"; do

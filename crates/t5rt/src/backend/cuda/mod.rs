@@ -126,6 +126,10 @@ pub struct CudaBackend {
     /// `attention_step` too, a block per query (`T5RT_CUDA_ENCODER_ATTENTION=step`; off by
     /// default until it has run on a GPU: see [`CudaBackend::set_encoder_step_attention`]).
     encoder_step_attention: AtomicBool,
+    /// Warps (output columns) per block of `gemv`: 8, or `T5RT_CUDA_GEMV_WARPS` (1 to 8).
+    /// t5-base's 768-column products fill only 96 blocks at 8, fewer than an H100/H200 has
+    /// multiprocessors (132); fewer warps per block spread them wider (not measured yet).
+    gemv_warps: usize,
 }
 
 /// cuBLAS, with what its products need in place: a workspace of its own (so that nothing is
@@ -255,6 +259,11 @@ impl CudaBackend {
             encoder_step_attention: AtomicBool::new(
                 std::env::var("T5RT_CUDA_ENCODER_ATTENTION").is_ok_and(|v| v == "step"),
             ),
+            gemv_warps: std::env::var("T5RT_CUDA_GEMV_WARPS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|w| (1..=8).contains(w))
+                .unwrap_or(8),
         })
     }
 
@@ -659,9 +668,11 @@ impl Backend for CudaBackend {
         let (m, n, k) = (i32_of("m", d.m)?, i32_of("n", d.n)?, i32_of("k", d.k)?);
         if d.m <= GEMV_ROWS && d.k.is_multiple_of(8) && d.m * d.k * 4 <= 48 * 1024 {
             // Decoding's few rows: the weights read once, activations in f32.
+            // A warp per column, `gemv_warps` columns per block (each block stages x).
+            let warps = self.gemv_warps;
             let cfg = LaunchConfig {
-                grid_dim: (d.n.div_ceil(8) as u32, 1, 1),
-                block_dim: (256, 1, 1),
+                grid_dim: (d.n.div_ceil(warps) as u32, 1, 1),
+                block_dim: (32 * warps as u32, 1, 1),
                 shared_mem_bytes: (d.m * d.k * 4) as u32,
             };
             let (kind, acc) = (
