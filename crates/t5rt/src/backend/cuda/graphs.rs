@@ -9,6 +9,10 @@
 //! buffer, [`StepGraphs::args`], uploaded before each step); later steps of that layout replay
 //! the graph. A capture that fails (an operation that cannot be captured) makes the step run
 //! uncaptured, and after a few failures graphs are switched off for this backend.
+//!
+//! A capture records everything queued on the backend's stream meanwhile, from any thread: one
+//! thread at a time must drive a backend while graphs are on (the engine's worker does). Other
+//! callers turn graphs off (`T5RT_CUDA_GRAPHS=0`, [`super::CudaBackend::set_graphs`]).
 
 use cudarc::driver::{CudaGraph, CudaSlice};
 
