@@ -12,7 +12,8 @@ supports it, eager otherwise), and t5rt in f32, bf16 and f16. Cases: a-d as on t
 (1x32, 1x512, 8x128, 32x128 input tokens; 32 or 64 new), plus the seed's t5-base cases: 512
 input tokens at batch 1, 4, 15 and 32 (64 new). EOS is suppressed (min = max new tokens), so
 every system decodes the same number of steps. Reported per case: tokens/s, time per decoding
-step, encoder time, peak GPU memory (HF: torch's allocator; t5rt: not measured yet), and the
+step, encoder time, peak GPU memory (HF: torch's allocator; t5rt: the CUDA memory pool's
+high-water mark, both with the weights), and the
 share of sequences whose greedy ids equal HF fp32's.
 
     python3 bench/gpu_peers.py --out $OUT              # on the GPU machine
@@ -125,7 +126,7 @@ def t5rt_run(binary, model_dir, dtype, cases, device, repeats, work):
         c = rep["cases"][0]
         total, enc = c["total_s"]["median"], c["encode_s"]["median"]
         res[case] = {"tokens_per_s": c["tokens_per_s"]["median"], "total_s": total, "encode_s": enc,
-                     "step_ms": 1000 * c["decode_s"]["median"] / new, "peak_mib": None,
+                     "step_ms": 1000 * c["decode_s"]["median"] / new, "peak_mib": c.get("gpu_peak_mib"),
                      "host_peak_rss_mib": c["peak_rss_mib"], "load_s": rep.get("load_s"),
                      "ids": c["output_ids"], "device": rep["device"]}
     return res

@@ -110,6 +110,9 @@ struct CaseResult {
     total_s: Spread,
     /// Peak resident memory of the process so far (VmHWM), MiB.
     peak_rss_mib: Option<f64>,
+    /// On a GPU: the most device memory the case's runs held at once (weights included), MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpu_peak_mib: Option<f64>,
     /// The generated ids of the last timed run, per input.
     output_ids: Vec<Vec<u32>>,
 }
@@ -321,6 +324,7 @@ fn measure<B: Backend>(
             }
         };
         let (mut tps, mut enc, mut dec, mut tot) = (vec![], vec![], vec![], vec![]);
+        model.backend.reset_device_peak_memory();
         let mut output_ids = Vec::new();
         for run in 0..args.warmup + args.repeats {
             let started = Instant::now();
@@ -351,6 +355,10 @@ fn measure<B: Backend>(
             decode_s: Spread::of(dec),
             total_s: Spread::of(tot),
             peak_rss_mib: proc_status_mib("VmHWM:"),
+            gpu_peak_mib: model
+                .backend
+                .device_peak_memory()
+                .map(|b| b as f64 / (1u64 << 20) as f64),
             output_ids,
         };
         println!(
@@ -365,6 +373,12 @@ fn measure<B: Backend>(
             r.decode_s.median,
             r.peak_rss_mib.map_or("?".into(), |m| format!("{m:.0}")),
         );
+        if let Some(gpu) = r.gpu_peak_mib {
+            println!(
+                "{:<12} GPU memory at most {gpu:.0} MiB (weights included)",
+                r.name
+            );
+        }
         results.push(r);
     }
     let steps = model.backend.step_report();

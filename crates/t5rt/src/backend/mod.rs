@@ -473,6 +473,17 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// The most device memory this backend's allocations held at once since the last
+    /// [`Backend::reset_device_peak_memory`], bytes (weights included; CUDA: the memory pool's
+    /// high-water mark, comparable to torch's `max_memory_allocated`). None on the CPU, whose
+    /// memory is the process's (peak RSS).
+    fn device_peak_memory(&self) -> Option<u64> {
+        None
+    }
+
+    /// Starts [`Backend::device_peak_memory`] again from what is held now.
+    fn reset_device_peak_memory(&self) {}
+
     /// A line on how this backend ran its decoding steps (CUDA: graphs captured and replayed),
     /// for benchmarks; None when there is nothing to say.
     fn step_report(&self) -> Option<String> {

@@ -295,6 +295,17 @@ impl CudaBackend {
         self.encoder_step_attention.store(on, Ordering::Relaxed);
     }
 
+    /// The device's current memory pool, which cudarc's stream-ordered allocations draw from.
+    fn memory_pool(&self) -> Option<cudarc::driver::sys::CUmemoryPool> {
+        self.bind().ok()?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: a valid device of this context; the pool handle is written on success.
+        unsafe { cudarc::driver::sys::cuDeviceGetMemPool(&mut pool, self.ctx.cu_device()) }
+            .result()
+            .ok()?;
+        (!pool.is_null()).then_some(pool)
+    }
+
     fn lock_steps(&self) -> std::sync::MutexGuard<'_, graphs::StepGraphs> {
         self.steps.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -995,6 +1006,37 @@ impl Backend for CudaBackend {
                 st.stats.eager += 1;
                 Ok(false)
             }
+        }
+    }
+
+    fn device_peak_memory(&self) -> Option<u64> {
+        let pool = self.memory_pool()?;
+        let mut high = 0u64;
+        // SAFETY: a live pool; the attribute is a cuuint64_t.
+        unsafe {
+            cudarc::driver::sys::cuMemPoolGetAttribute(
+                pool,
+                cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut high as *mut u64 as *mut _,
+            )
+        }
+        .result()
+        .ok()?;
+        // Zero: the allocations did not come from the pool (no stream-ordered allocator).
+        (high > 0).then_some(high)
+    }
+
+    fn reset_device_peak_memory(&self) {
+        if let Some(pool) = self.memory_pool() {
+            let mut zero = 0u64;
+            // SAFETY: as above; 0 is the one value this attribute may be set to.
+            let _ = unsafe {
+                cudarc::driver::sys::cuMemPoolSetAttribute(
+                    pool,
+                    cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    &mut zero as *mut u64 as *mut _,
+                )
+            };
         }
     }
 
