@@ -5,7 +5,8 @@
 # t5rt, same random-init weights). Build first, here: scripts/build-gpu-bundle.sh; then run it
 # there with carry ["gpu"]. At most 8 files come back from $OUT, so the small ones are packed
 # into $OUT/all.tgz and the ones worth reading at once are left beside it.
-#     PEER_MODELS=t5-base PEER_TIMEOUT=300 scripts/gpu-session.sh
+#     PEER_MODELS=t5-base,t5-small,flan-t5-small PEER_TIMEOUT=300 scripts/gpu-session.sh
+# (PEER_MODELS defaults to t5-base alone; each model runs with its own PEER_TIMEOUT.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-session}
@@ -30,9 +31,15 @@ tail -5 "$OUT/check.stdout"
 
 # The libraries gpu-check found, for the peer run's t5rt too.
 export LD_LIBRARY_PATH=$(sed -n 's/^LD_LIBRARY_PATH=//p' "$OUT/check/gpu-check.log" | head -1)
-timeout "${PEER_TIMEOUT:-300}" python3 bench/gpu_peers.py --models "${PEER_MODELS:-t5-base}" \
-  --repeats "${PEER_REPEATS:-3}" --out "$OUT/peers" --work /tmp/gpu-peers-work 2>&1 | tee "$OUT/peers.log"
-echo "peers exit ${PIPESTATUS[0]}"
+# One model per run (its own timeout and report), t5-base first: the targets' model.
+: > "$OUT/peers.log"
+for model in $(echo "${PEER_MODELS:-t5-base}" | tr ',' ' '); do
+  timeout "${PEER_TIMEOUT:-300}" python3 bench/gpu_peers.py --models "$model" \
+    --repeats "${PEER_REPEATS:-3}" --out "$OUT/peers/$model" --work /tmp/gpu-peers-work 2>&1 \
+    | tee -a "$OUT/peers.log"
+  echo "peers $model exit ${PIPESTATUS[0]}"
+  cat "$OUT/peers/$model/gpu_peers.md" >> "$OUT/gpu_peers.md" 2>/dev/null
+done
 
 # Decoding steps with and without CUDA graphs: same binary, same t5-base weights, alternated.
 mkdir -p "$OUT/graphs"
@@ -97,6 +104,5 @@ PY
 
 mv "$OUT/bandwidth.txt" "$OUT/graphs/" 2>/dev/null
 cp "$OUT/check/gpu-check.log" "$OUT/gpu-check.log" 2>/dev/null
-cp "$OUT/peers/gpu_peers.md" "$OUT/gpu_peers.md" 2>/dev/null
 tar czf "$OUT/all.tgz" -C "$OUT" check peers graphs 2>/dev/null && rm -rf "$OUT/check" "$OUT/peers" "$OUT/graphs"
 ls -la "$OUT"
