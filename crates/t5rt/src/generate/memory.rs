@@ -115,7 +115,7 @@ pub fn plan(config: &T5Config, dtype: WeightDtype, shape: BatchShape) -> MemoryP
         } else {
             0
         },
-        prod(&[seq_copies, rows, cap + 1, F32]),
+        prod(&[seq_copies, rows, cap.saturating_add(1), F32]),
         prod(&[rows, 64]), // per-row bookkeeping
     ]
     .iter()
