@@ -223,20 +223,8 @@ fn graph_replays_give_the_uncaptured_logits() {
                 }
                 let rows = tokens.len();
                 let logits = model.decode_step(&tokens, &mut state).unwrap();
-                let host = model.backend.download(logits, rows * vocab).unwrap();
-                tokens = host
-                    .chunks_exact(vocab)
-                    .map(|r| {
-                        let mut best = 0;
-                        for (i, &v) in r.iter().enumerate() {
-                            if v > r[best] {
-                                best = i;
-                            }
-                        }
-                        best as u32
-                    })
-                    .collect();
-                all.push(host);
+                all.push(model.backend.download(logits, rows * vocab).unwrap());
+                tokens = model.backend.argmax_rows(logits, rows, vocab).unwrap();
             }
             let after = model.backend.graph_stats();
             let d = t5rt::backend::cuda::GraphStats {

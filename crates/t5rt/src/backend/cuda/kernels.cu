@@ -430,6 +430,16 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
     return f;
 }
 
+// Eight f16 values (low half of each word first) to f32, as unpack_bf16x8 does for bf16.
+__device__ __forceinline__ void unpack_f16x8(uint4 w, float* f) {
+    u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = f16_to_f32((u16)(words[i] & 0xffffu));
+        f[2 * i + 1] = f16_to_f32((u16)(words[i] >> 16));
+    }
+}
+
 // out[r, col] (+)= sum_t x[r, t] * w[col, t] for r < m <= GEMV_ROWS: decoding's products
 // (a few rows), bound by reading the weights once. A warp per column: its lanes read the
 // weight row 16 bytes at a time (4 f32, or 8 bf16/f16 values widened to f32) against x staged
@@ -468,14 +478,8 @@ gemv(const float* __restrict__ x, const void* __restrict__ w, float* __restrict_
             for (int c = lane; c < k / 8; c += 32) {
                 uint4 wv = wr[c];
                 float f[8];
-                if (kind == 1) {
-                    unpack_bf16x8(wv, f);
-                } else {
-                    f[0] = f16_to_f32((u16)(wv.x & 0xffffu)); f[1] = f16_to_f32((u16)(wv.x >> 16));
-                    f[2] = f16_to_f32((u16)(wv.y & 0xffffu)); f[3] = f16_to_f32((u16)(wv.y >> 16));
-                    f[4] = f16_to_f32((u16)(wv.z & 0xffffu)); f[5] = f16_to_f32((u16)(wv.z >> 16));
-                    f[6] = f16_to_f32((u16)(wv.w & 0xffffu)); f[7] = f16_to_f32((u16)(wv.w >> 16));
-                }
+                if (kind == 1) unpack_bf16x8(wv, f);
+                else unpack_f16x8(wv, f);
 #pragma unroll
                 for (int r = 0; r < GEMV_ROWS; r++) {
                     if (r < m) {

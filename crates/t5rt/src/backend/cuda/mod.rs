@@ -161,6 +161,39 @@ fn grid(n: usize) -> LaunchConfig {
     }
 }
 
+/// A null pointer for a kernel's optional buffer argument.
+static NULL: u64 = 0;
+
+/// Pushes buffer `t`, or a null pointer when there is none (the kernels' optional arguments).
+fn arg_or_null<'a, T>(b: &mut cudarc::driver::LaunchArgs<'a>, t: Option<&'a CudaSlice<T>>) {
+    match t {
+        Some(t) => b.arg(t),
+        None => b.arg(&NULL),
+    };
+}
+
+/// Pushes the arguments both attention kernels start with: q, k, v, the optional bias and
+/// mask, out, then the shape's ints (`a`).
+#[allow(clippy::too_many_arguments)]
+fn attention_args<'a>(
+    b: &mut cudarc::driver::LaunchArgs<'a>,
+    q: &'a CudaSlice<f32>,
+    k: &'a CudaSlice<f32>,
+    v: &'a CudaSlice<f32>,
+    bias: Option<&'a CudaSlice<f32>>,
+    mask: Option<&'a CudaSlice<f32>>,
+    out: &'a mut CudaSlice<f32>,
+    a: &'a [i32],
+) {
+    b.arg(q).arg(k).arg(v);
+    arg_or_null(b, bias);
+    arg_or_null(b, mask);
+    b.arg(out);
+    for v in a {
+        b.arg(v);
+    }
+}
+
 fn i32_of(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| T5Error::Backend(format!("cuda: {what} {v} is past 2^31")))
 }
@@ -481,7 +514,6 @@ impl CudaBackend {
         .map(|&v| i32_of("attention shape", v))
         .collect::<Result<_>>()?;
         let bias_stride = i32_of("attention bias stride", s.bias_stride)?;
-        let null = 0u64;
         // One query per sequence: `attention_step`, when the head width suits its layout
         // (16-byte pieces of 4 f32 / 8 bf16 values that split a block's threads evenly).
         let per = if kv_bf16 == 1 { 8 } else { 4 };
@@ -502,25 +534,9 @@ impl CudaBackend {
                     shared_mem_bytes: shared as u32,
                 };
                 let mut b = self.stream.launch_builder(self.f("attention_step"));
-                b.arg(q).arg(k).arg(v);
-                match bias {
-                    Some(t) => b.arg(t),
-                    None => b.arg(&null),
-                };
-                match mask {
-                    Some(t) => b.arg(t),
-                    None => b.arg(&null),
-                };
-                b.arg(out);
-                // batch, heads, d_kv, q_len, kv_len, kv_stride, kv_group
-                for v in &a {
-                    b.arg(v);
-                }
+                attention_args(&mut b, q, k, v, bias, mask, out, &a);
                 b.arg(&kv_bf16).arg(&bias_stride).arg(&cap);
-                match args {
-                    Some(t) => b.arg(t),
-                    None => b.arg(&null),
-                };
+                arg_or_null(&mut b, args);
                 return self.launch(&mut b, cfg, "attention_step");
             }
         }
@@ -543,19 +559,7 @@ impl CudaBackend {
             shared_mem_bytes: shared as u32,
         };
         let mut b = self.stream.launch_builder(self.f("attention"));
-        b.arg(q).arg(k).arg(v);
-        match bias {
-            Some(t) => b.arg(t),
-            None => b.arg(&null),
-        };
-        match mask {
-            Some(t) => b.arg(t),
-            None => b.arg(&null),
-        };
-        b.arg(out);
-        for v in &a {
-            b.arg(v);
-        }
+        attention_args(&mut b, q, k, v, bias, mask, out, &a);
         b.arg(&kv_bf16);
         b.arg(&bias_stride);
         self.launch(&mut b, cfg, "attention")
@@ -871,18 +875,12 @@ impl Backend for CudaBackend {
             Activation::Silu => 2,
         };
         let n = i32_of("len", len)?;
-        let null = 0u64;
+        if let Some(u) = up {
+            check_len("activate up", u.len(), len)?;
+        }
         let mut b = self.stream.launch_builder(self.f("activate"));
         b.arg(x);
-        match up {
-            Some(u) => {
-                check_len("activate up", u.len(), len)?;
-                b.arg(u);
-            }
-            None => {
-                b.arg(&null);
-            }
-        }
+        arg_or_null(&mut b, up);
         b.arg(&n).arg(&code);
         self.launch(&mut b, grid(len), "activate")
     }
@@ -1102,7 +1100,6 @@ impl Backend for CudaBackend {
         // A recorded step reads its position from the step's device arguments.
         let st = self.capturing().then(|| self.lock_steps());
         let step = st.as_ref().and_then(|st| st.args.as_ref());
-        let null = 0u64;
         let mut b = self.stream.launch_builder(self.f("write_position"));
         b.arg(src)
             .arg(cache)
@@ -1110,10 +1107,7 @@ impl Backend for CudaBackend {
             .arg(&a[1])
             .arg(&a[2])
             .arg(&a[3]);
-        match step {
-            Some(t) => b.arg(t),
-            None => b.arg(&null),
-        };
+        arg_or_null(&mut b, step);
         self.launch(&mut b, grid(batch * width), "write_position")
     }
 
