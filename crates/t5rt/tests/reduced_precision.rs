@@ -8,13 +8,14 @@ use t5rt::backend::cpu::reference;
 use t5rt::backend::{Backend, MatDims};
 use t5rt::{generate, Checkpoint, CpuBackend, GenerationConfig, WeightDtype};
 
-const SHAPES: [(usize, usize, usize); 11] = [
+const SHAPES: [(usize, usize, usize); 12] = [
     (1, 1, 1),
     (1, 64, 48),
     (3, 17, 33), // k odd: padded lanes for both bf16 pairs and int8 quads
     (4, 130, 34),
     (5, 70, 66),
     (7, 128, 96),
+    (8, 96, 70), // a register tile of 6 rows and one of 2
     (9, 1100, 40),
     (40, 100, 64),
     (70, 200, 35),   // more rows than one task takes

@@ -119,12 +119,15 @@ pub fn quantize_int8(w: &[f32], n: usize, k: usize, isa: Isa) -> (Vec<i8>, Vec<f
             .zip(w.par_chunks(k))
             .for_each(|((qrow, scale), row)| {
                 *scale = i8_scale(row);
-                // quantize_row writes q + 128 as bytes; q = byte ^ 0x80 read as i8.
-                let mut bytes = vec![0u8; k];
-                quantize_row(row, &mut bytes, 0.0, 1.0 / *scale, isa);
-                for (o, b) in qrow.iter_mut().zip(bytes) {
-                    *o = (b ^ 0x80) as i8;
-                }
+                // quantize_row writes q + 128 as bytes (in place, no buffer per row: the
+                // cross-attention caches quantize a row per position and head); q = byte ^
+                // 0x80 read as i8.
+                // SAFETY: an i8 slice viewed as u8 (same size, alignment and validity).
+                let bytes = unsafe {
+                    std::slice::from_raw_parts_mut(qrow.as_mut_ptr().cast::<u8>(), qrow.len())
+                };
+                quantize_row(row, bytes, 0.0, 1.0 / *scale, isa);
+                bytes.iter_mut().for_each(|b| *b ^= 0x80);
             });
     }
     (q, scales)
@@ -380,7 +383,14 @@ fn affine_i8(row: &[f32], isa: Isa) -> (f32, f32) {
 /// and scale ([`affine_i8`]).
 fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u32>, Vec<[f32; 2]>) {
     let kg = w.kg;
-    let mut lanes = vec![0u32; m * kg];
+    // int8 padding holds u8 128 (q = 0) against zero weights: it adds nothing, so the
+    // column-sum corrections stay exact. Filled once here; the rows' values overwrite it.
+    let pad = if w.kind == WeightDtype::Int8 {
+        0x8080_8080
+    } else {
+        0
+    };
+    let mut lanes = vec![pad; m * kg];
     let mut scales = vec![[0.0f32; 2]; m];
     // Big batches (encoder passes) are converted in parallel, a few rows per task.
     let rows_per_task = (4096 / k.max(1)).max(1);
@@ -406,9 +416,6 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u3
             for ((dst, row), cs) in dst.chunks_exact_mut(kg).zip(x.chunks_exact(k)).zip(scales) {
                 *cs = affine_i8(row, isa).into();
                 let [center, scale] = *cs;
-                // Padding holds u8 128 (q = 0) against zero weights: it adds nothing, so the
-                // column-sum corrections stay exact.
-                dst.fill(0x8080_8080);
                 // SAFETY: a u32 slice viewed as its bytes (u8 has no alignment or validity
                 // requirements). Byte `kk` of the row lands in memory byte `kk % 4` of lane
                 // `kk / 4`, which on little-endian targets is the value's byte `kk % 4`, the
