@@ -207,3 +207,74 @@ fn bundled_model_heldout_within_one_point_of_f32() {
         );
     }
 }
+
+/// Several products of one input in one call (`matmul_nt_shared`: the input prepared once,
+/// the products' tasks in one parallel pass) give each product's `matmul_nt` result bit for
+/// bit, in every precision at every level this CPU has; weights of different precisions
+/// (as `T5RT_KEEP_F32` can mix) fall back to separate products; a count mismatch is an error.
+#[test]
+fn shared_input_products_equal_separate_ones() {
+    use t5rt::IsaLevel;
+    let mut rng = Rng::new(17);
+    for level in IsaLevel::available_levels() {
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8] {
+            let b = CpuBackend::with_isa(2, level).unwrap().with_dtype(dtype);
+            for (m, n, k) in [(1, 70, 66), (7, 64, 33), (70, 130, 40), (13, 100, 2100)] {
+                let d = MatDims { m, n, k };
+                let x = b.upload(&rng.vec(m * k)).unwrap();
+                let ws: Vec<_> = (0..3)
+                    .map(|_| b.upload_linear(&rng.vec(n * k), n, k).unwrap())
+                    .collect();
+                let separate: Vec<Vec<f32>> = ws
+                    .iter()
+                    .map(|w| {
+                        let mut out = b.zeros(m * n).unwrap();
+                        b.matmul_nt(&x, w, &mut out, d, false).unwrap();
+                        out
+                    })
+                    .collect();
+                let (mut o0, mut o1, mut o2) = (
+                    b.upload(&vec![7.0; m * n]).unwrap(),
+                    b.zeros(m * n).unwrap(),
+                    b.zeros(m * n).unwrap(),
+                );
+                b.matmul_nt_shared(
+                    &x,
+                    &[&ws[0], &ws[1], &ws[2]],
+                    &mut [&mut o0, &mut o1, &mut o2],
+                    d,
+                )
+                .unwrap();
+                for (i, got) in [o0, o1, o2].iter().enumerate() {
+                    assert_eq!(
+                        got, &separate[i],
+                        "{level} {dtype:?} {m}x{n}x{k}, product {i}"
+                    );
+                }
+            }
+        }
+        // Mixed precisions: each product as `matmul_nt` gives it.
+        let (m, n, k) = (5, 40, 24);
+        let d = MatDims { m, n, k };
+        let b = CpuBackend::with_isa(2, level)
+            .unwrap()
+            .with_dtype(WeightDtype::Int8);
+        let x = b.upload(&rng.vec(m * k)).unwrap();
+        let (wi, wf) = (rng.vec(n * k), rng.vec(n * k));
+        let (w8, w32) = (
+            b.upload_linear(&wi, n, k).unwrap(),
+            b.upload_linear_f32(&wf, n, k).unwrap(),
+        );
+        let (mut a, mut c) = (b.zeros(m * n).unwrap(), b.zeros(m * n).unwrap());
+        b.matmul_nt_shared(&x, &[&w8, &w32], &mut [&mut a, &mut c], d)
+            .unwrap();
+        let (mut a1, mut c1) = (b.zeros(m * n).unwrap(), b.zeros(m * n).unwrap());
+        b.matmul_nt(&x, &w8, &mut a1, d, false).unwrap();
+        b.matmul_nt(&x, &w32, &mut c1, d, false).unwrap();
+        assert_eq!((a, c), (a1, c1), "{level}: mixed precisions");
+        let mut only = b.zeros(m * n).unwrap();
+        assert!(b
+            .matmul_nt_shared(&x, &[&w8, &w32], &mut [&mut only], d)
+            .is_err());
+    }
+}

@@ -292,6 +292,31 @@ pub trait Backend: Send + Sync {
         accumulate: bool,
     ) -> Result<()>;
 
+    /// `outs[i] = x · ws[i]ᵀ` for several weights of one shape on one input (attention's q, k
+    /// and v; a gated feed-forward's two input products). Each output is what
+    /// [`Backend::matmul_nt`] gives; a backend may share work between the products (the CPU
+    /// prepares the input once and runs the products in one parallel pass). The default runs
+    /// them one after the other.
+    fn matmul_nt_shared(
+        &self,
+        x: &Self::Tensor,
+        ws: &[&Self::Weight],
+        outs: &mut [&mut Self::Tensor],
+        dims: MatDims,
+    ) -> Result<()> {
+        if ws.len() != outs.len() {
+            return Err(T5Error::Backend(format!(
+                "matmul_nt_shared: {} weights for {} outputs",
+                ws.len(),
+                outs.len()
+            )));
+        }
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            self.matmul_nt(x, w, out, dims, false)?;
+        }
+        Ok(())
+    }
+
     /// `out[i, :] = table[ids[i], :]`, rows of width `d`.
     fn embed(
         &self,

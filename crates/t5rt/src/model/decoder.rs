@@ -82,8 +82,12 @@ impl<B: Backend> T5Model<B> {
             self_v.push(b.zeros(batch * capacity * inner)?);
             let mut k = b.zeros(rows * inner)?;
             let mut v = b.zeros(rows * inner)?;
-            b.matmul_nt(&enc.hidden, &layer.cross_attn.k, &mut k, proj, false)?;
-            b.matmul_nt(&enc.hidden, &layer.cross_attn.v, &mut v, proj, false)?;
+            b.matmul_nt_shared(
+                &enc.hidden,
+                &[&layer.cross_attn.k, &layer.cross_attn.v],
+                &mut [&mut k, &mut v],
+                proj,
+            )?;
             match cross_kv {
                 KvFormat::F32 => {}
                 KvFormat::Bf16 => {
@@ -249,9 +253,12 @@ impl<B: Backend> T5Model<B> {
         for (l, layer) in self.params.decoder.iter().enumerate() {
             // self-attention over the cache, extended by this position
             b.rms_norm(&s.x, &layer.self_norm, &mut s.normed, batch, d, eps)?;
-            b.matmul_nt(&s.normed, &layer.self_attn.q, &mut s.q, proj, false)?;
-            b.matmul_nt(&s.normed, &layer.self_attn.k, &mut s.k, proj, false)?;
-            b.matmul_nt(&s.normed, &layer.self_attn.v, &mut s.v, proj, false)?;
+            b.matmul_nt_shared(
+                &s.normed,
+                &[&layer.self_attn.q, &layer.self_attn.k, &layer.self_attn.v],
+                &mut [&mut s.q, &mut s.k, &mut s.v],
+                proj,
+            )?;
             b.write_position(
                 &s.k,
                 &mut state.self_k[l],

@@ -79,9 +79,12 @@ impl<B: Backend> T5Model<B> {
                 d,
                 cfg.layer_norm_epsilon,
             )?;
-            b.matmul_nt(&normed, &layer.attn.q, &mut q, proj, false)?;
-            b.matmul_nt(&normed, &layer.attn.k, &mut k, proj, false)?;
-            b.matmul_nt(&normed, &layer.attn.v, &mut v, proj, false)?;
+            b.matmul_nt_shared(
+                &normed,
+                &[&layer.attn.q, &layer.attn.k, &layer.attn.v],
+                &mut [&mut q, &mut k, &mut v],
+                proj,
+            )?;
             b.attention(&q, &k, &v, Some(&bias), Some(&mask), &mut attn, shape)?;
             // residual: x += attn · oᵀ
             b.matmul_nt(&attn, &layer.attn.o, &mut x, out_proj, true)?;

@@ -25,13 +25,15 @@ pub(crate) fn feed_forward<B: Backend>(
         n: d_ff,
         k: d,
     };
-    b.matmul_nt(normed, &w.wi, ff, up_dims, false)?;
     match &w.wi_gate_linear {
         Some(wi_1) => {
-            b.matmul_nt(normed, wi_1, ff_up, up_dims, false)?;
+            b.matmul_nt_shared(normed, &[&w.wi, wi_1], &mut [ff, ff_up], up_dims)?;
             b.activate(ff, Some(ff_up), rows * d_ff, cfg.activation)?;
         }
-        None => b.activate(ff, None, rows * d_ff, cfg.activation)?,
+        None => {
+            b.matmul_nt(normed, &w.wi, ff, up_dims, false)?;
+            b.activate(ff, None, rows * d_ff, cfg.activation)?
+        }
     }
     // residual: x += ff · woᵀ
     b.matmul_nt(

@@ -241,6 +241,43 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn matmul_nt_shared(
+        &self,
+        x: &Vec<f32>,
+        ws: &[&CpuWeight],
+        outs: &mut [&mut Vec<f32>],
+        d: MatDims,
+    ) -> Result<()> {
+        if ws.len() != outs.len() {
+            return Err(T5Error::Backend(format!(
+                "matmul_nt_shared: {} weights for {} outputs",
+                ws.len(),
+                outs.len()
+            )));
+        }
+        if !packed::can_share(ws) {
+            for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                self.matmul_nt(x, w, out, d, false)?;
+            }
+            return Ok(());
+        }
+        check_len("matmul x", x.len(), d.m * d.k)?;
+        for (w, out) in ws.iter().zip(outs.iter()) {
+            check_len("matmul out", out.len(), d.m * d.n)?;
+            if (w.n, w.k) != (d.n, d.k) {
+                return Err(T5Error::Backend(format!(
+                    "matmul: the weight is {}x{}, the op wants {}x{}",
+                    w.n, w.k, d.n, d.k
+                )));
+            }
+        }
+        let isa = self.isa;
+        let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        self.pool
+            .install(|| packed::matmul_packed_shared(x, ws, &mut slices, d.m, false, isa));
+        Ok(())
+    }
+
     fn embed(&self, ids: &[u32], table: &Vec<f32>, out: &mut Vec<f32>, d: usize) -> Result<()> {
         check_len("embed out", out.len(), ids.len() * d)?;
         for (row, &id) in out.chunks_exact_mut(d).zip(ids) {

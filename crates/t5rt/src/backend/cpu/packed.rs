@@ -1056,19 +1056,45 @@ pub(super) fn matmul_packed(
     accumulate: bool,
     isa: Isa,
 ) {
-    let (n, k) = (w.n, w.k);
+    matmul_packed_shared(x, &[w], &mut [out], m, accumulate, isa)
+}
+
+/// Whether [`matmul_packed_shared`] can run these weights together: one kind and one `k`
+/// (so one preparation of the activations serves them all).
+pub(super) fn can_share(ws: &[&PackedWeight]) -> bool {
+    ws.windows(2)
+        .all(|p| (p[0].kind, p[0].k, p[0].kg) == (p[1].kind, p[1].k, p[1].kg))
+}
+
+/// `outs[i][m, n_i] (+)= x[m, k] · ws[i]ᵀ` for several weights of one kind and `k` (q, k
+/// and v of attention; a gated feed-forward's two input products): the activations are
+/// prepared (quantized, or rounded to bf16) once instead of once per product, and every
+/// product's tasks go to the thread pool together (one fork-join instead of one each). Each
+/// output is computed exactly as [`matmul_packed`] alone would (the same tiles, in the same
+/// order of `k`).
+pub(super) fn matmul_packed_shared(
+    x: &[f32],
+    ws: &[&PackedWeight],
+    outs: &mut [&mut [f32]],
+    m: usize,
+    accumulate: bool,
+    isa: Isa,
+) {
+    debug_assert!(can_share(ws) && ws.len() == outs.len());
+    let Some(&w0) = ws.first() else { return };
+    let k = w0.k;
     let x = &x[..m * k];
     // Widened bf16 reads f32 activations, two per lane of weights: rows of `2 kg` values,
     // padded when `k` is odd.
-    let widened = w.kind == WeightDtype::Bf16 && bf16_widened(isa);
-    let xstride = if widened { 2 * w.kg } else { w.kg };
-    let in_place = w.kind == WeightDtype::F32 || (widened && k == xstride);
+    let widened = w0.kind == WeightDtype::Bf16 && bf16_widened(isa);
+    let xstride = if widened { 2 * w0.kg } else { w0.kg };
+    let in_place = w0.kind == WeightDtype::F32 || (widened && k == xstride);
     let (prepared, xscales) = if in_place {
         (Vec::new(), Vec::new())
     } else if widened {
         (pad_rows(x, m, k, xstride), Vec::new())
     } else {
-        prepare(x, m, k, w, isa)
+        prepare(x, m, k, w0, isa)
     };
     let xl: &[u32] = if in_place {
         // SAFETY: f32 and u32 have the same size and alignment; the tiles read the bits.
@@ -1076,10 +1102,20 @@ pub(super) fn matmul_packed(
     } else {
         &prepared
     };
-    let col_blocks = n.div_ceil(BLOCK);
     let row_tasks = m.div_ceil(ROWS_PER_TASK);
-    let outp = SharedMut(out.as_mut_ptr());
-    (0..col_blocks * row_tasks).into_par_iter().for_each(|t| {
+    // Task `t` of the whole set: product `i` owns tasks [starts[i], starts[i + 1]).
+    let mut starts = Vec::with_capacity(ws.len() + 1);
+    starts.push(0);
+    for w in ws {
+        starts.push(starts.last().copied().unwrap_or(0) + w.n.div_ceil(BLOCK) * row_tasks);
+    }
+    let outps: Vec<SharedMut> = outs.iter_mut().map(|o| SharedMut(o.as_mut_ptr())).collect();
+    let total = starts.last().copied().unwrap_or(0);
+    (0..total).into_par_iter().for_each(|t| {
+        let i = starts.partition_point(|&s| s <= t) - 1;
+        let (w, outp) = (ws[i], &outps[i]);
+        let (n, t) = (w.n, t - starts[i]);
+        let col_blocks = n.div_ceil(BLOCK);
         let (cb, rt) = (t % col_blocks, t / col_blocks);
         let c0 = cb * BLOCK;
         let width = BLOCK.min(n - c0);
@@ -1112,9 +1148,10 @@ pub(super) fn matmul_packed(
             let rows = MR.min(r_end - r0);
             for (r, acc) in acc.iter().enumerate().take(rows) {
                 // SAFETY: this task alone writes columns [c0, c0 + width) of rows
-                // [r0, r0 + rows); the caller checked `out` holds m * n values.
+                // [r0, r0 + rows) of its product's output; the caller checked that each
+                // output holds m * n values.
                 let dst = unsafe {
-                    std::slice::from_raw_parts_mut(outp.get().add((r0 + r) * n + c0), width)
+                    std::slice::from_raw_parts_mut(outp.get_ref().add((r0 + r) * n + c0), width)
                 };
                 let acc = &acc[..width];
                 match w.kind {
