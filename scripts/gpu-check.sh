@@ -48,6 +48,9 @@ T5RT_CUDA_GEMV_WARPS=2 run kernels-gemv-2-warps gpu/test-kernels --test-threads=
 run model-tests gpu/test-cuda --test-threads=1 --nocapture
 # The encoder's attention through the decoding kernel (off by default until this passes).
 T5RT_CUDA_ENCODER_ATTENTION=step run model-tests-encoder-step gpu/test-cuda --test-threads=1 --nocapture
+# q/k/v (and other products of one input) in one gemv launch (off by default until this passes;
+# the kernel test above checks it bit for bit against separate launches).
+T5RT_CUDA_SHARED_GEMV=1 run model-tests-shared-gemv gpu/test-cuda --test-threads=1 --nocapture
 for dtype in f32 bf16 f16; do
   run "bench-$dtype" gpu/t5rt bench --device cuda --dtype "$dtype" --case a --case 8:128:64 --case 32:128:64 \
       --repeats 3 --json "$OUT/bench-$dtype.json"

@@ -77,6 +77,17 @@ if [ -d /tmp/gpu-peers-work/t5-base ]; then
   done
 fi
 
+# Products of one input in one gemv launch (T5RT_CUDA_SHARED_GEMV=1) against one launch each.
+if [ -d /tmp/gpu-peers-work/t5-base ]; then
+  for shared in 0 1; do
+    for dt in f32 bf16; do
+      T5RT_CUDA_SHARED_GEMV=$shared timeout 120 gpu/t5rt bench --model /tmp/gpu-peers-work/t5-base \
+        --device cuda --dtype $dt --case a --case 8:128:64 --repeats 3 \
+        --json "$OUT/graphs/shared-$shared-$dt.json" 2>&1 | tee -a "$OUT/graphs.log"
+    done
+  done
+fi
+
 # Where a step's time goes: every operation synchronized and timed (graphs off), few steps.
 if [ -d /tmp/gpu-peers-work/t5-base ]; then
   for spec in "f32 1:32:16" "bf16 1:32:16" "bf16 32:512:8" "f32 32:512:8"; do

@@ -709,4 +709,50 @@ fn cuda_kernels_match_reference() {
             );
         }
     }
+    // Products of one input in one `gemv` launch (`set_shared_gemv`, off by default until
+    // this has passed on a GPU): each output bit for bit what its own launch gives, for two
+    // and three products, in every precision; shapes past gemv's limits take cuBLAS, one
+    // product at a time, as before.
+    for dtype in [
+        t5rt::WeightDtype::F32,
+        t5rt::WeightDtype::Bf16,
+        t5rt::WeightDtype::F16,
+    ] {
+        let Some(h) = common::cuda_backend(dtype) else {
+            return;
+        };
+        for (m, n, k, count) in [
+            (1, 768, 768, 3),
+            (8, 300, 1024, 2),
+            (3, 17, 64, 3),
+            (9, 40, 64, 3),
+        ] {
+            let d = MatDims { m, n, k };
+            let x = h.upload(&rng.vec(m * k)).unwrap();
+            let ws: Vec<_> = (0..count)
+                .map(|_| h.upload_linear(&rng.vec(n * k), n, k).unwrap())
+                .collect();
+            let separate: Vec<Vec<f32>> = ws
+                .iter()
+                .map(|w| {
+                    let mut out = h.zeros(m * n).unwrap();
+                    h.matmul_nt(&x, w, &mut out, d, false).unwrap();
+                    h.download(&out, m * n).unwrap()
+                })
+                .collect();
+            h.set_shared_gemv(true);
+            let mut outs: Vec<_> = (0..count).map(|_| h.zeros(m * n).unwrap()).collect();
+            let refs: Vec<&_> = ws.iter().collect();
+            let mut muts: Vec<&mut _> = outs.iter_mut().collect();
+            h.matmul_nt_shared(&x, &refs, &mut muts, d).unwrap();
+            h.set_shared_gemv(false);
+            for (i, out) in outs.iter().enumerate() {
+                assert_eq!(
+                    h.download(out, m * n).unwrap(),
+                    separate[i],
+                    "cuda {dtype} shared gemv {m}x{n}x{k}, product {i} of {count}"
+                );
+            }
+        }
+    }
 }

@@ -447,8 +447,12 @@ __device__ __forceinline__ void unpack_f16x8(uint4 w, float* f) {
 // activations stay f32 (not rounded). Needs k % 8 == 0 and m * k floats in shared memory.
 #define GEMV_ROWS 8
 extern "C" __global__ void __launch_bounds__(256)
-gemv(const float* __restrict__ x, const void* __restrict__ w, float* __restrict__ out, int m,
-     int n, int k, int kind, int accumulate) {
+gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2, float* out0,
+     float* out1, float* out2, int m, int n, int k, int kind, int accumulate) {
+    // Up to three products of the same input and shape in one launch (q, k and v): product
+    // blockIdx.y reads weights w<y> and writes out<y>; a single product passes gridDim.y = 1.
+    const void* __restrict__ w = blockIdx.y == 0 ? w0 : (blockIdx.y == 1 ? w1 : w2);
+    float* __restrict__ out = blockIdx.y == 0 ? out0 : (blockIdx.y == 1 ? out1 : out2);
     extern __shared__ float4 xs4[];
     float* xs = (float*)xs4;
     for (int i = threadIdx.x; i < m * k / 4; i += blockDim.x) xs4[i] = ((const float4*)x)[i];

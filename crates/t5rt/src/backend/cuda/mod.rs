@@ -130,6 +130,10 @@ pub struct CudaBackend {
     /// t5-base's 768-column products fill only 96 blocks at 8, fewer than an H100/H200 has
     /// multiprocessors (132); fewer warps per block spread them wider (not measured yet).
     gemv_warps: usize,
+    /// Whether [`Backend::matmul_nt_shared`] runs up to three decoding products (q, k and v)
+    /// as one `gemv` launch (`T5RT_CUDA_SHARED_GEMV=1`; off by default until it has run on
+    /// a GPU: see [`CudaBackend::set_shared_gemv`]).
+    shared_gemv: AtomicBool,
 }
 
 /// cuBLAS, with what its products need in place: a workspace of its own (so that nothing is
@@ -292,6 +296,9 @@ impl CudaBackend {
             encoder_step_attention: AtomicBool::new(
                 std::env::var("T5RT_CUDA_ENCODER_ATTENTION").is_ok_and(|v| v == "step"),
             ),
+            shared_gemv: AtomicBool::new(
+                std::env::var("T5RT_CUDA_SHARED_GEMV").is_ok_and(|v| v == "1"),
+            ),
             gemv_warps: std::env::var("T5RT_CUDA_GEMV_WARPS")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -326,6 +333,15 @@ impl CudaBackend {
     /// of the kernel has not run on a GPU yet (scripts/gpu-check.sh tests both).
     pub fn set_encoder_step_attention(&self, on: bool) {
         self.encoder_step_attention.store(on, Ordering::Relaxed);
+    }
+
+    /// Runs up to three decoding products of one input (q, k and v; a gated feed-forward's
+    /// two input products; the cross-attention keys and values) as one `gemv` launch, a grid
+    /// row per product, instead of one launch each. Each output is computed exactly as alone
+    /// (the same kernel, the same order of sums). Off by default: this use of the kernel has
+    /// not run on a GPU yet (scripts/gpu-check.sh tests it, scripts/gpu-session.sh times it).
+    pub fn set_shared_gemv(&self, on: bool) {
+        self.shared_gemv.store(on, Ordering::Relaxed);
     }
 
     /// The device's current memory pool, which cudarc's stream-ordered allocations draw from.
@@ -661,6 +677,70 @@ impl Backend for CudaBackend {
         self.memory().ok().map(|(free, _)| free as u64)
     }
 
+    fn matmul_nt_shared(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: &[&CudaWeight],
+        outs: &mut [&mut CudaSlice<f32>],
+        d: MatDims,
+    ) -> Result<()> {
+        if ws.len() != outs.len() {
+            return Err(T5Error::Backend(format!(
+                "matmul_nt_shared: {} weights for {} outputs",
+                ws.len(),
+                outs.len()
+            )));
+        }
+        let kind = |w: &CudaWeight| match &w.data {
+            WeightData::F32(_) => 0i32,
+            WeightData::Half(_, WeightDtype::F16) => 2,
+            WeightData::Half(..) => 1,
+        };
+        let one_launch = self.shared_gemv.load(Ordering::Relaxed)
+            && (2..=3).contains(&ws.len())
+            && d.m > 0
+            && d.n > 0
+            && d.m <= GEMV_ROWS
+            && d.k.is_multiple_of(8)
+            && d.m * d.k * 4 <= 48 * 1024
+            && ws
+                .iter()
+                .all(|w| (w.n, w.k) == (d.n, d.k) && kind(w) == kind(ws[0]));
+        if !one_launch {
+            for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                self.matmul_nt(x, w, out, d, false)?;
+            }
+            return Ok(());
+        }
+        check_len("matmul x", x.len(), d.m * d.k)?;
+        for out in outs.iter() {
+            check_len("matmul out", out.len(), d.m * d.n)?;
+        }
+        let (m, n, k) = (i32_of("m", d.m)?, i32_of("n", d.n)?, i32_of("k", d.k)?);
+        let warps = self.gemv_warps;
+        let cfg = LaunchConfig {
+            grid_dim: (d.n.div_ceil(warps) as u32, ws.len() as u32, 1),
+            block_dim: (32 * warps as u32, 1, 1),
+            shared_mem_bytes: (d.m * d.k * 4) as u32,
+        };
+        let (kind, acc) = (kind(ws[0]), 0i32);
+        let mut b = self.stream.launch_builder(self.f("gemv"));
+        b.arg(x);
+        // Slots past the last product repeat it (grid y never reaches them).
+        for i in 0..3 {
+            match &ws[i.min(ws.len() - 1)].data {
+                WeightData::F32(t) => b.arg(t),
+                WeightData::Half(t, _) => b.arg(t),
+            };
+        }
+        let os: Vec<&CudaSlice<f32>> = outs.iter().map(|o| &**o).collect();
+        for i in 0..3 {
+            b.arg(os[i.min(os.len() - 1)]);
+        }
+        b.arg(&m).arg(&n).arg(&k).arg(&kind).arg(&acc);
+        self.launch(&mut b, cfg, "gemv")
+    }
+
     fn matmul_nt(
         &self,
         x: &CudaSlice<f32>,
@@ -700,11 +780,16 @@ impl Backend for CudaBackend {
             );
             let mut b = self.stream.launch_builder(self.f("gemv"));
             b.arg(x);
-            match &w.data {
-                WeightData::F32(t) => b.arg(t),
-                WeightData::Half(t, _) => b.arg(t),
-            };
-            b.arg(out).arg(&m).arg(&n).arg(&k).arg(&kind).arg(&acc);
+            // One product: its weights and output in all three slots, grid y = 1.
+            for _ in 0..3 {
+                match &w.data {
+                    WeightData::F32(t) => b.arg(t),
+                    WeightData::Half(t, _) => b.arg(t),
+                };
+            }
+            let o: &CudaSlice<f32> = out;
+            b.arg(o).arg(o).arg(o);
+            b.arg(&m).arg(&n).arg(&k).arg(&kind).arg(&acc);
             return self.launch(&mut b, cfg, "gemv");
         }
         let beta = if accumulate { 1.0f32 } else { 0.0 };
