@@ -41,52 +41,30 @@ for model in $(echo "${PEER_MODELS:-t5-base}" | tr ',' ' '); do
   cat "$OUT/peers/$model/gpu_peers.md" >> "$OUT/gpu_peers.md" 2>/dev/null
 done
 
-# Decoding steps with and without CUDA graphs: same binary, same t5-base weights, alternated.
+# `t5rt bench` on t5-base (f32, then bf16) with the switch VAR set to each of VALUES in turn:
+#     ab PREFIX VAR "VALUES" BENCH-ARGS...   -> $OUT/graphs/PREFIX<value>-<dtype>.json
 mkdir -p "$OUT/graphs"
-if [ -d /tmp/gpu-peers-work/t5-base ]; then
-  for round in 1; do
-    for g in 1 0; do
-      for dt in f32 bf16; do
-        T5RT_CUDA_GRAPHS=$g timeout 120 gpu/t5rt bench --model /tmp/gpu-peers-work/t5-base --device cuda \
-          --dtype $dt --case a --case 1:512:64 --case 32:512:64 --repeats 3 \
-          --json "$OUT/graphs/r$round-g$g-$dt.json" 2>&1 | tee -a "$OUT/graphs.log"
-      done
+ab() {
+  local prefix=$1 var=$2 values=$3
+  shift 3
+  [ -d /tmp/gpu-peers-work/t5-base ] || return 0
+  for v in $values; do
+    for dt in f32 bf16; do
+      env "$var=$v" timeout 120 gpu/t5rt bench --model /tmp/gpu-peers-work/t5-base --device cuda \
+        --dtype "$dt" "$@" --repeats 3 --json "$OUT/graphs/$prefix$v-$dt.json" 2>&1 \
+        | tee -a "$OUT/graphs.log"
     done
   done
-fi
+}
 
+# Decoding steps with and without CUDA graphs: same binary, same t5-base weights, alternated.
+ab r1-g T5RT_CUDA_GRAPHS "1 0" --case a --case 1:512:64 --case 32:512:64
 # The encoder's attention through the decoding kernel, against the default, on 32 x 512.
-if [ -d /tmp/gpu-peers-work/t5-base ]; then
-  for enc in default step; do
-    for dt in f32 bf16; do
-      T5RT_CUDA_ENCODER_ATTENTION=$enc timeout 120 gpu/t5rt bench --model /tmp/gpu-peers-work/t5-base \
-        --device cuda --dtype $dt --case 1:512:64 --case 32:512:64 --repeats 3 \
-        --json "$OUT/graphs/enc-$enc-$dt.json" 2>&1 | tee -a "$OUT/graphs.log"
-    done
-  done
-fi
-
+ab enc- T5RT_CUDA_ENCODER_ATTENTION "default step" --case 1:512:64 --case 32:512:64
 # gemv's columns per block: 8 (the default) against 2, at batch 1 and 8.
-if [ -d /tmp/gpu-peers-work/t5-base ]; then
-  for warps in 8 2; do
-    for dt in f32 bf16; do
-      T5RT_CUDA_GEMV_WARPS=$warps timeout 120 gpu/t5rt bench --model /tmp/gpu-peers-work/t5-base \
-        --device cuda --dtype $dt --case a --case 8:128:64 --repeats 3 \
-        --json "$OUT/graphs/gemv-$warps-$dt.json" 2>&1 | tee -a "$OUT/graphs.log"
-    done
-  done
-fi
-
+ab gemv- T5RT_CUDA_GEMV_WARPS "8 2" --case a --case 8:128:64
 # Products of one input in one gemv launch (T5RT_CUDA_SHARED_GEMV=1) against one launch each.
-if [ -d /tmp/gpu-peers-work/t5-base ]; then
-  for shared in 0 1; do
-    for dt in f32 bf16; do
-      T5RT_CUDA_SHARED_GEMV=$shared timeout 120 gpu/t5rt bench --model /tmp/gpu-peers-work/t5-base \
-        --device cuda --dtype $dt --case a --case 8:128:64 --repeats 3 \
-        --json "$OUT/graphs/shared-$shared-$dt.json" 2>&1 | tee -a "$OUT/graphs.log"
-    done
-  done
-fi
+ab shared- T5RT_CUDA_SHARED_GEMV "0 1" --case a --case 8:128:64
 
 # Where a step's time goes: every operation synchronized and timed (graphs off), few steps.
 if [ -d /tmp/gpu-peers-work/t5-base ]; then

@@ -2,6 +2,7 @@
 //! the backends refuse the same calls with the same messages (buffer lengths are passed in,
 //! whatever memory they live in).
 
+use super::MatDims;
 use crate::error::{Result, T5Error};
 
 /// An error unless a buffer of `have` values holds the `need` an op reads or writes.
@@ -9,6 +10,30 @@ pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
     if have < need {
         return Err(T5Error::Backend(format!(
             "{what}: buffer holds {have} values, the op needs {need}"
+        )));
+    }
+    Ok(())
+}
+
+/// [`super::Backend::matmul_nt`]: `x` holds `[m, k]`, `out` `[m, n]`, and the weight (`w_n` x
+/// `w_k`) is the op's `n` x `k`.
+pub(crate) fn matmul(x: usize, out: usize, (w_n, w_k): (usize, usize), d: MatDims) -> Result<()> {
+    check_len("matmul x", x, d.m * d.k)?;
+    check_len("matmul out", out, d.m * d.n)?;
+    if (w_n, w_k) != (d.n, d.k) {
+        return Err(T5Error::Backend(format!(
+            "matmul: the weight is {w_n}x{w_k}, the op wants {}x{}",
+            d.n, d.k
+        )));
+    }
+    Ok(())
+}
+
+/// [`super::Backend::matmul_nt_shared`]: one output per weight.
+pub(crate) fn shared_products(weights: usize, outs: usize) -> Result<()> {
+    if weights != outs {
+        return Err(T5Error::Backend(format!(
+            "matmul_nt_shared: {weights} weights for {outs} outputs"
         )));
     }
     Ok(())

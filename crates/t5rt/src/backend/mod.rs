@@ -304,17 +304,8 @@ pub trait Backend: Send + Sync {
         outs: &mut [&mut Self::Tensor],
         dims: MatDims,
     ) -> Result<()> {
-        if ws.len() != outs.len() {
-            return Err(T5Error::Backend(format!(
-                "matmul_nt_shared: {} weights for {} outputs",
-                ws.len(),
-                outs.len()
-            )));
-        }
-        for (w, out) in ws.iter().zip(outs.iter_mut()) {
-            self.matmul_nt(x, w, out, dims, false)?;
-        }
-        Ok(())
+        checks::shared_products(ws.len(), outs.len())?;
+        matmul_nt_each(self, x, ws, outs, dims)
     }
 
     /// `out[i, :] = table[ids[i], :]`, rows of width `d`.
@@ -527,4 +518,19 @@ pub trait Backend: Send + Sync {
         col: usize,
         value: f32,
     ) -> Result<()>;
+}
+
+/// The products of [`Backend::matmul_nt_shared`] one after the other: its default, and what a
+/// backend falls back to when it cannot share the work.
+pub(crate) fn matmul_nt_each<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Tensor,
+    ws: &[&B::Weight],
+    outs: &mut [&mut B::Tensor],
+    dims: MatDims,
+) -> Result<()> {
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        b.matmul_nt(x, w, out, dims, false)?;
+    }
+    Ok(())
 }

@@ -68,11 +68,6 @@ impl SharedMut {
     pub(super) fn get(self) -> *mut f32 {
         self.0
     }
-
-    /// The pointer, from a shared reference (for closures that hold several wrappers).
-    pub(super) fn get_ref(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// One row of attention scores (head `h`, query `qi`, key/value sequence `kv_b`) to

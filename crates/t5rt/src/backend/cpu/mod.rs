@@ -10,7 +10,9 @@ pub mod reference;
 
 use rayon::prelude::*;
 
-use super::{check_len, checks, AttnShape, Backend, KvFormat, MatDims, WeightDtype};
+use super::{
+    check_len, checks, matmul_nt_each, AttnShape, Backend, KvFormat, MatDims, WeightDtype,
+};
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
 pub use isa::IsaLevel;
@@ -227,14 +229,7 @@ impl Backend for CpuBackend {
         d: MatDims,
         accumulate: bool,
     ) -> Result<()> {
-        check_len("matmul x", x.len(), d.m * d.k)?;
-        check_len("matmul out", out.len(), d.m * d.n)?;
-        if (w.n, w.k) != (d.n, d.k) {
-            return Err(T5Error::Backend(format!(
-                "matmul: the weight is {}x{}, the op wants {}x{}",
-                w.n, w.k, d.n, d.k
-            )));
-        }
+        checks::matmul(x.len(), out.len(), (w.n, w.k), d)?;
         let isa = self.isa;
         self.pool
             .install(|| packed::matmul_packed(x, w, out, d.m, accumulate, isa));
@@ -248,28 +243,12 @@ impl Backend for CpuBackend {
         outs: &mut [&mut Vec<f32>],
         d: MatDims,
     ) -> Result<()> {
-        if ws.len() != outs.len() {
-            return Err(T5Error::Backend(format!(
-                "matmul_nt_shared: {} weights for {} outputs",
-                ws.len(),
-                outs.len()
-            )));
-        }
+        checks::shared_products(ws.len(), outs.len())?;
         if !packed::can_share(ws) {
-            for (w, out) in ws.iter().zip(outs.iter_mut()) {
-                self.matmul_nt(x, w, out, d, false)?;
-            }
-            return Ok(());
+            return matmul_nt_each(self, x, ws, outs, d);
         }
-        check_len("matmul x", x.len(), d.m * d.k)?;
         for (w, out) in ws.iter().zip(outs.iter()) {
-            check_len("matmul out", out.len(), d.m * d.n)?;
-            if (w.n, w.k) != (d.n, d.k) {
-                return Err(T5Error::Backend(format!(
-                    "matmul: the weight is {}x{}, the op wants {}x{}",
-                    w.n, w.k, d.n, d.k
-                )));
-            }
+            checks::matmul(x.len(), out.len(), (w.n, w.k), d)?;
         }
         let isa = self.isa;
         let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();

@@ -1113,7 +1113,7 @@ pub(super) fn matmul_packed_shared(
     let total = starts.last().copied().unwrap_or(0);
     (0..total).into_par_iter().for_each(|t| {
         let i = starts.partition_point(|&s| s <= t) - 1;
-        let (w, outp) = (ws[i], &outps[i]);
+        let (w, outp) = (ws[i], outps[i]);
         let (n, t) = (w.n, t - starts[i]);
         let col_blocks = n.div_ceil(BLOCK);
         let (cb, rt) = (t % col_blocks, t / col_blocks);
@@ -1151,7 +1151,7 @@ pub(super) fn matmul_packed_shared(
                 // [r0, r0 + rows) of its product's output; the caller checked that each
                 // output holds m * n values.
                 let dst = unsafe {
-                    std::slice::from_raw_parts_mut(outp.get_ref().add((r0 + r) * n + c0), width)
+                    std::slice::from_raw_parts_mut(outp.get().add((r0 + r) * n + c0), width)
                 };
                 let acc = &acc[..width];
                 match w.kind {

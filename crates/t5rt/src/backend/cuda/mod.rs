@@ -21,7 +21,9 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use super::{check_len, checks, AttnShape, Backend, KvFormat, MatDims, StepPlan, WeightDtype};
+use super::{
+    check_len, checks, matmul_nt_each, AttnShape, Backend, KvFormat, MatDims, StepPlan, WeightDtype,
+};
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
 
@@ -104,6 +106,23 @@ enum WeightData {
     F32(CudaSlice<f32>),
     /// bf16 or f16 bit patterns.
     Half(CudaSlice<u16>, WeightDtype),
+}
+
+impl CudaWeight {
+    /// `gemv`'s `kind` argument for these weights: 0 f32, 1 bf16, 2 f16.
+    fn gemv_kind(&self) -> i32 {
+        match &self.data {
+            WeightData::F32(_) => 0,
+            WeightData::Half(_, WeightDtype::F16) => 2,
+            WeightData::Half(..) => 1,
+        }
+    }
+}
+
+/// Whether a product goes through the `gemv` kernel: up to [`GEMV_ROWS`] rows, `k` a multiple
+/// of 8, and the rows within 48 KB of shared memory.
+fn gemv_fits(d: MatDims) -> bool {
+    d.m <= GEMV_ROWS && d.k.is_multiple_of(8) && d.m * d.k * 4 <= 48 * 1024
 }
 
 /// A GPU, its stream, cuBLAS and the compiled kernels.
@@ -342,6 +361,42 @@ impl CudaBackend {
     /// not run on a GPU yet (scripts/gpu-check.sh tests it, scripts/gpu-session.sh times it).
     pub fn set_shared_gemv(&self, on: bool) {
         self.shared_gemv.store(on, Ordering::Relaxed);
+    }
+
+    /// `outs[i] (+)= x · ws[i]ᵀ` through the `gemv` kernel (the caller checked [`gemv_fits`]
+    /// and the shapes; one to three products of one kind, a grid row each): a warp per
+    /// column, `gemv_warps` columns per block (each block stages x). Slots past the last
+    /// product repeat it (grid y never reaches them).
+    fn gemv(
+        &self,
+        x: &CudaSlice<f32>,
+        ws: &[&CudaWeight],
+        outs: &[&CudaSlice<f32>],
+        d: MatDims,
+        accumulate: bool,
+    ) -> Result<()> {
+        debug_assert!((1..=3).contains(&ws.len()) && ws.len() == outs.len());
+        let (m, n, k) = (i32_of("m", d.m)?, i32_of("n", d.n)?, i32_of("k", d.k)?);
+        let warps = self.gemv_warps;
+        let cfg = LaunchConfig {
+            grid_dim: (d.n.div_ceil(warps) as u32, ws.len() as u32, 1),
+            block_dim: (32 * warps as u32, 1, 1),
+            shared_mem_bytes: (d.m * d.k * 4) as u32,
+        };
+        let (kind, acc) = (ws[0].gemv_kind(), accumulate as i32);
+        let mut b = self.stream.launch_builder(self.f("gemv"));
+        b.arg(x);
+        for i in 0..3 {
+            match &ws[i.min(ws.len() - 1)].data {
+                WeightData::F32(t) => b.arg(t),
+                WeightData::Half(t, _) => b.arg(t),
+            };
+        }
+        for i in 0..3 {
+            b.arg(outs[i.min(outs.len() - 1)]);
+        }
+        b.arg(&m).arg(&n).arg(&k).arg(&kind).arg(&acc);
+        self.launch(&mut b, cfg, "gemv")
     }
 
     /// The device's current memory pool, which cudarc's stream-ordered allocations draw from.
@@ -684,61 +739,23 @@ impl Backend for CudaBackend {
         outs: &mut [&mut CudaSlice<f32>],
         d: MatDims,
     ) -> Result<()> {
-        if ws.len() != outs.len() {
-            return Err(T5Error::Backend(format!(
-                "matmul_nt_shared: {} weights for {} outputs",
-                ws.len(),
-                outs.len()
-            )));
-        }
-        let kind = |w: &CudaWeight| match &w.data {
-            WeightData::F32(_) => 0i32,
-            WeightData::Half(_, WeightDtype::F16) => 2,
-            WeightData::Half(..) => 1,
-        };
+        checks::shared_products(ws.len(), outs.len())?;
         let one_launch = self.shared_gemv.load(Ordering::Relaxed)
             && (2..=3).contains(&ws.len())
             && d.m > 0
             && d.n > 0
-            && d.m <= GEMV_ROWS
-            && d.k.is_multiple_of(8)
-            && d.m * d.k * 4 <= 48 * 1024
+            && gemv_fits(d)
             && ws
                 .iter()
-                .all(|w| (w.n, w.k) == (d.n, d.k) && kind(w) == kind(ws[0]));
+                .all(|w| (w.n, w.k) == (d.n, d.k) && w.gemv_kind() == ws[0].gemv_kind());
         if !one_launch {
-            for (w, out) in ws.iter().zip(outs.iter_mut()) {
-                self.matmul_nt(x, w, out, d, false)?;
-            }
-            return Ok(());
+            return matmul_nt_each(self, x, ws, outs, d);
         }
-        check_len("matmul x", x.len(), d.m * d.k)?;
-        for out in outs.iter() {
-            check_len("matmul out", out.len(), d.m * d.n)?;
-        }
-        let (m, n, k) = (i32_of("m", d.m)?, i32_of("n", d.n)?, i32_of("k", d.k)?);
-        let warps = self.gemv_warps;
-        let cfg = LaunchConfig {
-            grid_dim: (d.n.div_ceil(warps) as u32, ws.len() as u32, 1),
-            block_dim: (32 * warps as u32, 1, 1),
-            shared_mem_bytes: (d.m * d.k * 4) as u32,
-        };
-        let (kind, acc) = (kind(ws[0]), 0i32);
-        let mut b = self.stream.launch_builder(self.f("gemv"));
-        b.arg(x);
-        // Slots past the last product repeat it (grid y never reaches them).
-        for i in 0..3 {
-            match &ws[i.min(ws.len() - 1)].data {
-                WeightData::F32(t) => b.arg(t),
-                WeightData::Half(t, _) => b.arg(t),
-            };
+        for (w, out) in ws.iter().zip(outs.iter()) {
+            checks::matmul(x.len(), out.len(), (w.n, w.k), d)?;
         }
         let os: Vec<&CudaSlice<f32>> = outs.iter().map(|o| &**o).collect();
-        for i in 0..3 {
-            b.arg(os[i.min(os.len() - 1)]);
-        }
-        b.arg(&m).arg(&n).arg(&k).arg(&kind).arg(&acc);
-        self.launch(&mut b, cfg, "gemv")
+        self.gemv(x, ws, &os, d, false)
     }
 
     fn matmul_nt(
@@ -749,48 +766,14 @@ impl Backend for CudaBackend {
         d: MatDims,
         accumulate: bool,
     ) -> Result<()> {
-        check_len("matmul x", x.len(), d.m * d.k)?;
-        check_len("matmul out", out.len(), d.m * d.n)?;
-        if (w.n, w.k) != (d.n, d.k) {
-            return Err(T5Error::Backend(format!(
-                "matmul: the weight is {}x{}, the op wants {}x{}",
-                w.n, w.k, d.n, d.k
-            )));
-        }
+        checks::matmul(x.len(), out.len(), (w.n, w.k), d)?;
         if d.m == 0 || d.n == 0 {
             return Ok(());
         }
         let (m, n, k) = (i32_of("m", d.m)?, i32_of("n", d.n)?, i32_of("k", d.k)?);
-        if d.m <= GEMV_ROWS && d.k.is_multiple_of(8) && d.m * d.k * 4 <= 48 * 1024 {
+        if gemv_fits(d) {
             // Decoding's few rows: the weights read once, activations in f32.
-            // A warp per column, `gemv_warps` columns per block (each block stages x).
-            let warps = self.gemv_warps;
-            let cfg = LaunchConfig {
-                grid_dim: (d.n.div_ceil(warps) as u32, 1, 1),
-                block_dim: (32 * warps as u32, 1, 1),
-                shared_mem_bytes: (d.m * d.k * 4) as u32,
-            };
-            let (kind, acc) = (
-                match &w.data {
-                    WeightData::F32(_) => 0i32,
-                    WeightData::Half(_, WeightDtype::F16) => 2,
-                    WeightData::Half(..) => 1,
-                },
-                accumulate as i32,
-            );
-            let mut b = self.stream.launch_builder(self.f("gemv"));
-            b.arg(x);
-            // One product: its weights and output in all three slots, grid y = 1.
-            for _ in 0..3 {
-                match &w.data {
-                    WeightData::F32(t) => b.arg(t),
-                    WeightData::Half(t, _) => b.arg(t),
-                };
-            }
-            let o: &CudaSlice<f32> = out;
-            b.arg(o).arg(o).arg(o);
-            b.arg(&m).arg(&n).arg(&k).arg(&kind).arg(&acc);
-            return self.launch(&mut b, cfg, "gemv");
+            return self.gemv(x, &[w], &[&*out], d, accumulate);
         }
         let beta = if accumulate { 1.0f32 } else { 0.0 };
         let mut guard = self.blas.lock().unwrap_or_else(|e| e.into_inner());
