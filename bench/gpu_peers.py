@@ -145,6 +145,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: tests the script")
     ap.add_argument("--work", default=None, help="where the weights and inputs go (default: OUT/gpu-peers-work)")
+    ap.add_argument("--weights-only", action="store_true",
+                    help="make the models' weights under --work and stop (for t5rt-only runs)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,6 +158,12 @@ def main():
     binary = args.binary
     if args.dry_run and not Path(binary).is_file():
         binary = str(ROOT / "target" / "release" / "t5rt")
+    if args.weights_only:
+        work = Path(args.work) if args.work else out / "gpu-peers-work"
+        for name in plan:
+            make_model(name, work / name)
+            print("weights:", work / name, flush=True)
+        return
     import torch
     import transformers
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

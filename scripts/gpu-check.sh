@@ -46,8 +46,10 @@ run() {
 run kernels gpu/test-kernels --test-threads=1 cuda --nocapture
 T5RT_CUDA_GEMV_WARPS=2 run kernels-gemv-2-warps gpu/test-kernels --test-threads=1 cuda --nocapture
 run model-tests gpu/test-cuda --test-threads=1 --nocapture
-# The encoder's attention through the decoding kernel (off by default until this passes).
+# The encoder's attention through the decoding kernel (the default is two batched products).
 T5RT_CUDA_ENCODER_ATTENTION=step run model-tests-encoder-step gpu/test-cuda --test-threads=1 --nocapture
+# Decoding's sublayers without the fused norm/activation in gemv (the default fuses them).
+T5RT_CUDA_FUSED_GEMV=0 run model-tests-unfused gpu/test-cuda --test-threads=1 --nocapture
 # q/k/v (and other products of one input) in one gemv launch (off by default until this passes;
 # the kernel test above checks it bit for bit against separate launches).
 T5RT_CUDA_SHARED_GEMV=1 run model-tests-shared-gemv gpu/test-cuda --test-threads=1 --nocapture

@@ -32,8 +32,13 @@ tail -5 "$OUT/check.stdout"
 # The libraries gpu-check found, for the peer run's t5rt too.
 export LD_LIBRARY_PATH=$(sed -n 's/^LD_LIBRARY_PATH=//p' "$OUT/check/gpu-check.log" | head -1)
 # One model per run (its own timeout and report), t5-base first: the targets' model.
+# PEERS=0: no Hugging Face run, only t5-base's weights for the t5rt A/B runs below.
 : > "$OUT/peers.log"
-for model in $(echo "${PEER_MODELS:-t5-base}" | tr ',' ' '); do
+if [ "${PEERS:-1}" = 0 ]; then
+  timeout 120 python3 bench/gpu_peers.py --models t5-base --weights-only --work /tmp/gpu-peers-work \
+    --out "$OUT/peers" 2>&1 | tee -a "$OUT/peers.log"
+fi
+for model in $( [ "${PEERS:-1}" = 0 ] || echo "${PEER_MODELS:-t5-base}" | tr ',' ' '); do
   timeout "${PEER_TIMEOUT:-300}" python3 bench/gpu_peers.py --models "$model" \
     --repeats "${PEER_REPEATS:-3}" --out "$OUT/peers/$model" --work /tmp/gpu-peers-work 2>&1 \
     | tee -a "$OUT/peers.log"
@@ -57,14 +62,19 @@ ab() {
   done
 }
 
+# Which A/B runs (AB: space-separated names; default all).
+want() { [ -z "${AB:-}" ] || [[ " $AB " == *" $1 "* ]]; }
 # Decoding steps with and without CUDA graphs: same binary, same t5-base weights, alternated.
-ab r1-g T5RT_CUDA_GRAPHS "1 0" --case a --case 1:512:64 --case 32:512:64
-# The encoder's attention through the decoding kernel, against the default, on 32 x 512.
-ab enc- T5RT_CUDA_ENCODER_ATTENTION "default step" --case 1:512:64 --case 32:512:64
+want graphs && ab r1-g T5RT_CUDA_GRAPHS "1 0" --case a --case 1:512:64 --case 32:512:64
+# The encoder's attention: two batched products (gemm, the default), the decoding kernel
+# (step), the first kernel (block), at 1 x 512 and 32 x 512.
+want enc && ab enc- T5RT_CUDA_ENCODER_ATTENTION "gemm step block" --case 1:512:64 --case 32:512:64
+# Decoding's RMSNorm and feed-forward activation fused into gemv (the default) or not.
+want fused && ab fused- T5RT_CUDA_FUSED_GEMV "1 0" --case a --case 8:128:64
 # gemv's columns per block: 8 (the default) against 2, at batch 1 and 8.
-ab gemv- T5RT_CUDA_GEMV_WARPS "8 2" --case a --case 8:128:64
+want gemv && ab gemv- T5RT_CUDA_GEMV_WARPS "8 2" --case a --case 8:128:64
 # Products of one input in one gemv launch (T5RT_CUDA_SHARED_GEMV=1) against one launch each.
-ab shared- T5RT_CUDA_SHARED_GEMV "0 1" --case a --case 8:128:64
+want shared && ab shared- T5RT_CUDA_SHARED_GEMV "0 1" --case a --case 8:128:64
 
 # Where a step's time goes: every operation synchronized and timed (graphs off), few steps.
 if [ -d /tmp/gpu-peers-work/t5-base ]; then

@@ -106,6 +106,77 @@ fn check_activations<B: Backend>(b: &B, rng: &mut Rng) {
     }
 }
 
+/// A sublayer's norm and input products in one call (`norm_matmul_shared`, `norm_ffn_up`;
+/// fused into the products on CUDA's decoding path) against the reference's norm, products
+/// and activation, one after the other. Shapes: decoding's (up to 8 rows) and past them.
+fn check_fused_sublayers<B: Backend>(b: &B, rng: &mut Rng, tol: f32) {
+    for (m, n, k) in [
+        (1, 768, 768),
+        (3, 200, 512),
+        (8, 64, 96),
+        (9, 40, 64),
+        (2, 33, 40),
+    ] {
+        let d = MatDims { m, n, k };
+        let x: Vec<f32> = rng.vec(m * k).iter().map(|v| v * 20.0).collect();
+        let norm = rng.vec(k);
+        let normed = reference::rms_norm(&x, &norm, 1e-6);
+        let raw: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(n * k)).collect();
+        let ws: Vec<_> = raw
+            .iter()
+            .map(|w| b.upload_linear(w, n, k).unwrap())
+            .collect();
+        let (xt, nt) = (b.upload(&x).unwrap(), b.upload(&norm).unwrap());
+        let mut scratch = b.zeros(m * k).unwrap();
+        for count in 1..=3 {
+            let mut outs: Vec<_> = (0..count).map(|_| b.zeros(m * n).unwrap()).collect();
+            let refs: Vec<&_> = ws[..count].iter().collect();
+            let mut muts: Vec<&mut _> = outs.iter_mut().collect();
+            b.norm_matmul_shared(&xt, &nt, 1e-6, &mut scratch, &refs, &mut muts, d)
+                .unwrap();
+            for (i, out) in outs.iter().enumerate() {
+                assert_close(
+                    &format!("norm + product {i} of {count}, {m}x{n}x{k}"),
+                    &b.download(out, m * n).unwrap(),
+                    &reference::matmul_nt(&normed, &raw[i], d),
+                    tol,
+                );
+            }
+        }
+        let up = reference::matmul_nt(&normed, &raw[1], d);
+        for act in [Activation::Relu, Activation::GeluNew, Activation::Silu] {
+            let gate = reference::matmul_nt(&normed, &raw[0], d);
+            for gated in [false, true] {
+                let (mut ff, mut ff_up) = (b.zeros(m * n).unwrap(), b.zeros(m * n).unwrap());
+                let refs: Vec<&_> = ws[..1 + gated as usize].iter().collect();
+                b.norm_ffn_up(
+                    &xt,
+                    &nt,
+                    1e-6,
+                    &mut scratch,
+                    &refs,
+                    &mut ff,
+                    &mut ff_up,
+                    act,
+                    d,
+                )
+                .unwrap();
+                let want: Vec<f32> = gate
+                    .iter()
+                    .zip(&up)
+                    .map(|(&g, &u)| reference::act(g, act) * if gated { u } else { 1.0 })
+                    .collect();
+                assert_close(
+                    &format!("norm + feed-forward up {act:?} gated {gated}, {m}x{n}x{k}"),
+                    &b.download(&ff, m * n).unwrap(),
+                    &want,
+                    tol,
+                );
+            }
+        }
+    }
+}
+
 /// (batch, heads, d_kv, q_len, kv_len, kv_stride, kv_group)
 type AttnCase = (usize, usize, usize, usize, usize, usize, usize);
 
@@ -513,6 +584,13 @@ fn rms_norm_matches_reference() {
 }
 
 #[test]
+fn fused_sublayers_match_reference() {
+    for b in backends() {
+        check_fused_sublayers(&b, &mut Rng::new(9), 1e-5);
+    }
+}
+
+#[test]
 fn activations_match_reference() {
     for b in backends() {
         check_activations(&b, &mut Rng::new(3));
@@ -659,12 +737,26 @@ fn cuda_kernels_match_reference() {
     check_matmul(&b, &mut Rng::new(1));
     check_rms_norm(&b, &mut Rng::new(2));
     check_activations(&b, &mut Rng::new(3));
-    check_attention(&b, &mut Rng::new(4));
-    // The encoder's attention (several queries per sequence) through the decoding kernel,
-    // a block per query (off by default until this has passed on a GPU).
-    b.set_encoder_step_attention(true);
-    check_attention(&b, &mut Rng::new(8));
-    b.set_encoder_step_attention(false);
+    // The encoder's attention (several queries per sequence) in each of its modes (the
+    // default first); decoding's one-query attention is the same in all three.
+    use t5rt::backend::cuda::EncoderAttention;
+    let default = b.encoder_attention();
+    for mode in [
+        default,
+        EncoderAttention::Gemm,
+        EncoderAttention::Step,
+        EncoderAttention::Block,
+    ] {
+        common::once(format!("cuda encoder attention: {mode:?}"));
+        b.set_encoder_attention(mode);
+        check_attention(&b, &mut Rng::new(4));
+    }
+    b.set_encoder_attention(default);
+    // The decoding sublayers' fused norm (and activation) in `gemv`, on and off.
+    check_fused_sublayers(&b, &mut Rng::new(9), 1e-5);
+    b.set_fused_gemv(false);
+    check_fused_sublayers(&b, &mut Rng::new(9), 1e-5);
+    b.set_fused_gemv(true);
     check_data_movement(&b, &mut Rng::new(5));
     check_odd_shapes(&b, &mut Rng::new(7));
     // Half-precision products through cuBLAS: both operands rounded, products exact, sums in
@@ -751,6 +843,59 @@ fn cuda_kernels_match_reference() {
                     h.download(out, m * n).unwrap(),
                     separate[i],
                     "cuda {dtype} shared gemv {m}x{n}x{k}, product {i} of {count}"
+                );
+            }
+        }
+    }
+    // Half-precision weights: the fused norm and feed-forward products against the same
+    // operations launched one by one (the same rounded weights; only the norm's sums differ).
+    for dtype in [t5rt::WeightDtype::Bf16, t5rt::WeightDtype::F16] {
+        let Some(h) = common::cuda_backend(dtype) else {
+            return;
+        };
+        for (m, n, k) in [(1, 768, 768), (4, 3072, 768), (8, 64, 96)] {
+            let d = MatDims { m, n, k };
+            let x = h.upload(&rng.vec(m * k)).unwrap();
+            let norm = h.upload(&rng.vec(k)).unwrap();
+            let ws: Vec<_> = (0..2)
+                .map(|_| h.upload_linear(&rng.vec(n * k), n, k).unwrap())
+                .collect();
+            let refs: Vec<&_> = ws.iter().collect();
+            let run = |fused: bool| {
+                h.set_fused_gemv(fused);
+                let mut scratch = h.zeros(m * k).unwrap();
+                let (mut ff, mut ff_up) = (h.zeros(m * n).unwrap(), h.zeros(m * n).unwrap());
+                h.norm_ffn_up(
+                    &x,
+                    &norm,
+                    1e-6,
+                    &mut scratch,
+                    &refs,
+                    &mut ff,
+                    &mut ff_up,
+                    Activation::GeluNew,
+                    d,
+                )
+                .unwrap();
+                let mut q = h.zeros(m * n).unwrap();
+                h.norm_matmul_shared(&x, &norm, 1e-6, &mut scratch, &refs[..1], &mut [&mut q], d)
+                    .unwrap();
+                h.set_fused_gemv(true);
+                [
+                    h.download(&ff, m * n).unwrap(),
+                    h.download(&q, m * n).unwrap(),
+                ]
+            };
+            let (fused, apart) = (run(true), run(false));
+            for (i, what) in ["gated feed-forward up", "norm + product"]
+                .iter()
+                .enumerate()
+            {
+                assert_close(
+                    &format!("cuda {dtype} fused {what} {m}x{n}x{k}"),
+                    &fused[i],
+                    &apart[i],
+                    1e-5,
                 );
             }
         }

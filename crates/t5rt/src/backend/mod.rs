@@ -308,6 +308,44 @@ pub trait Backend: Send + Sync {
         matmul_nt_each(self, x, ws, outs, dims)
     }
 
+    /// A sublayer's input products on its normalized input: `normed = rms_norm(x)` (weights
+    /// `norm`, `eps`; rows of `dims.k` values), then `outs[i] = normed · ws[i]ᵀ` as
+    /// [`Backend::matmul_nt_shared`]. `normed` is scratch of `x`'s size: a backend that fuses
+    /// the norm into the products may leave it unwritten, so callers read only `outs`.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_matmul_shared(
+        &self,
+        x: &Self::Tensor,
+        norm: &Self::Tensor,
+        eps: f32,
+        normed: &mut Self::Tensor,
+        ws: &[&Self::Weight],
+        outs: &mut [&mut Self::Tensor],
+        dims: MatDims,
+    ) -> Result<()> {
+        norm_then_products(self, x, norm, eps, normed, ws, outs, dims)
+    }
+
+    /// A feed-forward's first half on its sublayer input `x`: `normed = rms_norm(x)`, then
+    /// `ff = act(normed · ws[0]ᵀ)`, or with a gate (`ws` = [wi_0, wi_1]) `ff = act(normed ·
+    /// wi_0ᵀ) * (normed · wi_1ᵀ)`. `normed` and `ff_up` are scratch (`[rows, k]`, `[rows, n]`)
+    /// that a fusing backend may leave unwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_ffn_up(
+        &self,
+        x: &Self::Tensor,
+        norm: &Self::Tensor,
+        eps: f32,
+        normed: &mut Self::Tensor,
+        ws: &[&Self::Weight],
+        ff: &mut Self::Tensor,
+        ff_up: &mut Self::Tensor,
+        act: Activation,
+        dims: MatDims,
+    ) -> Result<()> {
+        norm_then_ffn_up(self, x, norm, eps, normed, ws, ff, ff_up, act, dims)
+    }
+
     /// `out[i, :] = table[ids[i], :]`, rows of width `d`.
     fn embed(
         &self,
@@ -522,6 +560,55 @@ pub trait Backend: Send + Sync {
 
 /// The products of [`Backend::matmul_nt_shared`] one after the other: its default, and what a
 /// backend falls back to when it cannot share the work.
+/// [`Backend::norm_matmul_shared`] as separate operations: the norm into `normed`, then the
+/// products (the trait's default, and backends' fallback).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_then_products<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Tensor,
+    norm: &B::Tensor,
+    eps: f32,
+    normed: &mut B::Tensor,
+    ws: &[&B::Weight],
+    outs: &mut [&mut B::Tensor],
+    dims: MatDims,
+) -> Result<()> {
+    b.rms_norm(x, norm, normed, dims.m, dims.k, eps)?;
+    b.matmul_nt_shared(normed, ws, outs, dims)
+}
+
+/// [`Backend::norm_ffn_up`] as separate operations: norm, products, activation.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_then_ffn_up<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Tensor,
+    norm: &B::Tensor,
+    eps: f32,
+    normed: &mut B::Tensor,
+    ws: &[&B::Weight],
+    ff: &mut B::Tensor,
+    ff_up: &mut B::Tensor,
+    act: Activation,
+    dims: MatDims,
+) -> Result<()> {
+    b.rms_norm(x, norm, normed, dims.m, dims.k, eps)?;
+    let len = dims.m * dims.n;
+    match ws {
+        [wi] => {
+            b.matmul_nt(normed, wi, ff, dims, false)?;
+            b.activate(ff, None, len, act)
+        }
+        [wi_0, wi_1] => {
+            b.matmul_nt_shared(normed, &[wi_0, wi_1], &mut [ff, ff_up], dims)?;
+            b.activate(ff, Some(ff_up), len, act)
+        }
+        _ => Err(T5Error::Input(format!(
+            "a feed-forward has one or two input products, not {}",
+            ws.len()
+        ))),
+    }
+}
+
 pub(crate) fn matmul_nt_each<B: Backend + ?Sized>(
     b: &B,
     x: &B::Tensor,

@@ -252,9 +252,11 @@ impl<B: Backend> T5Model<B> {
         self.embed(tokens, &mut s.x)?;
         for (l, layer) in self.params.decoder.iter().enumerate() {
             // self-attention over the cache, extended by this position
-            b.rms_norm(&s.x, &layer.self_norm, &mut s.normed, batch, d, eps)?;
-            b.matmul_nt_shared(
-                &s.normed,
+            b.norm_matmul_shared(
+                &s.x,
+                &layer.self_norm,
+                eps,
+                &mut s.normed,
                 &[&layer.self_attn.q, &layer.self_attn.k, &layer.self_attn.v],
                 &mut [&mut s.q, &mut s.k, &mut s.v],
                 proj,
@@ -281,8 +283,15 @@ impl<B: Backend> T5Model<B> {
             b.matmul_nt(&s.attn, &layer.self_attn.o, &mut s.x, out_proj, true)?;
 
             // cross-attention over the encoder output (keys/values projected at start)
-            b.rms_norm(&s.x, &layer.cross_norm, &mut s.normed, batch, d, eps)?;
-            b.matmul_nt(&s.normed, &layer.cross_attn.q, &mut s.q, proj, false)?;
+            b.norm_matmul_shared(
+                &s.x,
+                &layer.cross_norm,
+                eps,
+                &mut s.normed,
+                &[&layer.cross_attn.q],
+                &mut [&mut s.q],
+                proj,
+            )?;
             let (ck, cv) = (&state.cross_k[l], &state.cross_v[l]);
             // no position bias in cross-attention; only the source padding mask
             b.attention(
@@ -297,13 +306,13 @@ impl<B: Backend> T5Model<B> {
             b.matmul_nt(&s.attn, &layer.cross_attn.o, &mut s.x, out_proj, true)?;
 
             // feed-forward
-            b.rms_norm(&s.x, &layer.ffn_norm, &mut s.normed, batch, d, eps)?;
             feed_forward(
                 b,
                 cfg,
                 &layer.ffn,
-                &s.normed,
+                &layer.ffn_norm,
                 &mut s.x,
+                &mut s.normed,
                 &mut s.ff,
                 &mut s.ff_up,
                 batch,

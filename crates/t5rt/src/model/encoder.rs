@@ -71,16 +71,11 @@ impl<B: Backend> T5Model<B> {
         self.embed(&ids, &mut x)?;
         for layer in &self.params.encoder {
             // self-attention sublayer
-            b.rms_norm(
+            b.norm_matmul_shared(
                 &x,
                 &layer.attn_norm,
-                &mut normed,
-                rows,
-                d,
                 cfg.layer_norm_epsilon,
-            )?;
-            b.matmul_nt_shared(
-                &normed,
+                &mut normed,
                 &[&layer.attn.q, &layer.attn.k, &layer.attn.v],
                 &mut [&mut q, &mut k, &mut v],
                 proj,
@@ -89,16 +84,16 @@ impl<B: Backend> T5Model<B> {
             // residual: x += attn · oᵀ
             b.matmul_nt(&attn, &layer.attn.o, &mut x, out_proj, true)?;
             // feed-forward sublayer
-            b.rms_norm(
-                &x,
-                &layer.ffn_norm,
-                &mut normed,
-                rows,
-                d,
-                cfg.layer_norm_epsilon,
-            )?;
             feed_forward(
-                b, cfg, &layer.ffn, &normed, &mut x, &mut ff, &mut ff_up, rows,
+                b,
+                cfg,
+                &layer.ffn,
+                &layer.ffn_norm,
+                &mut x,
+                &mut normed,
+                &mut ff,
+                &mut ff_up,
+                rows,
             )?;
         }
         let mut hidden = normed;

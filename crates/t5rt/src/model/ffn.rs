@@ -6,15 +6,17 @@ use crate::error::Result;
 
 use super::params::FfnWeights;
 
-/// residual: `x += wo(act(wi_0 · normed) * (wi_1 · normed))` (gated) or `x += wo(act(wi · normed))`.
-/// `ff` and `ff_up` are scratch of at least `[rows, d_ff]`.
+/// The sublayer with its norm and residual: `x += wo(act(wi_0 · n) * (wi_1 · n))` (gated) or
+/// `x += wo(act(wi · n))`, where `n = rms_norm(x)` (weights `norm`). `normed` is scratch of
+/// `x`'s size, `ff` and `ff_up` of at least `[rows, d_ff]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn feed_forward<B: Backend>(
     b: &B,
     cfg: &T5Config,
     w: &FfnWeights<B::Weight>,
-    normed: &B::Tensor,
+    norm: &B::Tensor,
     x: &mut B::Tensor,
+    normed: &mut B::Tensor,
     ff: &mut B::Tensor,
     ff_up: &mut B::Tensor,
     rows: usize,
@@ -25,15 +27,30 @@ pub(crate) fn feed_forward<B: Backend>(
         n: d_ff,
         k: d,
     };
+    let eps = cfg.layer_norm_epsilon;
     match &w.wi_gate_linear {
-        Some(wi_1) => {
-            b.matmul_nt_shared(normed, &[&w.wi, wi_1], &mut [ff, ff_up], up_dims)?;
-            b.activate(ff, Some(ff_up), rows * d_ff, cfg.activation)?;
-        }
-        None => {
-            b.matmul_nt(normed, &w.wi, ff, up_dims, false)?;
-            b.activate(ff, None, rows * d_ff, cfg.activation)?
-        }
+        Some(wi_1) => b.norm_ffn_up(
+            x,
+            norm,
+            eps,
+            normed,
+            &[&w.wi, wi_1],
+            ff,
+            ff_up,
+            cfg.activation,
+            up_dims,
+        )?,
+        None => b.norm_ffn_up(
+            x,
+            norm,
+            eps,
+            normed,
+            &[&w.wi],
+            ff,
+            ff_up,
+            cfg.activation,
+            up_dims,
+        )?,
     }
     // residual: x += ff · woᵀ
     b.matmul_nt(

@@ -290,6 +290,51 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
     }
 }
 
+// The middle of attention as two batched products (cuda/mod.rs's attend_gemm, the encoder):
+// rows of scores q·kᵀ ([nb sequences from `first`, heads, q_len] rows of kv_len) become the
+// weights softmax(s + bias + mask) in place, with `attention`'s conventions: keys masked at
+// the start or the end of the row get weight 0 (left out), others exp(-inf) = 0. One block per
+// row.
+extern "C" __global__ void attention_softmax(float* scores, const float* bias, const float* mask,
+                                             int batch, int heads, int q_len, int kv_len,
+                                             int kv_group, int bias_stride, int first) {
+    __shared__ float scratch[32];
+    size_t row = blockIdx.x;
+    int i = (int)(row % q_len);
+    int h = (int)((row / q_len) % heads);
+    int b = first + (int)(row / ((size_t)q_len * heads));
+    if (b >= batch) return;
+    int kb = b / kv_group;
+    float* s = scores + row * kv_len;
+    int j0 = 0, j1 = kv_len;
+    if (mask) {
+        const float* m = mask + (size_t)kb * kv_len;
+        while (j0 < kv_len - 1 && m[j0] == NEG_INF) j0++;
+        while (j1 > j0 + 1 && m[j1 - 1] == NEG_INF) j1--;
+    }
+    float mx = NEG_INF;
+    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+        float v = NEG_INF;
+        if (j >= j0 && j < j1) {
+            v = s[j];
+            if (bias) v += bias[((size_t)h * q_len + i) * bias_stride + (bias_stride - kv_len) + j];
+            if (mask) v += mask[(size_t)kb * kv_len + j];
+        }
+        s[j] = v;
+        mx = fmaxf(mx, v);
+    }
+    mx = block_max(mx, scratch);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+        float e = (s[j] == NEG_INF) ? 0.0f : expf(s[j] - mx);
+        s[j] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, scratch);
+    float inv = 1.0f / sum;
+    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) s[j] *= inv;
+}
+
 // One query per sequence (a decoding step): the same function as `attention`, laid out for the
 // GPU. One block of STEP_THREADS per (sequence b, head h, query i); decoding has one query per
 // sequence (q_len 1), the encoder q_len (cuda/mod.rs sends it here only when asked to: this
@@ -443,63 +488,124 @@ __device__ __forceinline__ void unpack_f16x8(uint4 w, float* f) {
 // out[r, col] (+)= sum_t x[r, t] * w[col, t] for r < m <= GEMV_ROWS: decoding's products
 // (a few rows), bound by reading the weights once. A warp per column: its lanes read the
 // weight row 16 bytes at a time (4 f32, or 8 bf16/f16 values widened to f32) against x staged
-// in shared memory, then reduce with shuffles. kind: 0 f32, 1 bf16, 2 f16 weights; the
-// activations stay f32 (not rounded). Needs k % 8 == 0 and m * k floats in shared memory.
+// in shared memory, GEMV_LOADS pieces per lane in flight before their sums, then reduce with
+// shuffles. kind: 0 f32, 1 bf16, 2 f16 weights; the activations stay f32 (not rounded). Needs
+// k % 8 == 0 and m * k floats in shared memory.
 #define GEMV_ROWS 8
+#define GEMV_LOADS 4
+
+// acc[r] += row `col` of w · x[r] over this lane's pieces (lane, lane + 32, ...).
+template <int KIND>
+__device__ __forceinline__ void gemv_column(const void* __restrict__ w, int col, int k,
+                                            const float4* xs4, int m, int lane, float* acc) {
+    if (KIND == 0) {
+        const float4* wr = (const float4*)((const float*)w + (size_t)col * k);
+        int pieces = k / 4;
+        for (int c0 = lane; c0 < pieces; c0 += 32 * GEMV_LOADS) {
+            float4 wv[GEMV_LOADS];
+#pragma unroll
+            for (int u = 0; u < GEMV_LOADS; u++) {
+                int c = c0 + 32 * u;
+                wv[u] = c < pieces ? wr[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int u = 0; u < GEMV_LOADS; u++) {
+                int c = c0 + 32 * u;
+                if (c < pieces) {
+#pragma unroll
+                    for (int r = 0; r < GEMV_ROWS; r++) {
+                        if (r < m) {
+                            float4 xv = xs4[(r * k) / 4 + c];
+                            acc[r] += wv[u].x * xv.x + wv[u].y * xv.y + wv[u].z * xv.z + wv[u].w * xv.w;
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        const uint4* wr = (const uint4*)((const u16*)w + (size_t)col * k);
+        int pieces = k / 8;
+        for (int c0 = lane; c0 < pieces; c0 += 32 * GEMV_LOADS) {
+            uint4 wv[GEMV_LOADS];
+#pragma unroll
+            for (int u = 0; u < GEMV_LOADS; u++) {
+                int c = c0 + 32 * u;
+                wv[u] = c < pieces ? wr[c] : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < GEMV_LOADS; u++) {
+                int c = c0 + 32 * u;
+                if (c < pieces) {
+                    float f[8];
+                    if (KIND == 1) unpack_bf16x8(wv[u], f);
+                    else unpack_f16x8(wv[u], f);
+#pragma unroll
+                    for (int r = 0; r < GEMV_ROWS; r++) {
+                        if (r < m) {
+                            float4 a = xs4[(r * k) / 4 + 2 * c], bq = xs4[(r * k) / 4 + 2 * c + 1];
+                            acc[r] += f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w +
+                                      f[4] * bq.x + f[5] * bq.y + f[6] * bq.z + f[7] * bq.w;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ void gemv_column_any(int kind, const void* w, int col, int k,
+                                                const float4* xs4, int m, int lane, float* acc) {
+    if (kind == 0) gemv_column<0>(w, col, k, xs4, m, lane, acc);
+    else if (kind == 1) gemv_column<1>(w, col, k, xs4, m, lane, acc);
+    else gemv_column<2>(w, col, k, xs4, m, lane, acc);
+}
+
+// Fused forms (decoding's sublayers in fewer launches):
+// - norm_w non-null: x's rows go through T5's RMSNorm (rms_norm's formula, eps) as they are
+//   staged, so x is the sublayer's input and the normalized rows are never written out;
+// - act >= 0 (activation's codes): out = act(sum); with `gated`, out0 = act(x · w0) * (x · w1),
+//   one product (gridDim.y = 1), as `activate` does with `up`.
 extern "C" __global__ void __launch_bounds__(256)
 gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2, float* out0,
-     float* out1, float* out2, int m, int n, int k, int kind, int accumulate) {
+     float* out1, float* out2, int m, int n, int k, int kind, int accumulate,
+     const float* __restrict__ norm_w, float eps, int act, int gated) {
     // Up to three products of the same input and shape in one launch (q, k and v): product
     // blockIdx.y reads weights w<y> and writes out<y>; a single product passes gridDim.y = 1.
     const void* __restrict__ w = blockIdx.y == 0 ? w0 : (blockIdx.y == 1 ? w1 : w2);
     float* __restrict__ out = blockIdx.y == 0 ? out0 : (blockIdx.y == 1 ? out1 : out2);
     extern __shared__ float4 xs4[];
+    __shared__ float inv_rms[GEMV_ROWS];
     float* xs = (float*)xs4;
     for (int i = threadIdx.x; i < m * k / 4; i += blockDim.x) xs4[i] = ((const float4*)x)[i];
     __syncthreads();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int warps = blockDim.x >> 5;
-    for (int col = blockIdx.x * warps + warp; col < n; col += gridDim.x * warps) {
-        float acc[GEMV_ROWS];
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.0f;
-        if (kind == 0) {
-            const float4* wr = (const float4*)((const float*)w + (size_t)col * k);
-#pragma unroll 4
-            for (int c = lane; c < k / 4; c += 32) {
-                float4 wv = wr[c];
-#pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) {
-                    if (r < m) {
-                        float4 xv = xs4[(r * k) / 4 + c];
-                        acc[r] += wv.x * xv.x + wv.y * xv.y + wv.z * xv.z + wv.w * xv.w;
-                    }
-                }
-            }
-        } else {
-            const uint4* wr = (const uint4*)((const u16*)w + (size_t)col * k);
-#pragma unroll 2
-            for (int c = lane; c < k / 8; c += 32) {
-                uint4 wv = wr[c];
-                float f[8];
-                if (kind == 1) unpack_bf16x8(wv, f);
-                else unpack_f16x8(wv, f);
-#pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) {
-                    if (r < m) {
-                        float4 a = xs4[(r * k) / 4 + 2 * c], bq = xs4[(r * k) / 4 + 2 * c + 1];
-                        acc[r] += f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w +
-                                  f[4] * bq.x + f[5] * bq.y + f[6] * bq.z + f[7] * bq.w;
-                    }
-                }
-            }
+    if (norm_w) {
+        for (int r = warp; r < m; r += warps) {
+            float s = 0.0f;
+            for (int t = lane; t < k; t += 32) s += xs[r * k + t] * xs[r * k + t];
+            s = warp_sum(s);
+            if (lane == 0) inv_rms[r] = 1.0f / sqrtf(s / (float)k + eps);
         }
+        __syncthreads();
+        for (int i = threadIdx.x; i < m * k; i += blockDim.x)
+            xs[i] = norm_w[i % k] * (xs[i] * inv_rms[i / k]);
+        __syncthreads();
+    }
+    for (int col = blockIdx.x * warps + warp; col < n; col += gridDim.x * warps) {
+        float acc[GEMV_ROWS], up[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) acc[r] = up[r] = 0.0f;
+        gemv_column_any(kind, w, col, k, xs4, m, lane, acc);
+        if (gated) gemv_column_any(kind, w1, col, k, xs4, m, lane, up);
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
             if (r < m) {
                 float sum = warp_sum(acc[r]);
+                float u = gated ? warp_sum(up[r]) : 0.0f;
                 if (lane == 0) {
                     size_t at = (size_t)r * n + col;
+                    if (act >= 0) sum = gated ? activation(sum, act) * u : activation(sum, act);
                     out[at] = accumulate ? out[at] + sum : sum;
                 }
             }

@@ -12,7 +12,7 @@
 //! weights are f16 ([`Backend::upload_output_linear`]): half precision is safe by construction.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig};
@@ -22,7 +22,8 @@ use cudarc::driver::{
 };
 
 use super::{
-    check_len, checks, matmul_nt_each, AttnShape, Backend, KvFormat, MatDims, StepPlan, WeightDtype,
+    check_len, checks, matmul_nt_each, norm_then_ffn_up, norm_then_products, AttnShape, Backend,
+    KvFormat, MatDims, StepPlan, WeightDtype,
 };
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
@@ -34,7 +35,7 @@ pub use graphs::GraphStats;
 pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// Every kernel `kernels.cu` defines (loaded at start; a missing one is an error then).
-pub const KERNEL_NAMES: [&str; 15] = [
+pub const KERNEL_NAMES: [&str; 16] = [
     "to_bf16",
     "to_f16",
     "compress_kv",
@@ -49,8 +50,75 @@ pub const KERNEL_NAMES: [&str; 15] = [
     "argmax_rows",
     "attention",
     "attention_step",
+    "attention_softmax",
     "gemv",
 ];
+
+/// How attention over several queries per sequence (the encoder's) runs on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EncoderAttention {
+    /// `attention`: a block per query whose weighted sum walks every key in turn (the first
+    /// kernel; on an H200, t5-base over 32 x 512 tokens spent 28 ms per layer there).
+    Block,
+    /// `attention_step`, the decoding kernel: a block per query, rows read coalesced.
+    Step,
+    /// Two batched cuBLAS products per sequence (scores = q·kᵀ for every head, then the
+    /// weights times v) around `attention_softmax` (bias, mask, softmax), the scores of a
+    /// chunk of sequences in GPU memory (at most [`ATTENTION_SCORES_BYTES`]).
+    Gemm,
+}
+
+impl EncoderAttention {
+    /// `T5RT_CUDA_ENCODER_ATTENTION`: `gemm` (the default), `step` or `block`.
+    fn from_env() -> Self {
+        match std::env::var("T5RT_CUDA_ENCODER_ATTENTION").as_deref() {
+            Ok("step") => EncoderAttention::Step,
+            Ok("block") => EncoderAttention::Block,
+            _ => EncoderAttention::Gemm,
+        }
+    }
+
+    fn code(self) -> u8 {
+        self as u8
+    }
+
+    fn from_code(c: u8) -> Self {
+        match c {
+            0 => EncoderAttention::Block,
+            1 => EncoderAttention::Step,
+            _ => EncoderAttention::Gemm,
+        }
+    }
+}
+
+/// The most memory the encoder's attention scores take at once ([`EncoderAttention::Gemm`]):
+/// sequences go through in chunks whose `heads x q_len x kv_len` f32 scores fit (at least
+/// one sequence per chunk).
+pub const ATTENTION_SCORES_BYTES: usize = 256 << 20;
+
+/// Optional fusions of the `gemv` kernel: the sublayer's RMSNorm on the input as it is staged,
+/// an activation on the output (`act`: activation's code, -1 none), and a gated feed-forward's
+/// two products in one (`gated`: out0 = act(x · w0) * (x · w1)).
+#[derive(Clone, Copy)]
+struct GemvFuse<'a> {
+    norm: Option<(&'a CudaSlice<f32>, f32)>,
+    act: i32,
+    gated: bool,
+}
+
+const NO_FUSION: GemvFuse<'static> = GemvFuse {
+    norm: None,
+    act: -1,
+    gated: false,
+};
+
+fn act_code(act: Activation) -> i32 {
+    match act {
+        Activation::Relu => 0,
+        Activation::GeluNew => 1,
+        Activation::Silu => 2,
+    }
+}
 
 fn err(what: &str, e: impl std::fmt::Display) -> T5Error {
     T5Error::Backend(format!("cuda: {what}: {e}"))
@@ -141,10 +209,14 @@ pub struct CudaBackend {
     /// With `T5RT_CUDA_PROFILE=1`: GPU time per operation (calls, seconds), each operation
     /// synchronized before and after (slow; graphs off). For finding where a step goes.
     profile: Option<Mutex<HashMap<String, (u64, f64)>>>,
-    /// Whether attention over several queries per sequence (the encoder) goes through
-    /// `attention_step` too, a block per query (`T5RT_CUDA_ENCODER_ATTENTION=step`; off by
-    /// default until it has run on a GPU: see [`CudaBackend::set_encoder_step_attention`]).
-    encoder_step_attention: AtomicBool,
+    /// How attention over several queries per sequence (the encoder) runs
+    /// ([`EncoderAttention`]'s code; `T5RT_CUDA_ENCODER_ATTENTION`, see
+    /// [`CudaBackend::set_encoder_attention`]).
+    encoder_attention: AtomicU8,
+    /// Whether decoding's sublayers fuse their RMSNorm (and the feed-forward its activation)
+    /// into the `gemv` products (on; `T5RT_CUDA_FUSED_GEMV=0` turns it off, see
+    /// [`CudaBackend::set_fused_gemv`]).
+    fused_gemv: AtomicBool,
     /// Warps (output columns) per block of `gemv`: 8, or `T5RT_CUDA_GEMV_WARPS` (1 to 8).
     /// t5-base's 768-column products fill only 96 blocks at 8, fewer than an H100/H200 has
     /// multiprocessors (132); fewer warps per block spread them wider (not measured yet).
@@ -312,8 +384,9 @@ impl CudaBackend {
             )),
             capturing: AtomicBool::new(false),
             profile: profile.then(|| Mutex::new(HashMap::new())),
-            encoder_step_attention: AtomicBool::new(
-                std::env::var("T5RT_CUDA_ENCODER_ATTENTION").is_ok_and(|v| v == "step"),
+            encoder_attention: AtomicU8::new(EncoderAttention::from_env().code()),
+            fused_gemv: AtomicBool::new(
+                std::env::var("T5RT_CUDA_FUSED_GEMV").map_or(true, |v| v != "0"),
             ),
             shared_gemv: AtomicBool::new(
                 std::env::var("T5RT_CUDA_SHARED_GEMV").is_ok_and(|v| v == "1"),
@@ -345,13 +418,36 @@ impl CudaBackend {
         st.forget();
     }
 
-    /// Sends the encoder's attention (several queries per sequence) through `attention_step`,
-    /// the decoding kernel, a block per query, instead of `attention`. `attention`'s weighted
-    /// sum walks every key one after the other in each block: on an H200, t5-base's encoder
-    /// over 32 x 512 tokens spent 28 ms per layer there (2026-11-27). Off by default: this use
-    /// of the kernel has not run on a GPU yet (scripts/gpu-check.sh tests both).
-    pub fn set_encoder_step_attention(&self, on: bool) {
-        self.encoder_step_attention.store(on, Ordering::Relaxed);
+    /// How the encoder's attention (several queries per sequence) runs: see
+    /// [`EncoderAttention`] (default [`EncoderAttention::Gemm`], or the environment's
+    /// `T5RT_CUDA_ENCODER_ATTENTION`). Decoding's one-query attention is not affected.
+    pub fn set_encoder_attention(&self, mode: EncoderAttention) {
+        self.encoder_attention.store(mode.code(), Ordering::Relaxed);
+    }
+
+    /// The encoder's attention mode now in use.
+    pub fn encoder_attention(&self) -> EncoderAttention {
+        EncoderAttention::from_code(self.encoder_attention.load(Ordering::Relaxed))
+    }
+
+    /// Turns the `gemv` fusions of decoding on or off: the RMSNorm before q/k/v, cross q and
+    /// the feed-forward computed as the products stage their input, and the feed-forward's
+    /// activation (gated: both input products) in its product's epilogue. Saves 3 to 4
+    /// launches per decoder layer. On by default (`T5RT_CUDA_FUSED_GEMV=0` starts it off).
+    pub fn set_fused_gemv(&self, on: bool) {
+        self.fused_gemv.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether these products can go through one fused `gemv` launch each (fusions on, the
+    /// shape within `gemv`'s limits, every weight of the product's shape and kind).
+    fn fused_gemv_fits(&self, ws: &[&CudaWeight], d: MatDims) -> bool {
+        self.fused_gemv.load(Ordering::Relaxed)
+            && d.m > 0
+            && d.n > 0
+            && gemv_fits(d)
+            && ws
+                .iter()
+                .all(|w| (w.n, w.k) == (d.n, d.k) && w.gemv_kind() == ws[0].gemv_kind())
     }
 
     /// Runs up to three decoding products of one input (q, k and v; a gated feed-forward's
@@ -367,6 +463,7 @@ impl CudaBackend {
     /// and the shapes; one to three products of one kind, a grid row each): a warp per
     /// column, `gemv_warps` columns per block (each block stages x). Slots past the last
     /// product repeat it (grid y never reaches them).
+    /// With `fuse.gated`, `ws` = [gate, up] and `outs` = [out]: one product row.
     fn gemv(
         &self,
         x: &CudaSlice<f32>,
@@ -374,12 +471,17 @@ impl CudaBackend {
         outs: &[&CudaSlice<f32>],
         d: MatDims,
         accumulate: bool,
+        fuse: GemvFuse<'_>,
     ) -> Result<()> {
-        debug_assert!((1..=3).contains(&ws.len()) && ws.len() == outs.len());
+        debug_assert!(
+            (1..=3).contains(&ws.len())
+                && (ws.len() == outs.len() || (fuse.gated && ws.len() == 2 && outs.len() == 1))
+        );
         let (m, n, k) = (i32_of("m", d.m)?, i32_of("n", d.n)?, i32_of("k", d.k)?);
         let warps = self.gemv_warps;
+        let rows = if fuse.gated { 1 } else { ws.len() as u32 };
         let cfg = LaunchConfig {
-            grid_dim: (d.n.div_ceil(warps) as u32, ws.len() as u32, 1),
+            grid_dim: (d.n.div_ceil(warps) as u32, rows, 1),
             block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: (d.m * d.k * 4) as u32,
         };
@@ -396,6 +498,13 @@ impl CudaBackend {
             b.arg(outs[i.min(outs.len() - 1)]);
         }
         b.arg(&m).arg(&n).arg(&k).arg(&kind).arg(&acc);
+        let (norm, eps) = match fuse.norm {
+            Some((w, eps)) => (Some(w), eps),
+            None => (None, 0.0f32),
+        };
+        arg_or_null(&mut b, norm);
+        let gated = fuse.gated as i32;
+        b.arg(&eps).arg(&fuse.act).arg(&gated);
         self.launch(&mut b, cfg, "gemv")
     }
 
@@ -590,7 +699,11 @@ impl CudaBackend {
         let per = if kv_bf16 == 1 { 8 } else { 4 };
         // (pieces of a row: a power of two, at most a warp: d_kv 8, 16, 32, 64 or 128)
         let fits = s.d_kv.is_multiple_of(8) && (s.d_kv / 4).is_power_of_two() && s.d_kv <= 128;
-        let queries_here = s.q_len == 1 || self.encoder_step_attention.load(Ordering::Relaxed);
+        let mode = self.encoder_attention();
+        if s.q_len > 1 && !step && mode == EncoderAttention::Gemm && kv_bf16 == 0 {
+            return self.attend_gemm(q, k, v, bias, mask, out, s);
+        }
+        let queries_here = s.q_len == 1 || mode == EncoderAttention::Step;
         if queries_here && fits {
             // A recorded step's self-attention holds room for every position of the cache.
             let kv_cap = if step { s.kv_stride } else { s.kv_len };
@@ -634,6 +747,144 @@ impl CudaBackend {
         b.arg(&kv_bf16);
         b.arg(&bias_stride);
         self.launch(&mut b, cfg, "attention")
+    }
+
+    /// [`EncoderAttention::Gemm`]: per sequence, the scores of every head as one batched
+    /// product (`[kv_len, q_len]` column-major = q·kᵀ row-major, a head's q and k rows
+    /// `inner` apart, heads `d_kv` apart), `attention_softmax` over a chunk of sequences, and
+    /// the weighted values as a second batched product written straight into `out`'s
+    /// `[q_len, inner]` rows. f32 throughout (cuBLAS's default math: no TF32). The caller
+    /// checked the shapes (`AttnShape::check`) and that keys and values are f32.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_gemm(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        mask: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        s: AttnShape,
+    ) -> Result<()> {
+        let inner = s.heads * s.d_kv;
+        let per_seq = s.heads * s.q_len * s.kv_len;
+        let chunk = (ATTENTION_SCORES_BYTES / (per_seq * 4).max(1)).clamp(1, s.batch);
+        // SAFETY: every score a chunk reads is written by its first product.
+        let mut scores = unsafe { self.stream.alloc::<f32>(chunk * per_seq) }
+            .map_err(|e| err("allocating attention scores (out of GPU memory?)", e))?;
+        let (heads, d_kv) = (i32_of("heads", s.heads)?, i32_of("d_kv", s.d_kv)?);
+        let (q_len, kv_len) = (i32_of("q_len", s.q_len)?, i32_of("kv_len", s.kv_len)?);
+        let ld = i32_of("heads x d_kv", inner)?;
+        let (one, zero) = (1.0f32, 0.0f32);
+        let sq = (s.q_len * s.kv_len) as i64;
+        let a: Vec<i32> = [s.batch, s.heads, s.q_len, s.kv_len, s.kv_group]
+            .iter()
+            .map(|&v| i32_of("attention shape", v))
+            .collect::<Result<_>>()?;
+        let bias_stride = i32_of("attention bias stride", s.bias_stride)?;
+        for b0 in (0..s.batch).step_by(chunk) {
+            let nb = chunk.min(s.batch - b0);
+            let guard = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+            let handle = *guard.handle.handle();
+            {
+                let (qp, _gq) = q.device_ptr(&self.stream);
+                let (kp, _gk) = k.device_ptr(&self.stream);
+                let (sp, _gs) = scores.device_ptr_mut(&self.stream);
+                for b in b0..b0 + nb {
+                    let kb = b / s.kv_group;
+                    let kp = kp + ((kb * s.kv_stride * inner) * 4) as u64;
+                    let qp = qp + ((b * s.q_len * inner) * 4) as u64;
+                    let sp = sp + (((b - b0) * per_seq) * 4) as u64;
+                    self.timed(
+                        || format!("attention scores {}x{}x{}", s.q_len, s.kv_len, s.d_kv),
+                        // SAFETY: pointers inside the checked buffers (q: batch x q_len rows,
+                        // k: batch / kv_group x kv_stride rows of `inner`; scores: chunk x
+                        // per_seq), guards alive until the call is queued.
+                        || {
+                            unsafe {
+                                cudarc::cublas::result::sgemm_strided_batched(
+                                    handle,
+                                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                                    kv_len,
+                                    q_len,
+                                    d_kv,
+                                    &one,
+                                    kp as *const f32,
+                                    ld,
+                                    s.d_kv as i64,
+                                    qp as *const f32,
+                                    ld,
+                                    s.d_kv as i64,
+                                    &zero,
+                                    sp as *mut f32,
+                                    kv_len,
+                                    sq,
+                                    heads,
+                                )
+                            }
+                            .map_err(|e| err("attention scores (sgemm)", e))
+                        },
+                    )?;
+                }
+            }
+            let rows = nb * s.heads * s.q_len;
+            let first = i32_of("sequence", b0)?;
+            let mut kb = self.stream.launch_builder(self.f("attention_softmax"));
+            kb.arg(&mut scores);
+            arg_or_null(&mut kb, bias);
+            arg_or_null(&mut kb, mask);
+            for x in &a {
+                kb.arg(x);
+            }
+            kb.arg(&bias_stride).arg(&first);
+            let cfg = LaunchConfig {
+                grid_dim: (i32_of("rows", rows)? as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(&mut kb, cfg, "attention_softmax")?;
+            drop(kb);
+            let (vp, _gv) = v.device_ptr(&self.stream);
+            let (sp, _gs) = scores.device_ptr(&self.stream);
+            let (op, _go) = out.device_ptr_mut(&self.stream);
+            for b in b0..b0 + nb {
+                let kb = b / s.kv_group;
+                let vp = vp + ((kb * s.kv_stride * inner) * 4) as u64;
+                let sp = sp + (((b - b0) * per_seq) * 4) as u64;
+                let op = op + ((b * s.q_len * inner) * 4) as u64;
+                self.timed(
+                    || format!("attention values {}x{}x{}", s.q_len, s.kv_len, s.d_kv),
+                    // SAFETY: as above; out holds batch x q_len rows of `inner`.
+                    || {
+                        unsafe {
+                            cudarc::cublas::result::sgemm_strided_batched(
+                                handle,
+                                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                                d_kv,
+                                q_len,
+                                kv_len,
+                                &one,
+                                vp as *const f32,
+                                ld,
+                                s.d_kv as i64,
+                                sp as *const f32,
+                                kv_len,
+                                sq,
+                                &zero,
+                                op as *mut f32,
+                                ld,
+                                s.d_kv as i64,
+                                heads,
+                            )
+                        }
+                        .map_err(|e| err("attention values (sgemm)", e))
+                    },
+                )?;
+            }
+        }
+        Ok(())
     }
 
     fn upload_ids(&self, ids: &[u32]) -> Result<CudaSlice<u32>> {
@@ -755,7 +1006,66 @@ impl Backend for CudaBackend {
             checks::matmul(x.len(), out.len(), (w.n, w.k), d)?;
         }
         let os: Vec<&CudaSlice<f32>> = outs.iter().map(|o| &**o).collect();
-        self.gemv(x, ws, &os, d, false)
+        self.gemv(x, ws, &os, d, false, NO_FUSION)
+    }
+
+    fn norm_matmul_shared(
+        &self,
+        x: &CudaSlice<f32>,
+        norm: &CudaSlice<f32>,
+        eps: f32,
+        normed: &mut CudaSlice<f32>,
+        ws: &[&CudaWeight],
+        outs: &mut [&mut CudaSlice<f32>],
+        d: MatDims,
+    ) -> Result<()> {
+        checks::shared_products(ws.len(), outs.len())?;
+        if !(self.fused_gemv_fits(ws, d) && ws.len() <= 3) {
+            return norm_then_products(self, x, norm, eps, normed, ws, outs, d);
+        }
+        check_len("rms_norm w", norm.len(), d.k)?;
+        for (w, out) in ws.iter().zip(outs.iter()) {
+            checks::matmul(x.len(), out.len(), (w.n, w.k), d)?;
+        }
+        let fuse = GemvFuse {
+            norm: Some((norm, eps)),
+            ..NO_FUSION
+        };
+        let os: Vec<&CudaSlice<f32>> = outs.iter().map(|o| &**o).collect();
+        if ws.len() == 1 || self.shared_gemv.load(Ordering::Relaxed) {
+            return self.gemv(x, ws, &os, d, false, fuse);
+        }
+        for (w, o) in ws.iter().zip(&os) {
+            self.gemv(x, &[w], &[o], d, false, fuse)?;
+        }
+        Ok(())
+    }
+
+    fn norm_ffn_up(
+        &self,
+        x: &CudaSlice<f32>,
+        norm: &CudaSlice<f32>,
+        eps: f32,
+        normed: &mut CudaSlice<f32>,
+        ws: &[&CudaWeight],
+        ff: &mut CudaSlice<f32>,
+        ff_up: &mut CudaSlice<f32>,
+        act: Activation,
+        d: MatDims,
+    ) -> Result<()> {
+        if !((1..=2).contains(&ws.len()) && self.fused_gemv_fits(ws, d)) {
+            return norm_then_ffn_up(self, x, norm, eps, normed, ws, ff, ff_up, act, d);
+        }
+        check_len("rms_norm w", norm.len(), d.k)?;
+        for w in ws {
+            checks::matmul(x.len(), ff.len(), (w.n, w.k), d)?;
+        }
+        let fuse = GemvFuse {
+            norm: Some((norm, eps)),
+            act: act_code(act),
+            gated: ws.len() == 2,
+        };
+        self.gemv(x, ws, &[&*ff], d, false, fuse)
     }
 
     fn matmul_nt(
@@ -773,7 +1083,7 @@ impl Backend for CudaBackend {
         let (m, n, k) = (i32_of("m", d.m)?, i32_of("n", d.n)?, i32_of("k", d.k)?);
         if gemv_fits(d) {
             // Decoding's few rows: the weights read once, activations in f32.
-            return self.gemv(x, &[w], &[&*out], d, accumulate);
+            return self.gemv(x, &[w], &[&*out], d, accumulate, NO_FUSION);
         }
         let beta = if accumulate { 1.0f32 } else { 0.0 };
         let mut guard = self.blas.lock().unwrap_or_else(|e| e.into_inner());
@@ -937,11 +1247,7 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(());
         }
-        let code: i32 = match act {
-            Activation::Relu => 0,
-            Activation::GeluNew => 1,
-            Activation::Silu => 2,
-        };
+        let code = act_code(act);
         let n = i32_of("len", len)?;
         if let Some(u) = up {
             check_len("activate up", u.len(), len)?;
