@@ -50,9 +50,9 @@ run model-tests gpu/test-cuda --test-threads=1 --nocapture
 T5RT_CUDA_ENCODER_ATTENTION=step run model-tests-encoder-step gpu/test-cuda --test-threads=1 --nocapture
 # Decoding's sublayers without the fused norm/activation in gemv (the default fuses them).
 T5RT_CUDA_FUSED_GEMV=0 run model-tests-unfused gpu/test-cuda --test-threads=1 --nocapture
-# q/k/v (and other products of one input) in one gemv launch (off by default until this passes;
+# q/k/v (and other products of one input) one gemv launch each (the default shares one launch;
 # the kernel test above checks it bit for bit against separate launches).
-T5RT_CUDA_SHARED_GEMV=1 run model-tests-shared-gemv gpu/test-cuda --test-threads=1 --nocapture
+T5RT_CUDA_SHARED_GEMV=0 run model-tests-separate-gemv gpu/test-cuda --test-threads=1 --nocapture
 for dtype in f32 bf16 f16; do
   run "bench-$dtype" gpu/t5rt bench --device cuda --dtype "$dtype" --case a --case 8:128:64 --case 32:128:64 \
       --repeats 3 --json "$OUT/bench-$dtype.json"

@@ -71,10 +71,10 @@ want graphs && ab r1-g T5RT_CUDA_GRAPHS "1 0" --case a --case 1:512:64 --case 32
 want enc && ab enc- T5RT_CUDA_ENCODER_ATTENTION "gemm step block" --case 1:512:64 --case 32:512:64
 # Decoding's RMSNorm and feed-forward activation fused into gemv (the default) or not.
 want fused && ab fused- T5RT_CUDA_FUSED_GEMV "1 0" --case a --case 8:128:64
-# gemv's columns per block: 8 (the default) against 2, at batch 1 and 8.
-want gemv && ab gemv- T5RT_CUDA_GEMV_WARPS "8 2" --case a --case 8:128:64
-# Products of one input in one gemv launch (T5RT_CUDA_SHARED_GEMV=1) against one launch each.
-want shared && ab shared- T5RT_CUDA_SHARED_GEMV "0 1" --case a --case 8:128:64
+# gemv's columns per block: 8 (the default) against 4, at batch 1 and 8.
+want gemv && ab gemv- T5RT_CUDA_GEMV_WARPS "8 4" --case a --case 8:128:64
+# Products of one input in one gemv launch (the default) against one launch each.
+want shared && ab shared- T5RT_CUDA_SHARED_GEMV "1 0" --case a --case 8:128:64
 
 # Where a step's time goes: every operation synchronized and timed (graphs off), few steps.
 if [ -d /tmp/gpu-peers-work/t5-base ]; then

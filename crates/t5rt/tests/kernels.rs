@@ -143,6 +143,49 @@ fn check_fused_sublayers<B: Backend>(b: &B, rng: &mut Rng, tol: f32) {
                 );
             }
         }
+        // A decoding step's q, k and v, the keys and values written into caches of 5
+        // positions per row at position 3 (nothing else in the caches changes).
+        let (cap, pos) = (5, 3);
+        let init: Vec<Vec<f32>> = (0..2).map(|_| rng.vec(m * cap * n)).collect();
+        let mut caches: Vec<_> = init.iter().map(|c| b.upload(c).unwrap()).collect();
+        let mut qkv: Vec<_> = (0..3).map(|_| b.zeros(m * n).unwrap()).collect();
+        let [q, k_out, v_out] = &mut qkv[..] else {
+            unreachable!()
+        };
+        let [kc, vc] = &mut caches[..] else {
+            unreachable!()
+        };
+        b.norm_qkv_step(
+            &xt,
+            &nt,
+            1e-6,
+            &mut scratch,
+            [&ws[0], &ws[1], &ws[2]],
+            [q, k_out, v_out],
+            t5rt::backend::CacheWrite {
+                k_cache: kc,
+                v_cache: vc,
+                capacity: cap,
+                pos,
+            },
+            d,
+        )
+        .unwrap();
+        assert_close(
+            &format!("norm + q of a step, {m}x{n}x{k}"),
+            &b.download(&qkv[0], m * n).unwrap(),
+            &reference::matmul_nt(&normed, &raw[0], d),
+            tol,
+        );
+        for (i, cache) in caches.iter().enumerate() {
+            let got = b.download(cache, m * cap * n).unwrap();
+            let new = reference::matmul_nt(&normed, &raw[1 + i], d);
+            let mut want = init[i].clone();
+            for r in 0..m {
+                want[(r * cap + pos) * n..][..n].copy_from_slice(&new[r * n..][..n]);
+            }
+            assert_close(&format!("step cache {i}, {m}x{n}x{k}"), &got, &want, tol);
+        }
         let up = reference::matmul_nt(&normed, &raw[1], d);
         for act in [Activation::Relu, Activation::GeluNew, Activation::Silu] {
             let gate = reference::matmul_nt(&normed, &raw[0], d);
@@ -801,10 +844,9 @@ fn cuda_kernels_match_reference() {
             );
         }
     }
-    // Products of one input in one `gemv` launch (`set_shared_gemv`, off by default until
-    // this has passed on a GPU): each output bit for bit what its own launch gives, for two
-    // and three products, in every precision; shapes past gemv's limits take cuBLAS, one
-    // product at a time, as before.
+    // Products of one input in one `gemv` launch (`set_shared_gemv`, on by default): each
+    // output bit for bit what its own launch gives, for two and three products, in every
+    // precision; shapes past gemv's limits take cuBLAS, one product at a time, as before.
     for dtype in [
         t5rt::WeightDtype::F32,
         t5rt::WeightDtype::Bf16,
@@ -837,7 +879,6 @@ fn cuda_kernels_match_reference() {
             let refs: Vec<&_> = ws.iter().collect();
             let mut muts: Vec<&mut _> = outs.iter_mut().collect();
             h.matmul_nt_shared(&x, &refs, &mut muts, d).unwrap();
-            h.set_shared_gemv(false);
             for (i, out) in outs.iter().enumerate() {
                 assert_eq!(
                     h.download(out, m * n).unwrap(),

@@ -326,6 +326,26 @@ pub trait Backend: Send + Sync {
         norm_then_products(self, x, norm, eps, normed, ws, outs, dims)
     }
 
+    /// A decoding step's self-attention inputs: `q, k, v = rms_norm(x) · wq/wk/wvᵀ` into
+    /// `outs`, then this position's keys and values written into the caches (as
+    /// [`Backend::write_position`] does: row `b` at position `cache.pos` of its
+    /// `cache.capacity`). `normed` is scratch, and so are `outs[1]` and `outs[2]`: a backend that
+    /// writes the keys and values straight into the caches may leave them unwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_qkv_step(
+        &self,
+        x: &Self::Tensor,
+        norm: &Self::Tensor,
+        eps: f32,
+        normed: &mut Self::Tensor,
+        ws: [&Self::Weight; 3],
+        outs: [&mut Self::Tensor; 3],
+        cache: CacheWrite<'_, Self::Tensor>,
+        dims: MatDims,
+    ) -> Result<()> {
+        norm_qkv_then_write(self, x, norm, eps, normed, ws, outs, cache, dims)
+    }
+
     /// A feed-forward's first half on its sublayer input `x`: `normed = rms_norm(x)`, then
     /// `ff = act(normed · ws[0]ᵀ)`, or with a gate (`ws` = [wi_0, wi_1]) `ff = act(normed ·
     /// wi_0ᵀ) * (normed · wi_1ᵀ)`. `normed` and `ff_up` are scratch (`[rows, k]`, `[rows, n]`)
@@ -560,6 +580,44 @@ pub trait Backend: Send + Sync {
 
 /// The products of [`Backend::matmul_nt_shared`] one after the other: its default, and what a
 /// backend falls back to when it cannot share the work.
+/// Where a decoding step's keys and values go ([`Backend::norm_qkv_step`]): row `b` of the
+/// batch to position `pos` of `k_cache` / `v_cache`, each `[batch, capacity, width]`.
+pub struct CacheWrite<'a, T> {
+    pub k_cache: &'a mut T,
+    pub v_cache: &'a mut T,
+    pub capacity: usize,
+    pub pos: usize,
+}
+
+/// [`Backend::norm_qkv_step`] as separate operations: norm and products, then two cache
+/// writes (the trait's default, and backends' fallback).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_qkv_then_write<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Tensor,
+    norm: &B::Tensor,
+    eps: f32,
+    normed: &mut B::Tensor,
+    ws: [&B::Weight; 3],
+    outs: [&mut B::Tensor; 3],
+    cache: CacheWrite<'_, B::Tensor>,
+    dims: MatDims,
+) -> Result<()> {
+    let [q, k, v] = outs;
+    b.norm_matmul_shared(
+        x,
+        norm,
+        eps,
+        normed,
+        &ws,
+        &mut [&mut *q, &mut *k, &mut *v],
+        dims,
+    )?;
+    let (rows, width) = (dims.m, dims.n);
+    b.write_position(k, cache.k_cache, rows, width, cache.capacity, cache.pos)?;
+    b.write_position(v, cache.v_cache, rows, width, cache.capacity, cache.pos)
+}
+
 /// [`Backend::norm_matmul_shared`] as separate operations: the norm into `normed`, then the
 /// products (the trait's default, and backends' fallback).
 #[allow(clippy::too_many_arguments)]

@@ -1,6 +1,6 @@
 //! The decoder: cross-attention keys/values once per request, then one token per step.
 
-use crate::backend::{AttnShape, Backend, MatDims, StepPlan};
+use crate::backend::{AttnShape, Backend, CacheWrite, MatDims, StepPlan};
 use crate::error::{Result, T5Error};
 
 use super::ffn::feed_forward;
@@ -252,30 +252,20 @@ impl<B: Backend> T5Model<B> {
         self.embed(tokens, &mut s.x)?;
         for (l, layer) in self.params.decoder.iter().enumerate() {
             // self-attention over the cache, extended by this position
-            b.norm_matmul_shared(
+            b.norm_qkv_step(
                 &s.x,
                 &layer.self_norm,
                 eps,
                 &mut s.normed,
-                &[&layer.self_attn.q, &layer.self_attn.k, &layer.self_attn.v],
-                &mut [&mut s.q, &mut s.k, &mut s.v],
+                [&layer.self_attn.q, &layer.self_attn.k, &layer.self_attn.v],
+                [&mut s.q, &mut s.k, &mut s.v],
+                CacheWrite {
+                    k_cache: &mut state.self_k[l],
+                    v_cache: &mut state.self_v[l],
+                    capacity: state.capacity,
+                    pos,
+                },
                 proj,
-            )?;
-            b.write_position(
-                &s.k,
-                &mut state.self_k[l],
-                batch,
-                inner,
-                state.capacity,
-                pos,
-            )?;
-            b.write_position(
-                &s.v,
-                &mut state.self_v[l],
-                batch,
-                inner,
-                state.capacity,
-                pos,
             )?;
             let (ck, cv) = (&state.self_k[l], &state.self_v[l]);
             b.step_attention(&s.q, ck, cv, Some(bias), self_mask, &mut s.attn, self_shape)?;

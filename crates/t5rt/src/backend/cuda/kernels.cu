@@ -561,37 +561,45 @@ __device__ __forceinline__ void gemv_column_any(int kind, const void* w, int col
 }
 
 // Fused forms (decoding's sublayers in fewer launches):
-// - norm_w non-null: x's rows go through T5's RMSNorm (rms_norm's formula, eps) as they are
-//   staged, so x is the sublayer's input and the normalized rows are never written out;
+// - norm_w non-null: x's rows go through T5's RMSNorm (eps): x is the sublayer's input, staged
+//   times norm_w, and each row's sum is scaled by its 1 / rms at the end (the same value as
+//   rms_norm's w * (x * inv), rounded in another order); the normalized rows are never written;
 // - act >= 0 (activation's codes): out = act(sum); with `gated`, out0 = act(x · w0) * (x · w1),
-//   one product (gridDim.y = 1), as `activate` does with `up`.
+//   one product (gridDim.y = 1), as `activate` does with `up`;
+// - cache_rows > 0: products 1 and 2 (a decoding step's keys and values) go straight into the
+//   caches out1/out2, row r at position p of r's cache_rows (p = step[0] when `step` is given,
+//   a captured step; else pos), as write_position would put them.
 extern "C" __global__ void __launch_bounds__(256)
 gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2, float* out0,
      float* out1, float* out2, int m, int n, int k, int kind, int accumulate,
-     const float* __restrict__ norm_w, float eps, int act, int gated) {
+     const float* __restrict__ norm_w, float eps, int act, int gated, int cache_rows,
+     const u32* __restrict__ step, int pos) {
     // Up to three products of the same input and shape in one launch (q, k and v): product
     // blockIdx.y reads weights w<y> and writes out<y>; a single product passes gridDim.y = 1.
     const void* __restrict__ w = blockIdx.y == 0 ? w0 : (blockIdx.y == 1 ? w1 : w2);
     float* __restrict__ out = blockIdx.y == 0 ? out0 : (blockIdx.y == 1 ? out1 : out2);
     extern __shared__ float4 xs4[];
     __shared__ float inv_rms[GEMV_ROWS];
-    float* xs = (float*)xs4;
-    for (int i = threadIdx.x; i < m * k / 4; i += blockDim.x) xs4[i] = ((const float4*)x)[i];
-    __syncthreads();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int warps = blockDim.x >> 5;
     if (norm_w) {
+        // Each row's 1 / rms (a warp per row, from x itself) while the block stages x * w.
         for (int r = warp; r < m; r += warps) {
             float s = 0.0f;
-            for (int t = lane; t < k; t += 32) s += xs[r * k + t] * xs[r * k + t];
+            for (int t = lane; t < k; t += 32) s += x[(size_t)r * k + t] * x[(size_t)r * k + t];
             s = warp_sum(s);
             if (lane == 0) inv_rms[r] = 1.0f / sqrtf(s / (float)k + eps);
         }
-        __syncthreads();
-        for (int i = threadIdx.x; i < m * k; i += blockDim.x)
-            xs[i] = norm_w[i % k] * (xs[i] * inv_rms[i / k]);
-        __syncthreads();
+        const float4* nw4 = (const float4*)norm_w;
+        for (int i = threadIdx.x; i < m * k / 4; i += blockDim.x) {
+            float4 v = ((const float4*)x)[i], g = nw4[i % (k / 4)];
+            xs4[i] = make_float4(v.x * g.x, v.y * g.y, v.z * g.z, v.w * g.w);
+        }
+    } else {
+        for (int i = threadIdx.x; i < m * k / 4; i += blockDim.x) xs4[i] = ((const float4*)x)[i];
     }
+    __syncthreads();
+    if (cache_rows > 0 && step) pos = (int)step[0];
     for (int col = blockIdx.x * warps + warp; col < n; col += gridDim.x * warps) {
         float acc[GEMV_ROWS], up[GEMV_ROWS];
 #pragma unroll
@@ -605,6 +613,11 @@ gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2
                 float u = gated ? warp_sum(up[r]) : 0.0f;
                 if (lane == 0) {
                     size_t at = (size_t)r * n + col;
+                    if (cache_rows > 0 && blockIdx.y > 0) at = ((size_t)r * cache_rows + pos) * n + col;
+                    if (norm_w) {
+                        sum *= inv_rms[r];
+                        u *= inv_rms[r];
+                    }
                     if (act >= 0) sum = gated ? activation(sum, act) * u : activation(sum, act);
                     out[at] = accumulate ? out[at] + sum : sum;
                 }
