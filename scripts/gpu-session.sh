@@ -69,6 +69,8 @@ want graphs && ab r1-g T5RT_CUDA_GRAPHS "1 0" --case a --case 1:512:64 --case 32
 # The encoder's attention: two batched products (gemm, the default), the decoding kernel
 # (step), the first kernel (block), at 1 x 512 and 32 x 512.
 want enc && ab enc- T5RT_CUDA_ENCODER_ATTENTION "gemm step block" --case 1:512:64 --case 32:512:64
+# Programmatic dependent launches of gemv and attention_step (the default) or plain launches.
+want pdl && ab pdl- T5RT_CUDA_PDL "1 0" --case a --case 1:512:64 --case 8:128:64 --case 32:128:64
 # Decoding's RMSNorm and feed-forward activation fused into gemv (the default) or not.
 want fused && ab fused- T5RT_CUDA_FUSED_GEMV "1 0" --case a --case 8:128:64
 # gemv's columns per block: 8 (the default) against 4, at batch 1 and 8.

@@ -11,6 +11,20 @@ typedef unsigned long long u64;
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// Programmatic dependent launch (sm_90 and later; cuda/mod.rs launches `gemv` and
+// `attention_step` that way there): a kernel launched so may start while the kernel before
+// it finishes, and PDL_WAIT() is where it waits for that kernel's completion and memory (so
+// nothing before it may read what an earlier kernel writes, or write what one reads).
+// PDL_LAUNCH() lets the next such kernel start early. Every kernel calls both first thing
+// (`gemv` after reading its weights); without the launch attribute they do nothing.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_WAIT()
+#define PDL_LAUNCH()
+#endif
+
 // ---------------------------------------------------------------- conversions
 
 // f32 -> bf16 bits, round to nearest even (NaN stays NaN), as backend/cpu/packed.rs bf16_bits.
@@ -48,17 +62,23 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
 }
 
 extern "C" __global__ void to_bf16(const float* x, u16* y, int n) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)n) y[i] = f32_to_bf16(x[i]);
 }
 
 extern "C" __global__ void to_f16(const float* x, u16* y, int n) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)n) y[i] = f32_to_f16(x[i]);
 }
 
 // Pairs of f32 -> one slot of two bf16 (low = even element), as CpuBackend::compress_kv.
 extern "C" __global__ void compress_kv(const float* x, float* y, int pairs) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)pairs) {
         u32 lo = f32_to_bf16(x[2 * i]);
@@ -111,6 +131,8 @@ __device__ float block_max(float v, float* scratch) {
 // T5's RMSNorm: out = w * x / sqrt(mean(x^2) + eps), statistics in f32. One block per row.
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int rows, int d,
                                     float eps) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     if (r >= rows) return;
@@ -134,6 +156,8 @@ __device__ __forceinline__ float activation(float v, int act) {
 }
 
 extern "C" __global__ void activate(float* x, const float* up, int n, int act) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)n) {
         float a = activation(x[i], act);
@@ -142,12 +166,16 @@ extern "C" __global__ void activate(float* x, const float* up, int n, int act) {
 }
 
 extern "C" __global__ void scale(float* x, int n, float s) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)n) x[i] *= s;
 }
 
 // out[i, :] = table[ids[i], :] (ids were checked against the vocabulary on the host).
 extern "C" __global__ void embed(const u32* ids, const float* table, float* out, int n, int d) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)n * d) {
         size_t row = i / d, col = i % d;
@@ -159,6 +187,8 @@ extern "C" __global__ void embed(const u32* ids, const float* table, float* out,
 // step reads its position from the device), else the argument.
 extern "C" __global__ void write_position(const float* src, float* cache, int batch, int width,
                                           int stride, int pos, const u32* step) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (step) pos = (int)step[0];
     if (i < (size_t)batch * width) {
@@ -170,6 +200,8 @@ extern "C" __global__ void write_position(const float* src, float* cache, int ba
 // dst[i, :] = src[rows[i], :]
 extern "C" __global__ void gather_rows(const float* src, const u32* rows, float* dst, int n_rows,
                                        int row_len) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)n_rows * row_len) {
         size_t r = i / row_len, c = i % row_len;
@@ -180,6 +212,8 @@ extern "C" __global__ void gather_rows(const float* src, const u32* rows, float*
 // dst[r, :new_len] = src[r, start:start + len] padded with zeros (new_len >= len).
 extern "C" __global__ void copy_rows(const float* src, float* dst, int rows, int src_len,
                                      int start, int len, int new_len) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)rows * new_len) {
         size_t r = i / new_len, c = i % new_len;
@@ -188,12 +222,16 @@ extern "C" __global__ void copy_rows(const float* src, float* dst, int rows, int
 }
 
 extern "C" __global__ void fill_column(float* x, int rows, int n, int col, float v) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r < rows) x[(size_t)r * n + col] = v;
 }
 
 // Index of the largest value of each row (first on ties), one block per row.
 extern "C" __global__ void argmax_rows(const float* x, u32* out, int rows, int n) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     __shared__ float best_v[1024];
     __shared__ u32 best_i[1024];
     int r = blockIdx.x;
@@ -201,6 +239,7 @@ extern "C" __global__ void argmax_rows(const float* x, u32* out, int rows, int n
     const float* xr = x + (size_t)r * n;
     float bv = NEG_INF;
     u32 bi = 0xffffffffu;
+#pragma unroll 4
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float v = xr[i];
         if (v > bv || (v == bv && (u32)i < bi) || bi == 0xffffffffu) { bv = v; bi = i; }
@@ -243,6 +282,8 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
                                      const float* bias, const float* mask, float* out, int batch,
                                      int heads, int d_kv, int q_len, int kv_len, int kv_stride,
                                      int kv_group, int kv_bf16, int bias_stride) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     extern __shared__ float scores[];
     __shared__ float scratch[32];
     int idx = blockIdx.x;
@@ -298,6 +339,8 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
 extern "C" __global__ void attention_softmax(float* scores, const float* bias, const float* mask,
                                              int batch, int heads, int q_len, int kv_len,
                                              int kv_group, int bias_stride, int first) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     __shared__ float scratch[32];
     size_t row = blockIdx.x;
     int i = (int)(row % q_len);
@@ -365,6 +408,8 @@ attention_step(const float* __restrict__ q, const float* __restrict__ k,
                const float* __restrict__ mask, float* __restrict__ out, int batch, int heads,
                int d_kv, int q_len, int kv_len, int kv_stride, int kv_group, int kv_bf16,
                int bias_stride, int kv_cap, const u32* __restrict__ step) {
+    PDL_WAIT();
+    PDL_LAUNCH();
     extern __shared__ float4 smem4[];
     float* smem = (float*)smem4;
     __shared__ float scratch[32];
@@ -494,48 +539,50 @@ __device__ __forceinline__ void unpack_f16x8(uint4 w, float* f) {
 #define GEMV_ROWS 8
 #define GEMV_LOADS 4
 
-// acc[r] += row `col` of w · x[r] over this lane's pieces (lane, lane + 32, ...).
+// This lane's first GEMV_LOADS 16-byte pieces of weight row `col` (pieces lane, lane + 32, ...;
+// zeros past the row): `gemv` reads them before it waits for the kernel before it.
+__device__ __forceinline__ void gemv_first_pieces(const void* __restrict__ w, int col, int k,
+                                                  int kind, int lane, uint4* wv) {
+    int pieces = kind == 0 ? k / 4 : k / 8;
+    const uint4* wr = (const uint4*)((const char*)w + (size_t)col * k * (kind == 0 ? 4 : 2));
+#pragma unroll
+    for (int u = 0; u < GEMV_LOADS; u++) {
+        int c = lane + 32 * u;
+        wv[u] = c < pieces ? wr[c] : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// acc[r] += row `col` of w · x[r] over this lane's pieces (lane, lane + 32, ...); `first`: the
+// first GEMV_LOADS pieces already read (gemv_first_pieces), or null.
 template <int KIND>
 __device__ __forceinline__ void gemv_column(const void* __restrict__ w, int col, int k,
-                                            const float4* xs4, int m, int lane, float* acc) {
-    if (KIND == 0) {
-        const float4* wr = (const float4*)((const float*)w + (size_t)col * k);
-        int pieces = k / 4;
-        for (int c0 = lane; c0 < pieces; c0 += 32 * GEMV_LOADS) {
-            float4 wv[GEMV_LOADS];
+                                            const float4* xs4, int m, int lane, float* acc,
+                                            const uint4* first) {
+    int pieces = KIND == 0 ? k / 4 : k / 8;
+    const uint4* wr = (const uint4*)((const char*)w + (size_t)col * k * (KIND == 0 ? 4 : 2));
+    for (int c0 = lane; c0 < pieces; c0 += 32 * GEMV_LOADS) {
+        uint4 wv[GEMV_LOADS];
 #pragma unroll
-            for (int u = 0; u < GEMV_LOADS; u++) {
-                int c = c0 + 32 * u;
-                wv[u] = c < pieces ? wr[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            }
+        for (int u = 0; u < GEMV_LOADS; u++) {
+            int c = c0 + 32 * u;
+            wv[u] = (first && c0 == lane) ? first[u]
+                                           : (c < pieces ? wr[c] : make_uint4(0u, 0u, 0u, 0u));
+        }
 #pragma unroll
-            for (int u = 0; u < GEMV_LOADS; u++) {
-                int c = c0 + 32 * u;
-                if (c < pieces) {
+        for (int u = 0; u < GEMV_LOADS; u++) {
+            int c = c0 + 32 * u;
+            if (c < pieces) {
+                if (KIND == 0) {
+                    float4 wf = make_float4(__uint_as_float(wv[u].x), __uint_as_float(wv[u].y),
+                                            __uint_as_float(wv[u].z), __uint_as_float(wv[u].w));
 #pragma unroll
                     for (int r = 0; r < GEMV_ROWS; r++) {
                         if (r < m) {
                             float4 xv = xs4[(r * k) / 4 + c];
-                            acc[r] += wv[u].x * xv.x + wv[u].y * xv.y + wv[u].z * xv.z + wv[u].w * xv.w;
+                            acc[r] += wf.x * xv.x + wf.y * xv.y + wf.z * xv.z + wf.w * xv.w;
                         }
                     }
-                }
-            }
-        }
-    } else {
-        const uint4* wr = (const uint4*)((const u16*)w + (size_t)col * k);
-        int pieces = k / 8;
-        for (int c0 = lane; c0 < pieces; c0 += 32 * GEMV_LOADS) {
-            uint4 wv[GEMV_LOADS];
-#pragma unroll
-            for (int u = 0; u < GEMV_LOADS; u++) {
-                int c = c0 + 32 * u;
-                wv[u] = c < pieces ? wr[c] : make_uint4(0u, 0u, 0u, 0u);
-            }
-#pragma unroll
-            for (int u = 0; u < GEMV_LOADS; u++) {
-                int c = c0 + 32 * u;
-                if (c < pieces) {
+                } else {
                     float f[8];
                     if (KIND == 1) unpack_bf16x8(wv[u], f);
                     else unpack_f16x8(wv[u], f);
@@ -554,10 +601,11 @@ __device__ __forceinline__ void gemv_column(const void* __restrict__ w, int col,
 }
 
 __device__ __forceinline__ void gemv_column_any(int kind, const void* w, int col, int k,
-                                                const float4* xs4, int m, int lane, float* acc) {
-    if (kind == 0) gemv_column<0>(w, col, k, xs4, m, lane, acc);
-    else if (kind == 1) gemv_column<1>(w, col, k, xs4, m, lane, acc);
-    else gemv_column<2>(w, col, k, xs4, m, lane, acc);
+                                                const float4* xs4, int m, int lane, float* acc,
+                                                const uint4* first) {
+    if (kind == 0) gemv_column<0>(w, col, k, xs4, m, lane, acc, first);
+    else if (kind == 1) gemv_column<1>(w, col, k, xs4, m, lane, acc, first);
+    else gemv_column<2>(w, col, k, xs4, m, lane, acc, first);
 }
 
 // Fused forms (decoding's sublayers in fewer launches):
@@ -582,6 +630,16 @@ gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2
     __shared__ float inv_rms[GEMV_ROWS];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int warps = blockDim.x >> 5;
+    // The weights of this warp's first column are read first: no kernel writes them, so
+    // under a programmatic launch this overlaps the kernel before.
+    int col0 = blockIdx.x * warps + warp;
+    uint4 first[GEMV_LOADS], first_up[GEMV_LOADS];
+    if (col0 < n) {
+        gemv_first_pieces(w, col0, k, kind, lane, first);
+        if (gated) gemv_first_pieces(w1, col0, k, kind, lane, first_up);
+    }
+    PDL_WAIT();
+    PDL_LAUNCH();
     if (norm_w) {
         // Each row's 1 / rms (a warp per row, from x itself) while the block stages x * w.
         for (int r = warp; r < m; r += warps) {
@@ -600,12 +658,12 @@ gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2
     }
     __syncthreads();
     if (cache_rows > 0 && step) pos = (int)step[0];
-    for (int col = blockIdx.x * warps + warp; col < n; col += gridDim.x * warps) {
+    for (int col = col0; col < n; col += gridDim.x * warps) {
         float acc[GEMV_ROWS], up[GEMV_ROWS];
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) acc[r] = up[r] = 0.0f;
-        gemv_column_any(kind, w, col, k, xs4, m, lane, acc);
-        if (gated) gemv_column_any(kind, w1, col, k, xs4, m, lane, up);
+        gemv_column_any(kind, w, col, k, xs4, m, lane, acc, col == col0 ? first : nullptr);
+        if (gated) gemv_column_any(kind, w1, col, k, xs4, m, lane, up, col == col0 ? first_up : nullptr);
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
             if (r < m) {

@@ -228,6 +228,9 @@ pub struct CudaBackend {
     /// as one `gemv` launch (on; `T5RT_CUDA_SHARED_GEMV=0` turns it off: see
     /// [`CudaBackend::set_shared_gemv`]).
     shared_gemv: AtomicBool,
+    /// Whether `gemv` and `attention_step` go out as programmatic dependent launches (sm_90
+    /// and later; `T5RT_CUDA_PDL=0` turns it off, see [`CudaBackend::set_pdl`]).
+    pdl: AtomicBool,
 }
 
 /// cuBLAS, with what its products need in place: a workspace of its own (so that nothing is
@@ -289,6 +292,41 @@ fn attention_args<'a>(
     b.arg(out);
     for v in a {
         b.arg(v);
+    }
+}
+
+/// Parameters of a kernel launched by [`CudaBackend::launch_ex`], in the kernel's order: 8
+/// bytes each, a device pointer, or a 4-byte int or float in the low bytes (the driver copies
+/// each parameter's own size from its address; little-endian, as every CUDA host is).
+#[derive(Default)]
+struct Params(Vec<u64>);
+
+impl Params {
+    fn buf<T>(&mut self, t: &CudaSlice<T>, stream: &CudaStream) -> &mut Self {
+        let (ptr, _guard) = t.device_ptr(stream);
+        self.0.push(ptr);
+        self
+    }
+
+    /// A buffer, or a null pointer.
+    fn opt<T>(&mut self, t: Option<&CudaSlice<T>>, stream: &CudaStream) -> &mut Self {
+        match t {
+            Some(t) => self.buf(t, stream),
+            None => {
+                self.0.push(0);
+                self
+            }
+        }
+    }
+
+    fn int(&mut self, v: i32) -> &mut Self {
+        self.0.push(v as u32 as u64);
+        self
+    }
+
+    fn float(&mut self, v: f32) -> &mut Self {
+        self.0.push(v.to_bits() as u64);
+        self
     }
 }
 
@@ -394,6 +432,9 @@ impl CudaBackend {
             shared_gemv: AtomicBool::new(
                 std::env::var("T5RT_CUDA_SHARED_GEMV").map_or(true, |v| v != "0"),
             ),
+            pdl: AtomicBool::new(
+                major >= 9 && std::env::var("T5RT_CUDA_PDL").map_or(true, |v| v != "0"),
+            ),
             gemv_warps: std::env::var("T5RT_CUDA_GEMV_WARPS")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -431,6 +472,18 @@ impl CudaBackend {
     /// The encoder's attention mode now in use.
     pub fn encoder_attention(&self) -> EncoderAttention {
         EncoderAttention::from_code(self.encoder_attention.load(Ordering::Relaxed))
+    }
+
+    /// Turns programmatic dependent launches on or off (on by default on sm_90 and later,
+    /// unless `T5RT_CUDA_PDL=0`; never on older GPUs): `gemv` and `attention_step` may then
+    /// start while the kernel before them finishes (`gemv` reads its first weights before it
+    /// waits), which hides most of a launch's start in decoding's chain of small kernels.
+    pub fn set_pdl(&self, on: bool) {
+        let cc9 = self
+            .ctx
+            .compute_capability()
+            .is_ok_and(|(major, _)| major >= 9);
+        self.pdl.store(on && cc9, Ordering::Relaxed);
     }
 
     /// Turns the `gemv` fusions of decoding on or off: the RMSNorm before q/k/v, cross q and
@@ -490,33 +543,83 @@ impl CudaBackend {
             shared_mem_bytes: (d.m * d.k * 4) as u32,
         };
         let (kind, acc) = (ws[0].gemv_kind(), accumulate as i32);
-        let mut b = self.stream.launch_builder(self.f("gemv"));
-        b.arg(x);
+        let st = &self.stream;
+        let mut p = Params::default();
+        p.buf(x, st);
         for i in 0..3 {
             match &ws[i.min(ws.len() - 1)].data {
-                WeightData::F32(t) => b.arg(t),
-                WeightData::Half(t, _) => b.arg(t),
+                WeightData::F32(t) => p.buf(t, st),
+                WeightData::Half(t, _) => p.buf(t, st),
             };
         }
         for i in 0..3 {
-            b.arg(outs[i.min(outs.len() - 1)]);
+            p.buf(outs[i.min(outs.len() - 1)], st);
         }
-        b.arg(&m).arg(&n).arg(&k).arg(&kind).arg(&acc);
+        p.int(m).int(n).int(k).int(kind).int(acc);
         let (norm, eps) = match fuse.norm {
             Some((w, eps)) => (Some(w), eps),
             None => (None, 0.0f32),
         };
-        arg_or_null(&mut b, norm);
-        let gated = fuse.gated as i32;
-        b.arg(&eps).arg(&fuse.act).arg(&gated);
+        p.opt(norm, st)
+            .float(eps)
+            .int(fuse.act)
+            .int(fuse.gated as i32);
         let (rows, pos) = fuse.cache.unwrap_or((0, 0));
-        let (rows, pos) = (i32_of("cache positions", rows)?, i32_of("position", pos)?);
-        b.arg(&rows);
+        p.int(i32_of("cache positions", rows)?);
         // A recorded step reads its position from the step's device arguments.
-        let st = (fuse.cache.is_some() && self.capturing()).then(|| self.lock_steps());
-        arg_or_null(&mut b, st.as_ref().and_then(|st| st.args.as_ref()));
-        b.arg(&pos);
-        self.launch(&mut b, cfg, "gemv")
+        let steps = (fuse.cache.is_some() && self.capturing()).then(|| self.lock_steps());
+        p.opt(steps.as_ref().and_then(|s| s.args.as_ref()), st);
+        p.int(i32_of("position", pos)?);
+        self.launch_ex("gemv", cfg, &p)
+    }
+
+    /// Launches kernel `name` with `cuLaunchKernelEx`: as a programmatic dependent launch
+    /// when that is on ([`CudaBackend::set_pdl`]; the kernel waits in `PDL_WAIT()` for the
+    /// one before it), else as a plain launch.
+    fn launch_ex(&self, name: &'static str, cfg: LaunchConfig, p: &Params) -> Result<()> {
+        use cudarc::driver::sys;
+        let mut ptrs: Vec<*mut std::ffi::c_void> =
+            p.0.iter()
+                .map(|v| v as *const u64 as *mut std::ffi::c_void)
+                .collect();
+        // SAFETY: all zeros is a valid value of this C union.
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let lc = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: self.pdl.load(Ordering::Relaxed) as u32,
+        };
+        self.bind()?;
+        self.timed(
+            || name.to_string(),
+            // SAFETY: each caller pushes the parameters its kernel declares, in order, for
+            // buffers it checked against the shapes; `ptrs` and `attr` outlive the call.
+            || {
+                unsafe {
+                    sys::cuLaunchKernelEx(
+                        &lc,
+                        self.f(name).cu_function(),
+                        ptrs.as_mut_ptr(),
+                        std::ptr::null_mut(),
+                    )
+                }
+                .result()
+                .map_err(|e| err(name, e))
+            },
+        )
     }
 
     /// The device's current memory pool, which cudarc's stream-ordered allocations draw from.
@@ -721,18 +824,26 @@ impl CudaBackend {
             let shared = (kv_cap.div_ceil(4) * 4 + s.d_kv + STEP_THREADS * per) * 4;
             if shared <= 48 * 1024 {
                 let cap = i32_of("attention keys", kv_cap)?;
-                let st = step.then(|| self.lock_steps());
-                let args = st.as_ref().and_then(|st| st.args.as_ref());
+                let steps = step.then(|| self.lock_steps());
+                let args = steps.as_ref().and_then(|st| st.args.as_ref());
                 let cfg = LaunchConfig {
                     grid_dim: (i32_of("blocks", blocks)? as u32, 1, 1),
                     block_dim: (STEP_THREADS as u32, 1, 1),
                     shared_mem_bytes: shared as u32,
                 };
-                let mut b = self.stream.launch_builder(self.f("attention_step"));
-                attention_args(&mut b, q, k, v, bias, mask, out, &a);
-                b.arg(&kv_bf16).arg(&bias_stride).arg(&cap);
-                arg_or_null(&mut b, args);
-                return self.launch(&mut b, cfg, "attention_step");
+                let st = &self.stream;
+                let mut p = Params::default();
+                p.buf(q, st)
+                    .buf(k, st)
+                    .buf(v, st)
+                    .opt(bias, st)
+                    .opt(mask, st);
+                p.buf(out, st);
+                for &x in &a {
+                    p.int(x);
+                }
+                p.int(kv_bf16).int(bias_stride).int(cap).opt(args, st);
+                return self.launch_ex("attention_step", cfg, &p);
             }
         }
         if step {
@@ -1620,7 +1731,7 @@ impl Backend for CudaBackend {
         let (r, n32) = (i32_of("rows", rows)?, i32_of("n", n)?);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(self.f("argmax_rows"));
