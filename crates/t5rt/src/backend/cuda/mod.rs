@@ -871,11 +871,10 @@ impl CudaBackend {
         self.launch(&mut b, cfg, "attention")
     }
 
-    /// [`EncoderAttention::Gemm`]: per sequence, the scores of every head as one batched
-    /// product (`[kv_len, q_len]` column-major = q·kᵀ row-major, a head's q and k rows
-    /// `inner` apart, heads `d_kv` apart), `attention_softmax` over a chunk of sequences, and
-    /// the weighted values as a second batched product written straight into `out`'s
-    /// `[q_len, inner]` rows. f32 throughout (cuBLAS's default math: no TF32). The caller
+    /// [`EncoderAttention::Gemm`]: per chunk of sequences, the scores of every (sequence,
+    /// head) as one batched product (`[kv_len, q_len]` column-major = q·kᵀ row-major, a head's
+    /// q and k rows `inner` apart), `attention_softmax`, and the weighted values as a second
+    /// batched product written straight into `out`'s `[q_len, inner]` rows. f32 throughout (cuBLAS's default math: no TF32). The caller
     /// checked the shapes (`AttnShape::check`) and that keys and values are f32.
     #[allow(clippy::too_many_arguments)]
     fn attend_gemm(
@@ -894,62 +893,81 @@ impl CudaBackend {
         // SAFETY: every score a chunk reads is written by its first product.
         let mut scores = unsafe { self.stream.alloc::<f32>(chunk * per_seq) }
             .map_err(|e| err("allocating attention scores (out of GPU memory?)", e))?;
-        let (heads, d_kv) = (i32_of("heads", s.heads)?, i32_of("d_kv", s.d_kv)?);
+        let d_kv = i32_of("d_kv", s.d_kv)?;
         let (q_len, kv_len) = (i32_of("q_len", s.q_len)?, i32_of("kv_len", s.kv_len)?);
         let ld = i32_of("heads x d_kv", inner)?;
         let (one, zero) = (1.0f32, 0.0f32);
-        let sq = (s.q_len * s.kv_len) as i64;
         let a: Vec<i32> = [s.batch, s.heads, s.q_len, s.kv_len, s.kv_group]
             .iter()
             .map(|&v| i32_of("attention shape", v))
             .collect::<Result<_>>()?;
         let bias_stride = i32_of("attention bias stride", s.bias_stride)?;
+        let (qp, _gq) = q.device_ptr(&self.stream);
+        let (kp, _gk) = k.device_ptr(&self.stream);
+        let (vp, _gv) = v.device_ptr(&self.stream);
+        let (op, _go) = out.device_ptr(&self.stream);
+        let f = |elements: usize| (elements * 4) as u64;
         for b0 in (0..s.batch).step_by(chunk) {
             let nb = chunk.min(s.batch - b0);
-            let guard = self.blas.lock().unwrap_or_else(|e| e.into_inner());
-            let handle = *guard.handle.handle();
-            {
-                let (qp, _gq) = q.device_ptr(&self.stream);
-                let (kp, _gk) = k.device_ptr(&self.stream);
-                let (sp, _gs) = scores.device_ptr_mut(&self.stream);
-                for b in b0..b0 + nb {
-                    let kb = b / s.kv_group;
-                    let kp = kp + ((kb * s.kv_stride * inner) * 4) as u64;
-                    let qp = qp + ((b * s.q_len * inner) * 4) as u64;
-                    let sp = sp + (((b - b0) * per_seq) * 4) as u64;
-                    self.timed(
-                        || format!("attention scores {}x{}x{}", s.q_len, s.kv_len, s.d_kv),
-                        // SAFETY: pointers inside the checked buffers (q: batch x q_len rows,
-                        // k: batch / kv_group x kv_stride rows of `inner`; scores: chunk x
-                        // per_seq), guards alive until the call is queued.
-                        || {
-                            unsafe {
-                                cudarc::cublas::result::sgemm_strided_batched(
-                                    handle,
-                                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                                    kv_len,
-                                    q_len,
-                                    d_kv,
-                                    &one,
-                                    kp as *const f32,
-                                    ld,
-                                    s.d_kv as i64,
-                                    qp as *const f32,
-                                    ld,
-                                    s.d_kv as i64,
-                                    &zero,
-                                    sp as *mut f32,
-                                    kv_len,
-                                    sq,
-                                    heads,
-                                )
-                            }
-                            .map_err(|e| err("attention scores (sgemm)", e))
-                        },
-                    )?;
+            // One product per (sequence, head) of the chunk, all in one batched call each:
+            // pointer arrays [k, q, scores | v, scores, out], a (sequence, head) per entry.
+            let count = nb * s.heads;
+            let sp = scores.device_ptr(&self.stream).0;
+            let mut ptrs = vec![0u64; 6 * count];
+            for b in b0..b0 + nb {
+                let kb = b / s.kv_group;
+                for h in 0..s.heads {
+                    let e = (b - b0) * s.heads + h;
+                    let kv = f(kb * s.kv_stride * inner + h * s.d_kv);
+                    let qo = f(b * s.q_len * inner + h * s.d_kv);
+                    let sc = sp + f(e * s.q_len * s.kv_len);
+                    for (slot, ptr) in [kp + kv, qp + qo, sc, vp + kv, sc, op + qo]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        ptrs[slot * count + e] = ptr;
+                    }
                 }
             }
+            let arrays = self
+                .stream
+                .clone_htod(&ptrs)
+                .map_err(|e| err("uploading attention pointers", e))?;
+            let (ap, _ga) = arrays.device_ptr(&self.stream);
+            let arr = |slot: usize| (ap + (slot * count * 8) as u64) as *const *const f32;
+            let n = i32_of("attention products", count)?;
+            let guard = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+            let handle = *guard.handle.handle();
+            self.timed(
+                || format!("attention scores {}x{}x{}", s.q_len, s.kv_len, s.d_kv),
+                // SAFETY: every pointer lies inside its checked buffer (q, out: batch x q_len
+                // rows of `inner`; k, v: batch / kv_group x kv_stride rows; scores: chunk x
+                // per_seq); the arrays live until the call is queued and are freed in stream
+                // order after it.
+                || {
+                    unsafe {
+                        blas_sys::cublasSgemmBatched(
+                            handle,
+                            blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                            blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                            kv_len,
+                            q_len,
+                            d_kv,
+                            &one,
+                            arr(0),
+                            ld,
+                            arr(1),
+                            ld,
+                            &zero,
+                            arr(2) as *const *mut f32,
+                            kv_len,
+                            n,
+                        )
+                    }
+                    .result()
+                    .map_err(|e| err("attention scores (sgemm)", e))
+                },
+            )?;
             let rows = nb * s.heads * s.q_len;
             let first = i32_of("sequence", b0)?;
             let mut kb = self.stream.launch_builder(self.f("attention_softmax"));
@@ -967,44 +985,33 @@ impl CudaBackend {
             };
             self.launch(&mut kb, cfg, "attention_softmax")?;
             drop(kb);
-            let (vp, _gv) = v.device_ptr(&self.stream);
-            let (sp, _gs) = scores.device_ptr(&self.stream);
-            let (op, _go) = out.device_ptr_mut(&self.stream);
-            for b in b0..b0 + nb {
-                let kb = b / s.kv_group;
-                let vp = vp + ((kb * s.kv_stride * inner) * 4) as u64;
-                let sp = sp + (((b - b0) * per_seq) * 4) as u64;
-                let op = op + ((b * s.q_len * inner) * 4) as u64;
-                self.timed(
-                    || format!("attention values {}x{}x{}", s.q_len, s.kv_len, s.d_kv),
-                    // SAFETY: as above; out holds batch x q_len rows of `inner`.
-                    || {
-                        unsafe {
-                            cudarc::cublas::result::sgemm_strided_batched(
-                                handle,
-                                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                                d_kv,
-                                q_len,
-                                kv_len,
-                                &one,
-                                vp as *const f32,
-                                ld,
-                                s.d_kv as i64,
-                                sp as *const f32,
-                                kv_len,
-                                sq,
-                                &zero,
-                                op as *mut f32,
-                                ld,
-                                s.d_kv as i64,
-                                heads,
-                            )
-                        }
-                        .map_err(|e| err("attention values (sgemm)", e))
-                    },
-                )?;
-            }
+            self.timed(
+                || format!("attention values {}x{}x{}", s.q_len, s.kv_len, s.d_kv),
+                // SAFETY: as above.
+                || {
+                    unsafe {
+                        blas_sys::cublasSgemmBatched(
+                            handle,
+                            blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                            blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                            d_kv,
+                            q_len,
+                            kv_len,
+                            &one,
+                            arr(3),
+                            ld,
+                            arr(4),
+                            kv_len,
+                            &zero,
+                            arr(5) as *const *mut f32,
+                            ld,
+                            n,
+                        )
+                    }
+                    .result()
+                    .map_err(|e| err("attention values (sgemm)", e))
+                },
+            )?;
         }
         Ok(())
     }
