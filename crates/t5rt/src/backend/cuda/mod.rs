@@ -190,10 +190,15 @@ impl CudaWeight {
     }
 }
 
+/// Dynamic shared memory a kernel may ask for: 48 KB (the limit without an opt-in) less what
+/// the kernels declare statically (at most 128 bytes each; a launch over the sum fails with
+/// "invalid argument", as 4 x 3072-value rows did on an H200 when `gemv` gained its 32 bytes).
+pub const DYNAMIC_SHARED_MAX: usize = 48 * 1024 - 256;
+
 /// Whether a product goes through the `gemv` kernel: up to [`GEMV_ROWS`] rows, `k` a multiple
-/// of 8, and the rows within 48 KB of shared memory.
-fn gemv_fits(d: MatDims) -> bool {
-    d.m <= GEMV_ROWS && d.k.is_multiple_of(8) && d.m * d.k * 4 <= 48 * 1024
+/// of 8, and the rows within [`DYNAMIC_SHARED_MAX`] of shared memory.
+pub fn gemv_fits(d: MatDims) -> bool {
+    d.m <= GEMV_ROWS && d.k.is_multiple_of(8) && d.m * d.k * 4 <= DYNAMIC_SHARED_MAX
 }
 
 /// A GPU, its stream, cuBLAS and the compiled kernels.
@@ -822,7 +827,7 @@ impl CudaBackend {
             // A recorded step's self-attention holds room for every position of the cache.
             let kv_cap = if step { s.kv_stride } else { s.kv_len };
             let shared = (kv_cap.div_ceil(4) * 4 + s.d_kv + STEP_THREADS * per) * 4;
-            if shared <= 48 * 1024 {
+            if shared <= DYNAMIC_SHARED_MAX {
                 let cap = i32_of("attention keys", kv_cap)?;
                 let steps = step.then(|| self.lock_steps());
                 let args = steps.as_ref().and_then(|st| st.args.as_ref());
@@ -853,10 +858,11 @@ impl CudaBackend {
         }
         // Scores of one (sequence, head, query) in shared memory.
         let shared = s.kv_len * 4;
-        if shared > 48 * 1024 {
+        if shared > DYNAMIC_SHARED_MAX {
             return Err(T5Error::Backend(format!(
-                "cuda attention over {} keys: at most 12288 for now",
-                s.kv_len
+                "cuda attention over {} keys: at most {} for now",
+                s.kv_len,
+                DYNAMIC_SHARED_MAX / 4
             )));
         }
         let cfg = LaunchConfig {
