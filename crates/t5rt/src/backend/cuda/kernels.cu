@@ -380,9 +380,8 @@ extern "C" __global__ void attention_softmax(float* scores, const float* bias, c
 
 // One query per sequence (a decoding step): the same function as `attention`, laid out for the
 // GPU. One block of STEP_THREADS per (sequence b, head h, query i); decoding has one query per
-// sequence (q_len 1), the encoder q_len (cuda/mod.rs sends it here only when asked to: this
-// use has not run on a GPU yet). The threads split
-// each key/value row into `pieces` 16-byte pieces (4 f32 or 8 bf16 values) and the keys into
+// sequence (q_len 1), the encoder q_len (only with T5RT_CUDA_ENCODER_ATTENTION=step: the
+// encoder's default is attend_gemm's batched products). The threads split each key/value row into `pieces` 16-byte pieces (4 f32 or 8 bf16 values) and the keys into
 // `groups` (STEP_THREADS / pieces), so that a warp reads whole rows, coalesced. Scores: each
 // group's lanes reduce their pieces' partial dot products with shuffles. Weighted values: the
 // groups' partial sums meet in shared memory. Leading masked keys (a row that joined a running
