@@ -265,6 +265,13 @@ extern "C" __global__ void argmax_rows(const float* x, u32* out, int rows, int n
 
 // ---------------------------------------------------------------- attention
 
+// The keys [j0, j1) between those masked at the start and the end of mask row m (at least one
+// key: the last, when all are masked), as the CPU kernels leave them out.
+__device__ __forceinline__ void unmasked_range(const float* m, int kv_len, int* j0, int* j1) {
+    while (*j0 < kv_len - 1 && m[*j0] == NEG_INF) (*j0)++;
+    while (*j1 > *j0 + 1 && m[*j1 - 1] == NEG_INF) (*j1)--;
+}
+
 // One key/value element t of row j: f32, or the bf16 half of a slot (compress_kv's layout).
 __device__ __forceinline__ float kv_at(const float* kv, size_t at, int bf16) {
     if (!bf16) return kv[at];
@@ -294,13 +301,8 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
     int kb = b / kv_group;
     size_t inner = (size_t)heads * d_kv;
     const float* qr = q + ((size_t)b * q_len + i) * inner + (size_t)h * d_kv;
-    // The unmasked range [j0, j1).
     int j0 = 0, j1 = kv_len;
-    if (mask) {
-        const float* m = mask + (size_t)kb * kv_len;
-        while (j0 < kv_len - 1 && m[j0] == NEG_INF) j0++;
-        while (j1 > j0 + 1 && m[j1 - 1] == NEG_INF) j1--;
-    }
+    if (mask) unmasked_range(mask + (size_t)kb * kv_len, kv_len, &j0, &j1);
     float mx = NEG_INF;
     for (int j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
         size_t base = ((size_t)kb * kv_stride + j) * inner + (size_t)h * d_kv;
@@ -350,11 +352,7 @@ extern "C" __global__ void attention_softmax(float* scores, const float* bias, c
     int kb = b / kv_group;
     float* s = scores + row * kv_len;
     int j0 = 0, j1 = kv_len;
-    if (mask) {
-        const float* m = mask + (size_t)kb * kv_len;
-        while (j0 < kv_len - 1 && m[j0] == NEG_INF) j0++;
-        while (j1 > j0 + 1 && m[j1 - 1] == NEG_INF) j1--;
-    }
+    if (mask) unmasked_range(mask + (size_t)kb * kv_len, kv_len, &j0, &j1);
     float mx = NEG_INF;
     for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
         float v = NEG_INF;
@@ -381,7 +379,8 @@ extern "C" __global__ void attention_softmax(float* scores, const float* bias, c
 // One query per sequence (a decoding step): the same function as `attention`, laid out for the
 // GPU. One block of STEP_THREADS per (sequence b, head h, query i); decoding has one query per
 // sequence (q_len 1), the encoder q_len (only with T5RT_CUDA_ENCODER_ATTENTION=step: the
-// encoder's default is attend_gemm's batched products). The threads split each key/value row into `pieces` 16-byte pieces (4 f32 or 8 bf16 values) and the keys into
+// encoder's default is attend_gemm's batched products). The threads split each key/value row into
+// `pieces` 16-byte pieces (4 f32 or 8 bf16 values) and the keys into
 // `groups` (STEP_THREADS / pieces), so that a warp reads whole rows, coalesced. Scores: each
 // group's lanes reduce their pieces' partial dot products with shuffles. Weighted values: the
 // groups' partial sums meet in shared memory. Leading masked keys (a row that joined a running
@@ -662,7 +661,8 @@ gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) acc[r] = up[r] = 0.0f;
         gemv_column_any(kind, w, col, k, xs4, m, lane, acc, col == col0 ? first : nullptr);
-        if (gated) gemv_column_any(kind, w1, col, k, xs4, m, lane, up, col == col0 ? first_up : nullptr);
+        if (gated)
+            gemv_column_any(kind, w1, col, k, xs4, m, lane, up, col == col0 ? first_up : nullptr);
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
             if (r < m) {

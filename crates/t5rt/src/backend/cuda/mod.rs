@@ -880,8 +880,9 @@ impl CudaBackend {
     /// [`EncoderAttention::Gemm`]: per chunk of sequences, the scores of every (sequence,
     /// head) as one batched product (`[kv_len, q_len]` column-major = q·kᵀ row-major, a head's
     /// q and k rows `inner` apart), `attention_softmax`, and the weighted values as a second
-    /// batched product written straight into `out`'s `[q_len, inner]` rows. f32 throughout (cuBLAS's default math: no TF32). The caller
-    /// checked the shapes (`AttnShape::check`) and that keys and values are f32.
+    /// batched product written straight into `out`'s `[q_len, inner]` rows. f32 throughout
+    /// (cuBLAS's default math: no TF32). The caller checked the shapes (`AttnShape::check`)
+    /// and that keys and values are f32.
     #[allow(clippy::too_many_arguments)]
     fn attend_gemm(
         &self,
@@ -944,35 +945,52 @@ impl CudaBackend {
             let n = i32_of("attention products", count)?;
             let guard = self.blas.lock().unwrap_or_else(|e| e.into_inner());
             let handle = *guard.handle.handle();
-            self.timed(
-                || format!("attention scores {}x{}x{}", s.q_len, s.kv_len, s.d_kv),
-                // SAFETY: every pointer lies inside its checked buffer (q, out: batch x q_len
-                // rows of `inner`; k, v: batch / kv_group x kv_stride rows; scores: chunk x
-                // per_seq); the arrays live until the call is queued and are freed in stream
-                // order after it.
-                || {
-                    unsafe {
-                        blas_sys::cublasSgemmBatched(
-                            handle,
-                            blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                            blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                            kv_len,
-                            q_len,
-                            d_kv,
-                            &one,
-                            arr(0),
-                            ld,
-                            arr(1),
-                            ld,
-                            &zero,
-                            arr(2) as *const *mut f32,
-                            kv_len,
-                            n,
-                        )
-                    }
-                    .result()
-                    .map_err(|e| err("attention scores (sgemm)", e))
-                },
+            // One batched product: C[e] = op(A[e]) · B[e] (column-major, α = 1, β = 0) for
+            // the pointer arrays in slots (a, b, c).
+            let batched = |what: &str, ta, m, nn, kk, (a, lda), (b, ldb), (c, ldc)| {
+                self.timed(
+                    || format!("attention {what} {}x{}x{}", s.q_len, s.kv_len, s.d_kv),
+                    // SAFETY: every pointer lies inside its checked buffer (q, out: batch x
+                    // q_len rows of `inner`; k, v: batch / kv_group x kv_stride rows;
+                    // scores: chunk x per_seq); the arrays live until the call is queued and
+                    // are freed in stream order after it.
+                    || {
+                        unsafe {
+                            blas_sys::cublasSgemmBatched(
+                                handle,
+                                ta,
+                                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                                m,
+                                nn,
+                                kk,
+                                &one,
+                                arr(a),
+                                lda,
+                                arr(b),
+                                ldb,
+                                &zero,
+                                arr(c) as *const *mut f32,
+                                ldc,
+                                n,
+                            )
+                        }
+                        .result()
+                        .map_err(|e| err(&format!("attention {what} (sgemm)"), e))
+                    },
+                )
+            };
+            // scores, column-major [kv_len x q_len] = k · qᵀ (row-major q · kᵀ), per
+            // (sequence, head)
+            let t = blas_sys::cublasOperation_t::CUBLAS_OP_T;
+            batched(
+                "scores",
+                t,
+                kv_len,
+                q_len,
+                d_kv,
+                (0, ld),
+                (1, ld),
+                (2, kv_len),
             )?;
             let rows = nb * s.heads * s.q_len;
             let first = i32_of("sequence", b0)?;
@@ -991,32 +1009,17 @@ impl CudaBackend {
             };
             self.launch(&mut kb, cfg, "attention_softmax")?;
             drop(kb);
-            self.timed(
-                || format!("attention values {}x{}x{}", s.q_len, s.kv_len, s.d_kv),
-                // SAFETY: as above.
-                || {
-                    unsafe {
-                        blas_sys::cublasSgemmBatched(
-                            handle,
-                            blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                            blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                            d_kv,
-                            q_len,
-                            kv_len,
-                            &one,
-                            arr(3),
-                            ld,
-                            arr(4),
-                            kv_len,
-                            &zero,
-                            arr(5) as *const *mut f32,
-                            ld,
-                            n,
-                        )
-                    }
-                    .result()
-                    .map_err(|e| err("attention values (sgemm)", e))
-                },
+            // out rows, column-major [d_kv x q_len] = vᵀ · weightsᵀ, per (sequence, head)
+            let nt = blas_sys::cublasOperation_t::CUBLAS_OP_N;
+            batched(
+                "values",
+                nt,
+                d_kv,
+                q_len,
+                kv_len,
+                (3, ld),
+                (4, kv_len),
+                (5, ld),
             )?;
         }
         Ok(())
