@@ -254,3 +254,48 @@ fn graph_replays_give_the_uncaptured_logits() {
         ));
     }
 }
+
+/// A tied head in bf16/f16 doubling as the embedding table (`set_half_embed`, off by default
+/// until this has passed on a GPU): the teacher-forced log-probabilities of Hugging Face's
+/// greedy outputs on the tied fixture stay within 0.05 of the same precision with the separate
+/// f32 table (the only difference: embeddings rounded as the head is).
+#[test]
+fn tied_half_heads_double_as_the_embedding_table() {
+    let r = common::Reference::load("t5-v1_0");
+    let (inputs, targets) = (r.ids("/inputs"), r.ids("/greedy/outputs"));
+    let cfg = GenerationConfig {
+        batch_size: inputs.len(),
+        ..GenerationConfig::default()
+    };
+    for dtype in [WeightDtype::Bf16, WeightDtype::F16] {
+        let mut runs = Vec::new();
+        for half_embed in [false, true] {
+            let Some(b) = common::cuda_backend(dtype) else {
+                return;
+            };
+            b.set_half_embed(half_embed);
+            let model = Checkpoint::open(&model_dir("t5-v1_0"))
+                .unwrap()
+                .load_model(b)
+                .unwrap();
+            let lp: Vec<f32> = t5rt::score(&model, &inputs, &targets, &cfg)
+                .unwrap()
+                .into_iter()
+                .flat_map(|s| s.log_probs)
+                .collect();
+            runs.push(lp);
+        }
+        let diff = runs[0]
+            .iter()
+            .zip(&runs[1])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        common::once(format!(
+            "CUDA {dtype} tied head as the embedding table: log-prob difference at most {diff:.2e}"
+        ));
+        assert!(
+            diff <= 0.05 && runs[1].iter().all(|v| v.is_finite()),
+            "{dtype}: {diff}"
+        );
+    }
+}

@@ -36,6 +36,12 @@ __device__ __forceinline__ u16 f32_to_bf16(float x) {
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
 // f32 -> IEEE half bits, round to nearest even, with subnormals, overflow to inf.
 __device__ __forceinline__ u16 f32_to_f16(float f) {
     u32 x = __float_as_uint(f);
@@ -172,14 +178,20 @@ extern "C" __global__ void scale(float* x, int n, float s) {
     if (i < (size_t)n) x[i] *= s;
 }
 
-// out[i, :] = table[ids[i], :] (ids were checked against the vocabulary on the host).
-extern "C" __global__ void embed(const u32* ids, const float* table, float* out, int n, int d) {
+// out[i, :] = table[ids[i], :] (ids were checked against the vocabulary on the host); the
+// table's values are f32 (kind 0), or bf16 (1) / f16 (2) bits widened exactly to f32 (a tied
+// head's half-precision rows doubling as the embedding table).
+extern "C" __global__ void embed(const u32* ids, const void* table, float* out, int n, int d,
+                                 int kind) {
     PDL_WAIT();
     PDL_LAUNCH();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)n * d) {
         size_t row = i / d, col = i % d;
-        out[i] = table[(size_t)ids[row] * d + col];
+        size_t at = (size_t)ids[row] * d + col;
+        if (kind == 0) out[i] = ((const float*)table)[at];
+        else if (kind == 1) out[i] = bf16_to_f32(((const u16*)table)[at]);
+        else out[i] = f16_to_f32(((const u16*)table)[at]);
     }
 }
 
@@ -512,11 +524,6 @@ attention_step(const float* __restrict__ q, const float* __restrict__ k,
 
 // ---------------------------------------------------------------- skinny products
 
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
 
 // Eight f16 values (low half of each word first) to f32, as unpack_bf16x8 does for bf16.
 __device__ __forceinline__ void unpack_f16x8(uint4 w, float* f) {
