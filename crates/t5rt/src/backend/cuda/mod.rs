@@ -1649,6 +1649,24 @@ impl Backend for CudaBackend {
             s.eager,
             s.failures
         );
+        drop(st);
+        let on = |b: &AtomicBool| {
+            if b.load(Ordering::Relaxed) {
+                "on"
+            } else {
+                "off"
+            }
+        };
+        line += &format!(
+            "\nCUDA kernels: encoder attention {:?}, gemv fusions {}, shared gemv {}, \
+             programmatic launches {}, half-precision embedding {}, gemv {} columns per block",
+            self.encoder_attention(),
+            on(&self.fused_gemv),
+            on(&self.shared_gemv),
+            on(&self.pdl),
+            on(&self.half_embed),
+            self.gemv_warps
+        );
         if let Some(p) = &self.profile {
             let p = p.lock().unwrap_or_else(|e| e.into_inner());
             let mut ops: Vec<_> = p.iter().collect();
