@@ -585,8 +585,6 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 }
 
-/// The products of [`Backend::matmul_nt_shared`] one after the other: its default, and what a
-/// backend falls back to when it cannot share the work.
 /// Where a decoding step's keys and values go ([`Backend::norm_qkv_step`]): row `b` of the
 /// batch to position `pos` of `k_cache` / `v_cache`, each `[batch, capacity, width]`.
 pub struct CacheWrite<'a, T> {
@@ -674,6 +672,8 @@ pub(crate) fn norm_then_ffn_up<B: Backend + ?Sized>(
     }
 }
 
+/// The products of [`Backend::matmul_nt_shared`] one after the other: its default, and what a
+/// backend falls back to when it cannot share the work.
 pub(crate) fn matmul_nt_each<B: Backend + ?Sized>(
     b: &B,
     x: &B::Tensor,

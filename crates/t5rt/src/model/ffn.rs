@@ -27,31 +27,19 @@ pub(crate) fn feed_forward<B: Backend>(
         n: d_ff,
         k: d,
     };
+    let (gated, wi);
+    let ws: &[&B::Weight] = match &w.wi_gate_linear {
+        Some(wi_1) => {
+            gated = [&w.wi, wi_1];
+            &gated
+        }
+        None => {
+            wi = [&w.wi];
+            &wi
+        }
+    };
     let eps = cfg.layer_norm_epsilon;
-    match &w.wi_gate_linear {
-        Some(wi_1) => b.norm_ffn_up(
-            x,
-            norm,
-            eps,
-            normed,
-            &[&w.wi, wi_1],
-            ff,
-            ff_up,
-            cfg.activation,
-            up_dims,
-        )?,
-        None => b.norm_ffn_up(
-            x,
-            norm,
-            eps,
-            normed,
-            &[&w.wi],
-            ff,
-            ff_up,
-            cfg.activation,
-            up_dims,
-        )?,
-    }
+    b.norm_ffn_up(x, norm, eps, normed, ws, ff, ff_up, cfg.activation, up_dims)?;
     // residual: x += ff · woᵀ
     b.matmul_nt(
         ff,

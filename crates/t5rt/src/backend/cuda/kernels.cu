@@ -544,12 +544,19 @@ __device__ __forceinline__ void unpack_f16x8(uint4 w, float* f) {
 #define GEMV_ROWS 8
 #define GEMV_LOADS 4
 
+// Weight row `col` of a gemv as 16-byte pieces (4 f32 or 8 bf16/f16 values), and their count.
+__device__ __forceinline__ const uint4* gemv_row(const void* w, int col, int k, int kind) {
+    return (const uint4*)((const char*)w + (size_t)col * k * (kind == 0 ? 4 : 2));
+}
+
+__device__ __forceinline__ int gemv_pieces(int k, int kind) { return kind == 0 ? k / 4 : k / 8; }
+
 // This lane's first GEMV_LOADS 16-byte pieces of weight row `col` (pieces lane, lane + 32, ...;
 // zeros past the row): `gemv` reads them before it waits for the kernel before it.
 __device__ __forceinline__ void gemv_first_pieces(const void* __restrict__ w, int col, int k,
                                                   int kind, int lane, uint4* wv) {
-    int pieces = kind == 0 ? k / 4 : k / 8;
-    const uint4* wr = (const uint4*)((const char*)w + (size_t)col * k * (kind == 0 ? 4 : 2));
+    int pieces = gemv_pieces(k, kind);
+    const uint4* wr = gemv_row(w, col, k, kind);
 #pragma unroll
     for (int u = 0; u < GEMV_LOADS; u++) {
         int c = lane + 32 * u;
@@ -563,8 +570,8 @@ template <int KIND>
 __device__ __forceinline__ void gemv_column(const void* __restrict__ w, int col, int k,
                                             const float4* xs4, int m, int lane, float* acc,
                                             const uint4* first) {
-    int pieces = KIND == 0 ? k / 4 : k / 8;
-    const uint4* wr = (const uint4*)((const char*)w + (size_t)col * k * (KIND == 0 ? 4 : 2));
+    int pieces = gemv_pieces(k, KIND);
+    const uint4* wr = gemv_row(w, col, k, KIND);
     for (int c0 = lane; c0 < pieces; c0 += 32 * GEMV_LOADS) {
         uint4 wv[GEMV_LOADS];
 #pragma unroll

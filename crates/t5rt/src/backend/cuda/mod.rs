@@ -201,6 +201,17 @@ pub fn gemv_fits(d: MatDims) -> bool {
     d.m <= GEMV_ROWS && d.k.is_multiple_of(8) && d.m * d.k * 4 <= DYNAMIC_SHARED_MAX
 }
 
+/// Whether products of one input can share a `gemv` launch: a non-empty shape that
+/// [`gemv_fits`], every weight of the product's shape and of one kind.
+fn gemv_fits_all(ws: &[&CudaWeight], d: MatDims) -> bool {
+    d.m > 0
+        && d.n > 0
+        && gemv_fits(d)
+        && ws
+            .iter()
+            .all(|w| (w.n, w.k) == (d.n, d.k) && w.gemv_kind() == ws[0].gemv_kind())
+}
+
 /// A GPU, its stream, cuBLAS and the compiled kernels.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -515,16 +526,10 @@ impl CudaBackend {
         self.fused_gemv.store(on, Ordering::Relaxed);
     }
 
-    /// Whether these products can go through one fused `gemv` launch each (fusions on, the
-    /// shape within `gemv`'s limits, every weight of the product's shape and kind).
+    /// Whether these products can go through one fused `gemv` launch each (fusions on and
+    /// [`gemv_fits_all`]).
     fn fused_gemv_fits(&self, ws: &[&CudaWeight], d: MatDims) -> bool {
-        self.fused_gemv.load(Ordering::Relaxed)
-            && d.m > 0
-            && d.n > 0
-            && gemv_fits(d)
-            && ws
-                .iter()
-                .all(|w| (w.n, w.k) == (d.n, d.k) && w.gemv_kind() == ws[0].gemv_kind())
+        self.fused_gemv.load(Ordering::Relaxed) && gemv_fits_all(ws, d)
     }
 
     /// Runs up to three decoding products of one input (q, k and v; a gated feed-forward's
@@ -1193,12 +1198,7 @@ impl Backend for CudaBackend {
         checks::shared_products(ws.len(), outs.len())?;
         let one_launch = self.shared_gemv.load(Ordering::Relaxed)
             && (2..=3).contains(&ws.len())
-            && d.m > 0
-            && d.n > 0
-            && gemv_fits(d)
-            && ws
-                .iter()
-                .all(|w| (w.n, w.k) == (d.n, d.k) && w.gemv_kind() == ws[0].gemv_kind());
+            && gemv_fits_all(ws, d);
         if !one_launch {
             return matmul_nt_each(self, x, ws, outs, d);
         }
