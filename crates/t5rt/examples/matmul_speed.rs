@@ -5,6 +5,10 @@
 //! ```text
 //! cargo run --release -p t5rt --example matmul_speed -- [THREADS] [LEVEL...]
 //! ```
+//!
+//! `MATMUL_COLD=1` cycles through copies of each weight totalling at least 256 MiB, so that
+//! every product reads its weights from memory as a decoding step does (each weight of a step
+//! is read once), instead of from the caches the repeated product leaves them in.
 
 use std::time::Instant;
 
@@ -70,14 +74,27 @@ fn main() {
             for &(m, n, k) in &shapes {
                 let d = MatDims { m, n, k };
                 let x = b.upload(&rand(m * k)).unwrap();
-                let w = b.upload_linear(&rand(n * k), n, k).unwrap();
+                let cold = std::env::var("MATMUL_COLD").is_ok_and(|v| v == "1");
+                let bytes = n
+                    * k
+                    * match dtype {
+                        WeightDtype::F32 => 4,
+                        WeightDtype::Int8 => 1,
+                        _ => 2,
+                    };
+                let copies = if cold { (256 << 20) / bytes + 1 } else { 1 };
+                let w0 = rand(n * k);
+                let ws: Vec<_> = (0..copies)
+                    .map(|_| b.upload_linear(&w0, n, k).unwrap())
+                    .collect();
                 let mut out = b.zeros(m * n).unwrap();
                 let reps = (2e9 / (2.0 * (m * n * k) as f64)).clamp(3.0, 200.0) as usize;
                 let mut best = f64::MAX;
                 for _ in 0..5 {
                     let t = Instant::now();
-                    for _ in 0..reps {
-                        b.matmul_nt(&x, &w, &mut out, d, false).unwrap();
+                    for r in 0..reps {
+                        let w = &ws[r % copies];
+                        b.matmul_nt(&x, w, &mut out, d, false).unwrap();
                     }
                     best = best.min(t.elapsed().as_secs_f64() / reps as f64);
                 }
