@@ -50,6 +50,9 @@ run model-tests gpu/test-cuda --test-threads=1 --nocapture
 T5RT_CUDA_ENCODER_ATTENTION=step run model-tests-encoder-step gpu/test-cuda --test-threads=1 --nocapture
 # A tied half-precision head doubling as the embedding table (off by default until this passes).
 T5RT_CUDA_HALF_EMBED=1 run model-tests-half-embed gpu/test-cuda --test-threads=1 --nocapture
+# A sublayer's attention and output product in one launch (off by default until this passes;
+# the kernel test above checks it bit for bit against the two launches).
+T5RT_CUDA_CHAIN=1 run model-tests-chain gpu/test-cuda --test-threads=1 --nocapture
 # Without programmatic dependent launches (the default on sm_90 and later).
 T5RT_CUDA_PDL=0 run model-tests-no-pdl gpu/test-cuda --test-threads=1 --nocapture
 # Decoding's sublayers without the fused norm/activation in gemv (the default fuses them).

@@ -927,6 +927,99 @@ fn cuda_kernels_match_reference() {
             "id past the vocabulary"
         );
     }
+    // A sublayer's attention and output projection in one `attention_o` launch
+    // (`set_chain`, off by default until this has passed on a GPU): the attention output and
+    // the residual bit for bit what `attention_step` then `gemv` give, in every precision;
+    // self-attention (position bias, f32 cache longer than the keys read) and
+    // cross-attention (padding mask, f32 and bf16 keys/values), 1 to 8 rows.
+    for dtype in [
+        t5rt::WeightDtype::F32,
+        t5rt::WeightDtype::Bf16,
+        t5rt::WeightDtype::F16,
+    ] {
+        let Some(h) = common::cuda_backend(dtype) else {
+            return;
+        };
+        for (batch, heads, d_kv, kv_len, cross, kv) in [
+            (1, 12, 64, 7, false, KvFormat::F32),
+            (3, 8, 64, 40, false, KvFormat::F32),
+            (1, 12, 64, 512, true, KvFormat::F32),
+            (4, 8, 64, 33, true, KvFormat::Bf16),
+            (8, 6, 64, 128, true, KvFormat::Bf16),
+            (2, 4, 32, 5, true, KvFormat::F32),
+        ] {
+            let inner = heads * d_kv;
+            let d_model = if inner == 768 { 768 } else { inner + 64 };
+            let stride = if cross { kv_len } else { kv_len + 9 };
+            let shape = AttnShape {
+                batch,
+                heads,
+                d_kv,
+                q_len: 1,
+                kv_len,
+                kv_stride: stride,
+                kv_group: 1,
+                bias_stride: kv_len + 3,
+                kv: KvFormat::F32,
+            };
+            let kv_vals = batch * stride * inner;
+            let (mut k, mut v) = (
+                h.upload(&rng.vec(kv_vals)).unwrap(),
+                h.upload(&rng.vec(kv_vals)).unwrap(),
+            );
+            if kv == KvFormat::Bf16 {
+                k = h.compress_kv(&k, kv_vals).unwrap();
+                v = h.compress_kv(&v, kv_vals).unwrap();
+            }
+            let shape = AttnShape { kv, ..shape };
+            let q = h.upload(&rng.vec(batch * inner)).unwrap();
+            let bias = (!cross).then(|| h.upload(&rng.vec(heads * (kv_len + 3))).unwrap());
+            let mask = cross.then(|| {
+                let mut m = vec![0.0f32; batch * kv_len];
+                // the last row's final keys are padding
+                for j in kv_len - kv_len / 3..kv_len {
+                    m[(batch - 1) * kv_len + j] = f32::NEG_INFINITY;
+                }
+                h.upload(&m).unwrap()
+            });
+            let o = h
+                .upload_linear(&rng.vec(d_model * inner), d_model, inner)
+                .unwrap();
+            let x0 = rng.vec(batch * d_model);
+            let d = MatDims {
+                m: batch,
+                n: d_model,
+                k: inner,
+            };
+            let run = |chain: bool| {
+                h.set_chain(chain);
+                let mut attn = h.zeros(batch * inner).unwrap();
+                let mut x = h.upload(&x0).unwrap();
+                let call = t5rt::backend::AttnCall {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    bias: bias.as_ref(),
+                    mask: mask.as_ref(),
+                    shape,
+                    step: !cross,
+                };
+                h.attention_out(call, &mut attn, &o, &mut x, d).unwrap();
+                h.set_chain(false);
+                (
+                    h.download(&attn, batch * inner).unwrap(),
+                    h.download(&x, batch * d_model).unwrap(),
+                )
+            };
+            let (apart, chained) = (run(false), run(true));
+            let what =
+                format!("cuda {dtype} attention_o {batch}x{heads}x{d_kv}, {kv_len} keys {kv:?}");
+            assert_eq!(chained.0, apart.0, "{what}: attention");
+            assert_eq!(chained.1, apart.1, "{what}: residual");
+            // twice in a row: the counters are back to zero after a launch
+            assert_eq!(run(true), apart, "{what}: second launch");
+        }
+    }
     // Half-precision weights: the fused norm and feed-forward products against the same
     // operations launched one by one (the same rounded weights; only the norm's sums differ).
     for dtype in [t5rt::WeightDtype::Bf16, t5rt::WeightDtype::F16] {

@@ -548,6 +548,22 @@ pub trait Backend: Send + Sync {
         self.attention(q, k, v, bias, mask, out, shape)
     }
 
+    /// A sublayer's attention and its output projection, the residual added in place:
+    /// `attn = attention(call)` (a decoding step's self-attention when `call.step`, as
+    /// [`Backend::step_attention`]), then `x += attn · oᵀ` (`dims`: rows, `o`'s outputs and
+    /// inputs). A backend may run the two as one operation (CUDA can, in one launch, with the
+    /// same results bit for bit); `attn` then still holds the attention's output.
+    fn attention_out(
+        &self,
+        call: AttnCall<'_, Self::Tensor>,
+        attn: &mut Self::Tensor,
+        o: &Self::Weight,
+        x: &mut Self::Tensor,
+        dims: MatDims,
+    ) -> Result<()> {
+        attention_then_out(self, call, attn, o, x, dims)
+    }
+
     /// Waits for the work queued so far (a GPU runs it asynchronously): timings of one stage,
     /// such as the encoder's, then hold that stage's work alone. The CPU has nothing to wait for.
     fn synchronize(&self) -> Result<()> {
@@ -583,6 +599,37 @@ pub trait Backend: Send + Sync {
         col: usize,
         value: f32,
     ) -> Result<()>;
+}
+
+/// What one attention call of [`Backend::attention_out`] reads: as [`Backend::attention`]'s
+/// arguments; `step`: a decoding step's self-attention over its cache (see
+/// [`Backend::step_attention`]).
+pub struct AttnCall<'a, T> {
+    pub q: &'a T,
+    pub k: &'a T,
+    pub v: &'a T,
+    pub bias: Option<&'a T>,
+    pub mask: Option<&'a T>,
+    pub shape: AttnShape,
+    pub step: bool,
+}
+
+/// [`Backend::attention_out`] as two operations: the attention, then the output product
+/// accumulated into `x` (the trait's default, and backends' fallback).
+pub(crate) fn attention_then_out<B: Backend + ?Sized>(
+    b: &B,
+    c: AttnCall<'_, B::Tensor>,
+    attn: &mut B::Tensor,
+    o: &B::Weight,
+    x: &mut B::Tensor,
+    dims: MatDims,
+) -> Result<()> {
+    if c.step {
+        b.step_attention(c.q, c.k, c.v, c.bias, c.mask, attn, c.shape)?;
+    } else {
+        b.attention(c.q, c.k, c.v, c.bias, c.mask, attn, c.shape)?;
+    }
+    b.matmul_nt(attn, o, x, dims, true)
 }
 
 /// Where a decoding step's keys and values go ([`Backend::norm_qkv_step`]): row `b` of the

@@ -1,6 +1,6 @@
 //! The decoder: cross-attention keys/values once per request, then one token per step.
 
-use crate::backend::{AttnShape, Backend, CacheWrite, MatDims, StepPlan};
+use crate::backend::{AttnCall, AttnShape, Backend, CacheWrite, MatDims, StepPlan};
 use crate::error::{Result, T5Error};
 
 use super::ffn::feed_forward;
@@ -267,10 +267,17 @@ impl<B: Backend> T5Model<B> {
                 },
                 proj,
             )?;
-            let (ck, cv) = (&state.self_k[l], &state.self_v[l]);
-            b.step_attention(&s.q, ck, cv, Some(bias), self_mask, &mut s.attn, self_shape)?;
-            // residual: x += attn · oᵀ
-            b.matmul_nt(&s.attn, &layer.self_attn.o, &mut s.x, out_proj, true)?;
+            // residual: x += attention · oᵀ
+            let call = AttnCall {
+                q: &s.q,
+                k: &state.self_k[l],
+                v: &state.self_v[l],
+                bias: Some(bias),
+                mask: self_mask,
+                shape: self_shape,
+                step: true,
+            };
+            b.attention_out(call, &mut s.attn, &layer.self_attn.o, &mut s.x, out_proj)?;
 
             // cross-attention over the encoder output (keys/values projected at start)
             b.norm_matmul_shared(
@@ -282,18 +289,17 @@ impl<B: Backend> T5Model<B> {
                 &mut [&mut s.q],
                 proj,
             )?;
-            let (ck, cv) = (&state.cross_k[l], &state.cross_v[l]);
             // no position bias in cross-attention; only the source padding mask
-            b.attention(
-                &s.q,
-                ck,
-                cv,
-                None,
-                Some(&state.cross_mask),
-                &mut s.attn,
-                cross_shape,
-            )?;
-            b.matmul_nt(&s.attn, &layer.cross_attn.o, &mut s.x, out_proj, true)?;
+            let call = AttnCall {
+                q: &s.q,
+                k: &state.cross_k[l],
+                v: &state.cross_v[l],
+                bias: None,
+                mask: Some(&state.cross_mask),
+                shape: cross_shape,
+                step: false,
+            };
+            b.attention_out(call, &mut s.attn, &layer.cross_attn.o, &mut s.x, out_proj)?;
 
             // feed-forward
             feed_forward(

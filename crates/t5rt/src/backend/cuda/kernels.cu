@@ -95,6 +95,16 @@ extern "C" __global__ void compress_kv(const float* x, float* y, int pairs) {
 
 // ---------------------------------------------------------------- block reductions
 
+// A 16-byte load through L2 only (never L1 or the read-only cache): for data other blocks of
+// the same kernel wrote.
+__device__ __forceinline__ float4 ld_cg4(const float4* p) {
+    float4 r;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w)
+                 : "l"(p));
+    return r;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -412,20 +422,18 @@ __device__ __forceinline__ void unpack_bf16x8(uint4 w, float* f) {
     f[6] = __uint_as_float(w.w << 16); f[7] = __uint_as_float(w.w & 0xffff0000u);
 }
 
-extern "C" __global__ void __launch_bounds__(STEP_THREADS)
-attention_step(const float* __restrict__ q, const float* __restrict__ k,
-               const float* __restrict__ v, const float* __restrict__ bias,
-               const float* __restrict__ mask, float* __restrict__ out, int batch, int heads,
-               int d_kv, int q_len, int kv_len, int kv_stride, int kv_group, int kv_bf16,
-               int bias_stride, int kv_cap, const u32* __restrict__ step) {
-    PDL_WAIT();
-    PDL_LAUNCH();
+// The work of block `bid` of attention_step (attention_o runs it for its first blocks).
+__device__ __forceinline__ void attention_step_body(
+    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+    const float* __restrict__ bias, const float* __restrict__ mask, float* __restrict__ out,
+    int batch, int heads, int d_kv, int q_len, int kv_len, int kv_stride, int kv_group,
+    int kv_bf16, int bias_stride, int kv_cap, const u32* __restrict__ step, int bid) {
     extern __shared__ float4 smem4[];
     float* smem = (float*)smem4;
     __shared__ float scratch[32];
-    int i = blockIdx.x % q_len;
-    int h = (blockIdx.x / q_len) % heads;
-    int b = blockIdx.x / (q_len * heads);
+    int i = bid % q_len;
+    int h = (bid / q_len) % heads;
+    int b = bid / (q_len * heads);
     if (b >= batch) return;
     if (step) kv_len = (int)step[0] + 1;
     int kb = b / kv_group;
@@ -520,6 +528,18 @@ attention_step(const float* __restrict__ q, const float* __restrict__ k,
         for (int gg = 0; gg < groups; gg++) total += part[(size_t)gg * d_kv + t];
         o[t] = total * inv;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(STEP_THREADS)
+attention_step(const float* __restrict__ q, const float* __restrict__ k,
+               const float* __restrict__ v, const float* __restrict__ bias,
+               const float* __restrict__ mask, float* __restrict__ out, int batch, int heads,
+               int d_kv, int q_len, int kv_len, int kv_stride, int kv_group, int kv_bf16,
+               int bias_stride, int kv_cap, const u32* __restrict__ step) {
+    PDL_WAIT();
+    PDL_LAUNCH();
+    attention_step_body(q, k, v, bias, mask, out, batch, heads, d_kv, q_len, kv_len, kv_stride,
+                        kv_group, kv_bf16, bias_stride, kv_cap, step, blockIdx.x);
 }
 
 // ---------------------------------------------------------------- skinny products
@@ -629,29 +649,33 @@ __device__ __forceinline__ void gemv_column_any(int kind, const void* w, int col
 // - cache_rows > 0: products 1 and 2 (a decoding step's keys and values) go straight into the
 //   caches out1/out2, row r at position p of r's cache_rows (p = step[0] when `step` is given,
 //   a captured step; else pos), as write_position would put them.
-extern "C" __global__ void __launch_bounds__(256)
-gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2, float* out0,
-     float* out1, float* out2, int m, int n, int k, int kind, int accumulate,
-     const float* __restrict__ norm_w, float eps, int act, int gated, int cache_rows,
-     const u32* __restrict__ step, int pos) {
+// The work of block (bx, by) of a gemv grid `gx` blocks wide. `wait()` runs after the block
+// has read the first weights of its first column and before it reads anything an earlier
+// kernel (or block) writes. `chained`: x was written by other blocks of the same kernel, so
+// it is read through L2 (ld.global.cg), never a cache that could hold an older copy.
+template <class Wait>
+__device__ __forceinline__ void gemv_body(
+    const float* x, const void* w0, const void* w1, const void* w2, float* out0, float* out1,
+    float* out2, int m, int n, int k, int kind, int accumulate, const float* __restrict__ norm_w,
+    float eps, int act, int gated, int cache_rows, const u32* __restrict__ step, int pos, int bx,
+    int by, int gx, int chained, Wait wait) {
     // Up to three products of the same input and shape in one launch (q, k and v): product
-    // blockIdx.y reads weights w<y> and writes out<y>; a single product passes gridDim.y = 1.
-    const void* __restrict__ w = blockIdx.y == 0 ? w0 : (blockIdx.y == 1 ? w1 : w2);
-    float* __restrict__ out = blockIdx.y == 0 ? out0 : (blockIdx.y == 1 ? out1 : out2);
+    // by reads weights w<by> and writes out<by>; a single product passes one grid row.
+    const void* __restrict__ w = by == 0 ? w0 : (by == 1 ? w1 : w2);
+    float* __restrict__ out = by == 0 ? out0 : (by == 1 ? out1 : out2);
     extern __shared__ float4 xs4[];
     __shared__ float inv_rms[GEMV_ROWS];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int warps = blockDim.x >> 5;
     // The weights of this warp's first column are read first: no kernel writes them, so
     // under a programmatic launch this overlaps the kernel before.
-    int col0 = blockIdx.x * warps + warp;
+    int col0 = bx * warps + warp;
     uint4 first[GEMV_LOADS], first_up[GEMV_LOADS];
     if (col0 < n) {
         gemv_first_pieces(w, col0, k, kind, lane, first);
         if (gated) gemv_first_pieces(w1, col0, k, kind, lane, first_up);
     }
-    PDL_WAIT();
-    PDL_LAUNCH();
+    wait();
     if (norm_w) {
         // Each row's 1 / rms (a warp per row, from x itself) while the block stages x * w.
         for (int r = warp; r < m; r += warps) {
@@ -665,12 +689,14 @@ gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2
             float4 v = ((const float4*)x)[i], g = nw4[i % (k / 4)];
             xs4[i] = make_float4(v.x * g.x, v.y * g.y, v.z * g.z, v.w * g.w);
         }
+    } else if (chained) {
+        for (int i = threadIdx.x; i < m * k / 4; i += blockDim.x) xs4[i] = ld_cg4((const float4*)x + i);
     } else {
         for (int i = threadIdx.x; i < m * k / 4; i += blockDim.x) xs4[i] = ((const float4*)x)[i];
     }
     __syncthreads();
     if (cache_rows > 0 && step) pos = (int)step[0];
-    for (int col = col0; col < n; col += gridDim.x * warps) {
+    for (int col = col0; col < n; col += gx * warps) {
         float acc[GEMV_ROWS], up[GEMV_ROWS];
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) acc[r] = up[r] = 0.0f;
@@ -684,7 +710,7 @@ gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2
                 float u = gated ? warp_sum(up[r]) : 0.0f;
                 if (lane == 0) {
                     size_t at = (size_t)r * n + col;
-                    if (cache_rows > 0 && blockIdx.y > 0) at = ((size_t)r * cache_rows + pos) * n + col;
+                    if (cache_rows > 0 && by > 0) at = ((size_t)r * cache_rows + pos) * n + col;
                     if (norm_w) {
                         sum *= inv_rms[r];
                         u *= inv_rms[r];
@@ -693,6 +719,95 @@ gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2
                     out[at] = accumulate ? out[at] + sum : sum;
                 }
             }
+        }
+    }
+}
+
+struct PdlWait {
+    __device__ __forceinline__ void operator()() const {
+        PDL_WAIT();
+        PDL_LAUNCH();
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(256)
+gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2, float* out0,
+     float* out1, float* out2, int m, int n, int k, int kind, int accumulate,
+     const float* __restrict__ norm_w, float eps, int act, int gated, int cache_rows,
+     const u32* __restrict__ step, int pos) {
+    gemv_body(x, w0, w1, w2, out0, out1, out2, m, n, k, kind, accumulate, norm_w, eps, act, gated,
+              cache_rows, step, pos, blockIdx.x, blockIdx.y, gridDim.x, 0, PdlWait());
+}
+
+// ---------------------------------------------------------------- chained kernels
+
+// A sublayer's attention and its output projection in one launch (attention_o): blocks take
+// their roles from a ticket (an atomic counter), so that every block of an earlier role has
+// started, and will finish, before a later one waits for it: no deadlock, whatever order the
+// hardware starts blocks in. sync[0]: tickets; sync[1]: attention blocks done; sync[2]: gemv
+// blocks done. Each counter is back to 0 when the kernel ends (the last ticket, and the last
+// gemv block, reset them), ready for the next launch.
+// Waits (thread 0 spinning, then the whole block) until *counter reaches `target`.
+__device__ __forceinline__ void wait_count(const u32* counter, u32 target) {
+    if (threadIdx.x == 0) {
+        while (*(volatile const u32*)counter < target) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 700)
+            __nanosleep(32);
+#endif
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// Makes every thread's writes visible to the whole GPU, then adds 1 to *counter; returns the
+// count before (thread 0's, broadcast to the block).
+__device__ __forceinline__ u32 signal_count(u32* counter) {
+    __shared__ u32 before;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) before = atomicAdd(counter, 1u);
+    __syncthreads();
+    return before;
+}
+
+// x[r] += attention(q, k, v)[r] · oᵀ for the r < batch rows of a decoding step: blocks
+// [0, batch * heads) run attention_step's blocks (writing `attn`), the rest gemv's blocks of
+// the output projection (weights o, kind `kind`, n outputs of `heads * d_kv` inputs), each
+// starting once every attention block is done. Bit for bit the two kernels' results.
+extern "C" __global__ void __launch_bounds__(STEP_THREADS)
+attention_o(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+            const float* __restrict__ bias, const float* __restrict__ mask, float* attn, int batch,
+            int heads, int d_kv, int q_len, int kv_len, int kv_stride, int kv_group, int kv_bf16,
+            int bias_stride, int kv_cap, const u32* __restrict__ step, const void* o, float* x,
+            int n, int kind, u32* sync) {
+    // (q_len is 1: attention_step's parameters, as the host builds them for both kernels.)
+    PDL_WAIT();
+    PDL_LAUNCH();
+    __shared__ u32 ticket;
+    if (threadIdx.x == 0) {
+        ticket = atomicAdd(&sync[0], 1u);
+        if (ticket == gridDim.x - 1) atomicExch(&sync[0], 0u);  // every block has its ticket
+    }
+    __syncthreads();
+    u32 t = ticket;
+    u32 n_attn = (u32)(batch * heads);
+    if (t < n_attn) {
+        attention_step_body(q, k, v, bias, mask, attn, batch, heads, d_kv, q_len, kv_len, kv_stride,
+                            kv_group, kv_bf16, bias_stride, kv_cap, step, (int)t);
+        signal_count(&sync[1]);
+        return;
+    }
+    u32 n_gemv = gridDim.x - n_attn;
+    int inner = heads * d_kv;
+    const u32* done = &sync[1];
+    gemv_body(attn, o, o, o, x, x, x, batch, n, inner, kind, 1, nullptr, 0.0f, -1, 0, 0, nullptr,
+              0, (int)(t - n_attn), 0, (int)n_gemv, 1, [&]() { wait_count(done, n_attn); });
+    if (signal_count(&sync[2]) == n_gemv - 1) {
+        // The last gemv block: every block is past its wait.
+        if (threadIdx.x == 0) {
+            atomicExch(&sync[1], 0u);
+            atomicExch(&sync[2], 0u);
         }
     }
 }
