@@ -747,13 +747,18 @@ gemv(const float* __restrict__ x, const void* w0, const void* w1, const void* w2
 // hardware starts blocks in. sync[0]: tickets; sync[1]: attention blocks done; sync[2]: gemv
 // blocks done. Each counter is back to 0 when the kernel ends (the last ticket, and the last
 // gemv block, reset them), ready for the next launch.
-// Waits (thread 0 spinning, then the whole block) until *counter reaches `target`.
+
+// Waits (thread 0 spinning, then the whole block) until *counter reaches `target`. A wait
+// past 2^24 polls (seconds) traps: a bug in the chaining then fails the launch with an error
+// instead of hanging the GPU.
 __device__ __forceinline__ void wait_count(const u32* counter, u32 target) {
     if (threadIdx.x == 0) {
+        u32 polls = 0;
         while (*(volatile const u32*)counter < target) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 700)
-            __nanosleep(32);
+            __nanosleep(64);
 #endif
+            if (++polls == (1u << 24)) asm volatile("trap;");
         }
         __threadfence();
     }
