@@ -1020,6 +1020,59 @@ fn cuda_kernels_match_reference() {
             assert_eq!(run(true), apart, "{what}: second launch");
         }
     }
+    // A feed-forward sublayer's two products in one `gemv_gemv` launch (`set_chain`, off by
+    // default until this has passed on a GPU): the residual bit for bit what the fused
+    // input product then the output product give, gated and not, 1 to 8 rows.
+    for dtype in [
+        t5rt::WeightDtype::F32,
+        t5rt::WeightDtype::Bf16,
+        t5rt::WeightDtype::F16,
+    ] {
+        let Some(h) = common::cuda_backend(dtype) else {
+            return;
+        };
+        for (m, d, d_ff, gated) in [
+            (1, 768, 3072, true),
+            (3, 768, 3072, false),
+            (2, 512, 1024, true),
+            (8, 64, 128, false),
+        ] {
+            let x0 = rng.vec(m * d);
+            let norm = h.upload(&rng.vec(d)).unwrap();
+            let ws: Vec<_> = (0..if gated { 2 } else { 1 })
+                .map(|_| h.upload_linear(&rng.vec(d_ff * d), d_ff, d).unwrap())
+                .collect();
+            let wo = h.upload_output_linear(&rng.vec(d * d_ff), d, d_ff).unwrap();
+            let refs: Vec<&_> = ws.iter().collect();
+            let run = |chain: bool| {
+                h.set_chain(chain);
+                let mut x = h.upload(&x0).unwrap();
+                let mut normed = h.zeros(m * d).unwrap();
+                let (mut ff, mut ff_up) = (h.zeros(m * d_ff).unwrap(), h.zeros(m * d_ff).unwrap());
+                let call = t5rt::backend::FfnCall {
+                    norm: &norm,
+                    eps: 1e-6,
+                    ws: &refs,
+                    act: if gated {
+                        Activation::GeluNew
+                    } else {
+                        Activation::Relu
+                    },
+                    wo: &wo,
+                    up: MatDims { m, n: d_ff, k: d },
+                    down: MatDims { m, n: d, k: d_ff },
+                };
+                h.ffn_out(call, &mut x, &mut normed, &mut ff, &mut ff_up)
+                    .unwrap();
+                h.set_chain(false);
+                h.download(&x, m * d).unwrap()
+            };
+            let apart = run(false);
+            let what = format!("cuda {dtype} gemv_gemv {m}x{d}x{d_ff}, gated {gated}");
+            assert_eq!(run(true), apart, "{what}");
+            assert_eq!(run(true), apart, "{what}: second launch");
+        }
+    }
     // Half-precision weights: the fused norm and feed-forward products against the same
     // operations launched one by one (the same rounded weights; only the norm's sums differ).
     for dtype in [t5rt::WeightDtype::Bf16, t5rt::WeightDtype::F16] {

@@ -564,6 +564,21 @@ pub trait Backend: Send + Sync {
         attention_then_out(self, call, attn, o, x, dims)
     }
 
+    /// A feed-forward sublayer's products, the residual added in place:
+    /// [`Backend::norm_ffn_up`] into `ff` (`call.up`: rows, d_ff, d_model; `normed` and
+    /// `ff_up` scratch as there), then `x += ff · woᵀ` (`call.down`). A backend may run the two
+    /// as one operation (CUDA can, in one launch, with the same results bit for bit).
+    fn ffn_out(
+        &self,
+        call: FfnCall<'_, Self::Tensor, Self::Weight>,
+        x: &mut Self::Tensor,
+        normed: &mut Self::Tensor,
+        ff: &mut Self::Tensor,
+        ff_up: &mut Self::Tensor,
+    ) -> Result<()> {
+        ffn_then_out(self, call, x, normed, ff, ff_up)
+    }
+
     /// Waits for the work queued so far (a GPU runs it asynchronously): timings of one stage,
     /// such as the encoder's, then hold that stage's work alone. The CPU has nothing to wait for.
     fn synchronize(&self) -> Result<()> {
@@ -630,6 +645,32 @@ pub(crate) fn attention_then_out<B: Backend + ?Sized>(
         b.attention(c.q, c.k, c.v, c.bias, c.mask, attn, c.shape)?;
     }
     b.matmul_nt(attn, o, x, dims, true)
+}
+
+/// What [`Backend::ffn_out`] computes with: the sublayer's norm weights and epsilon, its input
+/// products (`ws`: [wi], or [wi_0, wi_1] with a gate) and activation, the output product
+/// `wo`, and the two products' shapes.
+pub struct FfnCall<'a, T, W> {
+    pub norm: &'a T,
+    pub eps: f32,
+    pub ws: &'a [&'a W],
+    pub act: Activation,
+    pub wo: &'a W,
+    pub up: MatDims,
+    pub down: MatDims,
+}
+
+/// [`Backend::ffn_out`] as two operations (the trait's default, and backends' fallback).
+pub(crate) fn ffn_then_out<B: Backend + ?Sized>(
+    b: &B,
+    c: FfnCall<'_, B::Tensor, B::Weight>,
+    x: &mut B::Tensor,
+    normed: &mut B::Tensor,
+    ff: &mut B::Tensor,
+    ff_up: &mut B::Tensor,
+) -> Result<()> {
+    b.norm_ffn_up(x, c.norm, c.eps, normed, c.ws, ff, ff_up, c.act, c.up)?;
+    b.matmul_nt(ff, c.wo, x, c.down, true)
 }
 
 /// Where a decoding step's keys and values go ([`Backend::norm_qkv_step`]): row `b` of the

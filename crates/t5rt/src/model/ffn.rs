@@ -1,6 +1,6 @@
 //! The feed-forward sublayer, shared by encoder and decoder layers.
 
-use crate::backend::{Backend, MatDims};
+use crate::backend::{Backend, FfnCall, MatDims};
 use crate::config::T5Config;
 use crate::error::Result;
 
@@ -38,18 +38,19 @@ pub(crate) fn feed_forward<B: Backend>(
             &wi
         }
     };
-    let eps = cfg.layer_norm_epsilon;
-    b.norm_ffn_up(x, norm, eps, normed, ws, ff, ff_up, cfg.activation, up_dims)?;
-    // residual: x += ff · woᵀ
-    b.matmul_nt(
-        ff,
-        &w.wo,
-        x,
-        MatDims {
+    let call = FfnCall {
+        norm,
+        eps: cfg.layer_norm_epsilon,
+        ws,
+        act: cfg.activation,
+        wo: &w.wo,
+        up: up_dims,
+        down: MatDims {
             m: rows,
             n: d,
             k: d_ff,
         },
-        true,
-    )
+    };
+    // residual: x += ff · woᵀ
+    b.ffn_out(call, x, normed, ff, ff_up)
 }

@@ -776,6 +776,19 @@ __device__ __forceinline__ u32 signal_count(u32* counter) {
     return before;
 }
 
+// Takes this block's ticket (sync[0]; the last ticket resets the counter, every block having
+// taken one). A block's role follows from its ticket, so every block of an earlier role has
+// started before any later one waits for it.
+__device__ __forceinline__ u32 take_ticket(u32* sync) {
+    __shared__ u32 ticket;
+    if (threadIdx.x == 0) {
+        ticket = atomicAdd(&sync[0], 1u);
+        if (ticket == gridDim.x - 1) atomicExch(&sync[0], 0u);
+    }
+    __syncthreads();
+    return ticket;
+}
+
 // x[r] += attention(q, k, v)[r] · oᵀ for the r < batch rows of a decoding step: blocks
 // [0, batch * heads) run attention_step's blocks (writing `attn`), the rest gemv's blocks of
 // the output projection (weights o, kind `kind`, n outputs of `heads * d_kv` inputs), each
@@ -789,13 +802,7 @@ attention_o(const float* __restrict__ q, const float* __restrict__ k, const floa
     // (q_len is 1: attention_step's parameters, as the host builds them for both kernels.)
     PDL_WAIT();
     PDL_LAUNCH();
-    __shared__ u32 ticket;
-    if (threadIdx.x == 0) {
-        ticket = atomicAdd(&sync[0], 1u);
-        if (ticket == gridDim.x - 1) atomicExch(&sync[0], 0u);  // every block has its ticket
-    }
-    __syncthreads();
-    u32 t = ticket;
+    u32 t = take_ticket(sync);
     u32 n_attn = (u32)(batch * heads);
     if (t < n_attn) {
         attention_step_body(q, k, v, bias, mask, attn, batch, heads, d_kv, q_len, kv_len, kv_stride,
@@ -810,6 +817,37 @@ attention_o(const float* __restrict__ q, const float* __restrict__ k, const floa
               0, (int)(t - n_attn), 0, (int)n_gemv, 1, [&]() { wait_count(done, n_attn); });
     if (signal_count(&sync[2]) == n_gemv - 1) {
         // The last gemv block: every block is past its wait.
+        if (threadIdx.x == 0) {
+            atomicExch(&sync[1], 0u);
+            atomicExch(&sync[2], 0u);
+        }
+    }
+}
+
+// A feed-forward sublayer of a decoding step in one launch (gemv_gemv): the first n_up / 8
+// blocks run norm_ffn_up's gemv (ff = act(norm(x) · w0ᵀ) [* norm(x) · w1ᵀ]), the rest, once
+// a counter says all of those are done, wo's (x += ff · woᵀ). Counters as attention_o's.
+// Bit for bit the two gemv launches' results.
+extern "C" __global__ void __launch_bounds__(256)
+gemv_gemv(const float* x_in, const void* w0, const void* w1, float* ff, int m, int n_up, int k,
+          int kind, const float* __restrict__ norm_w, float eps, int act, int gated,
+          const void* wo, float* x, int kind_o, u32* sync) {
+    PDL_WAIT();
+    PDL_LAUNCH();
+    u32 t = take_ticket(sync);
+    int warps = blockDim.x >> 5;
+    u32 n_first = (u32)((n_up + warps - 1) / warps);
+    if (t < n_first) {
+        gemv_body(x_in, w0, w1, w0, ff, ff, ff, m, n_up, k, kind, 0, norm_w, eps, act, gated, 0,
+                  nullptr, 0, (int)t, 0, (int)n_first, 0, []() {});
+        signal_count(&sync[1]);
+        return;
+    }
+    u32 n_second = gridDim.x - n_first;
+    const u32* done = &sync[1];
+    gemv_body(ff, wo, wo, wo, x, x, x, m, k, n_up, kind_o, 1, nullptr, 0.0f, -1, 0, 0, nullptr, 0,
+              (int)(t - n_first), 0, (int)n_second, 1, [&]() { wait_count(done, n_first); });
+    if (signal_count(&sync[2]) == n_second - 1) {
         if (threadIdx.x == 0) {
             atomicExch(&sync[1], 0u);
             atomicExch(&sync[2], 0u);

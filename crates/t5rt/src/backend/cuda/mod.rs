@@ -22,9 +22,9 @@ use cudarc::driver::{
 };
 
 use super::{
-    attention_then_out, check_len, checks, matmul_nt_each, norm_qkv_then_write, norm_then_ffn_up,
-    norm_then_products, AttnCall, AttnShape, Backend, CacheWrite, KvFormat, MatDims, StepPlan,
-    WeightDtype,
+    attention_then_out, check_len, checks, ffn_then_out, matmul_nt_each, norm_qkv_then_write,
+    norm_then_ffn_up, norm_then_products, AttnCall, AttnShape, Backend, CacheWrite, FfnCall,
+    KvFormat, MatDims, StepPlan, WeightDtype,
 };
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
@@ -36,7 +36,7 @@ pub use graphs::GraphStats;
 pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// Every kernel `kernels.cu` defines (loaded at start; a missing one is an error then).
-pub const KERNEL_NAMES: [&str; 17] = [
+pub const KERNEL_NAMES: [&str; 18] = [
     "to_bf16",
     "to_f16",
     "compress_kv",
@@ -54,6 +54,7 @@ pub const KERNEL_NAMES: [&str; 17] = [
     "attention_softmax",
     "gemv",
     "attention_o",
+    "gemv_gemv",
 ];
 
 /// How attention over several queries per sequence (the encoder's) runs on the GPU.
@@ -534,8 +535,8 @@ impl CudaBackend {
 
     /// Runs a decoding sublayer's attention and its output projection as one launch
     /// (`attention_o`: the attention blocks first, the product's blocks waiting on a counter
-    /// for them) instead of two: 24 launches fewer per step of t5-base. The results are the
-    /// two kernels' bit for bit. Off by default (`T5RT_CUDA_CHAIN=1` starts it on) until it
+    /// for them) instead of two, and a feed-forward's two products likewise (`gemv_gemv`): 36
+    /// launches fewer per step of t5-base. The results are the separate kernels' bit for bit. Off by default (`T5RT_CUDA_CHAIN=1` starts it on) until it
     /// has run on a GPU (scripts/gpu-check.sh tests it).
     pub fn set_chain(&self, on: bool) {
         self.chain.store(on, Ordering::Relaxed);
@@ -1010,6 +1011,63 @@ impl CudaBackend {
         Ok(true)
     }
 
+    /// [`Backend::ffn_out`] in one `gemv_gemv` launch, when it can: both products go through
+    /// `gemv` (the input one with the norm and activation fused), and the blocks' shared
+    /// memory fits. Returns false (nothing launched) otherwise.
+    fn chained_ffn_out(
+        &self,
+        c: &FfnCall<'_, CudaSlice<f32>, CudaWeight>,
+        x: &CudaSlice<f32>,
+        ff: &CudaSlice<f32>,
+    ) -> Result<bool> {
+        let (up, down) = (c.up, c.down);
+        let ok = self.chain.load(Ordering::Relaxed)
+            && (1..=2).contains(&c.ws.len())
+            && self.fused_gemv_fits(c.ws, up)
+            && gemv_fits(down)
+            && up.n > 0
+            && down.n > 0
+            && (down.m, down.k) == (up.m, up.n);
+        if !ok {
+            return Ok(false);
+        }
+        let shared = (up.m * up.k).max(down.m * down.k) * 4;
+        if shared > DYNAMIC_SHARED_MAX {
+            return Ok(false);
+        }
+        let warps = self.gemv_warps;
+        let blocks = up.n.div_ceil(warps) + down.n.div_ceil(warps);
+        let cfg = LaunchConfig {
+            grid_dim: (i32_of("blocks", blocks)? as u32, 1, 1),
+            block_dim: (32 * warps as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let st = &self.stream;
+        let weight = |p: &mut Params, w: &CudaWeight| {
+            match &w.data {
+                WeightData::F32(t) => p.buf(t, st),
+                WeightData::Half(t, _) => p.buf(t, st),
+            };
+        };
+        let mut p = Params::default();
+        p.buf(x, st);
+        weight(&mut p, c.ws[0]);
+        weight(&mut p, c.ws[c.ws.len() - 1]);
+        p.buf(ff, st)
+            .int(i32_of("m", up.m)?)
+            .int(i32_of("n", up.n)?)
+            .int(i32_of("k", up.k)?)
+            .int(c.ws[0].gemv_kind())
+            .buf(c.norm, st)
+            .float(c.eps)
+            .int(act_code(c.act))
+            .int((c.ws.len() == 2) as i32);
+        weight(&mut p, c.wo);
+        p.buf(x, st).int(c.wo.gemv_kind()).buf(&self.chain_sync, st);
+        self.launch_ex("gemv_gemv", cfg, &p)?;
+        Ok(true)
+    }
+
     /// [`EncoderAttention::Gemm`]: per chunk of sequences, the scores of every (sequence,
     /// head) as one batched product (`[kv_len, q_len]` column-major = q·kᵀ row-major, a head's
     /// q and k rows `inner` apart), `attention_softmax`, and the weighted values as a second
@@ -1379,6 +1437,25 @@ impl Backend for CudaBackend {
             cache: None,
         };
         self.gemv(x, ws, &[&*ff], d, false, fuse)
+    }
+
+    fn ffn_out(
+        &self,
+        call: FfnCall<'_, CudaSlice<f32>, CudaWeight>,
+        x: &mut CudaSlice<f32>,
+        normed: &mut CudaSlice<f32>,
+        ff: &mut CudaSlice<f32>,
+        ff_up: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len("rms_norm w", call.norm.len(), call.up.k)?;
+        for w in call.ws {
+            checks::matmul(x.len(), ff.len(), (w.n, w.k), call.up)?;
+        }
+        checks::matmul(ff.len(), x.len(), (call.wo.n, call.wo.k), call.down)?;
+        if self.chained_ffn_out(&call, x, ff)? {
+            return Ok(());
+        }
+        ffn_then_out(self, call, x, normed, ff, ff_up)
     }
 
     fn norm_qkv_step(
