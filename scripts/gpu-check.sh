@@ -50,8 +50,8 @@ run model-tests gpu/test-cuda --test-threads=1 --nocapture
 T5RT_CUDA_ENCODER_ATTENTION=step run model-tests-encoder-step gpu/test-cuda --test-threads=1 --nocapture
 # A tied half-precision head doubling as the embedding table (off by default until this passes).
 T5RT_CUDA_HALF_EMBED=1 run model-tests-half-embed gpu/test-cuda --test-threads=1 --nocapture
-# A sublayer's attention and output product in one launch (off by default until this passes;
-# the kernel test above checks it bit for bit against the two launches).
+# Each decoding sublayer in one launch (off by default until this passes; the kernel test
+# above checks the chained kernels bit for bit against the separate launches).
 T5RT_CUDA_CHAIN=1 run model-tests-chain gpu/test-cuda --test-threads=1 --nocapture
 # Without programmatic dependent launches (the default on sm_90 and later).
 T5RT_CUDA_PDL=0 run model-tests-no-pdl gpu/test-cuda --test-threads=1 --nocapture

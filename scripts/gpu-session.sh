@@ -75,7 +75,7 @@ want pdl && ab pdl- T5RT_CUDA_PDL "1 0" --case a --case 1:512:64 --case 8:128:64
 want fused && ab fused- T5RT_CUDA_FUSED_GEMV "1 0" --case a --case 8:128:64
 # A tied half-precision head as the embedding table (peak GPU memory; off by default).
 want embed && ab embed- T5RT_CUDA_HALF_EMBED "0 1" --case a --case 32:128:64
-# A sublayer's attention and output product in one launch (off by default) or two.
+# Each decoding sublayer in one launch (off by default) or the separate kernels.
 want chain && ab chain- T5RT_CUDA_CHAIN "0 1" --case a --case 1:512:64 --case 8:128:64
 # gemv's columns per block: 8 (the default) against 4, at batch 1 and 8.
 want gemv && ab gemv- T5RT_CUDA_GEMV_WARPS "8 4" --case a --case 8:128:64

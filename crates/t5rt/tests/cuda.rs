@@ -209,8 +209,9 @@ fn graph_replays_give_the_uncaptured_logits() {
         .iter()
         .map(|r| r.to_vec())
         .collect();
-        let run = |graphs: bool| -> (Vec<Vec<f32>>, t5rt::backend::cuda::GraphStats) {
+        let run = |graphs: bool, chain: bool| -> (Vec<Vec<f32>>, t5rt::backend::cuda::GraphStats) {
             model.backend.set_graphs(graphs);
+            model.backend.set_chain(chain);
             let before = model.backend.graph_stats();
             let enc = model.encode(&inputs).unwrap();
             let mut state = model.start_decoding(&enc, 16).unwrap();
@@ -235,8 +236,22 @@ fn graph_replays_give_the_uncaptured_logits() {
             };
             (all, d)
         };
-        let (eager, off) = run(false);
-        let (graphed, on) = run(true);
+        let (eager, off) = run(false, false);
+        let (graphed, on) = run(true, false);
+        // Each sublayer as one launch (`set_chain`, off by default until this has passed on
+        // a GPU), recorded and replayed too: the same logits bit for bit.
+        let before = model.backend.chained_launches();
+        let (chained, _) = run(true, true);
+        let after = model.backend.chained_launches();
+        model.backend.set_chain(false);
+        assert!(
+            after[1] > before[1] && after[2] > before[2],
+            "{dtype}: no chained launches"
+        );
+        assert!(
+            chained == graphed,
+            "{dtype}: chained sublayers change the logits"
+        );
         assert_eq!((off.captures, off.replays, off.eager), (0, 0, 12));
         // Steps 0 and 9 run as they come, 1 and 10 are recorded, the other 8 replay.
         assert_eq!(

@@ -772,6 +772,12 @@ fn bf16_dot_order() {
 }
 
 /// The CUDA backend against the same scalar references (skipped, and said so, without a GPU).
+/// Whether `gemv` runs at its default 8 columns per block (the chained kernels need it).
+#[cfg(feature = "cuda")]
+fn gemv_warps_default() -> bool {
+    std::env::var("T5RT_CUDA_GEMV_WARPS").map_or(true, |v| v == "8")
+}
+
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_kernels_match_reference() {
@@ -940,16 +946,17 @@ fn cuda_kernels_match_reference() {
         let Some(h) = common::cuda_backend(dtype) else {
             return;
         };
-        for (batch, heads, d_kv, kv_len, cross, kv) in [
-            (1, 12, 64, 7, false, KvFormat::F32),
-            (3, 8, 64, 40, false, KvFormat::F32),
-            (1, 12, 64, 512, true, KvFormat::F32),
-            (4, 8, 64, 33, true, KvFormat::Bf16),
-            (8, 6, 64, 128, true, KvFormat::Bf16),
-            (2, 4, 32, 5, true, KvFormat::F32),
+        // (the last case: 1548 blocks, more than an H100/H200 holds at once)
+        for (batch, heads, d_kv, kv_len, cross, kv, d_model) in [
+            (1, 12, 64, 7, false, KvFormat::F32, 768),
+            (3, 8, 64, 40, false, KvFormat::F32, 576),
+            (1, 12, 64, 512, true, KvFormat::F32, 768),
+            (4, 8, 64, 33, true, KvFormat::Bf16, 576),
+            (8, 6, 64, 128, true, KvFormat::Bf16, 448),
+            (2, 4, 32, 5, true, KvFormat::F32, 192),
+            (1, 12, 64, 9, false, KvFormat::F32, 12288),
         ] {
             let inner = heads * d_kv;
-            let d_model = if inner == 768 { 768 } else { inner + 64 };
             let stride = if cross { kv_len } else { kv_len + 9 };
             let shape = AttnShape {
                 batch,
@@ -1011,12 +1018,174 @@ fn cuda_kernels_match_reference() {
                     h.download(&x, batch * d_model).unwrap(),
                 )
             };
-            let (apart, chained) = (run(false), run(true));
-            let what =
-                format!("cuda {dtype} attention_o {batch}x{heads}x{d_kv}, {kv_len} keys {kv:?}");
+            let apart = run(false);
+            let launches = h.chained_launches();
+            let chained = run(true);
+            let what = format!(
+                "cuda {dtype} attention_o {batch}x{heads}x{d_kv}, {kv_len} keys {kv:?}, {d_model} outputs"
+            );
+            // (gemv at other than 8 columns per block does not chain)
+            if gemv_warps_default() {
+                assert_eq!(
+                    h.chained_launches()[0],
+                    launches[0] + 1,
+                    "{what}: not chained"
+                );
+            }
             assert_eq!(chained.0, apart.0, "{what}: attention");
             assert_eq!(chained.1, apart.1, "{what}: residual");
             // twice in a row: the counters are back to zero after a launch
+            assert_eq!(run(true), apart, "{what}: second launch");
+        }
+    }
+    // A whole attention sublayer in one `gemv_attention_o` launch (`set_chain`): the norm and
+    // input product(s) (self-attention: q, k and v, this position's keys and values written
+    // into the caches), the attention, the output product: q, the caches, the attention
+    // output and the residual bit for bit what the separate launches give.
+    for dtype in [
+        t5rt::WeightDtype::F32,
+        t5rt::WeightDtype::Bf16,
+        t5rt::WeightDtype::F16,
+    ] {
+        let Some(h) = common::cuda_backend(dtype) else {
+            return;
+        };
+        for (batch, heads, d_kv, d_model, pos, cross, kv) in [
+            (1, 12, 64, 768, 0, false, KvFormat::F32),
+            (1, 12, 64, 768, 13, false, KvFormat::F32),
+            (3, 8, 64, 512, 30, false, KvFormat::F32),
+            (8, 6, 64, 512, 5, false, KvFormat::F32),
+            (1, 12, 64, 768, 511, true, KvFormat::F32),
+            (4, 8, 64, 512, 40, true, KvFormat::Bf16),
+        ] {
+            let inner = heads * d_kv;
+            // self: the cache holds `capacity` positions, this step writes `pos`; cross: the
+            // encoder's pos + 1 keys
+            let (kv_len, capacity) = (pos + 1, if cross { pos + 1 } else { pos + 7 });
+            let shape = AttnShape {
+                batch,
+                heads,
+                d_kv,
+                q_len: 1,
+                kv_len,
+                kv_stride: capacity,
+                kv_group: 1,
+                bias_stride: capacity,
+                kv,
+            };
+            let x0 = rng.vec(batch * d_model);
+            let norm = h.upload(&rng.vec(d_model)).unwrap();
+            let ws: Vec<_> = (0..3)
+                .map(|_| {
+                    h.upload_linear(&rng.vec(inner * d_model), inner, d_model)
+                        .unwrap()
+                })
+                .collect();
+            let o = h
+                .upload_linear(&rng.vec(d_model * inner), d_model, inner)
+                .unwrap();
+            let cache_vals = batch * capacity * inner;
+            let (k0, v0) = (rng.vec(cache_vals), rng.vec(cache_vals));
+            let bias = h.upload(&rng.vec(heads * capacity)).unwrap();
+            let mut m = vec![0.0f32; batch * kv_len];
+            for j in kv_len - kv_len / 4..kv_len {
+                m[(batch - 1) * kv_len + j] = f32::NEG_INFINITY;
+            }
+            let mask = h.upload(&m).unwrap();
+            let proj = MatDims {
+                m: batch,
+                n: inner,
+                k: d_model,
+            };
+            let out_proj = MatDims {
+                m: batch,
+                n: d_model,
+                k: inner,
+            };
+            let run = |chain: bool| {
+                h.set_chain(chain);
+                let mut x = h.upload(&x0).unwrap();
+                let mut normed = h.zeros(batch * d_model).unwrap();
+                let mut attn = h.zeros(batch * inner).unwrap();
+                let mut qkv: Vec<_> = (0..3).map(|_| h.zeros(batch * inner).unwrap()).collect();
+                let (mut kc, mut vc) = (h.upload(&k0).unwrap(), h.upload(&v0).unwrap());
+                if kv == KvFormat::Bf16 {
+                    kc = h.compress_kv(&kc, cache_vals).unwrap();
+                    vc = h.compress_kv(&vc, cache_vals).unwrap();
+                }
+                if cross {
+                    let call = t5rt::backend::CrossAttnCall {
+                        norm: &norm,
+                        eps: 1e-6,
+                        wq: &ws[0],
+                        o: &o,
+                        k: &kc,
+                        v: &vc,
+                        mask: Some(&mask),
+                        shape,
+                        proj,
+                        out_proj,
+                    };
+                    h.cross_attention_out(call, &mut x, &mut normed, &mut qkv[0], &mut attn)
+                        .unwrap();
+                } else {
+                    let call = t5rt::backend::SelfAttnCall {
+                        norm: &norm,
+                        eps: 1e-6,
+                        ws: [&ws[0], &ws[1], &ws[2]],
+                        o: &o,
+                        bias: Some(&bias),
+                        mask: None,
+                        shape,
+                        proj,
+                        out_proj,
+                    };
+                    let cache = t5rt::backend::CacheWrite {
+                        k_cache: &mut kc,
+                        v_cache: &mut vc,
+                        capacity,
+                        pos,
+                    };
+                    let [q, k, v] = &mut qkv[..] else {
+                        unreachable!()
+                    };
+                    h.self_attention_out(call, &mut x, &mut normed, [q, k, v], cache, &mut attn)
+                        .unwrap();
+                }
+                h.set_chain(false);
+                let slots = if kv == KvFormat::Bf16 {
+                    cache_vals / 2
+                } else {
+                    cache_vals
+                };
+                [
+                    h.download(&x, batch * d_model).unwrap(),
+                    h.download(&attn, batch * inner).unwrap(),
+                    h.download(&qkv[0], batch * inner).unwrap(),
+                    h.download(&kc, slots).unwrap(),
+                    h.download(&vc, slots).unwrap(),
+                ]
+            };
+            let apart = run(false);
+            let launches = h.chained_launches();
+            let chained = run(true);
+            let what = format!(
+                "cuda {dtype} gemv_attention_o {} {batch}x{heads}x{d_kv}, position {pos} {kv:?}",
+                if cross { "cross" } else { "self" }
+            );
+            if gemv_warps_default() {
+                assert_eq!(
+                    h.chained_launches()[2],
+                    launches[2] + 1,
+                    "{what}: not chained"
+                );
+            }
+            for (i, part) in ["residual", "attention", "q", "k cache", "v cache"]
+                .iter()
+                .enumerate()
+            {
+                assert_eq!(chained[i], apart[i], "{what}: {part}");
+            }
             assert_eq!(run(true), apart, "{what}: second launch");
         }
     }
@@ -1031,11 +1200,13 @@ fn cuda_kernels_match_reference() {
         let Some(h) = common::cuda_backend(dtype) else {
             return;
         };
+        // (the last case: 1056 blocks of 32 KB of shared memory, more than a GPU holds at once)
         for (m, d, d_ff, gated) in [
             (1, 768, 3072, true),
             (3, 768, 3072, false),
             (2, 512, 1024, true),
             (8, 64, 128, false),
+            (1, 256, 8192, false),
         ] {
             let x0 = rng.vec(m * d);
             let norm = h.upload(&rng.vec(d)).unwrap();
@@ -1069,7 +1240,13 @@ fn cuda_kernels_match_reference() {
             };
             let apart = run(false);
             let what = format!("cuda {dtype} gemv_gemv {m}x{d}x{d_ff}, gated {gated}");
+            let launches = h.chained_launches();
             assert_eq!(run(true), apart, "{what}");
+            assert_eq!(
+                h.chained_launches()[1],
+                launches[1] + 1,
+                "{what}: not chained"
+            );
             assert_eq!(run(true), apart, "{what}: second launch");
         }
     }

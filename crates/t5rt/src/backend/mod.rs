@@ -564,6 +564,36 @@ pub trait Backend: Send + Sync {
         attention_then_out(self, call, attn, o, x, dims)
     }
 
+    /// A decoding step's self-attention sublayer, the residual added in place:
+    /// [`Backend::norm_qkv_step`] (q, k and v into `qkv`, this position's keys and values
+    /// into the caches), then [`Backend::attention_out`] over the caches. A backend may run it
+    /// as one operation (CUDA can, in one launch, with the same results bit for bit).
+    fn self_attention_out(
+        &self,
+        call: SelfAttnCall<'_, Self::Tensor, Self::Weight>,
+        x: &mut Self::Tensor,
+        normed: &mut Self::Tensor,
+        qkv: [&mut Self::Tensor; 3],
+        cache: CacheWrite<'_, Self::Tensor>,
+        attn: &mut Self::Tensor,
+    ) -> Result<()> {
+        self_attention_then_out(self, call, x, normed, qkv, cache, attn)
+    }
+
+    /// A decoding step's cross-attention sublayer, the residual added in place: q =
+    /// rms_norm(x) · wqᵀ ([`Backend::norm_matmul_shared`]), then [`Backend::attention_out`]
+    /// over the encoder's keys and values. A backend may run it as one operation (CUDA can).
+    fn cross_attention_out(
+        &self,
+        call: CrossAttnCall<'_, Self::Tensor, Self::Weight>,
+        x: &mut Self::Tensor,
+        normed: &mut Self::Tensor,
+        q: &mut Self::Tensor,
+        attn: &mut Self::Tensor,
+    ) -> Result<()> {
+        cross_attention_then_out(self, call, x, normed, q, attn)
+    }
+
     /// A feed-forward sublayer's products, the residual added in place:
     /// [`Backend::norm_ffn_up`] into `ff` (`call.up`: rows, d_ff, d_model; `normed` and
     /// `ff_up` scratch as there), then `x += ff · woᵀ` (`call.down`). A backend may run the two
@@ -645,6 +675,100 @@ pub(crate) fn attention_then_out<B: Backend + ?Sized>(
         b.attention(c.q, c.k, c.v, c.bias, c.mask, attn, c.shape)?;
     }
     b.matmul_nt(attn, o, x, dims, true)
+}
+
+/// What [`Backend::self_attention_out`] computes with: the sublayer's norm, its q/k/v and
+/// output weights, the position bias and mask, the attention's shape, and the shapes of the
+/// input products (`proj`) and the output product (`out_proj`).
+pub struct SelfAttnCall<'a, T, W> {
+    pub norm: &'a T,
+    pub eps: f32,
+    pub ws: [&'a W; 3],
+    pub o: &'a W,
+    pub bias: Option<&'a T>,
+    pub mask: Option<&'a T>,
+    pub shape: AttnShape,
+    pub proj: MatDims,
+    pub out_proj: MatDims,
+}
+
+/// [`Backend::self_attention_out`] as two operations (the trait's default, and backends'
+/// fallback).
+pub(crate) fn self_attention_then_out<B: Backend + ?Sized>(
+    b: &B,
+    c: SelfAttnCall<'_, B::Tensor, B::Weight>,
+    x: &mut B::Tensor,
+    normed: &mut B::Tensor,
+    qkv: [&mut B::Tensor; 3],
+    cache: CacheWrite<'_, B::Tensor>,
+    attn: &mut B::Tensor,
+) -> Result<()> {
+    let [q, k, v] = qkv;
+    let write = CacheWrite {
+        k_cache: &mut *cache.k_cache,
+        v_cache: &mut *cache.v_cache,
+        capacity: cache.capacity,
+        pos: cache.pos,
+    };
+    b.norm_qkv_step(
+        x,
+        c.norm,
+        c.eps,
+        normed,
+        c.ws,
+        [&mut *q, k, v],
+        write,
+        c.proj,
+    )?;
+    let call = AttnCall {
+        q: &*q,
+        k: &*cache.k_cache,
+        v: &*cache.v_cache,
+        bias: c.bias,
+        mask: c.mask,
+        shape: c.shape,
+        step: true,
+    };
+    b.attention_out(call, attn, c.o, x, c.out_proj)
+}
+
+/// What [`Backend::cross_attention_out`] computes with: the sublayer's norm, its q and output
+/// weights, the encoder's keys and values and their mask, the attention's shape, and the two
+/// products' shapes.
+pub struct CrossAttnCall<'a, T, W> {
+    pub norm: &'a T,
+    pub eps: f32,
+    pub wq: &'a W,
+    pub o: &'a W,
+    pub k: &'a T,
+    pub v: &'a T,
+    pub mask: Option<&'a T>,
+    pub shape: AttnShape,
+    pub proj: MatDims,
+    pub out_proj: MatDims,
+}
+
+/// [`Backend::cross_attention_out`] as two operations (the trait's default, and backends'
+/// fallback).
+pub(crate) fn cross_attention_then_out<B: Backend + ?Sized>(
+    b: &B,
+    c: CrossAttnCall<'_, B::Tensor, B::Weight>,
+    x: &mut B::Tensor,
+    normed: &mut B::Tensor,
+    q: &mut B::Tensor,
+    attn: &mut B::Tensor,
+) -> Result<()> {
+    b.norm_matmul_shared(x, c.norm, c.eps, normed, &[c.wq], &mut [&mut *q], c.proj)?;
+    let call = AttnCall {
+        q: &*q,
+        k: c.k,
+        v: c.v,
+        bias: None,
+        mask: c.mask,
+        shape: c.shape,
+        step: false,
+    };
+    b.attention_out(call, attn, c.o, x, c.out_proj)
 }
 
 /// What [`Backend::ffn_out`] computes with: the sublayer's norm weights and epsilon, its input

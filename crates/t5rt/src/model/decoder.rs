@@ -1,6 +1,8 @@
 //! The decoder: cross-attention keys/values once per request, then one token per step.
 
-use crate::backend::{AttnCall, AttnShape, Backend, CacheWrite, MatDims, StepPlan};
+use crate::backend::{
+    AttnShape, Backend, CacheWrite, CrossAttnCall, MatDims, SelfAttnCall, StepPlan,
+};
 use crate::error::{Result, T5Error};
 
 use super::ffn::feed_forward;
@@ -251,55 +253,42 @@ impl<B: Backend> T5Model<B> {
 
         self.embed(tokens, &mut s.x)?;
         for (l, layer) in self.params.decoder.iter().enumerate() {
-            // self-attention over the cache, extended by this position
-            b.norm_qkv_step(
-                &s.x,
-                &layer.self_norm,
+            // self-attention over the cache, extended by this position; x += attention · oᵀ
+            let call = SelfAttnCall {
+                norm: &layer.self_norm,
                 eps,
-                &mut s.normed,
-                [&layer.self_attn.q, &layer.self_attn.k, &layer.self_attn.v],
-                [&mut s.q, &mut s.k, &mut s.v],
-                CacheWrite {
-                    k_cache: &mut state.self_k[l],
-                    v_cache: &mut state.self_v[l],
-                    capacity: state.capacity,
-                    pos,
-                },
-                proj,
-            )?;
-            // residual: x += attention · oᵀ
-            let call = AttnCall {
-                q: &s.q,
-                k: &state.self_k[l],
-                v: &state.self_v[l],
+                ws: [&layer.self_attn.q, &layer.self_attn.k, &layer.self_attn.v],
+                o: &layer.self_attn.o,
                 bias: Some(bias),
                 mask: self_mask,
                 shape: self_shape,
-                step: true,
-            };
-            b.attention_out(call, &mut s.attn, &layer.self_attn.o, &mut s.x, out_proj)?;
-
-            // cross-attention over the encoder output (keys/values projected at start)
-            b.norm_matmul_shared(
-                &s.x,
-                &layer.cross_norm,
-                eps,
-                &mut s.normed,
-                &[&layer.cross_attn.q],
-                &mut [&mut s.q],
                 proj,
-            )?;
-            // no position bias in cross-attention; only the source padding mask
-            let call = AttnCall {
-                q: &s.q,
+                out_proj,
+            };
+            let cache = CacheWrite {
+                k_cache: &mut state.self_k[l],
+                v_cache: &mut state.self_v[l],
+                capacity: state.capacity,
+                pos,
+            };
+            let qkv = [&mut s.q, &mut s.k, &mut s.v];
+            b.self_attention_out(call, &mut s.x, &mut s.normed, qkv, cache, &mut s.attn)?;
+
+            // cross-attention over the encoder output (keys/values projected at start); no
+            // position bias, only the source padding mask
+            let call = CrossAttnCall {
+                norm: &layer.cross_norm,
+                eps,
+                wq: &layer.cross_attn.q,
+                o: &layer.cross_attn.o,
                 k: &state.cross_k[l],
                 v: &state.cross_v[l],
-                bias: None,
                 mask: Some(&state.cross_mask),
                 shape: cross_shape,
-                step: false,
+                proj,
+                out_proj,
             };
-            b.attention_out(call, &mut s.attn, &layer.cross_attn.o, &mut s.x, out_proj)?;
+            b.cross_attention_out(call, &mut s.x, &mut s.normed, &mut s.q, &mut s.attn)?;
 
             // feed-forward
             feed_forward(

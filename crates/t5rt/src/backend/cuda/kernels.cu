@@ -105,6 +105,31 @@ __device__ __forceinline__ float4 ld_cg4(const float4* p) {
     return r;
 }
 
+__device__ __forceinline__ float ld_cg1(const float* p) {
+    float r;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ uint4 ld_cg4u(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+// 16-byte loads, through L2 only when CG (see ld_cg4), else plain.
+template <bool CG>
+__device__ __forceinline__ float4 ld_f4(const float4* p) {
+    return CG ? ld_cg4(p) : *p;
+}
+
+template <bool CG>
+__device__ __forceinline__ uint4 ld_u4(const uint4* p) {
+    return CG ? ld_cg4u(p) : *p;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -422,7 +447,10 @@ __device__ __forceinline__ void unpack_bf16x8(uint4 w, float* f) {
     f[6] = __uint_as_float(w.w << 16); f[7] = __uint_as_float(w.w & 0xffff0000u);
 }
 
-// The work of block `bid` of attention_step (attention_o runs it for its first blocks).
+// The work of block `bid` of attention_step (the chained kernels run it for some of their
+// blocks). CG: q, k and v may have been written by other blocks of the same kernel, so they are
+// read through L2 only (ld.global.cg), never a cache that could hold an older copy.
+template <bool CG>
 __device__ __forceinline__ void attention_step_body(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     const float* __restrict__ bias, const float* __restrict__ mask, float* __restrict__ out,
@@ -443,7 +471,7 @@ __device__ __forceinline__ void attention_step_body(
     float* qs = smem + ((kv_cap + 3) & ~3);
     float* part = qs + d_kv;
     const float* qr = q + row_q * inner + (size_t)h * d_kv;
-    for (int t = threadIdx.x; t < d_kv; t += blockDim.x) qs[t] = qr[t];
+    for (int t = threadIdx.x; t < d_kv; t += blockDim.x) qs[t] = CG ? ld_cg1(qr + t) : qr[t];
     // The first unmasked key (the last key when all are masked, as the CPU keeps one).
     int j0 = 0;
     if (mask) {
@@ -473,11 +501,11 @@ __device__ __forceinline__ void attention_step_body(
             size_t at = (row0 + l) * inner + head_off;
             if (kv_bf16) {
                 float f[8];
-                unpack_bf16x8(((const uint4*)((const u32*)k + at / 2))[c], f);
+                unpack_bf16x8(ld_u4<CG>((const uint4*)((const u32*)k + at / 2) + c), f);
 #pragma unroll
                 for (int u = 0; u < 8; u++) s += qv[u] * f[u];
             } else {
-                float4 w = ((const float4*)(k + at))[c];
+                float4 w = ld_f4<CG>((const float4*)(k + at) + c);
                 s = qv[0] * w.x + qv[1] * w.y + qv[2] * w.z + qv[3] * w.w;
             }
         }
@@ -507,11 +535,11 @@ __device__ __forceinline__ void attention_step_body(
         size_t at = (row0 + l) * inner + head_off;
         if (kv_bf16) {
             float f[8];
-            unpack_bf16x8(((const uint4*)((const u32*)v + at / 2))[c], f);
+            unpack_bf16x8(ld_u4<CG>((const uint4*)((const u32*)v + at / 2) + c), f);
 #pragma unroll
             for (int u = 0; u < 8; u++) acc[u] += p * f[u];
         } else {
-            float4 w = ((const float4*)(v + at))[c];
+            float4 w = ld_f4<CG>((const float4*)(v + at) + c);
             acc[0] += p * w.x;
             acc[1] += p * w.y;
             acc[2] += p * w.z;
@@ -538,7 +566,7 @@ attention_step(const float* __restrict__ q, const float* __restrict__ k,
                int bias_stride, int kv_cap, const u32* __restrict__ step) {
     PDL_WAIT();
     PDL_LAUNCH();
-    attention_step_body(q, k, v, bias, mask, out, batch, heads, d_kv, q_len, kv_len, kv_stride,
+    attention_step_body<false>(q, k, v, bias, mask, out, batch, heads, d_kv, q_len, kv_len, kv_stride,
                         kv_group, kv_bf16, bias_stride, kv_cap, step, blockIdx.x);
 }
 
@@ -765,13 +793,17 @@ __device__ __forceinline__ void wait_count(const u32* counter, u32 target) {
     __syncthreads();
 }
 
-// Makes every thread's writes visible to the whole GPU, then adds 1 to *counter; returns the
-// count before (thread 0's, broadcast to the block).
+// Makes the block's writes visible to the whole GPU, then adds 1 to *counter; returns the
+// count before (thread 0's, broadcast to the block). The barrier orders every thread's writes
+// before thread 0's fence, which (cumulative) orders them before its atomic: the pattern of
+// cooperative groups' grid barrier.
 __device__ __forceinline__ u32 signal_count(u32* counter) {
     __shared__ u32 before;
-    __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) before = atomicAdd(counter, 1u);
+    if (threadIdx.x == 0) {
+        __threadfence();
+        before = atomicAdd(counter, 1u);
+    }
     __syncthreads();
     return before;
 }
@@ -805,7 +837,8 @@ attention_o(const float* __restrict__ q, const float* __restrict__ k, const floa
     u32 t = take_ticket(sync);
     u32 n_attn = (u32)(batch * heads);
     if (t < n_attn) {
-        attention_step_body(q, k, v, bias, mask, attn, batch, heads, d_kv, q_len, kv_len, kv_stride,
+        attention_step_body<false>(q, k, v, bias, mask, attn, batch, heads, d_kv, q_len, kv_len,
+                                   kv_stride,
                             kv_group, kv_bf16, bias_stride, kv_cap, step, (int)t);
         signal_count(&sync[1]);
         return;
@@ -820,6 +853,60 @@ attention_o(const float* __restrict__ q, const float* __restrict__ k, const floa
         if (threadIdx.x == 0) {
             atomicExch(&sync[1], 0u);
             atomicExch(&sync[2], 0u);
+        }
+    }
+}
+
+// An attention sublayer of a decoding step in one launch (gemv_attention_o), three roles in
+// ticket order: `gy` products of gemv with the norm fused (self-attention: q, k and v, the
+// step's keys and values written into the caches, as norm_qkv_step's launch; cross-attention:
+// q alone, gy = 1), then attention_step's blocks once every product block is done (sync[1]),
+// reading q, k and v through L2, then the output product's gemv blocks once every attention
+// block is done (sync[2]), x += attn · oᵀ. The last output block resets sync[1..3].
+// Bit for bit the three launches' results.
+extern "C" __global__ void __launch_bounds__(STEP_THREADS)
+gemv_attention_o(const float* x_in, const void* w0, const void* w1, const void* w2, float* out0,
+                 float* out1, float* out2, int m, int n, int k, int kind,
+                 const float* __restrict__ norm_w, float eps, int cache_rows,
+                 const u32* __restrict__ gemv_step, int pos, int gy, const float* q,
+                 const float* kc, const float* vc, const float* __restrict__ bias,
+                 const float* __restrict__ mask, float* attn, int batch, int heads, int d_kv,
+                 int q_len, int kv_len, int kv_stride, int kv_group, int kv_bf16, int bias_stride,
+                 int kv_cap, const u32* __restrict__ step, const void* o, float* x, int n_o,
+                 int kind_o, u32* sync) {
+    // (q is out0, kc / vc the caches out1 / out2 write (or the cross-attention's); q_len 1.)
+    PDL_WAIT();
+    PDL_LAUNCH();
+    u32 t = take_ticket(sync);
+    int warps = blockDim.x >> 5;
+    u32 gx = (u32)((n + warps - 1) / warps);
+    u32 n_proj = gx * (u32)gy;
+    u32 n_attn = (u32)(batch * heads);
+    if (t < n_proj) {
+        gemv_body(x_in, w0, w1, w2, out0, out1, out2, m, n, k, kind, 0, norm_w, eps, -1, 0,
+                  cache_rows, gemv_step, pos, (int)(t % gx), (int)(t / gx), (int)gx, 0, []() {});
+        signal_count(&sync[1]);
+        return;
+    }
+    if (t < n_proj + n_attn) {
+        wait_count(&sync[1], n_proj);
+        attention_step_body<true>(q, kc, vc, bias, mask, attn, batch, heads, d_kv, q_len, kv_len,
+                                  kv_stride, kv_group, kv_bf16, bias_stride, kv_cap, step,
+                                  (int)(t - n_proj));
+        signal_count(&sync[2]);
+        return;
+    }
+    u32 first = n_proj + n_attn;
+    u32 n_out = gridDim.x - first;
+    int inner = heads * d_kv;
+    const u32* done = &sync[2];
+    gemv_body(attn, o, o, o, x, x, x, batch, n_o, inner, kind_o, 1, nullptr, 0.0f, -1, 0, 0,
+              nullptr, 0, (int)(t - first), 0, (int)n_out, 1, [&]() { wait_count(done, n_attn); });
+    if (signal_count(&sync[3]) == n_out - 1) {
+        if (threadIdx.x == 0) {
+            atomicExch(&sync[1], 0u);
+            atomicExch(&sync[2], 0u);
+            atomicExch(&sync[3], 0u);
         }
     }
 }

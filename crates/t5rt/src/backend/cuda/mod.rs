@@ -22,9 +22,10 @@ use cudarc::driver::{
 };
 
 use super::{
-    attention_then_out, check_len, checks, ffn_then_out, matmul_nt_each, norm_qkv_then_write,
-    norm_then_ffn_up, norm_then_products, AttnCall, AttnShape, Backend, CacheWrite, FfnCall,
-    KvFormat, MatDims, StepPlan, WeightDtype,
+    attention_then_out, check_len, checks, cross_attention_then_out, ffn_then_out, matmul_nt_each,
+    norm_qkv_then_write, norm_then_ffn_up, norm_then_products, self_attention_then_out, AttnCall,
+    AttnShape, Backend, CacheWrite, CrossAttnCall, FfnCall, KvFormat, MatDims, SelfAttnCall,
+    StepPlan, WeightDtype,
 };
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
@@ -36,7 +37,7 @@ pub use graphs::GraphStats;
 pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// Every kernel `kernels.cu` defines (loaded at start; a missing one is an error then).
-pub const KERNEL_NAMES: [&str; 18] = [
+pub const KERNEL_NAMES: [&str; 19] = [
     "to_bf16",
     "to_f16",
     "compress_kv",
@@ -55,6 +56,7 @@ pub const KERNEL_NAMES: [&str; 18] = [
     "gemv",
     "attention_o",
     "gemv_gemv",
+    "gemv_attention_o",
 ];
 
 /// How attention over several queries per sequence (the encoder's) runs on the GPU.
@@ -194,7 +196,8 @@ impl CudaWeight {
 }
 
 /// Dynamic shared memory a kernel may ask for: 48 KB (the limit without an opt-in) less what
-/// the kernels declare statically (at most 128 bytes each; a launch over the sum fails with
+/// the kernels declare statically (at most about 170 bytes: the chained kernels hold both
+/// roles' arrays; a launch over the sum fails with
 /// "invalid argument", as 4 x 3072-value rows did on an H200 when `gemv` gained its 32 bytes).
 pub const DYNAMIC_SHARED_MAX: usize = 48 * 1024 - 256;
 
@@ -261,6 +264,9 @@ pub struct CudaBackend {
     /// `attention_o`'s counters (tickets, attention blocks done, product blocks done), zero
     /// between launches.
     chain_sync: CudaSlice<u32>,
+    /// Chained launches so far of `attention_o`, `gemv_gemv` and `gemv_attention_o`, for tests
+    /// and the step report.
+    chained: [std::sync::atomic::AtomicU64; 3],
 }
 
 /// cuBLAS, with what its products need in place: a workspace of its own (so that nothing is
@@ -473,6 +479,7 @@ impl CudaBackend {
             ),
             chain: AtomicBool::new(std::env::var("T5RT_CUDA_CHAIN").is_ok_and(|v| v == "1")),
             chain_sync,
+            chained: Default::default(),
             gemv_warps: std::env::var("T5RT_CUDA_GEMV_WARPS")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -533,13 +540,22 @@ impl CudaBackend {
         self.half_embed.store(on, Ordering::Relaxed);
     }
 
-    /// Runs a decoding sublayer's attention and its output projection as one launch
-    /// (`attention_o`: the attention blocks first, the product's blocks waiting on a counter
-    /// for them) instead of two, and a feed-forward's two products likewise (`gemv_gemv`): 36
-    /// launches fewer per step of t5-base. The results are the separate kernels' bit for bit. Off by default (`T5RT_CUDA_CHAIN=1` starts it on) until it
+    /// Runs each sublayer of a decoding step as one launch: an attention sublayer's norm and
+    /// input products, attention and output product (`gemv_attention_o`; each role's blocks
+    /// start when a counter says the role before is done), or where that does not fit, its
+    /// attention and output product (`attention_o`); a feed-forward's two products
+    /// (`gemv_gemv`). t5-base's step goes from 8 launches per layer to 3. The results are the
+    /// separate kernels' bit for bit. Off by default (`T5RT_CUDA_CHAIN=1` starts it on) until it
     /// has run on a GPU (scripts/gpu-check.sh tests it).
     pub fn set_chain(&self, on: bool) {
         self.chain.store(on, Ordering::Relaxed);
+    }
+
+    /// How many chained launches ([`CudaBackend::set_chain`]) have gone out, of
+    /// `attention_o`, `gemv_gemv` and `gemv_attention_o` (a recorded step's once, when it is
+    /// recorded).
+    pub fn chained_launches(&self) -> [u64; 3] {
+        std::array::from_fn(|i| self.chained[i].load(Ordering::Relaxed))
     }
 
     /// Turns the `gemv` fusions of decoding on or off: the RMSNorm before q/k/v, cross q and
@@ -1008,6 +1024,122 @@ impl CudaBackend {
             .int(o.gemv_kind())
             .buf(&self.chain_sync, st);
         self.launch_ex("attention_o", cfg, &p)?;
+        self.chained[0].fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// A whole attention sublayer of a decoding step in one `gemv_attention_o` launch, when it
+    /// can: the input product(s) `ws` of `x` with the norm fused into `outs` (q; with three
+    /// products also this position's keys and values into the caches, `cache` = (capacity,
+    /// position)), the attention `a` (its q is `outs[0]`), and `x += attn · oᵀ`. Needs what
+    /// [`CudaBackend::chained_attention_out`] needs, the input products fused in one `gemv`
+    /// launch, and the three roles' shared memory within the limit. Returns false (nothing
+    /// launched) otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn chained_sublayer(
+        &self,
+        x: &CudaSlice<f32>,
+        norm: (&CudaSlice<f32>, f32),
+        ws: &[&CudaWeight],
+        outs: [&CudaSlice<f32>; 3],
+        cache: Option<(usize, usize)>,
+        proj: MatDims,
+        a: &AttnCall<'_, CudaSlice<f32>>,
+        attn: &CudaSlice<f32>,
+        o: &CudaWeight,
+        out_proj: MatDims,
+    ) -> Result<bool> {
+        let s = a.shape;
+        let ok = self.chain.load(Ordering::Relaxed)
+            && s.q_len == 1
+            && self.gemv_warps * 32 == STEP_THREADS
+            && (ws.len() == 1 || self.shared_gemv.load(Ordering::Relaxed))
+            && self.fused_gemv_fits(ws, proj)
+            && gemv_fits(out_proj)
+            && proj.n > 0
+            && out_proj.n > 0
+            && proj.m == s.batch
+            && out_proj.m == s.batch
+            && out_proj.k == s.heads * s.d_kv;
+        if !ok {
+            return Ok(false);
+        }
+        // The checks of the three operations this launch stands for.
+        check_len("rms_norm w", norm.0.len(), proj.k)?;
+        for w in ws {
+            checks::matmul(x.len(), outs[0].len(), (w.n, w.k), proj)?;
+        }
+        if let Some((capacity, pos)) = cache {
+            for c in [outs[1], outs[2]] {
+                checks::write_position(proj.m * proj.n, c.len(), proj.m, proj.n, capacity, pos)?;
+            }
+        }
+        s.check(
+            a.q.len(),
+            attn.len(),
+            (a.k.len(), a.v.len()),
+            a.bias.map(CudaSlice::len),
+            a.mask.map(CudaSlice::len),
+        )?;
+        checks::matmul(attn.len(), x.len(), (o.n, o.k), out_proj)?;
+        let step = a.step && self.capturing();
+        let Some((attn_cfg, attn_p)) =
+            self.step_kernel(a.q, a.k, a.v, a.bias, a.mask, attn, s, step)?
+        else {
+            return Ok(false);
+        };
+        let shared = (attn_cfg.shared_mem_bytes as usize)
+            .max(proj.m * proj.k * 4)
+            .max(out_proj.m * out_proj.k * 4);
+        if shared > DYNAMIC_SHARED_MAX {
+            return Ok(false);
+        }
+        let warps = self.gemv_warps;
+        let blocks = proj.n.div_ceil(warps) * ws.len()
+            + attn_cfg.grid_dim.0 as usize
+            + out_proj.n.div_ceil(warps);
+        let cfg = LaunchConfig {
+            grid_dim: (i32_of("blocks", blocks)? as u32, 1, 1),
+            block_dim: (STEP_THREADS as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let st = &self.stream;
+        let weight = |p: &mut Params, w: &CudaWeight| {
+            match &w.data {
+                WeightData::F32(t) => p.buf(t, st),
+                WeightData::Half(t, _) => p.buf(t, st),
+            };
+        };
+        let mut p = Params::default();
+        p.buf(x, st);
+        for i in 0..3 {
+            weight(&mut p, ws[i.min(ws.len() - 1)]);
+        }
+        for out in outs {
+            p.buf(out, st);
+        }
+        p.int(i32_of("m", proj.m)?)
+            .int(i32_of("n", proj.n)?)
+            .int(i32_of("k", proj.k)?)
+            .int(ws[0].gemv_kind())
+            .buf(norm.0, st)
+            .float(norm.1);
+        let (rows, pos) = cache.unwrap_or((0, 0));
+        p.int(i32_of("cache positions", rows)?);
+        // A recorded step reads its position from the step's device arguments.
+        {
+            let steps = (cache.is_some() && self.capturing()).then(|| self.lock_steps());
+            p.opt(steps.as_ref().and_then(|s| s.args.as_ref()), st);
+        }
+        p.int(i32_of("position", pos)?).int(ws.len() as i32);
+        p.0.extend_from_slice(&attn_p.0);
+        weight(&mut p, o);
+        p.buf(x, st)
+            .int(i32_of("n", out_proj.n)?)
+            .int(o.gemv_kind())
+            .buf(&self.chain_sync, st);
+        self.launch_ex("gemv_attention_o", cfg, &p)?;
+        self.chained[2].fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
 
@@ -1065,6 +1197,7 @@ impl CudaBackend {
         weight(&mut p, c.wo);
         p.buf(x, st).int(c.wo.gemv_kind()).buf(&self.chain_sync, st);
         self.launch_ex("gemv_gemv", cfg, &p)?;
+        self.chained[1].fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
 
@@ -1437,6 +1570,79 @@ impl Backend for CudaBackend {
             cache: None,
         };
         self.gemv(x, ws, &[&*ff], d, false, fuse)
+    }
+
+    fn self_attention_out(
+        &self,
+        call: SelfAttnCall<'_, CudaSlice<f32>, CudaWeight>,
+        x: &mut CudaSlice<f32>,
+        normed: &mut CudaSlice<f32>,
+        qkv: [&mut CudaSlice<f32>; 3],
+        cache: CacheWrite<'_, CudaSlice<f32>>,
+        attn: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let a = AttnCall {
+            q: &*qkv[0],
+            k: &*cache.k_cache,
+            v: &*cache.v_cache,
+            bias: call.bias,
+            mask: call.mask,
+            shape: call.shape,
+            step: true,
+        };
+        let outs = [&*qkv[0], &*cache.k_cache, &*cache.v_cache];
+        let at = Some((cache.capacity, cache.pos));
+        let (norm, ws) = ((call.norm, call.eps), &call.ws[..]);
+        if self.chained_sublayer(
+            x,
+            norm,
+            ws,
+            outs,
+            at,
+            call.proj,
+            &a,
+            attn,
+            call.o,
+            call.out_proj,
+        )? {
+            return Ok(());
+        }
+        self_attention_then_out(self, call, x, normed, qkv, cache, attn)
+    }
+
+    fn cross_attention_out(
+        &self,
+        call: CrossAttnCall<'_, CudaSlice<f32>, CudaWeight>,
+        x: &mut CudaSlice<f32>,
+        normed: &mut CudaSlice<f32>,
+        q: &mut CudaSlice<f32>,
+        attn: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let a = AttnCall {
+            q: &*q,
+            k: call.k,
+            v: call.v,
+            bias: None,
+            mask: call.mask,
+            shape: call.shape,
+            step: false,
+        };
+        let (norm, ws) = ((call.norm, call.eps), [call.wq]);
+        if self.chained_sublayer(
+            x,
+            norm,
+            &ws,
+            [&*q, &*q, &*q],
+            None,
+            call.proj,
+            &a,
+            attn,
+            call.o,
+            call.out_proj,
+        )? {
+            return Ok(());
+        }
+        cross_attention_then_out(self, call, x, normed, q, attn)
     }
 
     fn ffn_out(
@@ -1872,14 +2078,16 @@ impl Backend for CudaBackend {
         line += &format!(
             "\nCUDA kernels: encoder attention {:?}, gemv fusions {}, shared gemv {}, \
              programmatic launches {}, half-precision embedding {}, gemv {} columns per block, \
-             attention chained with its output product {}",
+             chained sublayers {} (launches so far: {:?} attention_o, gemv_gemv, \
+             gemv_attention_o)",
             self.encoder_attention(),
             on(&self.fused_gemv),
             on(&self.shared_gemv),
             on(&self.pdl),
             on(&self.half_embed),
             self.gemv_warps,
-            on(&self.chain)
+            on(&self.chain),
+            self.chained_launches()
         );
         if let Some(p) = &self.profile {
             let p = p.lock().unwrap_or_else(|e| e.into_inner());
