@@ -284,6 +284,10 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 /// Threads per block of the elementwise kernels.
 const THREADS: u32 = 256;
 
+/// The chained kernels ([`CudaBackend::set_chain`]), as [`CudaBackend::chained_launches`]
+/// counts them.
+const CHAINED: [&str; 3] = ["attention_o", "gemv_gemv", "gemv_attention_o"];
+
 /// Threads per block of `attention_step` (its `STEP_THREADS`).
 const STEP_THREADS: usize = 256;
 
@@ -352,6 +356,14 @@ impl Params {
                 self.0.push(0);
                 self
             }
+        }
+    }
+
+    /// A weight's device buffer (f32 or half).
+    fn weight(&mut self, w: &CudaWeight, stream: &CudaStream) -> &mut Self {
+        match &w.data {
+            WeightData::F32(t) => self.buf(t, stream),
+            WeightData::Half(t, _) => self.buf(t, stream),
         }
     }
 
@@ -613,10 +625,7 @@ impl CudaBackend {
         let mut p = Params::default();
         p.buf(x, st);
         for i in 0..3 {
-            match &ws[i.min(ws.len() - 1)].data {
-                WeightData::F32(t) => p.buf(t, st),
-                WeightData::Half(t, _) => p.buf(t, st),
-            };
+            p.weight(ws[i.min(ws.len() - 1)], st);
         }
         for i in 0..3 {
             p.buf(outs[i.min(outs.len() - 1)], st);
@@ -974,6 +983,31 @@ impl CudaBackend {
         Ok(Some((cfg, p)))
     }
 
+    /// The chained kernels' last parameters for their output product `x += attn · oᵀ`: o,
+    /// x, its `n` outputs, o's kind, the counters.
+    fn output_product(
+        &self,
+        p: &mut Params,
+        o: &CudaWeight,
+        x: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        let st = &self.stream;
+        p.weight(o, st)
+            .buf(x, st)
+            .int(i32_of("n", n)?)
+            .int(o.gemv_kind())
+            .buf(&self.chain_sync, st);
+        Ok(())
+    }
+
+    /// Launches chained kernel `which` of [`CHAINED`] and counts it; true.
+    fn launch_chained(&self, which: usize, cfg: LaunchConfig, p: &Params) -> Result<bool> {
+        self.launch_ex(CHAINED[which], cfg, p)?;
+        self.chained[which].fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// [`Backend::attention_out`] in one `attention_o` launch, when it can: the attention
     /// goes through `attention_step` ([`CudaBackend::step_kernel`]), the product through
     /// `gemv` at 8 columns per block (256 threads, as `attention_step`'s blocks), and the
@@ -1014,18 +1048,8 @@ impl CudaBackend {
             block_dim: (STEP_THREADS as u32, 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        let st = &self.stream;
-        match &o.data {
-            WeightData::F32(t) => p.buf(t, st),
-            WeightData::Half(t, _) => p.buf(t, st),
-        };
-        p.buf(x, st)
-            .int(i32_of("n", d.n)?)
-            .int(o.gemv_kind())
-            .buf(&self.chain_sync, st);
-        self.launch_ex("attention_o", cfg, &p)?;
-        self.chained[0].fetch_add(1, Ordering::Relaxed);
-        Ok(true)
+        self.output_product(&mut p, o, x, d.n)?;
+        self.launch_chained(0, cfg, &p)
     }
 
     /// A whole attention sublayer of a decoding step in one `gemv_attention_o` launch, when it
@@ -1104,16 +1128,10 @@ impl CudaBackend {
             shared_mem_bytes: shared as u32,
         };
         let st = &self.stream;
-        let weight = |p: &mut Params, w: &CudaWeight| {
-            match &w.data {
-                WeightData::F32(t) => p.buf(t, st),
-                WeightData::Half(t, _) => p.buf(t, st),
-            };
-        };
         let mut p = Params::default();
         p.buf(x, st);
         for i in 0..3 {
-            weight(&mut p, ws[i.min(ws.len() - 1)]);
+            p.weight(ws[i.min(ws.len() - 1)], st);
         }
         for out in outs {
             p.buf(out, st);
@@ -1133,14 +1151,8 @@ impl CudaBackend {
         }
         p.int(i32_of("position", pos)?).int(ws.len() as i32);
         p.0.extend_from_slice(&attn_p.0);
-        weight(&mut p, o);
-        p.buf(x, st)
-            .int(i32_of("n", out_proj.n)?)
-            .int(o.gemv_kind())
-            .buf(&self.chain_sync, st);
-        self.launch_ex("gemv_attention_o", cfg, &p)?;
-        self.chained[2].fetch_add(1, Ordering::Relaxed);
-        Ok(true)
+        self.output_product(&mut p, o, x, out_proj.n)?;
+        self.launch_chained(2, cfg, &p)
     }
 
     /// [`Backend::ffn_out`] in one `gemv_gemv` launch, when it can: both products go through
@@ -1175,16 +1187,10 @@ impl CudaBackend {
             shared_mem_bytes: shared as u32,
         };
         let st = &self.stream;
-        let weight = |p: &mut Params, w: &CudaWeight| {
-            match &w.data {
-                WeightData::F32(t) => p.buf(t, st),
-                WeightData::Half(t, _) => p.buf(t, st),
-            };
-        };
         let mut p = Params::default();
-        p.buf(x, st);
-        weight(&mut p, c.ws[0]);
-        weight(&mut p, c.ws[c.ws.len() - 1]);
+        p.buf(x, st)
+            .weight(c.ws[0], st)
+            .weight(c.ws[c.ws.len() - 1], st);
         p.buf(ff, st)
             .int(i32_of("m", up.m)?)
             .int(i32_of("n", up.n)?)
@@ -1194,11 +1200,11 @@ impl CudaBackend {
             .float(c.eps)
             .int(act_code(c.act))
             .int((c.ws.len() == 2) as i32);
-        weight(&mut p, c.wo);
-        p.buf(x, st).int(c.wo.gemv_kind()).buf(&self.chain_sync, st);
-        self.launch_ex("gemv_gemv", cfg, &p)?;
-        self.chained[1].fetch_add(1, Ordering::Relaxed);
-        Ok(true)
+        p.weight(c.wo, st)
+            .buf(x, st)
+            .int(c.wo.gemv_kind())
+            .buf(&self.chain_sync, st);
+        self.launch_chained(1, cfg, &p)
     }
 
     /// [`EncoderAttention::Gemm`]: per chunk of sequences, the scores of every (sequence,
