@@ -241,13 +241,31 @@ fn graph_replays_give_the_uncaptured_logits() {
         // Each sublayer as one launch (`set_chain`, off by default until this has passed on
         // a GPU), recorded and replayed too: the same logits bit for bit.
         let before = model.backend.chained_launches();
-        let (chained, _) = run(true, true);
+        let (chained, with_chain) = run(true, true);
         let after = model.backend.chained_launches();
         model.backend.set_chain(false);
-        assert!(
-            after[1] > before[1] && after[2] > before[2],
-            "{dtype}: no chained launches"
-        );
+        let c = with_chain;
+        assert_eq!((c.captures, c.replays, c.eager, c.failures), (2, 8, 2, 0));
+        // Steps 0, 1, 9 and 10 launch kernels (the others replay): per layer one feed-forward
+        // and two whole attention sublayers, with the default gemv (fused, shared, 8 columns
+        // per block; gpu-check also runs this file with each of those off).
+        let layers = model.config.num_decoder_layers as u64;
+        let default = |var: &str, v: &str| std::env::var(var).map_or(true, |x| x == v);
+        let fused = default("T5RT_CUDA_FUSED_GEMV", "1");
+        if fused {
+            assert_eq!(
+                after[1] - before[1],
+                4 * layers,
+                "{dtype}: gemv_gemv launches"
+            );
+        }
+        if fused && default("T5RT_CUDA_SHARED_GEMV", "1") && default("T5RT_CUDA_GEMV_WARPS", "8") {
+            assert_eq!(
+                after[2] - before[2],
+                8 * layers,
+                "{dtype}: gemv_attention_o launches"
+            );
+        }
         assert!(
             chained == graphed,
             "{dtype}: chained sublayers change the logits"

@@ -561,6 +561,8 @@ impl CudaBackend {
     /// has run on a GPU (scripts/gpu-check.sh tests it).
     pub fn set_chain(&self, on: bool) {
         self.chain.store(on, Ordering::Relaxed);
+        // Steps recorded with the other setting are recorded again.
+        self.lock_steps().forget();
     }
 
     /// How many chained launches ([`CudaBackend::set_chain`]) have gone out, of
@@ -1171,7 +1173,7 @@ impl CudaBackend {
             && gemv_fits(down)
             && up.n > 0
             && down.n > 0
-            && (down.m, down.k) == (up.m, up.n);
+            && (down.m, down.k, down.n) == (up.m, up.n, up.k);
         if !ok {
             return Ok(false);
         }
