@@ -108,17 +108,21 @@ def hf_run(model_dir, dtype, cases, device, repeats):
     return res
 
 
-def t5rt_run(binary, model_dir, dtype, cases, device, repeats, work):
+def t5rt_run(binary, model_dir, dtype, cases, device, repeats, work, variant=None):
+    """t5rt on each case; `variant` = (name, {VAR: value}): the same run with those
+    environment variables set (its files named after it)."""
     res = {}
+    env = dict(os.environ, **(variant[1] if variant else {}))
+    tag = f"-{variant[0]}" if variant else ""
     for case, (batch, length, new) in cases.items():
         inp = work / f"{case}.jsonl"
         inp.write_text("".join(json.dumps({"input_ids": r}) + "\n"
                                for r in inputs(batch, length, json.loads((model_dir / "config.json").read_text())["vocab_size"])))
-        out = work / f"t5rt-{dtype}-{case}.json"
+        out = work / f"t5rt-{dtype}{tag}-{case}.json"
         cmd = [binary, "bench", "--model", str(model_dir), "--device", device, "--dtype", dtype,
                "--case", f"{batch}:{length}:{new}", "--inputs", str(inp), "--repeats", str(repeats),
                "--warmup", "1", "--json", str(out)]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode != 0:
             res[case] = {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
             continue
@@ -145,9 +149,19 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: tests the script")
     ap.add_argument("--work", default=None, help="where the weights and inputs go (default: OUT/gpu-peers-work)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                    help="also run t5rt with these environment variables (rows t5rt-<dtype>-NAME), "
+                         "e.g. chain:T5RT_CUDA_CHAIN=1; may be repeated")
     ap.add_argument("--weights-only", action="store_true",
                     help="make the models' weights under --work and stop (for t5rt-only runs)")
     args = ap.parse_args()
+    variants = []
+    for v in args.variant:
+        name, _, assigns = v.partition(":")
+        pairs = [a.split("=", 1) for a in assigns.split(",") if a]
+        if not name or not pairs or any(len(p) != 2 or not p[0] for p in pairs):
+            ap.error(f"--variant {v!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
+        variants.append((name, dict(pairs)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = DRY_PLAN if args.dry_run else PLAN
@@ -183,8 +197,10 @@ def main():
         for dtype in T5RT_DTYPES:
             if args.dry_run and dtype == "f16":
                 continue  # f16 is a CUDA precision
-            rows[f"t5rt-{dtype}"] = t5rt_run(binary, model_dir, dtype, cases, t5rt_device, args.repeats, work)
-            print(name, f"t5rt-{dtype}", {c: r.get("tokens_per_s", r.get("error")) for c, r in rows[f"t5rt-{dtype}"].items()}, flush=True)
+            for variant in [None] + variants:
+                row = f"t5rt-{dtype}" + (f"-{variant[0]}" if variant else "")
+                rows[row] = t5rt_run(binary, model_dir, dtype, cases, t5rt_device, args.repeats, work, variant)
+                print(name, row, {c: r.get("tokens_per_s", r.get("error")) for c, r in rows[row].items()}, flush=True)
         ref_ids = {case: r["ids"] for case, r in rows["hf-fp32"].items()}
         for res in rows.values():
             for case, r in res.items():

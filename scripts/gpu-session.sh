@@ -7,6 +7,8 @@
 # into $OUT/all.tgz and the ones worth reading at once are left beside it.
 #     PEER_MODELS=t5-base,t5-small,flan-t5-small PEER_TIMEOUT=300 scripts/gpu-session.sh
 # (PEER_MODELS defaults to t5-base alone; each model runs with its own PEER_TIMEOUT.)
+# PEER_VARIANTS="chain:T5RT_CUDA_CHAIN=1" adds t5rt rows run with those environment variables
+# (space-separated NAME:VAR=VALUE[,VAR=VALUE]) to the same peer table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-session}
@@ -39,7 +41,9 @@ if [ "${PEERS:-1}" = 0 ]; then
     --out "$OUT/peers" 2>&1 | tee -a "$OUT/peers.log"
 fi
 for model in $( [ "${PEERS:-1}" = 0 ] || echo "${PEER_MODELS:-t5-base}" | tr ',' ' '); do
-  timeout "${PEER_TIMEOUT:-300}" python3 bench/gpu_peers.py --models "$model" \
+  variants=()
+  for v in ${PEER_VARIANTS:-}; do variants+=(--variant "$v"); done
+  timeout "${PEER_TIMEOUT:-300}" python3 bench/gpu_peers.py --models "$model" ${variants[@]+"${variants[@]}"} \
     --repeats "${PEER_REPEATS:-3}" --out "$OUT/peers/$model" --work /tmp/gpu-peers-work 2>&1 \
     | tee -a "$OUT/peers.log"
   echo "peers $model exit ${PIPESTATUS[0]}"
