@@ -93,7 +93,7 @@ extern "C" __global__ void compress_kv(const float* x, float* y, int pairs) {
     }
 }
 
-// ---------------------------------------------------------------- block reductions
+// ---------------------------------------------------------------- loads through L2
 
 // A 16-byte load through L2 only (never L1 or the read-only cache): for data other blocks of
 // the same kernel wrote.
@@ -129,6 +129,8 @@ template <bool CG>
 __device__ __forceinline__ uint4 ld_u4(const uint4* p) {
     return CG ? ld_cg4u(p) : *p;
 }
+
+// ---------------------------------------------------------------- block reductions
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
