@@ -1,6 +1,6 @@
 //! Text <-> token ids: Hugging Face's `tokenizer.json` through the `tokenizers` crate; a
 //! SentencePiece `spiece.model` converted to the same tokenizer ([`spiece`]); or ByT5's bytes
-//! ([`byt5`]).
+//! (`byt5`).
 
 mod byt5;
 pub mod spiece;

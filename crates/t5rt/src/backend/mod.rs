@@ -772,7 +772,7 @@ pub(crate) fn cross_attention_then_out<B: Backend + ?Sized>(
 }
 
 /// What [`Backend::ffn_out`] computes with: the sublayer's norm weights and epsilon, its input
-/// products (`ws`: [wi], or [wi_0, wi_1] with a gate) and activation, the output product
+/// products (`ws`: `[wi]`, or `[wi_0, wi_1]` with a gate) and activation, the output product
 /// `wo`, and the two products' shapes.
 pub struct FfnCall<'a, T, W> {
     pub norm: &'a T,

@@ -3,7 +3,7 @@
 //! them, projects their cross-attention keys/values and appends their rows to the running
 //! batch) and retires finished ones at once. Each row keeps its own options (greedy or
 //! sampling, processors, stop strings, seed), so a request's tokens do not depend on its
-//! neighbours: with f32 weights they equal what [`crate::generate`] gives for that input alone.
+//! neighbours: with f32 weights they equal what [`crate::generate()`] gives for that input alone.
 //! Beam-search requests decode in their own group, on a second worker.
 //!
 //! Frontends (the HTTP server, the Python package) hold an [`EngineHandle`], submit requests

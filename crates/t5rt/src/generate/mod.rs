@@ -1,5 +1,5 @@
-//! Search strategies: greedy, sampling ([`greedy`], [`sampling`]) and beam search ([`beam`]),
-//! with Hugging Face's logits processors ([`logits`]), and teacher-forced scoring ([`score`]). They only call `encode`,
+//! Search strategies: greedy, sampling (`greedy`, `sampling`) and beam search (`beam`),
+//! with Hugging Face's logits processors (`logits`), and teacher-forced scoring ([`score`]). They only call `encode`,
 //! `start_decoding` / `start_grouped_decoding`, `decode_step` and `DecoderState::select`;
 //! grouping requests into padded batches happens here, once.
 

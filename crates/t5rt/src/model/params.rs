@@ -31,22 +31,22 @@ pub struct FfnWeights<T> {
 }
 
 pub struct EncoderLayer<T, W> {
-    /// [d_model]
+    /// `[d_model]`
     pub attn_norm: T,
     pub attn: AttentionWeights<W>,
-    /// [d_model]
+    /// `[d_model]`
     pub ffn_norm: T,
     pub ffn: FfnWeights<W>,
 }
 
 pub struct DecoderLayer<T, W> {
-    /// [d_model]
+    /// `[d_model]`
     pub self_norm: T,
     pub self_attn: AttentionWeights<W>,
-    /// [d_model]
+    /// `[d_model]`
     pub cross_norm: T,
     pub cross_attn: AttentionWeights<W>,
-    /// [d_model]
+    /// `[d_model]`
     pub ffn_norm: T,
     pub ffn: FfnWeights<W>,
 }
@@ -60,12 +60,12 @@ pub struct T5Params<T, W> {
     /// and the model holds the table once.
     pub shared: Option<T>,
     pub encoder: Vec<EncoderLayer<T, W>>,
-    /// [d_model]
+    /// `[d_model]`
     pub encoder_norm: T,
     /// [num_buckets, heads], host
     pub encoder_relpos: Vec<f32>,
     pub decoder: Vec<DecoderLayer<T, W>>,
-    /// [d_model]
+    /// `[d_model]`
     pub decoder_norm: T,
     /// [num_buckets, heads], host
     pub decoder_relpos: Vec<f32>,

@@ -1,6 +1,6 @@
 //! The CPU backend: packed-weight tiles for linear layers ([`packed`]), `gemm` for the
 //! encoder's attention products, `rayon` for threads, plain loops elsewhere.
-//! [`reference`] holds scalar versions of every kernel, the oracle the tests compare against.
+//! [`reference`](mod@reference) holds scalar versions of every kernel, the oracle the tests compare against.
 
 mod attend;
 mod isa;

@@ -25,8 +25,8 @@
 //!   which order the CPU's `vdpbf16ps` follows where the CPU has it. Without AVX-512 BF16
 //!   (AVX2, or AVX-512 F/BW) the weights are widened to f32 in registers instead and the
 //!   activations are not rounded: fused multiply-adds in order of `k`, bitwise the f32 tile
-//!   on bf16-rounded weights ([`nodot`]).
-//! - int8 without VNNI: the same exact i32 sums through 16-bit products (`vpmaddwd`, [`nodot`]).
+//!   on bf16-rounded weights (`nodot`).
+//! - int8 without VNNI: the same exact i32 sums through 16-bit products (`vpmaddwd`, `nodot`).
 //! - int8: each weight column has the scale `max|w| / 127` and values `round(w · (1 / scale))`
 //!   (f32 arithmetic, ties to even). Each activation row is quantized at run time around its
 //!   center `c` (halfway between its smallest and largest values), with the scale `s` half

@@ -201,7 +201,7 @@ impl CudaWeight {
 /// "invalid argument", as 4 x 3072-value rows did on an H200 when `gemv` gained its 32 bytes).
 pub const DYNAMIC_SHARED_MAX: usize = 48 * 1024 - 256;
 
-/// Whether a product goes through the `gemv` kernel: up to [`GEMV_ROWS`] rows, `k` a multiple
+/// Whether a product goes through the `gemv` kernel: up to `GEMV_ROWS` (8) rows, `k` a multiple
 /// of 8, and the rows within [`DYNAMIC_SHARED_MAX`] of shared memory.
 pub fn gemv_fits(d: MatDims) -> bool {
     d.m <= GEMV_ROWS && d.k.is_multiple_of(8) && d.m * d.k * 4 <= DYNAMIC_SHARED_MAX
