@@ -823,6 +823,21 @@ __device__ __forceinline__ u32 take_ticket(u32* sync) {
     return ticket;
 }
 
+// The last role of a chained kernel: x += in · oᵀ (m rows, n outputs of k inputs, weights of
+// gemv's `kind`), as gemv's block `vb` of `nb`, once sync[last - 1] reaches `wait_for` (every
+// block of the role before is done; `in` is read through L2); the last of these blocks resets
+// sync[1..last] for the next launch (every block is past its wait by then).
+__device__ __forceinline__ void chained_output(const float* in, const void* o, float* x, int m,
+                                               int n, int k, int kind, u32 vb, u32 nb, u32* sync,
+                                               int last, u32 wait_for) {
+    const u32* done = &sync[last - 1];
+    gemv_body(in, o, o, o, x, x, x, m, n, k, kind, 1, nullptr, 0.0f, -1, 0, 0, nullptr, 0, (int)vb,
+              0, (int)nb, 1, [&]() { wait_count(done, wait_for); });
+    if (signal_count(&sync[last]) == nb - 1 && threadIdx.x == 0) {
+        for (int i = 1; i <= last; i++) atomicExch(&sync[i], 0u);
+    }
+}
+
 // x[r] += attention(q, k, v)[r] · oᵀ for the r < batch rows of a decoding step: blocks
 // [0, batch * heads) run attention_step's blocks (writing `attn`), the rest gemv's blocks of
 // the output projection (weights o, kind `kind`, n outputs of `heads * d_kv` inputs), each
@@ -845,18 +860,8 @@ attention_o(const float* __restrict__ q, const float* __restrict__ k, const floa
         signal_count(&sync[1]);
         return;
     }
-    u32 n_gemv = gridDim.x - n_attn;
-    int inner = heads * d_kv;
-    const u32* done = &sync[1];
-    gemv_body(attn, o, o, o, x, x, x, batch, n, inner, kind, 1, nullptr, 0.0f, -1, 0, 0, nullptr,
-              0, (int)(t - n_attn), 0, (int)n_gemv, 1, [&]() { wait_count(done, n_attn); });
-    if (signal_count(&sync[2]) == n_gemv - 1) {
-        // The last gemv block: every block is past its wait.
-        if (threadIdx.x == 0) {
-            atomicExch(&sync[1], 0u);
-            atomicExch(&sync[2], 0u);
-        }
-    }
+    chained_output(attn, o, x, batch, n, heads * d_kv, kind, t - n_attn, gridDim.x - n_attn, sync,
+                   2, n_attn);
 }
 
 // An attention sublayer of a decoding step in one launch (gemv_attention_o), three roles in
@@ -899,18 +904,8 @@ gemv_attention_o(const float* x_in, const void* w0, const void* w1, const void* 
         return;
     }
     u32 first = n_proj + n_attn;
-    u32 n_out = gridDim.x - first;
-    int inner = heads * d_kv;
-    const u32* done = &sync[2];
-    gemv_body(attn, o, o, o, x, x, x, batch, n_o, inner, kind_o, 1, nullptr, 0.0f, -1, 0, 0,
-              nullptr, 0, (int)(t - first), 0, (int)n_out, 1, [&]() { wait_count(done, n_attn); });
-    if (signal_count(&sync[3]) == n_out - 1) {
-        if (threadIdx.x == 0) {
-            atomicExch(&sync[1], 0u);
-            atomicExch(&sync[2], 0u);
-            atomicExch(&sync[3], 0u);
-        }
-    }
+    chained_output(attn, o, x, batch, n_o, heads * d_kv, kind_o, t - first, gridDim.x - first, sync,
+                   3, n_attn);
 }
 
 // A feed-forward sublayer of a decoding step in one launch (gemv_gemv): the first n_up / 8
@@ -932,14 +927,6 @@ gemv_gemv(const float* x_in, const void* w0, const void* w1, float* ff, int m, i
         signal_count(&sync[1]);
         return;
     }
-    u32 n_second = gridDim.x - n_first;
-    const u32* done = &sync[1];
-    gemv_body(ff, wo, wo, wo, x, x, x, m, k, n_up, kind_o, 1, nullptr, 0.0f, -1, 0, 0, nullptr, 0,
-              (int)(t - n_first), 0, (int)n_second, 1, [&]() { wait_count(done, n_first); });
-    if (signal_count(&sync[2]) == n_second - 1) {
-        if (threadIdx.x == 0) {
-            atomicExch(&sync[1], 0u);
-            atomicExch(&sync[2], 0u);
-        }
-    }
+    chained_output(ff, wo, x, m, k, n_up, kind_o, t - n_first, gridDim.x - n_first, sync, 2,
+                   n_first);
 }

@@ -1010,10 +1010,9 @@ impl CudaBackend {
         Ok(true)
     }
 
-    /// [`Backend::attention_out`] in one `attention_o` launch, when it can: the attention
-    /// goes through `attention_step` ([`CudaBackend::step_kernel`]), the product through
-    /// `gemv` at 8 columns per block (256 threads, as `attention_step`'s blocks), and the
-    /// blocks' shared memory fits. Returns false (nothing launched) otherwise.
+    /// [`Backend::attention_out`] in one `attention_o` launch, when it can
+    /// ([`CudaBackend::attention_o_part`], and the blocks' shared memory fits). Returns false
+    /// (nothing launched) otherwise.
     fn chained_attention_out(
         &self,
         c: &AttnCall<'_, CudaSlice<f32>>,
@@ -1022,21 +1021,10 @@ impl CudaBackend {
         x: &CudaSlice<f32>,
         d: MatDims,
     ) -> Result<bool> {
-        let s = c.shape;
-        let ok = self.chain.load(Ordering::Relaxed)
-            && s.q_len == 1
-            && self.gemv_warps * 32 == STEP_THREADS
-            && gemv_fits(d)
-            && d.n > 0
-            && d.m == s.batch
-            && d.k == s.heads * s.d_kv;
-        if !ok {
+        if !self.chain.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        let step = c.step && self.capturing();
-        let Some((attn_cfg, mut p)) =
-            self.step_kernel(c.q, c.k, c.v, c.bias, c.mask, attn, s, step)?
-        else {
+        let Some((attn_cfg, mut p)) = self.attention_o_part(c, attn, o, x, d)? else {
             return Ok(false);
         };
         let shared = (attn_cfg.shared_mem_bytes as usize).max(d.m * d.k * 4);
@@ -1054,12 +1042,48 @@ impl CudaBackend {
         self.launch_chained(0, cfg, &p)
     }
 
+    /// What `attention_o` and `gemv_attention_o` share: whether a one-query attention `a`
+    /// followed by `x += attn · oᵀ` (`d`) can run as their attention and output-product
+    /// blocks (`attention_step` takes the attention, `gemv` at 8 columns per block the
+    /// product, rows and inputs agree), the two operations' checks, and then
+    /// `attention_step`'s launch shape and parameters ([`CudaBackend::step_kernel`]); None when
+    /// it cannot.
+    fn attention_o_part(
+        &self,
+        a: &AttnCall<'_, CudaSlice<f32>>,
+        attn: &CudaSlice<f32>,
+        o: &CudaWeight,
+        x: &CudaSlice<f32>,
+        d: MatDims,
+    ) -> Result<Option<(LaunchConfig, Params)>> {
+        let s = a.shape;
+        let ok = s.q_len == 1
+            && self.gemv_warps * 32 == STEP_THREADS
+            && gemv_fits(d)
+            && d.n > 0
+            && d.m == s.batch
+            && d.k == s.heads * s.d_kv;
+        if !ok {
+            return Ok(None);
+        }
+        s.check(
+            a.q.len(),
+            attn.len(),
+            (a.k.len(), a.v.len()),
+            a.bias.map(CudaSlice::len),
+            a.mask.map(CudaSlice::len),
+        )?;
+        checks::matmul(attn.len(), x.len(), (o.n, o.k), d)?;
+        let step = a.step && self.capturing();
+        self.step_kernel(a.q, a.k, a.v, a.bias, a.mask, attn, s, step)
+    }
+
     /// A whole attention sublayer of a decoding step in one `gemv_attention_o` launch, when it
     /// can: the input product(s) `ws` of `x` with the norm fused into `outs` (q; with three
     /// products also this position's keys and values into the caches, `cache` = (capacity,
-    /// position)), the attention `a` (its q is `outs[0]`), and `x += attn · oᵀ`. Needs what
-    /// [`CudaBackend::chained_attention_out`] needs, the input products fused in one `gemv`
-    /// launch, and the three roles' shared memory within the limit. Returns false (nothing
+    /// position)), the attention `a` (its q is `outs[0]`), and `x += attn · oᵀ`. Needs
+    /// [`CudaBackend::attention_o_part`], the input products fused in one `gemv` launch, and
+    /// the three roles' shared memory within the limit. Returns false (nothing
     /// launched) otherwise.
     #[allow(clippy::too_many_arguments)]
     fn chained_sublayer(
@@ -1075,22 +1099,16 @@ impl CudaBackend {
         o: &CudaWeight,
         out_proj: MatDims,
     ) -> Result<bool> {
-        let s = a.shape;
         let ok = self.chain.load(Ordering::Relaxed)
-            && s.q_len == 1
-            && self.gemv_warps * 32 == STEP_THREADS
             && (ws.len() == 1 || self.shared_gemv.load(Ordering::Relaxed))
             && self.fused_gemv_fits(ws, proj)
-            && gemv_fits(out_proj)
             && proj.n > 0
-            && out_proj.n > 0
-            && proj.m == s.batch
-            && out_proj.m == s.batch
-            && out_proj.k == s.heads * s.d_kv;
+            && proj.m == a.shape.batch;
         if !ok {
             return Ok(false);
         }
-        // The checks of the three operations this launch stands for.
+        // The checks of the input products (the attention's and the output product's are
+        // attention_o_part's).
         check_len("rms_norm w", norm.0.len(), proj.k)?;
         for w in ws {
             checks::matmul(x.len(), outs[0].len(), (w.n, w.k), proj)?;
@@ -1100,18 +1118,7 @@ impl CudaBackend {
                 checks::write_position(proj.m * proj.n, c.len(), proj.m, proj.n, capacity, pos)?;
             }
         }
-        s.check(
-            a.q.len(),
-            attn.len(),
-            (a.k.len(), a.v.len()),
-            a.bias.map(CudaSlice::len),
-            a.mask.map(CudaSlice::len),
-        )?;
-        checks::matmul(attn.len(), x.len(), (o.n, o.k), out_proj)?;
-        let step = a.step && self.capturing();
-        let Some((attn_cfg, attn_p)) =
-            self.step_kernel(a.q, a.k, a.v, a.bias, a.mask, attn, s, step)?
-        else {
+        let Some((attn_cfg, attn_p)) = self.attention_o_part(a, attn, o, x, out_proj)? else {
             return Ok(false);
         };
         let shared = (attn_cfg.shared_mem_bytes as usize)
@@ -1177,6 +1184,12 @@ impl CudaBackend {
         if !ok {
             return Ok(false);
         }
+        // The checks of the two products this launch stands for.
+        check_len("rms_norm w", c.norm.len(), up.k)?;
+        for w in c.ws {
+            checks::matmul(x.len(), ff.len(), (w.n, w.k), up)?;
+        }
+        checks::matmul(ff.len(), x.len(), (c.wo.n, c.wo.k), down)?;
         let shared = (up.m * up.k).max(down.m * down.k) * 4;
         if shared > DYNAMIC_SHARED_MAX {
             return Ok(false);
@@ -1661,11 +1674,6 @@ impl Backend for CudaBackend {
         ff: &mut CudaSlice<f32>,
         ff_up: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check_len("rms_norm w", call.norm.len(), call.up.k)?;
-        for w in call.ws {
-            checks::matmul(x.len(), ff.len(), (w.n, w.k), call.up)?;
-        }
-        checks::matmul(ff.len(), x.len(), (call.wo.n, call.wo.k), call.down)?;
         if self.chained_ffn_out(&call, x, ff)? {
             return Ok(());
         }
@@ -1941,15 +1949,6 @@ impl Backend for CudaBackend {
         x: &mut CudaSlice<f32>,
         dims: MatDims,
     ) -> Result<()> {
-        let s = call.shape;
-        s.check(
-            call.q.len(),
-            attn.len(),
-            (call.k.len(), call.v.len()),
-            call.bias.map(CudaSlice::len),
-            call.mask.map(CudaSlice::len),
-        )?;
-        checks::matmul(attn.len(), x.len(), (o.n, o.k), dims)?;
         if self.chained_attention_out(&call, attn, o, x, dims)? {
             return Ok(());
         }
