@@ -21,7 +21,19 @@ pub(crate) fn argmax(row: &[f32]) -> u32 {
 /// wider SIMD (a float reduction in one accumulator cannot be reordered, so cannot vectorise).
 #[inline(always)]
 pub(crate) fn softmax_in_place(x: &mut [f32]) {
+    softmax_stats_in_place(x);
+}
+
+/// [`softmax_in_place`], returning the row's largest value and the sum of `e^(x - max)` it
+/// divided by: what merging the softmaxes of parts of a row needs. A row with no finite value
+/// (every entry -inf, or none) becomes zeros and gives `(-inf, 0)`.
+#[inline(always)]
+pub(crate) fn softmax_stats_in_place(x: &mut [f32]) -> (f32, f32) {
     let max = reduce16(x, f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
+    if max == f32::NEG_INFINITY {
+        x.fill(0.0);
+        return (max, 0.0);
+    }
     for v in x.iter_mut() {
         *v = exp(*v - max);
     }
@@ -30,6 +42,7 @@ pub(crate) fn softmax_in_place(x: &mut [f32]) {
     for v in x.iter_mut() {
         *v *= inv;
     }
+    (max, sum)
 }
 
 /// The largest `|v|` (0 for an empty slice).

@@ -247,6 +247,86 @@ const ATTN_CASES: &[AttnCase] = &[
 fn check_attention<B: Backend>(b: &B, rng: &mut Rng) {
     check_attention_cases(b, rng, ATTN_CASES);
     check_leading_mask(b, rng);
+    check_rows_alone(b, rng);
+}
+
+/// Each row of a decoding attention call gets, bit for bit, what it gets alone (batch 1, its
+/// own keys, values and mask row), in every cache format: rows over many keys are split into
+/// parts (the CPU backend's key parts) and short ones into head groups, by rules that must
+/// not depend on the batch. Rows over 300, 170 (padded) and 40 (padded) keys.
+fn check_rows_alone<B: Backend>(b: &B, rng: &mut Rng) {
+    let (heads, d_kv, kv_len) = (8, 64, 300);
+    let inner = heads * d_kv;
+    let keep = [kv_len, 170, 40];
+    let batch = keep.len();
+    let shape = |batch: usize, kv: KvFormat| AttnShape {
+        batch,
+        heads,
+        d_kv,
+        q_len: 1,
+        kv_len,
+        kv_stride: kv_len,
+        kv_group: 1,
+        bias_stride: kv_len,
+        kv,
+    };
+    let q: Vec<f32> = rng.vec(batch * inner).iter().map(|v| v * 3.0).collect();
+    let (k, v) = (
+        rng.vec(batch * kv_len * inner),
+        rng.vec(batch * kv_len * inner),
+    );
+    let bias = b.upload(&rng.vec(heads * kv_len)).unwrap();
+    let mut mask = vec![0.0f32; batch * kv_len];
+    for (row, &n) in mask.chunks_exact_mut(kv_len).zip(&keep) {
+        row[n..].fill(f32::NEG_INFINITY);
+    }
+    let mut formats = vec![KvFormat::F32, KvFormat::Bf16];
+    if b.int8_kv() && KvFormat::Int8.fits(d_kv) {
+        formats.push(KvFormat::Int8);
+    }
+    for kv in formats {
+        let cache = |x: &[f32], batch: usize| {
+            let t = b.upload(x).unwrap();
+            match kv {
+                KvFormat::F32 => t,
+                KvFormat::Bf16 => b.compress_kv(&t, x.len()).unwrap(),
+                KvFormat::Int8 => b.quantize_kv(&t, batch * kv_len, heads, d_kv).unwrap(),
+            }
+        };
+        let run = |q: &[f32], k: &[f32], v: &[f32], mask: &[f32], batch: usize| {
+            let mut out = b.zeros(batch * inner).unwrap();
+            let m = b.upload(mask).unwrap();
+            let (kt, vt) = (cache(k, batch), cache(v, batch));
+            let qt = b.upload(q).unwrap();
+            b.attention(
+                &qt,
+                &kt,
+                &vt,
+                Some(&bias),
+                Some(&m),
+                &mut out,
+                shape(batch, kv),
+            )
+            .unwrap();
+            b.download(&out, batch * inner).unwrap()
+        };
+        let together = run(&q, &k, &v, &mask, batch);
+        for (r, n) in keep.iter().enumerate() {
+            let kv_rows = r * kv_len * inner..(r + 1) * kv_len * inner;
+            let alone = run(
+                &q[r * inner..(r + 1) * inner],
+                &k[kv_rows.clone()],
+                &v[kv_rows],
+                &mask[r * kv_len..(r + 1) * kv_len],
+                1,
+            );
+            assert!(
+                alone == together[r * inner..(r + 1) * inner],
+                "{}: {kv:?} caches, the row over {n} keys differs in a batch of {batch}",
+                b.name()
+            );
+        }
+    }
 }
 
 /// Keys masked at the start of a row (a row that joined a running batch late) are left out:

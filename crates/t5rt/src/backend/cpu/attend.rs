@@ -8,13 +8,25 @@ use rayon::prelude::*;
 
 use super::isa::IsaLevel;
 use crate::backend::{AttnShape, KvFormat};
-use crate::math::softmax_in_place;
+use crate::math::{exp, softmax_stats_in_place};
 
-/// Attention for few queries (decoding steps). A task takes one query row and a group of
-/// heads, and walks the keys in order: key `j` of all its heads is one contiguous run of
-/// memory, so the caches stream at full bandwidth (one task per head would read them with a
-/// 2 KiB stride that defeats the prefetchers). Batch-1 decoding splits the heads into
-/// groups so that every thread has work.
+/// Keys per part of a long row: a row over more keys than this is split into parts of this
+/// many keys (from its first unmasked key), each part a task over all the row's heads, and
+/// the parts' softmaxes merged at the end. The split depends only on the row's own keys, so
+/// a row's result does not depend on its batch or on the thread count.
+///
+/// Why: a task over a part of the heads reads a part of each key (the keys of all heads of
+/// a position are one contiguous run), a pattern the hardware prefetchers follow poorly. On
+/// the 2-core Xeon, batch-1 decoding attention over 512 keys (8 heads, split in 4 tasks of
+/// 2 heads) read its caches at 9.5-12.4 GB/s, against 17.3-18.6 GB/s for 4 rows of whole
+/// keys (`examples/attend_speed`).
+pub(super) const KEY_PART: usize = 128;
+
+/// Attention for few queries (decoding steps). A task takes one query row, a group of heads
+/// and a part of the row's keys ([`KEY_PART`]), and walks the keys in order: key `j` of all
+/// its heads is one contiguous run of memory, so the caches stream at full bandwidth (one task
+/// per head would read them with a 2 KiB stride that defeats the prefetchers). Rows too
+/// short to split into parts split their heads into groups, so that every thread has work.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention(
     q: &[f32],
@@ -28,9 +40,12 @@ pub(super) fn attention(
 ) {
     let inner = s.heads * s.d_kv;
     let rows = s.batch * s.q_len;
-    let want = 2 * rayon::current_num_threads();
+    let parts = s.kv_len.div_ceil(KEY_PART).max(1);
+    let threads = rayon::current_num_threads();
+    // Whole rows of keys when there are parts enough for every thread; else heads in groups.
+    let want = if parts > 1 { threads } else { 2 * threads };
     let groups = (1..=s.heads)
-        .find(|g| s.heads.is_multiple_of(*g) && rows * g >= want)
+        .find(|g| s.heads.is_multiple_of(*g) && rows * parts * g >= want)
         .unwrap_or(s.heads);
     let a = AttnArgs {
         q,
@@ -40,42 +55,106 @@ pub(super) fn attention(
         mask,
         s,
         heads_per_task: s.heads / groups,
+        parts,
     };
-    out[..rows * inner]
-        .par_chunks_exact_mut(a.heads_per_task * s.d_kv)
+    if parts == 1 {
+        out[..rows * inner]
+            .par_chunks_exact_mut(a.heads_per_task * s.d_kv)
+            .enumerate()
+            .for_each(|(task, oh)| attend_task(&a, task, oh, isa));
+        return;
+    }
+    // Each task's result (its heads' outputs over its keys, then each head's largest score
+    // and sum of exponentials), merged per row.
+    let per_task = a.heads_per_task * (s.d_kv + 2);
+    let mut partial = vec![0.0f32; rows * parts * groups * per_task];
+    partial
+        .par_chunks_exact_mut(per_task)
         .enumerate()
-        .for_each(|(task, oh)| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                // Whole vectors per head: d_kv a multiple of 16 (32 for bf16 caches, whose
-                // slots hold two values) on AVX-512, of 8 (16) on AVX2. T5's d_kv is 64.
-                // (int8 caches are dequantized to f32 rows first.)
-                let per_head = if s.kv == KvFormat::Bf16 {
-                    s.d_kv / 2
-                } else {
-                    s.d_kv
-                };
-                let even =
-                    |lanes: usize| s.d_kv.is_multiple_of(2) && per_head.is_multiple_of(lanes);
-                if isa.avx512() && even(16) {
-                    // SAFETY: the backend only runs at levels the CPU has
-                    // (`IsaLevel::checked`); d_kv checked just above.
-                    return unsafe {
-                        if s.kv == KvFormat::Int8 {
-                            avx512::attend_int8(&a, task, oh)
-                        } else {
-                            attend_avx512(&a, task, oh)
-                        }
-                    };
-                }
-                if isa >= IsaLevel::Avx2 && even(8) {
-                    // SAFETY: as above.
-                    return unsafe { attend_avx2(&a, task, oh) };
-                }
-            }
-            let _ = isa;
-            attend(&a, task, oh)
+        .for_each(|(task, oh)| attend_task(&a, task, oh, isa));
+    out[..rows * inner]
+        .par_chunks_exact_mut(inner)
+        .enumerate()
+        .for_each(|(row, o)| {
+            let per_row = &partial[row * parts * groups * per_task..];
+            merge_parts(o, per_row, s, a.heads_per_task, parts)
         });
+}
+
+/// One task of [`attention`], in the widest vectors the CPU and the shape allow. `oh` holds
+/// the task's heads' outputs, then (when the row is split into parts) each head's largest
+/// score and sum of exponentials.
+fn attend_task(a: &AttnArgs, task: usize, oh: &mut [f32], isa: IsaLevel) {
+    let s = a.s;
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Whole vectors per head: d_kv a multiple of 16 (32 for bf16 caches, whose
+        // slots hold two values) on AVX-512, of 8 (16) on AVX2. T5's d_kv is 64.
+        // (int8 caches are dequantized to f32 rows first.)
+        let per_head = if s.kv == KvFormat::Bf16 {
+            s.d_kv / 2
+        } else {
+            s.d_kv
+        };
+        let even = |lanes: usize| s.d_kv.is_multiple_of(2) && per_head.is_multiple_of(lanes);
+        if isa.avx512() && even(16) {
+            // SAFETY: the backend only runs at levels the CPU has
+            // (`IsaLevel::checked`); d_kv checked just above.
+            return unsafe {
+                if s.kv == KvFormat::Int8 {
+                    avx512::attend_int8(a, task, oh)
+                } else {
+                    attend_avx512(a, task, oh)
+                }
+            };
+        }
+        if isa >= IsaLevel::Avx2 && even(8) {
+            // SAFETY: as above.
+            return unsafe { attend_avx2(a, task, oh) };
+        }
+    }
+    let _ = isa;
+    attend(a, task, oh)
+}
+
+/// One row's output from its parts' ([`attention`] with [`KEY_PART`]): for each head, the
+/// parts' outputs weighted by their share of the row's softmax, `l_p · e^(m_p - m)` over the
+/// sum of those (`m_p`, `l_p`: the part's largest score and sum of exponentials, `m` the
+/// largest of the `m_p`), in order of the parts. Parts with no key (past the row's end) have
+/// `l_p = 0` and weigh nothing.
+fn merge_parts(out: &mut [f32], partial: &[f32], s: AttnShape, hn: usize, parts: usize) {
+    let d = s.d_kv;
+    let groups = s.heads / hn;
+    let per_task = hn * (d + 2);
+    // The task of part `p`, group `g` of this row.
+    let task = |p: usize, g: usize| &partial[(p * groups + g) * per_task..][..per_task];
+    for (h, o) in out.chunks_exact_mut(d).enumerate() {
+        let (g, hh) = (h / hn, h % hn);
+        let stats = |p: usize| {
+            let t = task(p, g);
+            (t[hn * d + 2 * hh], t[hn * d + 2 * hh + 1])
+        };
+        let m = (0..parts)
+            .map(stats)
+            .filter(|&(_, l)| l > 0.0)
+            .fold(f32::NEG_INFINITY, |m, (mp, _)| m.max(mp));
+        let weight = |p: usize| match stats(p) {
+            (mp, l) if l > 0.0 => l * exp(mp - m),
+            _ => 0.0,
+        };
+        let total: f32 = (0..parts).map(weight).sum();
+        o.fill(0.0);
+        for p in 0..parts {
+            let w = weight(p);
+            if w == 0.0 {
+                continue;
+            }
+            let share = w / total;
+            for (o, &x) in o.iter_mut().zip(&task(p, g)[hh * d..(hh + 1) * d]) {
+                *o += share * x;
+            }
+        }
+    }
 }
 
 /// The inputs of one decode-attention call.
@@ -87,6 +166,8 @@ struct AttnArgs<'a> {
     mask: Option<&'a [f32]>,
     s: AttnShape,
     heads_per_task: usize,
+    /// Parts of [`KEY_PART`] keys per row (1: rows whole).
+    parts: usize,
 }
 
 /// One task: query row `task / groups`, heads `[h0, h0 + heads_per_task)`;
@@ -94,17 +175,19 @@ struct AttnArgs<'a> {
 #[inline(always)]
 fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
     let s = a.s;
+    let t = Task::of(a, task);
     let Task {
         inner: _,
         hn,
         d,
         h0,
-        qi,
+        qi: _,
         kv_b,
         q,
         j0,
         j1,
-    } = Task::of(a, task);
+    } = t;
+    let (oh, stats) = oh.split_at_mut(hn * d);
     let n = j1 - j0;
     // scores[h, j] = q_h·k_h[j] (no 1/sqrt(d_kv): T5 folds it into the weights).
     // (Plain loops, not iterator adaptors: those are separate functions that would not be
@@ -118,9 +201,7 @@ fn attend(a: &AttnArgs, task: usize, oh: &mut [f32]) {
             probs[h * n + j - j0] = dot(&q[h * d..(h + 1) * d], &key[h * d..(h + 1) * d]);
         }
     }
-    for h in 0..hn {
-        to_probs(a, &mut probs[h * n..(h + 1) * n], h0 + h, qi, kv_b, j0);
-    }
+    to_probs(a, &t, &mut probs, stats);
     // out_h = Σ_j p_hj · v_h[j]
     oh.fill(0.0);
     for j in j0..j1 {
@@ -232,7 +313,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
-/// What one task of [`attention`] reads: query row `task / groups`, heads `[h0, h0 + hn)`.
+/// What one task of [`attention`] reads: query row `task / (parts · groups)`, heads `[h0, h0 +
+/// hn)`, one part of the row's keys.
+#[derive(Clone, Copy)]
 struct Task<'a> {
     inner: usize,
     hn: usize,
@@ -247,6 +330,8 @@ struct Task<'a> {
     /// The keys it reads, `[j0, j1)`: those its mask does not mask at the start (a row that
     /// joined a running batch) or at the end (a shorter source, padded). The others are
     /// skipped altogether, so a row costs its own length and gets the result it gets alone.
+    /// A row split into parts: the part's keys, [`KEY_PART`] of them from the row's first
+    /// (fewer at its end, none past it).
     j0: usize,
     j1: usize,
 }
@@ -257,12 +342,22 @@ impl<'a> Task<'a> {
         let s = a.s;
         let (inner, hn, d) = (s.heads * s.d_kv, a.heads_per_task, s.d_kv);
         let groups = s.heads / hn;
-        let (row, h0) = (task / groups, (task % groups) * hn);
+        let (row, part, h0) = (
+            task / (a.parts * groups),
+            task / groups % a.parts,
+            (task % groups) * hn,
+        );
         let (b, qi) = (row / s.q_len, row % s.q_len);
         let kv_b = b / s.kv_group;
         let (j0, j1) = match a.mask {
             Some(m) => unmasked_range(&m[kv_b * s.kv_len..(kv_b + 1) * s.kv_len]),
             None => (0, s.kv_len),
+        };
+        let (j0, j1) = if a.parts > 1 {
+            let start = (j0 + part * KEY_PART).min(j1);
+            (start, (start + KEY_PART).min(j1))
+        } else {
+            (j0, j1)
         };
         Task {
             inner,
@@ -278,24 +373,39 @@ impl<'a> Task<'a> {
     }
 }
 
-/// One head's scores over keys `[j0, j0 + row.len())` to probabilities:
-/// `softmax(scores + bias[h, qi, :] + mask[kv_b, :])`.
+/// The task's scores (`probs[h · n + j - j0]` for its head `h`, key `j`) to probabilities:
+/// `softmax(scores + bias[h, qi, :] + mask[kv_b, :])`; when the row is split into parts,
+/// each head's largest value and sum of exponentials go to `stats` (else it is empty).
 #[inline(always)]
-fn to_probs(a: &AttnArgs, row: &mut [f32], h: usize, qi: usize, kv_b: usize, j0: usize) {
-    let (s, n) = (a.s, row.len());
-    if let Some(bias) = a.bias {
-        let at = (h * s.q_len + qi) * s.bias_stride + s.bias_stride - s.kv_len + j0;
-        for (r, b) in row.iter_mut().zip(&bias[at..at + n]) {
-            *r += b;
+fn to_probs(a: &AttnArgs, t: &Task, probs: &mut [f32], stats: &mut [f32]) {
+    let (s, n) = (a.s, t.j1 - t.j0);
+    for (hh, row) in probs.chunks_exact_mut(n.max(1)).take(t.hn).enumerate() {
+        let h = t.h0 + hh;
+        if let Some(bias) = a.bias {
+            let at = (h * s.q_len + t.qi) * s.bias_stride + s.bias_stride - s.kv_len + t.j0;
+            for (r, b) in row.iter_mut().zip(&bias[at..at + n]) {
+                *r += b;
+            }
+        }
+        if let Some(mask) = a.mask {
+            let at = t.kv_b * s.kv_len + t.j0;
+            for (r, m) in row.iter_mut().zip(&mask[at..at + n]) {
+                *r += m;
+            }
+        }
+        let (max, sum) = softmax_stats_in_place(row);
+        if !stats.is_empty() {
+            stats[2 * hh] = max;
+            stats[2 * hh + 1] = sum;
         }
     }
-    if let Some(mask) = a.mask {
-        let at = kv_b * s.kv_len + j0;
-        for (r, m) in row.iter_mut().zip(&mask[at..at + n]) {
-            *r += m;
-        }
+    if n == 0 && !stats.is_empty() {
+        // No keys: no weight in the merge.
+        stats[..2 * t.hn].chunks_exact_mut(2).for_each(|m| {
+            m[0] = f32::NEG_INFINITY;
+            m[1] = 0.0;
+        });
     }
-    softmax_in_place(row);
 }
 
 /// [`attend`] in explicit vectors of `$n` lanes: one fused multiply-add chain per (key, head)
@@ -317,17 +427,19 @@ macro_rules! attend_simd {
         unsafe fn $name(a: &AttnArgs, task: usize, oh: &mut [f32]) {
             use std::arch::x86_64::*;
             let s = a.s;
+            let t = Task::of(a, task);
             let Task {
                 inner,
                 hn,
                 d,
                 h0,
-                qi,
+                qi: _,
                 kv_b,
                 q,
                 j0,
                 j1,
-            } = Task::of(a, task);
+            } = t;
+            let (oh, stats) = oh.split_at_mut(hn * d);
             let n = j1 - j0;
             let mut probs = vec![0.0f32; hn * n];
             // A task with all heads reads whole keys, one contiguous stream; with some of
@@ -390,9 +502,7 @@ macro_rules! attend_simd {
                     }
                 }
             }
-            for h in 0..hn {
-                to_probs(a, &mut probs[h * n..(h + 1) * n], h0 + h, qi, kv_b, j0);
-            }
+            to_probs(a, &t, &mut probs, stats);
             if s.kv == KvFormat::Bf16 {
                 let half = d / 2;
                 let (mut oe, mut oo) = (vec![0.0f32; hn * half], vec![0.0f32; hn * half]);

@@ -91,17 +91,19 @@ impl Layout {
 pub(super) unsafe fn attend_int8(a: &AttnArgs, task: usize, oh: &mut [f32]) {
     let s = a.s;
     debug_assert_eq!(s.kv, KvFormat::Int8);
+    let t = Task::of(a, task);
     let Task {
         inner,
         hn,
         d,
         h0,
-        qi,
+        qi: _,
         kv_b,
         q,
         j0,
         j1,
-    } = Task::of(a, task);
+    } = t;
+    let (oh, stats) = oh.split_at_mut(hn * d);
     let n = j1 - j0;
     let l = Layout {
         per: KvFormat::Int8.slots_per_position(s.heads, d),
@@ -143,9 +145,7 @@ pub(super) unsafe fn attend_int8(a: &AttnArgs, task: usize, oh: &mut [f32]) {
             probs[at..at + je - jb].copy_from_slice(&sums[..je - jb]);
         }
     }
-    for h in 0..hn {
-        to_probs(a, &mut probs[h * n..(h + 1) * n], h0 + h, qi, kv_b, j0);
-    }
+    to_probs(a, &t, &mut probs, stats);
     // out_h = Σ_j p_hj · v_h[j], 64 values (or 16) at a time in registers across the block.
     oh.fill(0.0);
     for jb in (j0..j1).step_by(B) {
