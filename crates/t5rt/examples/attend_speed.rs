@@ -7,6 +7,9 @@
 //! ```text
 //! cargo run --release -p t5rt --example attend_speed -- [THREADS] [BATCHxKEYS...]
 //! ```
+//!
+//! `ATTEND_KV=bf16` or `ATTEND_KV=int8` times caches in that format (default f32); GB/s counts
+//! the format's own bytes.
 
 use std::time::Instant;
 
@@ -30,16 +33,32 @@ fn main() {
     let (heads, d_kv) = (8, 64);
     let inner = heads * d_kv;
     let b = CpuBackend::new(threads).expect("backend");
+    let kv = match std::env::var("ATTEND_KV").as_deref() {
+        Ok("bf16") => KvFormat::Bf16,
+        Ok("int8") => KvFormat::Int8,
+        _ => KvFormat::F32,
+    };
+    println!("{kv:?} caches");
     println!("batch  keys   GB/s     us");
     for (batch, keys) in cases {
         let len = batch * keys * inner;
-        let copies = (256 << 20) / (2 * 4 * len) + 1;
+        let copies = if std::env::var_os("ATTEND_HOT").is_some() {
+            1
+        } else {
+            (256 << 20) / (2 * 4 * len) + 1
+        };
         let vals: Vec<f32> = (0..len)
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
             .collect();
-        let kv: Vec<_> = (0..copies)
-            .map(|_| (b.upload(&vals).unwrap(), b.upload(&vals).unwrap()))
-            .collect();
+        let cache = || {
+            let t = b.upload(&vals).unwrap();
+            match kv {
+                KvFormat::F32 => t,
+                KvFormat::Bf16 => b.compress_kv(&t, len).unwrap(),
+                KvFormat::Int8 => b.quantize_kv(&t, batch * keys, heads, d_kv).unwrap(),
+            }
+        };
+        let caches: Vec<_> = (0..copies).map(|_| (cache(), cache())).collect();
         let q = b.upload(&vals[..batch * inner]).unwrap();
         let mut out = b.zeros(batch * inner).unwrap();
         let shape = AttnShape {
@@ -51,22 +70,22 @@ fn main() {
             kv_stride: keys,
             kv_group: 1,
             bias_stride: keys,
-            kv: KvFormat::F32,
+            kv,
         };
-        let reps = copies.max(20);
+        let reps = if copies == 1 { 500 } else { copies.max(20) };
         let mut best = f64::MAX;
         for _ in 0..5 {
             let t = Instant::now();
             // Inside the backend's pool, as decoding runs (see `Backend::run`).
             b.run(|| {
                 for r in 0..reps {
-                    let (k, v) = &kv[r % copies];
+                    let (k, v) = &caches[r % copies];
                     b.attention(&q, k, v, None, None, &mut out, shape).unwrap();
                 }
             });
             best = best.min(t.elapsed().as_secs_f64() / reps as f64);
         }
-        let bytes = (2 * 4 * len) as f64;
+        let bytes = (2 * 4 * kv.slots_per_position(heads, d_kv) * batch * keys) as f64;
         println!(
             "{:>5} {:>5} {:>6.1} {:>6.1}",
             batch,
