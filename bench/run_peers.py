@@ -369,6 +369,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--t5rt", default=str(ROOT / "target" / "release" / "t5rt"))
     ap.add_argument("--worker", nargs=2, metavar=("SYSTEM", "MODEL_DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None,
+                    help="directory for the JSON results (default bench/results); a run of only some "
+                         "cases always goes elsewhere (default bench/results/partial-DATE) and leaves "
+                         "bench/RESULTS.md alone")
     ap.add_argument("--markdown-only", action="store_true",
                     help="rewrite bench/RESULTS.md from bench/results/*.json without measuring")
     args = ap.parse_args()
@@ -384,7 +388,15 @@ def main():
         system, model_dir = args.worker
         print(json.dumps(run_system(system, Path(model_dir), cases, args.repeats, args.warmup)))
         return
-    results_dir = ROOT / "bench" / "results"
+    partial = sorted(cases) != ["a", "b", "c", "d"]
+    if args.out:
+        results_dir = Path(args.out)
+    elif partial:
+        results_dir = ROOT / "bench" / "results" / f"partial-{datetime.date.today().isoformat()}"
+    else:
+        results_dir = ROOT / "bench" / "results"
+    if partial and results_dir.resolve() == (ROOT / "bench" / "results").resolve():
+        sys.exit("a run of only some cases must not overwrite bench/results: pass another --out")
     results_dir.mkdir(parents=True, exist_ok=True)
     t5rt_version = subprocess.run([args.t5rt, "--version"], capture_output=True, text=True).stdout.strip()
     commit = t5rt_commit()  # at the start: the tree the binary was built from
@@ -416,6 +428,9 @@ def main():
             "t5rt_kernels": "; ".join(sorted({r[s]["device"] for r in all_results.values()
                                                 for s in T5RT if s in r}))}
     (results_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if partial:
+        print(f"only cases {args.cases}: results in {results_dir}, bench/RESULTS.md left as it was")
+        return
     write_markdown(all_results, meta, ROOT / "bench" / "RESULTS.md")
     print((ROOT / "bench" / "RESULTS.md").read_text())
 
