@@ -1087,7 +1087,9 @@ pub(super) fn matmul_packed_shared(
     // Widened bf16 reads f32 activations, two per lane of weights: rows of `2 kg` values,
     // padded when `k` is odd.
     let widened = w0.kind == WeightDtype::Bf16 && bf16_widened(isa);
-    let xstride = if widened { 2 * w0.kg } else { w0.kg };
+    let wide16 = w0.kind == WeightDtype::Int8
+        && no_dot(WeightDtype::Int8, isa) == Some(nodot::NoDot::Int8Avx512bw);
+    let xstride = if widened || wide16 { 2 * w0.kg } else { w0.kg };
     let in_place = w0.kind == WeightDtype::F32 || (widened && k == xstride);
     let (prepared, xscales) = if in_place {
         (Vec::new(), Vec::new())
@@ -1095,6 +1097,16 @@ pub(super) fn matmul_packed_shared(
         (pad_rows(x, m, k, xstride), Vec::new())
     } else {
         prepare(x, m, k, w0, isa)
+    };
+    #[cfg(target_arch = "x86_64")]
+    let prepared = if wide16 {
+        let mut wide = vec![0u32; 2 * prepared.len()];
+        // SAFETY: the AVX-512 BW level (`no_dot`), which the backend only runs where the CPU
+        // has it.
+        unsafe { nodot::widen_activations(&prepared, &mut wide) };
+        wide
+    } else {
+        prepared
     };
     let xl: &[u32] = if in_place {
         // SAFETY: f32 and u32 have the same size and alignment; the tiles read the bits.

@@ -5,15 +5,20 @@
 //!   to f32 in registers (a shift, or a mask, of each 32-bit lane's pair); activations are not
 //!   rounded; products are fused multiply-adds in order of `k`. The result is bitwise the f32
 //!   tile's on the bf16-rounded weights.
-//! - int8 through 16-bit products: the activation `q` (u8 `q + 128` in the lanes, so `|q| <=
-//!   127`) is split into `|q|` and its sign, which goes onto the weight (`vpsignb`, or a masked
-//!   negation on AVX-512); `vpmaddubsw` multiplies `|q|` by `±w` and sums pairs into 16 bits
-//!   (at most `2 · 127 · 127`, no saturation), `vpmaddwd` by ones sums those into 32 bits, and
-//!   `128 Σ w` is added at the end. Every product and sum is exact, so the i32 sums are
-//!   bitwise `vpdpbusd`'s.
+//! - int8 through 16-bit products, AVX-512BW: the weights widened to i16 in registers, the
+//!   activations `q` (|q| <= 127) as i16 (widened once per product), `vpmaddwd` summing pairs
+//!   into i32.
+//! - int8 through 16-bit products, AVX2: the activation `q` (u8 `q + 128` in the lanes, so
+//!   `|q| <= 127`) is split into `|q|` and its sign, which goes onto the weight (`vpsignb`);
+//!   `vpmaddubsw` multiplies `|q|` by `±w` and sums pairs into 16 bits (at most `2 · 127 ·
+//!   127`, no saturation), `vpmaddwd` by ones sums those into 32 bits.
+//!
+//! Both add `128 Σ w` at the end. Every product and sum is exact, so the i32 sums are bitwise
+//! `vpdpbusd`'s.
 //!
 //! Layouts and register tiles as in the parent module; `x` rows are `2 kg` f32 values
-//! (widened bf16) or `kg` u32 lanes (int8).
+//! (widened bf16), `2 kg` u32 holding 4 i16 per lane (int8, AVX-512BW) or `kg` u32 lanes
+//! (int8, AVX2).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -215,13 +220,20 @@ fn offset_sums<T: Copy, const R: usize, const V: usize>(
     }
 }
 
-/// int8, AVX-512BW: `vpmaddubsw` on `|q|` (u8) and `±w` (i8, the sign of `q` moved onto the
-/// weight), then `vpmaddwd` by ones into i32. Each 16-bit pair sum is at most
-/// `2 · 127 · 127 = 32258`, so `vpmaddubsw` never saturates and every sum is exact.
+/// int8, AVX-512BW, through 16-bit products: each weight vector (16 columns x 4 values of `k`)
+/// widened to two vectors of i16 (`vpmovsxbw`: columns 0-7 and 8-15, each column's 4 values
+/// as two i16 pairs), the activations `q` (`x` rows of `kg` i64 lanes: 4 i16 each, from
+/// [`widen_activations`]) broadcast 64 bits at a time, and `vpmaddwd` summing each pair into
+/// i32: every column's sum is spread over two i32 lanes (its values 0-1 and 2-3 of each group),
+/// added together at the end. Per 64 multiply-adds and row: two `vpmaddwd` and two adds,
+/// where the sign moves, `vpmaddubsw` and `vpmaddwd` by ones of [`int8_avx2`]'s scheme took
+/// four in zmm registers (that scheme's AVX-512 tile, replaced by this one in session 12:
+/// products 1.2x to 1.3x faster, `examples/matmul_speed`, `bench/RESULTS.md`). Products and sums are
+/// exact, so the i32 sums are bitwise `vpdpbusd`'s.
 ///
 /// # Safety
-/// AVX-512F and BW; `x` holds `R` rows of `kg` lanes (u8 `q + 128`); `sub + 16 V` <= panel
-/// width; weights in [-127, 127].
+/// AVX-512F and BW; `x` holds `R` rows of `2 kg` u32 (the i16 activations); `sub + 16 V` <=
+/// panel width.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn int8_avx512bw<const R: usize, const V: usize>(
@@ -235,40 +247,40 @@ unsafe fn int8_avx512bw<const R: usize, const V: usize>(
 ) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
-    let xp = x.as_ptr();
+    let xp = x.as_ptr() as *const i64;
     let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
-    let (flip, ones, zero) = (
-        _mm512_set1_epi8(0x80u8 as i8),
-        _mm512_set1_epi16(1),
-        _mm512_setzero_si512(),
-    );
-    // Exactly `R` rows, so that the sums stay in registers (a zip with a longer slice left
-    // them on the stack).
+    let zero = _mm512_setzero_si512();
+    // Exactly `R` rows, so that the sums stay in registers.
     let out = &mut out[..R];
-    let mut acc = [[zero; V]; R];
-    for (o, acc) in out.iter().zip(acc.iter_mut()) {
-        for (v, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_loadu_si512(o.as_ptr().add(sub + 16 * v) as *const _);
-        }
-    }
+    let (mut lo, mut hi) = ([[zero; V]; R], [[zero; V]; R]);
     let last_block = ks.end == kg;
     for g in ks {
         prefetch_panel(wp, ahead, pw, 16 * V);
-        let mut wv = [zero; V];
-        for (v, wv) in wv.iter_mut().enumerate() {
-            *wv = _mm512_loadu_si512(wp.add(16 * v) as *const _);
+        let (mut wl, mut wh) = ([zero; V], [zero; V]);
+        for v in 0..V {
+            wl[v] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(wp.add(16 * v) as *const _));
+            wh[v] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(wp.add(16 * v + 8) as *const _));
         }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            // q = byte - 128, |q| <= 127.
-            let q = _mm512_xor_si512(_mm512_set1_epi32(*xp.add(r * kg + g) as i32), flip);
-            let (neg, abs) = (_mm512_movepi8_mask(q), _mm512_abs_epi8(q));
-            for (a, &wv) in acc.iter_mut().zip(&wv) {
-                let signed = _mm512_mask_sub_epi8(wv, neg, zero, wv);
-                let pairs = _mm512_maddubs_epi16(abs, signed);
-                *a = _mm512_add_epi32(*a, _mm512_madd_epi16(pairs, ones));
+        for r in 0..R {
+            let xb = _mm512_set1_epi64(*xp.add(r * kg + g));
+            for v in 0..V {
+                lo[r][v] = _mm512_add_epi32(lo[r][v], _mm512_madd_epi16(xb, wl[v]));
+                hi[r][v] = _mm512_add_epi32(hi[r][v], _mm512_madd_epi16(xb, wh[v]));
             }
         }
         wp = wp.add(pw);
+    }
+    // Column j's two lanes are 2j and 2j + 1 of `lo` (columns 0-7) or `hi` (8-15).
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    let mut acc = [[zero; V]; R];
+    for r in 0..R {
+        for v in 0..V {
+            acc[r][v] = _mm512_add_epi32(
+                _mm512_permutex2var_epi32(lo[r][v], even, hi[r][v]),
+                _mm512_permutex2var_epi32(lo[r][v], odd, hi[r][v]),
+            );
+        }
     }
     let sums = w.col_sums.as_ptr().add(c0 + sub);
     if last_block {
@@ -280,15 +292,43 @@ unsafe fn int8_avx512bw<const R: usize, const V: usize>(
     }
     for (o, acc) in out.iter_mut().zip(&acc) {
         for (v, a) in acc.iter().enumerate() {
-            _mm512_storeu_si512(o.as_mut_ptr().add(sub + 16 * v) as *mut _, *a);
+            let o = o.as_mut_ptr().add(sub + 16 * v) as *mut __m512i;
+            _mm512_storeu_si512(o, _mm512_add_epi32(_mm512_loadu_si512(o), *a));
         }
     }
 }
 
-/// int8, AVX2: as [`int8_avx512bw`], with `vpsignb` moving the sign onto the weights.
+/// The activations of int8 rows for [`int8_avx512bw`]: each lane of `src` (4 bytes, u8 `q +
+/// 128`) as 4 i16 `q` in two u32 of `dst` (twice `src`'s length).
 ///
 /// # Safety
-/// AVX2; as [`int8_avx512bw`] with `sub + 8 V` <= panel width.
+/// AVX-512F and BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn widen_activations(src: &[u32], dst: &mut [u32]) {
+    debug_assert_eq!(dst.len(), 2 * src.len());
+    let bias = _mm512_set1_epi16(128);
+    let whole = src.len() / 8 * 8;
+    for i in (0..whole).step_by(8) {
+        let bytes = _mm256_loadu_si256(src.as_ptr().add(i) as *const _);
+        let q = _mm512_sub_epi16(_mm512_cvtepu8_epi16(bytes), bias);
+        _mm512_storeu_si512(dst.as_mut_ptr().add(2 * i) as *mut _, q);
+    }
+    for i in whole..src.len() {
+        let b = src[i].to_le_bytes().map(|b| (b as i16 - 128) as u16 as u32);
+        dst[2 * i] = b[0] | b[1] << 16;
+        dst[2 * i + 1] = b[2] | b[3] << 16;
+    }
+}
+
+/// int8, AVX2: `vpmaddubsw` on `|q|` (u8) and `±w` (i8, the sign of `q` moved onto the weight
+/// by `vpsignb`), then `vpmaddwd` by ones into i32. Each 16-bit pair sum is at most `2 · 127 ·
+/// 127 = 32258`, so `vpmaddubsw` never saturates and every sum is exact. (In ymm registers
+/// this costs about what 16-bit products do, `bench/ceilings/int8_vs_f32.c`.)
+///
+/// # Safety
+/// AVX2; `x` holds `R` rows of `kg` lanes (u8 `q + 128`); `sub + 8 V` <= panel width;
+/// weights in [-127, 127].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn int8_avx2<const R: usize, const V: usize>(
@@ -416,11 +456,11 @@ pub(super) unsafe fn tile(
                 rows,
                 c0,
                 ks,
-                w.kg,
+                2 * w.kg,
                 16,
-                4,
-                [2, 3, 4],
-                4,
+                2,
+                [2, 3, 4, 5, 6],
+                6,
                 acc,
                 ahead
             )
