@@ -261,14 +261,8 @@ fn check_rows_alone<B: Backend>(b: &B, rng: &mut Rng) {
     let batch = keep.len();
     let shape = |batch: usize, kv: KvFormat| AttnShape {
         batch,
-        heads,
-        d_kv,
-        q_len: 1,
-        kv_len,
-        kv_stride: kv_len,
-        kv_group: 1,
-        bias_stride: kv_len,
         kv,
+        ..one_query(heads, d_kv, kv_len, kv_len)
     };
     let q: Vec<f32> = rng.vec(batch * inner).iter().map(|v| v * 3.0).collect();
     let (k, v) = (
@@ -329,6 +323,21 @@ fn check_rows_alone<B: Backend>(b: &B, rng: &mut Rng) {
     }
 }
 
+/// One query of one sequence over `kv_len` f32 keys (a decoding step).
+fn one_query(heads: usize, d_kv: usize, kv_len: usize, bias_stride: usize) -> AttnShape {
+    AttnShape {
+        batch: 1,
+        heads,
+        d_kv,
+        q_len: 1,
+        kv_len,
+        kv_stride: kv_len,
+        kv_group: 1,
+        bias_stride,
+        kv: KvFormat::F32,
+    }
+}
+
 /// Keys masked at the start of a row (a row that joined a running batch late) are left out:
 /// the result equals, bit for bit, attention over the keys after them alone (the bias rows
 /// end where they did). One query per sequence, as in decoding.
@@ -336,17 +345,7 @@ fn check_leading_mask<B: Backend>(b: &B, rng: &mut Rng) {
     for (heads, d_kv, kv_len, lead) in [(2, 8, 9, 3), (4, 64, 300, 37), (12, 64, 40, 39)] {
         let inner = heads * d_kv;
         let bias_stride = kv_len + 5;
-        let full = AttnShape {
-            batch: 1,
-            heads,
-            d_kv,
-            q_len: 1,
-            kv_len,
-            kv_stride: kv_len,
-            kv_group: 1,
-            bias_stride,
-            kv: KvFormat::F32,
-        };
+        let full = one_query(heads, d_kv, kv_len, bias_stride);
         let short = AttnShape {
             kv_len: kv_len - lead,
             kv_stride: kv_len - lead,
