@@ -850,6 +850,16 @@ fn bf16_dot_order() {
     }
 }
 
+/// The CUDA backend in each precision (f32, bf16, f16), one at a time; none without a GPU.
+#[cfg(feature = "cuda")]
+fn cuda_each_precision(
+) -> impl Iterator<Item = (t5rt::WeightDtype, t5rt::backend::cuda::CudaBackend)> {
+    use t5rt::WeightDtype::{Bf16, F16, F32};
+    [F32, Bf16, F16]
+        .into_iter()
+        .map_while(|dtype| common::cuda_backend(dtype).map(|b| (dtype, b)))
+}
+
 /// Whether `gemv` runs at its default 8 columns per block (the chained attention kernels need
 /// it).
 #[cfg(feature = "cuda")]
@@ -937,14 +947,7 @@ fn cuda_kernels_match_reference() {
     // Products of one input in one `gemv` launch (`set_shared_gemv`, on by default): each
     // output bit for bit what its own launch gives, for two and three products, in every
     // precision; shapes past gemv's limits take cuBLAS, one product at a time, as before.
-    for dtype in [
-        t5rt::WeightDtype::F32,
-        t5rt::WeightDtype::Bf16,
-        t5rt::WeightDtype::F16,
-    ] {
-        let Some(h) = common::cuda_backend(dtype) else {
-            return;
-        };
+    for (dtype, h) in cuda_each_precision() {
         for (m, n, k, count) in [
             (1, 768, 768, 3),
             (8, 300, 1024, 2),
@@ -1018,14 +1021,7 @@ fn cuda_kernels_match_reference() {
     // the residual bit for bit what `attention_step` then `gemv` give, in every precision;
     // self-attention (position bias, f32 cache longer than the keys read) and
     // cross-attention (padding mask, f32 and bf16 keys/values), 1 to 8 rows.
-    for dtype in [
-        t5rt::WeightDtype::F32,
-        t5rt::WeightDtype::Bf16,
-        t5rt::WeightDtype::F16,
-    ] {
-        let Some(h) = common::cuda_backend(dtype) else {
-            return;
-        };
+    for (dtype, h) in cuda_each_precision() {
         // (the last case: 1548 blocks, more than an H100/H200 holds at once)
         for (batch, heads, d_kv, kv_len, cross, kv, d_model) in [
             (1, 12, 64, 7, false, KvFormat::F32, 768),
@@ -1122,14 +1118,7 @@ fn cuda_kernels_match_reference() {
     // input product(s) (self-attention: q, k and v, this position's keys and values written
     // into the caches), the attention, the output product: q, the caches, the attention
     // output and the residual bit for bit what the separate launches give.
-    for dtype in [
-        t5rt::WeightDtype::F32,
-        t5rt::WeightDtype::Bf16,
-        t5rt::WeightDtype::F16,
-    ] {
-        let Some(h) = common::cuda_backend(dtype) else {
-            return;
-        };
+    for (dtype, h) in cuda_each_precision() {
         // (a self-attention row that joined later masks its first positions; the 8192-wide
         // case has 1324 blocks, more than an H100/H200 holds at once)
         for (batch, heads, d_kv, d_model, pos, cross, kv) in [
@@ -1278,14 +1267,7 @@ fn cuda_kernels_match_reference() {
     // A feed-forward sublayer's two products in one `gemv_gemv` launch (`set_chain`, off by
     // default until this has passed on a GPU): the residual bit for bit what the fused
     // input product then the output product give, gated and not, 1 to 8 rows.
-    for dtype in [
-        t5rt::WeightDtype::F32,
-        t5rt::WeightDtype::Bf16,
-        t5rt::WeightDtype::F16,
-    ] {
-        let Some(h) = common::cuda_backend(dtype) else {
-            return;
-        };
+    for (dtype, h) in cuda_each_precision() {
         // (the last case: 1056 blocks of 32 KB of shared memory, more than a GPU holds at once)
         for (m, d, d_ff, gated) in [
             (1, 768, 3072, true),

@@ -692,6 +692,26 @@ pub struct SelfAttnCall<'a, T, W> {
     pub out_proj: MatDims,
 }
 
+impl<'a, T, W> SelfAttnCall<'a, T, W> {
+    /// The sublayer's attention: the query `q` over the caches `k` and `v` (this step's keys
+    /// and values written), with the position bias and mask; its length read on the device
+    /// in a recorded step.
+    pub fn attention<'b>(&self, q: &'b T, k: &'b T, v: &'b T) -> AttnCall<'b, T>
+    where
+        'a: 'b,
+    {
+        AttnCall {
+            q,
+            k,
+            v,
+            bias: self.bias,
+            mask: self.mask,
+            shape: self.shape,
+            step: true,
+        }
+    }
+}
+
 /// [`Backend::self_attention_out`] as two operations (the trait's default, and backends'
 /// fallback).
 pub(crate) fn self_attention_then_out<B: Backend + ?Sized>(
@@ -720,15 +740,7 @@ pub(crate) fn self_attention_then_out<B: Backend + ?Sized>(
         write,
         c.proj,
     )?;
-    let call = AttnCall {
-        q: &*q,
-        k: &*cache.k_cache,
-        v: &*cache.v_cache,
-        bias: c.bias,
-        mask: c.mask,
-        shape: c.shape,
-        step: true,
-    };
+    let call = c.attention(&*q, &*cache.k_cache, &*cache.v_cache);
     b.attention_out(call, attn, c.o, x, c.out_proj)
 }
 
@@ -748,6 +760,25 @@ pub struct CrossAttnCall<'a, T, W> {
     pub out_proj: MatDims,
 }
 
+impl<'a, T, W> CrossAttnCall<'a, T, W> {
+    /// The sublayer's attention: the query `q` over the encoder's keys and values, with their
+    /// mask and no position bias.
+    pub fn attention<'b>(&self, q: &'b T) -> AttnCall<'b, T>
+    where
+        'a: 'b,
+    {
+        AttnCall {
+            q,
+            k: self.k,
+            v: self.v,
+            bias: None,
+            mask: self.mask,
+            shape: self.shape,
+            step: false,
+        }
+    }
+}
+
 /// [`Backend::cross_attention_out`] as two operations (the trait's default, and backends'
 /// fallback).
 pub(crate) fn cross_attention_then_out<B: Backend + ?Sized>(
@@ -759,15 +790,7 @@ pub(crate) fn cross_attention_then_out<B: Backend + ?Sized>(
     attn: &mut B::Tensor,
 ) -> Result<()> {
     b.norm_matmul_shared(x, c.norm, c.eps, normed, &[c.wq], &mut [&mut *q], c.proj)?;
-    let call = AttnCall {
-        q: &*q,
-        k: c.k,
-        v: c.v,
-        bias: None,
-        mask: c.mask,
-        shape: c.shape,
-        step: false,
-    };
+    let call = c.attention(&*q);
     b.attention_out(call, attn, c.o, x, c.out_proj)
 }
 

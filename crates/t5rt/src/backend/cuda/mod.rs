@@ -1602,15 +1602,7 @@ impl Backend for CudaBackend {
         cache: CacheWrite<'_, CudaSlice<f32>>,
         attn: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let a = AttnCall {
-            q: &*qkv[0],
-            k: &*cache.k_cache,
-            v: &*cache.v_cache,
-            bias: call.bias,
-            mask: call.mask,
-            shape: call.shape,
-            step: true,
-        };
+        let a = call.attention(&*qkv[0], &*cache.k_cache, &*cache.v_cache);
         let outs = [&*qkv[0], &*cache.k_cache, &*cache.v_cache];
         let at = Some((cache.capacity, cache.pos));
         let (norm, ws) = ((call.norm, call.eps), &call.ws[..]);
@@ -1639,15 +1631,7 @@ impl Backend for CudaBackend {
         q: &mut CudaSlice<f32>,
         attn: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let a = AttnCall {
-            q: &*q,
-            k: call.k,
-            v: call.v,
-            bias: None,
-            mask: call.mask,
-            shape: call.shape,
-            step: false,
-        };
+        let a = call.attention(&*q);
         let (norm, ws) = ((call.norm, call.eps), [call.wq]);
         if self.chained_sublayer(
             x,
