@@ -593,7 +593,7 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(b.run(rayon::current_thread_index), Some(0));
             // Inside the pool, `run` calls straight through.
-            assert_eq!(b.run(|| b.run(|| rayon::current_thread_index())), Some(0));
+            assert_eq!(b.run(|| b.run(rayon::current_thread_index)), Some(0));
         }
         // Parallel work inside `run` still reaches every thread.
         let used: std::collections::HashSet<usize> = b.run(|| {
