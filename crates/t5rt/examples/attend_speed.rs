@@ -10,6 +10,11 @@
 //!
 //! `ATTEND_KV=bf16` or `ATTEND_KV=int8` times caches in that format (default f32); GB/s counts
 //! the format's own bytes.
+//!
+//! `ATTEND_ENCODER=1` times the encoder's attention instead: every position a query
+//! (`q_len = kv_len = KEYS`), with a full `[heads, KEYS, KEYS]` position bias and a mask, as
+//! `T5Model::encode` calls it; it prints GFLOP/s (the two products' FLOPs over wall time, best
+//! of 5) and microseconds per call.
 
 use std::time::Instant;
 
@@ -38,6 +43,9 @@ fn main() {
         Ok("int8") => KvFormat::Int8,
         _ => KvFormat::F32,
     };
+    if std::env::var_os("ATTEND_ENCODER").is_some() {
+        return encoder(&b, &cases, heads, d_kv);
+    }
     println!("{kv:?} caches");
     println!("batch  keys   GB/s     us");
     for (batch, keys) in cases {
@@ -91,6 +99,64 @@ fn main() {
             batch,
             keys,
             bytes / best / 1e9,
+            best * 1e6
+        );
+    }
+}
+
+/// The encoder's attention (see the module docs), hot: as in the encoder, whose q, k and v
+/// were just written by the projections.
+fn encoder(b: &CpuBackend, cases: &[(usize, usize)], heads: usize, d_kv: usize) {
+    let inner = heads * d_kv;
+    println!("encoder attention, f32, {heads} heads of {d_kv}");
+    println!("batch   len GFLOP/s     us");
+    for &(batch, len) in cases {
+        let n = batch * len * inner;
+        let vals = |seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i + seed) * 7919) % 1000) as f32 / 1000.0 - 0.5)
+                .collect()
+        };
+        let (q, k, v) = (
+            b.upload(&vals(1)).unwrap(),
+            b.upload(&vals(2)).unwrap(),
+            b.upload(&vals(3)).unwrap(),
+        );
+        let bias: Vec<f32> = (0..heads * len * len)
+            .map(|i| ((i * 31) % 17) as f32 * 0.1 - 0.8)
+            .collect();
+        let bias = b.upload(&bias).unwrap();
+        let mask = b.upload(&vec![0.0f32; batch * len]).unwrap();
+        let mut out = b.zeros(n).unwrap();
+        let shape = AttnShape {
+            batch,
+            heads,
+            d_kv,
+            q_len: len,
+            kv_len: len,
+            kv_stride: len,
+            kv_group: 1,
+            bias_stride: len,
+            kv: KvFormat::F32,
+        };
+        let reps = (200_000_000 / (batch * len * len * inner)).clamp(3, 500);
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            b.run(|| {
+                for _ in 0..reps {
+                    b.attention(&q, &k, &v, Some(&bias), Some(&mask), &mut out, shape)
+                        .unwrap();
+                }
+            });
+            best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+        }
+        let flops = (4 * batch * len * len * inner) as f64;
+        println!(
+            "{:>5} {:>5} {:>8.1} {:>6.0}",
+            batch,
+            len,
+            flops / best / 1e9,
             best * 1e6
         );
     }

@@ -242,6 +242,12 @@ const ATTN_CASES: &[AttnCase] = &[
     // threads), and a self-attention cache longer than the positions read
     (1, 12, 64, 1, 512, 512, 1),
     (3, 4, 64, 1, 200, 256, 1),
+    // many queries in whole vectors (the AVX-512 encoder path): query blocks of 64 and a
+    // remainder, keys padded to blocks of 32, heads of 80 values (a 64-value tile and a
+    // 16-value one), more queries than keys, keys shared by groups of rows
+    (2, 4, 64, 150, 150, 150, 1),
+    (1, 2, 80, 70, 40, 48, 1),
+    (6, 2, 32, 5, 9, 9, 3),
 ];
 
 fn check_attention<B: Backend>(b: &B, rng: &mut Rng) {
