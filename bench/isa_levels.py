@@ -24,6 +24,8 @@ import run_peers  # noqa: E402
 
 # t5rt level -> the environment that holds CTranslate2 and its libraries to the same one.
 LEVELS = {
+    "avx512-bf16": {"CT2_FORCE_CPU_ISA": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
     "avx512-vnni": {"CT2_FORCE_CPU_ISA": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI",
                     "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
     "avx512bw": {"CT2_FORCE_CPU_ISA": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
