@@ -81,18 +81,10 @@ fn main() {
             kv,
         };
         let reps = if copies == 1 { 500 } else { copies.max(20) };
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            let t = Instant::now();
-            // Inside the backend's pool, as decoding runs (see `Backend::run`).
-            b.run(|| {
-                for r in 0..reps {
-                    let (k, v) = &caches[r % copies];
-                    b.attention(&q, k, v, None, None, &mut out, shape).unwrap();
-                }
-            });
-            best = best.min(t.elapsed().as_secs_f64() / reps as f64);
-        }
+        let best = best_of_5(&b, reps, |r| {
+            let (k, v) = &caches[r % copies];
+            b.attention(&q, k, v, None, None, &mut out, shape).unwrap();
+        });
         let bytes = (2 * 4 * kv.slots_per_position(heads, d_kv) * batch * keys) as f64;
         println!(
             "{:>5} {:>5} {:>6.1} {:>6.1}",
@@ -140,17 +132,10 @@ fn encoder(b: &CpuBackend, cases: &[(usize, usize)], heads: usize, d_kv: usize) 
             kv: KvFormat::F32,
         };
         let reps = (200_000_000 / (batch * len * len * inner)).clamp(3, 500);
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            let t = Instant::now();
-            b.run(|| {
-                for _ in 0..reps {
-                    b.attention(&q, &k, &v, Some(&bias), Some(&mask), &mut out, shape)
-                        .unwrap();
-                }
-            });
-            best = best.min(t.elapsed().as_secs_f64() / reps as f64);
-        }
+        let best = best_of_5(b, reps, |_| {
+            b.attention(&q, &k, &v, Some(&bias), Some(&mask), &mut out, shape)
+                .unwrap();
+        });
         let flops = (4 * batch * len * len * inner) as f64;
         println!(
             "{:>5} {:>5} {:>8.1} {:>6.0}",
@@ -160,4 +145,16 @@ fn encoder(b: &CpuBackend, cases: &[(usize, usize)], heads: usize, d_kv: usize) 
             best * 1e6
         );
     }
+}
+
+/// Seconds per call of `call(r)` for `r` in `0..reps`, the best of 5 runs, each run inside the
+/// backend's pool as decoding runs (see `Backend::run`).
+fn best_of_5(b: &CpuBackend, reps: usize, mut call: impl FnMut(usize) + Send) -> f64 {
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        b.run(|| (0..reps).for_each(&mut call));
+        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    best
 }
