@@ -10,7 +10,9 @@ For each model (real t5-small / t5-base / flan-t5-small configurations, random w
 initialised as tools/make_fixtures.py does) it saves an HF checkpoint under bench/models/
 (git-ignored), exports it for ONNX Runtime (optimum, with past key values) and CTranslate2
 (float32 and int8), then measures cases a-d (see `t5rt bench --help`) with EOS suppressed
-(min = max new tokens), each system in its own process so that peak memory is its own.
+(min = max new tokens), each system and case in its own process so that peak memory is its
+own; case by case, every system back to back, in an order rotated from one case to the next,
+so that a ratio compares runs a few minutes apart at most.
 Greedy ids on case a are checked against Hugging Face for every system. Results go to
 bench/results/<model>.json and bench/RESULTS.md.
 """
@@ -184,10 +186,13 @@ def probe_gbs():
     return round(sorted(runs)[1], 1)
 
 
-def run_t5rt(binary, model_dir, cases, repeats, warmup, work, dtype="f32"):
-    """t5rt bench, one process per case, timing the same ids as the peers (`--inputs`)."""
-    # This VM's bandwidth moves from minute to minute: measure it next to the run it bounds.
-    bw_before = probe_gbs()
+def run_t5rt(binary, model_dir, cases, repeats, warmup, work, dtype="f32", env=None):
+    """t5rt bench, one process per case, timing the same ids as the peers (`--inputs`);
+    `env` adds variables to its environment (`T5RT_ISA`)."""
+    # This VM's bandwidth moves from minute to minute: measure it next to the run it bounds
+    # (case a's decoding step, set against the bandwidth estimate in RESULTS.md).
+    probe = probe_gbs if "a" in cases else (lambda: None)
+    bw_before = probe()
     res, peak = {}, 0.0
     for case in cases:
         batch, length, new = CASES[case]
@@ -198,7 +203,7 @@ def run_t5rt(binary, model_dir, cases, repeats, warmup, work, dtype="f32"):
         cmd = [binary, "bench", "--model", str(model_dir / "hf"), "--threads", str(THREADS),
                "--dtype", dtype, "--repeats", str(repeats), "--warmup", str(warmup),
                "--case", case, "--inputs", str(inp), "--json", str(out)]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, **(env or {})))
         rep = json.loads(out.read_text())
         c = rep["cases"][0]
         res[case] = {"tokens_per_s": c["tokens_per_s"]["median"],
@@ -209,7 +214,7 @@ def run_t5rt(binary, model_dir, cases, repeats, warmup, work, dtype="f32"):
         peak = max(peak, c["peak_rss_mib"] or 0)
         device = rep["device"]
     return {"system": f"t5rt-{dtype}", "cases": res, "peak_rss_mib": peak, "device": device,
-            "bandwidth_gbs_before": bw_before, "bandwidth_gbs_after": probe_gbs()}
+            "bandwidth_gbs_before": bw_before, "bandwidth_gbs_after": probe()}
 
 
 def versions():
@@ -240,8 +245,21 @@ def t5rt_commit():
     return commit + ("+dirty" if dirty else "")
 
 
+PEERS = ["hf", "ort", "ct2-float32", "ct2-int8"]
 T5RT = ["t5rt", "t5rt-bf16", "t5rt-int8"]
 DTYPE_OF = {"t5rt": "f32", "t5rt-bf16": "bf16", "t5rt-int8": "int8"}
+
+
+def merge_case(res, system, one):
+    """Adds one case's run of `system` (a process of its own) to `res`: the cases side by
+    side, the peak memory the largest of the processes', the rest (kernels, bandwidth around
+    case a) as the run that has it gave it."""
+    mine = res.setdefault(system, {"system": system, "cases": {}, "peak_rss_mib": 0.0})
+    mine["cases"].update(one["cases"])
+    mine["peak_rss_mib"] = max(mine["peak_rss_mib"], one["peak_rss_mib"] or 0)
+    for k, v in one.items():
+        if k not in ("system", "cases", "peak_rss_mib") and v is not None:
+            mine[k] = v
 
 
 def id_agreement(got, want):
@@ -251,7 +269,7 @@ def id_agreement(got, want):
 
 
 def write_markdown(all_results, meta, path):
-    peers = ["hf", "ort", "ct2-float32", "ct2-int8"]
+    peers = PEERS
     names = {"hf": "HF torch f32", "ort": "ORT f32", "ct2-float32": "CT2 f32",
              "ct2-int8": "CT2 int8", "t5rt": "t5rt f32", "t5rt-bf16": "t5rt bf16",
              "t5rt-int8": "t5rt int8"}
@@ -318,7 +336,8 @@ def write_markdown(all_results, meta, path):
                   f"median with 1); f32 matmul (numpy/OpenBLAS, 2048^3) "
                   f"{lim['f32_matmul_gflops_numpy']} GFLOP/s. This VM shares its memory with other "
                   "tenants, so bandwidth, and every batch-1 figure above, moves from one minute to the "
-                  "next; peers and t5rt ran one after another, not at once. The bandwidth "
+                  "next; the harness runs each case through every system back to back (the order "
+                  "rotated from case to case), so the ratios in a row come from the same few minutes. The bandwidth "
                   "estimate of a batch-1 decoding step is the weights it must read (self q,k,v,o, "
                   "cross q,o, FFN per layer, and the LM head; cross k,v are cached per request) over "
                   "the probe's median bandwidth: f32 as measured, bf16 half of it, int8 a quarter; "
@@ -406,17 +425,23 @@ def main():
         print(f"== {name}: preparing", flush=True)
         prepare(name, model_dir)
         res = {}
-        for system in ("hf", "ort", "ct2-float32", "ct2-int8"):
-            print(f"== {name}: {system}", flush=True)
-            out = subprocess.run([sys.executable, __file__, "--worker", system, str(model_dir),
-                                  "--cases", args.cases, "--repeats", str(args.repeats),
-                                  "--warmup", str(args.warmup)],
-                                 check=True, capture_output=True, text=True)
-            res[system] = json.loads(out.stdout.strip().splitlines()[-1])
-        for system in T5RT:
-            print(f"== {name}: {system}", flush=True)
-            res[system] = run_t5rt(args.t5rt, model_dir, cases, args.repeats, args.warmup, model_dir,
-                                   DTYPE_OF[system])
+        # Case by case, every system back to back, in an order rotated from one case to the
+        # next: this VM's bandwidth moves over minutes, and running each system through all
+        # its cases before the next would move whole columns with it.
+        systems = list(PEERS) + list(T5RT)
+        for i, case in enumerate(cases):
+            for system in systems[i:] + systems[:i]:
+                print(f"== {name} case {case}: {system}", flush=True)
+                if system in T5RT:
+                    one = run_t5rt(args.t5rt, model_dir, [case], args.repeats, args.warmup,
+                                   model_dir, DTYPE_OF[system])
+                else:
+                    out = subprocess.run([sys.executable, __file__, "--worker", system, str(model_dir),
+                                          "--cases", case, "--repeats", str(args.repeats),
+                                          "--warmup", str(args.warmup)],
+                                         check=True, capture_output=True, text=True)
+                    one = json.loads(out.stdout.strip().splitlines()[-1])
+                merge_case(res, system, one)
         for s, r in res.items():
             print(f"   {s:12s} " + "  ".join(f"{c}: {v['tokens_per_s']:.1f}" for c, v in r["cases"].items()),
                   flush=True)
