@@ -93,11 +93,16 @@ def write_markdown(res, cases):
     before, _, after = text.partition(marker)
     rest = after.split("\n## ", 1)
     tail = ("\n## " + rest[1]) if len(rest) > 1 else ""
+    # Subsections of the old section (tables of other machines, `### ...`) stay.
+    kept = rest[0].split("\n### ", 1)
+    if len(kept) > 1:
+        tail = "\n### " + kept[1].rstrip() + "\n" + tail
     m = res["machine"]
     lines = [marker, "",
              f"Made by `bench/isa_levels.py` on {res['date']}: {m['cpu']} (flags: "
              f"{' '.join(m.get('simd_flags', []))}), 2 threads, t5rt at commit {res['commit']}; "
-             f"median of {res['repeats']} timed runs. Each level is forced on t5rt with `T5RT_ISA` "
+             f"median of {res['repeats']} timed runs, each case run through every system back to back "
+             "(the order rotated from case to case). Each level is forced on t5rt with `T5RT_ISA` "
              "and on CTranslate2 with CT2_FORCE_CPU_ISA, ONEDNN_MAX_CPU_ISA and "
              "MKL_ENABLE_INSTRUCTIONS (CTranslate2 has no level between AVX2 and AVX512; at "
              "`avx512bw` oneDNN is held below VNNI). Tokens/s; ratios are t5rt over CTranslate2 "
