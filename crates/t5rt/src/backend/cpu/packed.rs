@@ -801,7 +801,8 @@ unsafe fn tile_simd(
 /// One tile on the best path `isa` allows: `rows` rows of `x` times the panel at `c0`, over
 /// the lanes `ks` of `k`, added to the running sums in `acc` (each output's sum over `k`
 /// continues in order, whatever the split of `k`); the SIMD tiles prefetch the panel `ahead`
-/// rows ahead of the row they read (see [`prefetch_rows`]).
+/// rows ahead of the row they read (see [`prefetch_rows`]). `nodot_kind`: the tile of
+/// [`nodot`] the product chose ([`no_dot`], and the layout of `x` it prepared), if any.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn tile(
@@ -813,6 +814,7 @@ fn tile(
     ks: Range<usize>,
     acc: &mut TileAcc,
     isa: Isa,
+    nodot_kind: Option<nodot::NoDot>,
     ahead: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -831,8 +833,9 @@ fn tile(
             // SAFETY: as above.
             return unsafe { tile_avx2_f32(x, w, rows, c0, ks, acc, ahead) };
         }
-        if let Some(kind) = no_dot(w.kind, isa) {
-            // SAFETY: as above; `matmul_packed` gives widened bf16 rows of `2 kg` values.
+        if let Some(kind) = nodot_kind {
+            // SAFETY: as above; `matmul_packed_shared` prepared `x` for this tile (widened
+            // bf16 rows of `2 kg` values, int8 as `kind` reads it).
             return unsafe { nodot::tile(x, w, rows, c0, ks, acc, kind, ahead) };
         }
         if isa >= Isa::Avx2 {
@@ -840,7 +843,7 @@ fn tile(
             return unsafe { tile_portable_avx2(x, w, rows, c0, width, ks, acc) };
         }
     }
-    let _ = (isa, ahead);
+    let _ = (isa, nodot_kind, ahead);
     tile_portable(x, w, rows, c0, width, ks, acc)
 }
 
@@ -1087,9 +1090,20 @@ pub(super) fn matmul_packed_shared(
     // Widened bf16 reads f32 activations, two per lane of weights: rows of `2 kg` values,
     // padded when `k` is odd.
     let widened = w0.kind == WeightDtype::Bf16 && bf16_widened(isa);
-    let wide16 = w0.kind == WeightDtype::Int8
-        && no_dot(WeightDtype::Int8, isa) == Some(nodot::NoDot::Int8Avx512bw);
-    let xstride = if widened || wide16 { 2 * w0.kg } else { w0.kg };
+    // The tile for CPUs without the dot-product instructions, if this product runs on one.
+    let nodot_kind = match no_dot(w0.kind, isa) {
+        Some(nodot::NoDot::Int8Avx2) if m > nodot::SPLIT_MIN_ROWS => {
+            Some(nodot::NoDot::Int8Avx2Split)
+        }
+        kind => kind,
+    };
+    let wide16 = nodot_kind == Some(nodot::NoDot::Int8Avx512bw);
+    let split = nodot_kind == Some(nodot::NoDot::Int8Avx2Split);
+    let xstride = if widened || wide16 || split {
+        2 * w0.kg
+    } else {
+        w0.kg
+    };
     let in_place = w0.kind == WeightDtype::F32 || (widened && k == xstride);
     let (prepared, xscales) = if in_place {
         (Vec::new(), Vec::new())
@@ -1105,6 +1119,11 @@ pub(super) fn matmul_packed_shared(
         // has it.
         unsafe { nodot::widen_activations(&prepared, &mut wide) };
         wide
+    } else if split {
+        let mut both = vec![0u32; 2 * prepared.len()];
+        // SAFETY: the AVX2 level (`no_dot`), which the backend only runs where the CPU has it.
+        unsafe { nodot::split_activations(&prepared, &mut both) };
+        both
     } else {
         prepared
     };
@@ -1152,7 +1171,18 @@ pub(super) fn matmul_packed_shared(
                 let r0 = r_start + i * MR;
                 let rows = MR.min(r_end - r0);
                 let xs = &xl[r0 * xstride..(r0 + rows) * xstride];
-                tile(xs, w, rows, c0, width, ks.clone(), acc, isa, ahead);
+                tile(
+                    xs,
+                    w,
+                    rows,
+                    c0,
+                    width,
+                    ks.clone(),
+                    acc,
+                    isa,
+                    nodot_kind,
+                    ahead,
+                );
             }
         }
         for (i, acc) in sums.iter().enumerate() {

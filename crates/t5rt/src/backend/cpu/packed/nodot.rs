@@ -17,8 +17,9 @@
 //! `vpdpbusd`'s.
 //!
 //! Layouts and register tiles as in the parent module; `x` rows are `2 kg` f32 values
-//! (widened bf16), `2 kg` u32 holding 4 i16 per lane (int8, AVX-512BW) or `kg` u32 lanes
-//! (int8, AVX2).
+//! (widened bf16), `2 kg` u32 holding 4 i16 per lane (int8, AVX-512BW), `kg` u32 lanes (int8,
+//! AVX2) or, for products of more than [`SPLIT_MIN_ROWS`] rows, `2 kg`: `|q|` and `q` of each
+//! group of 4 in turn (int8, AVX2, [`split_activations`]).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -321,68 +322,141 @@ pub(super) unsafe fn widen_activations(src: &[u32], dst: &mut [u32]) {
     }
 }
 
-/// int8, AVX2: `vpmaddubsw` on `|q|` (u8) and `±w` (i8, the sign of `q` moved onto the weight
-/// by `vpsignb`), then `vpmaddwd` by ones into i32. Each 16-bit pair sum is at most `2 · 127 ·
-/// 127 = 32258`, so `vpmaddubsw` never saturates and every sum is exact. (In ymm registers
-/// this costs about what 16-bit products do, `bench/ceilings/int8_vs_f32.c`.)
-///
-/// # Safety
-/// AVX2; `x` holds `R` rows of `kg` lanes (u8 `q + 128`); `sub + 8 V` <= panel width;
-/// weights in [-127, 127].
+/// An int8 tile for AVX2: `vpmaddubsw` on `|q|` (u8) and `±w` (i8, the sign of `q` moved onto
+/// the weight by `vpsignb`), then `vpmaddwd` by ones into i32. Each 16-bit pair sum is at most
+/// `2 · 127 · 127 = 32258`, so `vpmaddubsw` never saturates and every sum is exact. (In ymm
+/// registers this costs about what 16-bit products do, `bench/ceilings/int8_vs_f32.c`.)
+/// `$split`: whether `|q|` and `q` come ready from [`split_activations`] (two broadcasts a row
+/// and step of `k`) or are made from `q + 128` in the loop (one broadcast, an xor and an abs).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn int8_avx2<const R: usize, const V: usize>(
-    x: &[u32],
-    w: &PackedWeight,
-    c0: usize,
-    sub: usize,
-    ks: Range<usize>,
-    out: &mut [[u32; BLOCK]],
-    ahead: usize,
-) {
-    let kg = w.kg;
-    let pw = panel_width(w.n_pad, c0 / BLOCK);
-    let xp = x.as_ptr();
-    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
-    let (flip, ones) = (_mm256_set1_epi8(0x80u8 as i8), _mm256_set1_epi16(1));
-    // Exactly `R` rows, so that the sums stay in registers (a zip with a longer slice left
-    // them on the stack).
-    let out = &mut out[..R];
-    let mut acc = [[_mm256_setzero_si256(); V]; R];
-    for (o, acc) in out.iter().zip(acc.iter_mut()) {
-        for (v, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_loadu_si256(o.as_ptr().add(sub + 8 * v) as *const _);
-        }
-    }
-    let last_block = ks.end == kg;
-    for g in ks {
-        prefetch_panel(wp, ahead, pw, 8 * V);
-        let mut wv = [_mm256_setzero_si256(); V];
-        for (v, wv) in wv.iter_mut().enumerate() {
-            *wv = _mm256_loadu_si256(wp.add(8 * v) as *const _);
-        }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let q = _mm256_xor_si256(_mm256_set1_epi32(*xp.add(r * kg + g) as i32), flip);
-            let abs = _mm256_abs_epi8(q);
-            for (a, &wv) in acc.iter_mut().zip(&wv) {
-                let pairs = _mm256_maddubs_epi16(abs, _mm256_sign_epi8(wv, q));
-                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
+macro_rules! int8_avx2_tile {
+    ($(#[$doc:meta])* $name:ident, $split:literal) => {
+        $(#[$doc])*
+        #[target_feature(enable = "avx2")]
+        unsafe fn $name<const R: usize, const V: usize>(
+            x: &[u32],
+            w: &PackedWeight,
+            c0: usize,
+            sub: usize,
+            ks: Range<usize>,
+            out: &mut [[u32; BLOCK]],
+            ahead: usize,
+        ) {
+            let kg = w.kg;
+            let pw = panel_width(w.n_pad, c0 / BLOCK);
+            let xp = x.as_ptr();
+            let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
+            let (flip, ones) = (_mm256_set1_epi8(0x80u8 as i8), _mm256_set1_epi16(1));
+            // Exactly `R` rows, so that the sums stay in registers (a zip with a longer slice
+            // left them on the stack).
+            let out = &mut out[..R];
+            let mut acc = [[_mm256_setzero_si256(); V]; R];
+            for (o, acc) in out.iter().zip(acc.iter_mut()) {
+                for (v, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_loadu_si256(o.as_ptr().add(sub + 8 * v) as *const _);
+                }
+            }
+            let last_block = ks.end == kg;
+            for g in ks {
+                prefetch_panel(wp, ahead, pw, 8 * V);
+                let mut wv = [_mm256_setzero_si256(); V];
+                for (v, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm256_loadu_si256(wp.add(8 * v) as *const _);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let (abs, q) = if $split {
+                        let at = 2 * (r * kg + g);
+                        (
+                            _mm256_set1_epi32(*xp.add(at) as i32),
+                            _mm256_set1_epi32(*xp.add(at + 1) as i32),
+                        )
+                    } else {
+                        let q = _mm256_xor_si256(_mm256_set1_epi32(*xp.add(r * kg + g) as i32), flip);
+                        (_mm256_abs_epi8(q), q)
+                    };
+                    for (a, &wv) in acc.iter_mut().zip(&wv) {
+                        let pairs = _mm256_maddubs_epi16(abs, _mm256_sign_epi8(wv, q));
+                        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+                wp = wp.add(pw);
+            }
+            let sums = w.col_sums.as_ptr().add(c0 + sub);
+            if last_block {
+                offset_sums(
+                    &mut acc,
+                    |v| _mm256_slli_epi32(_mm256_loadu_si256(sums.add(8 * v) as *const _), 7),
+                    |a, b| _mm256_add_epi32(a, b),
+                );
+            }
+            for (o, acc) in out.iter_mut().zip(&acc) {
+                for (v, a) in acc.iter().enumerate() {
+                    _mm256_storeu_si256(o.as_mut_ptr().add(sub + 8 * v) as *mut _, *a);
+                }
             }
         }
-        wp = wp.add(pw);
-    }
-    let sums = w.col_sums.as_ptr().add(c0 + sub);
-    if last_block {
-        offset_sums(
-            &mut acc,
-            |v| _mm256_slli_epi32(_mm256_loadu_si256(sums.add(8 * v) as *const _), 7),
-            |a, b| _mm256_add_epi32(a, b),
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+int8_avx2_tile!(
+    /// int8, AVX2 ([`int8_avx2_tile`]), `|q|` and `q` made in the loop from `q + 128`: a row
+    /// costs one broadcast, an xor and an abs per step of `k`.
+    ///
+    /// # Safety
+    /// AVX2; `x` holds `R` rows of `kg` lanes (u8 `q + 128`); `sub + 8 V` <= panel width;
+    /// weights in [-127, 127].
+    int8_avx2,
+    false
+);
+
+#[cfg(target_arch = "x86_64")]
+int8_avx2_tile!(
+    /// int8, AVX2 ([`int8_avx2_tile`]), `|q|` and `q` ready from [`split_activations`]: two
+    /// broadcasts a row and step of `k`, no arithmetic before the products (products of more
+    /// than [`SPLIT_MIN_ROWS`] rows, where the tiles are bound by their instructions).
+    ///
+    /// # Safety
+    /// AVX2; `x` holds `R` rows of `2 kg` lanes (`|q|` and `q` in turn); `sub + 8 V` <= panel
+    /// width; weights in [-127, 127].
+    int8_avx2_split,
+    true
+);
+
+/// Products of more rows than this take their AVX2 int8 activations split ahead
+/// ([`split_activations`], [`int8_avx2_split`]): 1.14x on 512 x 2048 x 512 and 1.06x-1.08x on
+/// 32 rows (`examples/matmul_speed` at `avx2`, Zen 4), but slower on 1 to 8 rows, whose
+/// products wait on memory (4 x 2048 x 512 with cold weights 68 against 86 GOP/s).
+pub(super) const SPLIT_MIN_ROWS: usize = 8;
+
+/// The activations of int8 rows for [`int8_avx2_split`]: each lane of `src` (4 bytes, u8 `q + 128`)
+/// as two lanes of `dst` (twice `src`'s length): `|q|` (u8), then `q` (i8).
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn split_activations(src: &[u32], dst: &mut [u32]) {
+    debug_assert_eq!(dst.len(), 2 * src.len());
+    let flip = _mm256_set1_epi8(0x80u8 as i8);
+    let whole = src.len() / 8 * 8;
+    for i in (0..whole).step_by(8) {
+        let q = _mm256_xor_si256(_mm256_loadu_si256(src.as_ptr().add(i) as *const _), flip);
+        let abs = _mm256_abs_epi8(q);
+        // Lanes 0, 1, 4, 5 and 2, 3, 6, 7 interleaved within each half, then the halves put
+        // in order.
+        let (lo, hi) = (_mm256_unpacklo_epi32(abs, q), _mm256_unpackhi_epi32(abs, q));
+        let out = dst.as_mut_ptr().add(2 * i);
+        _mm256_storeu_si256(out as *mut _, _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256(
+            out.add(8) as *mut _,
+            _mm256_permute2x128_si256(lo, hi, 0x31),
         );
     }
-    for (o, acc) in out.iter_mut().zip(&acc) {
-        for (v, a) in acc.iter().enumerate() {
-            _mm256_storeu_si256(o.as_mut_ptr().add(sub + 8 * v) as *mut _, *a);
-        }
+    for i in whole..src.len() {
+        let q = src[i].to_le_bytes().map(|b| (b ^ 0x80) as i8);
+        dst[2 * i] = u32::from_le_bytes(q.map(|v| v.unsigned_abs()));
+        dst[2 * i + 1] = u32::from_le_bytes(q.map(|v| v as u8));
     }
 }
 
@@ -393,6 +467,8 @@ pub(super) enum NoDot {
     Bf16Avx2,
     Int8Avx512bw,
     Int8Avx2,
+    /// [`Self::Int8Avx2`] with the activations split ahead ([`split_activations`]).
+    Int8Avx2Split,
 }
 
 /// One register tile on `kind`: `rows` (at most [`MR`]) rows of `x`, the panel at `c0`.
@@ -474,6 +550,23 @@ pub(super) unsafe fn tile(
                 c0,
                 ks,
                 w.kg,
+                8,
+                2,
+                [2, 3, 4],
+                4,
+                acc,
+                ahead
+            )
+        }
+        NoDot::Int8Avx2Split => {
+            by_shape!(
+                int8_avx2_split,
+                x,
+                w,
+                rows,
+                c0,
+                ks,
+                2 * w.kg,
                 8,
                 2,
                 [2, 3, 4],
