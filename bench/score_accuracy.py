@@ -58,7 +58,7 @@ def hf_reference(model_dir, ids, new):
     return path.tolist(), lp.tolist(), logits.argmax(-1).tolist()
 
 
-ABLATE_PARTS = ("lm-head", "ffn-in", "ffn-out", "attn-qkv", "attn-out", "cross-kv", "cross-cache",
+ABLATE_PARTS = ("lm-head", "ffn-in", "ffn-out", "attn-qkv", "attn-out", "cross-kv", "cross-cache", "self-cache",
                 "encoder", "decoder")
 
 

@@ -302,7 +302,7 @@ fn shutdown_finishes_what_is_running() {
 /// Rows that join a batch far into its decoding, past the caches' first growth, and a batch
 /// that outlives its first rows (its caches are compacted): still the offline tokens. In f32,
 /// and in int8, whose cross-attention caches are int8 (widened for a longer source as rows
-/// join).
+/// join) and self-attention caches bf16 (grown, appended to and compacted in bf16 slots).
 #[test]
 fn late_joiners_and_compacted_caches_give_offline_tokens() {
     for dtype in [WeightDtype::F32, WeightDtype::Int8] {

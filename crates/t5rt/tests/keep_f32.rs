@@ -22,13 +22,18 @@ fn int8_with_every_part_kept_f32_is_the_f32_model() {
         scores.into_iter().map(|s| s.log_probs).collect::<Vec<_>>()
     };
     let f32 = run(WeightDtype::F32, "");
-    let all = "encoder,decoder,lm-head,cross-cache";
+    let all = "encoder,decoder,lm-head,cross-cache,self-cache";
     assert_eq!(run(WeightDtype::Int8, all), f32);
     assert_eq!(run(WeightDtype::Bf16, all), f32);
     assert_ne!(
-        run(WeightDtype::Int8, "encoder,decoder,lm-head"),
+        run(WeightDtype::Int8, "encoder,decoder,lm-head,self-cache"),
         f32,
-        "bf16 caches"
+        "int8 cross-attention caches"
+    );
+    assert_ne!(
+        run(WeightDtype::Bf16, "encoder,decoder,lm-head,cross-cache"),
+        f32,
+        "bf16 self-attention caches"
     );
     assert_ne!(
         run(WeightDtype::Int8, "encoder,lm-head,cross-cache"),

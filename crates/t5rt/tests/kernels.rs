@@ -168,6 +168,7 @@ fn check_fused_sublayers<B: Backend>(b: &B, rng: &mut Rng, tol: f32) {
                 v_cache: vc,
                 capacity: cap,
                 pos,
+                kv: KvFormat::F32,
             },
             d,
         )
@@ -186,6 +187,64 @@ fn check_fused_sublayers<B: Backend>(b: &B, rng: &mut Rng, tol: f32) {
                 want[(r * cap + pos) * n..][..n].copy_from_slice(&new[r * n..][..n]);
             }
             assert_close(&format!("step cache {i}, {m}x{n}x{k}"), &got, &want, tol);
+        }
+        // The same into bf16 caches (two values per slot), where the backend keeps them.
+        if b.bf16_self_kv() && n % 2 == 0 {
+            let half = n / 2;
+            let init: Vec<Vec<f32>> = (0..2).map(|_| rng.vec(m * cap * half)).collect();
+            let mut caches: Vec<_> = init.iter().map(|c| b.upload(c).unwrap()).collect();
+            let [q, k_out, v_out] = &mut qkv[..] else {
+                unreachable!()
+            };
+            let [kc, vc] = &mut caches[..] else {
+                unreachable!()
+            };
+            b.norm_qkv_step(
+                &xt,
+                &nt,
+                1e-6,
+                &mut scratch,
+                [&ws[0], &ws[1], &ws[2]],
+                [q, k_out, v_out],
+                t5rt::backend::CacheWrite {
+                    k_cache: kc,
+                    v_cache: vc,
+                    capacity: cap,
+                    pos,
+                    kv: KvFormat::Bf16,
+                },
+                d,
+            )
+            .unwrap();
+            for (i, cache) in caches.iter().enumerate() {
+                let got = b.download(cache, m * cap * half).unwrap();
+                let new = reference::matmul_nt(&normed, &raw[1 + i], d);
+                for r in 0..m {
+                    for p in 0..cap {
+                        let at = (r * cap + p) * half;
+                        let slots = &got[at..at + half];
+                        if p != pos {
+                            let same = slots.iter().zip(&init[i][at..at + half]);
+                            assert!(same.clone().all(|(a, b)| a.to_bits() == b.to_bits()));
+                            continue;
+                        }
+                        for (j, slot) in slots.iter().enumerate() {
+                            let bits = slot.to_bits();
+                            for (half_bits, want) in [
+                                (bits << 16, new[r * n + 2 * j]),
+                                (bits & 0xffff_0000, new[r * n + 2 * j + 1]),
+                            ] {
+                                let got = f32::from_bits(half_bits);
+                                assert!(
+                                    (got - want).abs() <= want.abs() / 128.0 + tol,
+                                    "bf16 step cache {i}, {m}x{n}x{k}, row {r} value {}: {got} vs {want}",
+                                    2 * j
+                                );
+                            }
+                        }
+                    }
+                }
+            }
         }
         let up = reference::matmul_nt(&normed, &raw[1], d);
         for act in [Activation::Relu, Activation::GeluNew, Activation::Silu] {
@@ -1226,6 +1285,7 @@ fn cuda_kernels_match_reference() {
                         v_cache: &mut vc,
                         capacity,
                         pos,
+                        kv: KvFormat::F32,
                     };
                     let [q, k, v] = &mut qkv[..] else {
                         unreachable!()

@@ -425,6 +425,12 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// Whether this backend keeps a reduced-precision model's decoder self-attention caches
+    /// in bf16 ([`KvFormat::Bf16`], written through [`CacheWrite::kv`]); otherwise they stay f32.
+    fn bf16_self_kv(&self) -> bool {
+        false
+    }
+
     /// The first `positions` rows of `t` (`[positions, heads * d_kv]`) as a [`KvFormat::Int8`]
     /// cache: a quarter of f32's memory traffic, for int8 weights.
     fn quantize_kv(
@@ -729,6 +735,7 @@ pub(crate) fn self_attention_then_out<B: Backend + ?Sized>(
         v_cache: &mut *cache.v_cache,
         capacity: cache.capacity,
         pos: cache.pos,
+        kv: cache.kv,
     };
     b.norm_qkv_step(
         x,
@@ -821,12 +828,15 @@ pub(crate) fn ffn_then_out<B: Backend + ?Sized>(
 }
 
 /// Where a decoding step's keys and values go ([`Backend::norm_qkv_step`]): row `b` of the
-/// batch to position `pos` of `k_cache` / `v_cache`, each `[batch, capacity, width]`.
+/// batch to position `pos` of `k_cache` / `v_cache`, each `[batch, capacity, slots]`, where a
+/// position holds `width` f32 values ([`KvFormat::F32`]) or `width / 2` slots of two bf16
+/// ([`KvFormat::Bf16`], as [`Backend::compress_kv`] packs them).
 pub struct CacheWrite<'a, T> {
     pub k_cache: &'a mut T,
     pub v_cache: &'a mut T,
     pub capacity: usize,
     pub pos: usize,
+    pub kv: KvFormat,
 }
 
 /// [`Backend::norm_qkv_step`] as separate operations: norm and products, then two cache
@@ -854,8 +864,24 @@ pub(crate) fn norm_qkv_then_write<B: Backend + ?Sized>(
         dims,
     )?;
     let (rows, width) = (dims.m, dims.n);
-    b.write_position(k, cache.k_cache, rows, width, cache.capacity, cache.pos)?;
-    b.write_position(v, cache.v_cache, rows, width, cache.capacity, cache.pos)
+    match cache.kv {
+        KvFormat::F32 => {
+            b.write_position(k, cache.k_cache, rows, width, cache.capacity, cache.pos)?;
+            b.write_position(v, cache.v_cache, rows, width, cache.capacity, cache.pos)
+        }
+        KvFormat::Bf16 if width.is_multiple_of(2) => {
+            let slots = width / 2;
+            let (k, v) = (
+                b.compress_kv(k, rows * width)?,
+                b.compress_kv(v, rows * width)?,
+            );
+            b.write_position(&k, cache.k_cache, rows, slots, cache.capacity, cache.pos)?;
+            b.write_position(&v, cache.v_cache, rows, slots, cache.capacity, cache.pos)
+        }
+        kv => Err(T5Error::Backend(format!(
+            "self-attention caches of {width} values per position cannot be kept as {kv:?}"
+        ))),
+    }
 }
 
 /// [`Backend::norm_matmul_shared`] as separate operations: the norm into `normed`, then the

@@ -22,6 +22,9 @@ pub enum Part {
     /// The cross-attention keys and values themselves (kept in bf16 with bf16 weights, int8
     /// with int8 weights).
     CrossCache,
+    /// The decoder's self-attention keys and values (kept in bf16 with bf16 or int8 weights,
+    /// where the backend can).
+    SelfCache,
     /// Every product of the encoder.
     Encoder,
     /// Every product of the decoder (not the LM head).
@@ -29,7 +32,7 @@ pub enum Part {
 }
 
 impl Part {
-    const ALL: [(Part, &'static str); 9] = [
+    const ALL: [(Part, &'static str); 10] = [
         (Part::LmHead, "lm-head"),
         (Part::FfnIn, "ffn-in"),
         (Part::FfnOut, "ffn-out"),
@@ -37,6 +40,7 @@ impl Part {
         (Part::AttnOut, "attn-out"),
         (Part::CrossKv, "cross-kv"),
         (Part::CrossCache, "cross-cache"),
+        (Part::SelfCache, "self-cache"),
         (Part::Encoder, "encoder"),
         (Part::Decoder, "decoder"),
     ];
@@ -63,7 +67,7 @@ impl Part {
             Part::CrossKv => ["k", "v"]
                 .iter()
                 .any(|p| name.ends_with(&format!("EncDecAttention.{p}.weight"))),
-            Part::CrossCache => false,
+            Part::CrossCache | Part::SelfCache => false,
             Part::Encoder => !head && name.starts_with("encoder."),
             Part::Decoder => !head && name.starts_with("decoder."),
         }
@@ -110,6 +114,11 @@ impl KeepF32 {
     pub fn cross_cache(&self) -> bool {
         self.0.contains(&Part::CrossCache)
     }
+
+    /// Whether the decoder's self-attention keys and values stay f32.
+    pub fn self_cache(&self) -> bool {
+        self.0.contains(&Part::SelfCache)
+    }
 }
 
 #[cfg(test)]
@@ -124,13 +133,14 @@ mod tests {
         assert!(k.weight("decoder.block.3.layer.1.EncDecAttention.k.weight", false));
         assert!(!k.weight("decoder.block.3.layer.1.EncDecAttention.q.weight", false));
         assert!(!k.weight("decoder.block.3.layer.0.SelfAttention.k.weight", false));
-        assert!(!k.cross_cache());
+        assert!(!k.cross_cache() && !k.self_cache());
         let q = KeepF32::parse("attn-qkv,lm-head,cross-cache").unwrap();
         assert!(q.weight("encoder.block.0.layer.0.SelfAttention.v.weight", false));
         assert!(q.weight("decoder.block.0.layer.1.EncDecAttention.q.weight", false));
         assert!(!q.weight("decoder.block.0.layer.1.EncDecAttention.v.weight", false));
         assert!(q.weight("shared.weight", true));
-        assert!(q.cross_cache());
+        assert!(q.cross_cache() && !q.self_cache());
+        assert!(KeepF32::parse("self-cache").unwrap().self_cache());
         let e = KeepF32::parse("encoder").unwrap();
         assert!(e.weight("encoder.block.5.layer.1.DenseReluDense.wo.weight", false));
         assert!(!e.weight("decoder.block.5.layer.1.DenseReluDense.wo.weight", false));

@@ -75,6 +75,9 @@ pub struct T5Params<T, W> {
     /// Keep the cross-attention keys and values in f32 even with reduced-precision weights
     /// (`T5RT_KEEP_F32=cross-cache`).
     pub cross_cache_f32: bool,
+    /// Keep the decoder's self-attention keys and values in f32 even with reduced-precision
+    /// weights (`T5RT_KEEP_F32=self-cache`).
+    pub self_cache_f32: bool,
 }
 
 /// Suffixes of the tensors `t5rt convert` writes for a linear weight `name`: its int8 values
@@ -284,6 +287,7 @@ impl<T, W> T5Params<T, W> {
             decoder_relpos: l.relpos("decoder")?,
             lm_head,
             cross_cache_f32: keep.cross_cache(),
+            self_cache_f32: keep.self_cache(),
         })
     }
 }

@@ -79,10 +79,14 @@ pub struct DecoderState<T> {
     /// Steps this state may decode at most.
     pub(crate) max_steps: usize,
     pub(crate) src_len: usize,
-    /// Per layer: [batch, capacity, inner]
+    /// Per layer: [batch, capacity, self_slots]
     pub(crate) self_k: Vec<T>,
-    /// Per layer: [batch, capacity, inner]
+    /// Per layer: [batch, capacity, self_slots]
     pub(crate) self_v: Vec<T>,
+    /// How the self-attention keys/values are stored (f32; bf16 with reduced-precision
+    /// weights where the backend can), and the f32 slots that takes per position.
+    pub(crate) self_kv: crate::backend::KvFormat,
+    pub(crate) self_slots: usize,
     /// Per layer: [batch / group, src_len, inner]
     pub(crate) cross_k: Vec<T>,
     /// Per layer: [batch / group, src_len, inner]
@@ -162,18 +166,20 @@ impl<T> DecoderState<T> {
         }
         if self.cross_kv != other.cross_kv
             || self.cross_slots != other.cross_slots
+            || self.self_kv != other.self_kv
+            || self.self_slots != other.self_slots
             || self.dims.inner != other.dims.inner
         {
             return Err(T5Error::Input(
                 "states of different models cannot be joined".into(),
             ));
         }
-        let inner = self.dims.inner;
+        let slots = self.self_slots;
         if self.step >= self.capacity {
             self.grow(backend)?;
         }
         let new_rows = other.batch;
-        let self_len = self.capacity * inner;
+        let self_len = self.capacity * slots;
         // Self-attention caches: the new rows appended in place, empty, at this capacity.
         for (mine, theirs) in self
             .self_k
@@ -181,7 +187,7 @@ impl<T> DecoderState<T> {
             .zip(other.self_k)
             .chain(self.self_v.iter_mut().zip(other.self_v))
         {
-            let theirs = backend.widen_rows(&theirs, new_rows, other.capacity * inner, self_len)?;
+            let theirs = backend.widen_rows(&theirs, new_rows, other.capacity * slots, self_len)?;
             backend.append(mine, self.batch * self_len, &theirs, new_rows * self_len)?;
         }
         // Cross-attention keys/values and masks: both padded to the longer source (masked;
@@ -242,11 +248,11 @@ impl<T> DecoderState<T> {
         if shift == 0 {
             return Ok(());
         }
-        let inner = self.dims.inner;
-        let row_len = self.capacity * inner;
-        let keep = (self.step - shift) * inner;
+        let slots = self.self_slots;
+        let row_len = self.capacity * slots;
+        let keep = (self.step - shift) * slots;
         for t in self.self_k.iter_mut().chain(self.self_v.iter_mut()) {
-            let kept = backend.slice_rows(t, self.batch, row_len, shift * inner, keep)?;
+            let kept = backend.slice_rows(t, self.batch, row_len, shift * slots, keep)?;
             *t = backend.widen_rows(&kept, self.batch, keep, row_len)?;
         }
         self.step -= shift;
@@ -257,10 +263,10 @@ impl<T> DecoderState<T> {
 
     /// Doubles the self-attention caches (up to `max_steps` positions), keeping their content.
     pub(crate) fn grow<B: Backend<Tensor = T>>(&mut self, backend: &B) -> Result<()> {
-        let inner = self.dims.inner;
+        let slots = self.self_slots;
         let new_capacity = (self.capacity * 2).clamp(1, self.max_steps);
         for t in self.self_k.iter_mut().chain(self.self_v.iter_mut()) {
-            *t = backend.widen_rows(t, self.batch, self.capacity * inner, new_capacity * inner)?;
+            *t = backend.widen_rows(t, self.batch, self.capacity * slots, new_capacity * slots)?;
         }
         self.capacity = new_capacity;
         self.layout = new_layout();
@@ -272,8 +278,7 @@ impl<T> DecoderState<T> {
     /// (beams), row `i` must stay within its source (`rows[i] / group == i / group`): the
     /// shared cross-attention keys/values then stay where they are.
     pub fn select<B: Backend<Tensor = T>>(&mut self, backend: &B, rows: &[usize]) -> Result<()> {
-        let inner = self.dims.inner;
-        let self_row = self.capacity * inner;
+        let self_row = self.capacity * self.self_slots;
         if self.group > 1 {
             let stays = rows.len() == self.batch
                 && rows

@@ -424,6 +424,10 @@ impl Backend for CpuBackend {
         true
     }
 
+    fn bf16_self_kv(&self) -> bool {
+        true
+    }
+
     fn quantize_kv(
         &self,
         t: &Vec<f32>,

@@ -1675,7 +1675,11 @@ impl Backend for CudaBackend {
         cache: CacheWrite<'_, CudaSlice<f32>>,
         d: MatDims,
     ) -> Result<()> {
-        if !(self.shared_gemv.load(Ordering::Relaxed) && self.fused_gemv_fits(&ws, d)) {
+        // The fused kernel writes f32 caches only (this backend keeps f32 self-attention
+        // caches, `bf16_self_kv`; another format goes the generic way).
+        if !(self.shared_gemv.load(Ordering::Relaxed) && self.fused_gemv_fits(&ws, d))
+            || cache.kv != KvFormat::F32
+        {
             return norm_qkv_then_write(self, x, norm, eps, normed, ws, outs, cache, d);
         }
         check_len("rms_norm w", norm.len(), d.k)?;
@@ -1687,6 +1691,7 @@ impl Backend for CudaBackend {
             v_cache,
             capacity,
             pos,
+            kv: _,
         } = cache;
         for c in [&*k_cache, &*v_cache] {
             checks::write_position(d.m * d.n, c.len(), d.m, d.n, capacity, pos)?;
