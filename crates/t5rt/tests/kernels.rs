@@ -145,53 +145,13 @@ fn check_fused_sublayers<B: Backend>(b: &B, rng: &mut Rng, tol: f32) {
             }
         }
         // A decoding step's q, k and v, the keys and values written into caches of 5
-        // positions per row at position 3 (nothing else in the caches changes).
+        // positions per row at position 3 (nothing else in the caches changes), as f32 and,
+        // where the backend keeps them so, as bf16 (two values per slot).
         let (cap, pos) = (5, 3);
-        let init: Vec<Vec<f32>> = (0..2).map(|_| rng.vec(m * cap * n)).collect();
-        let mut caches: Vec<_> = init.iter().map(|c| b.upload(c).unwrap()).collect();
         let mut qkv: Vec<_> = (0..3).map(|_| b.zeros(m * n).unwrap()).collect();
-        let [q, k_out, v_out] = &mut qkv[..] else {
-            unreachable!()
-        };
-        let [kc, vc] = &mut caches[..] else {
-            unreachable!()
-        };
-        b.norm_qkv_step(
-            &xt,
-            &nt,
-            1e-6,
-            &mut scratch,
-            [&ws[0], &ws[1], &ws[2]],
-            [q, k_out, v_out],
-            t5rt::backend::CacheWrite {
-                k_cache: kc,
-                v_cache: vc,
-                capacity: cap,
-                pos,
-                kv: KvFormat::F32,
-            },
-            d,
-        )
-        .unwrap();
-        assert_close(
-            &format!("norm + q of a step, {m}x{n}x{k}"),
-            &b.download(&qkv[0], m * n).unwrap(),
-            &reference::matmul_nt(&normed, &raw[0], d),
-            tol,
-        );
-        for (i, cache) in caches.iter().enumerate() {
-            let got = b.download(cache, m * cap * n).unwrap();
-            let new = reference::matmul_nt(&normed, &raw[1 + i], d);
-            let mut want = init[i].clone();
-            for r in 0..m {
-                want[(r * cap + pos) * n..][..n].copy_from_slice(&new[r * n..][..n]);
-            }
-            assert_close(&format!("step cache {i}, {m}x{n}x{k}"), &got, &want, tol);
-        }
-        // The same into bf16 caches (two values per slot), where the backend keeps them.
-        if b.bf16_self_kv() && n % 2 == 0 {
-            let half = n / 2;
-            let init: Vec<Vec<f32>> = (0..2).map(|_| rng.vec(m * cap * half)).collect();
+        // Runs the step into caches of `slots` per position filled with `init`: q, and the
+        // caches' content after.
+        let mut step = |kv: KvFormat, init: &[Vec<f32>], slots: usize| {
             let mut caches: Vec<_> = init.iter().map(|c| b.upload(c).unwrap()).collect();
             let [q, k_out, v_out] = &mut qkv[..] else {
                 unreachable!()
@@ -199,25 +159,52 @@ fn check_fused_sublayers<B: Backend>(b: &B, rng: &mut Rng, tol: f32) {
             let [kc, vc] = &mut caches[..] else {
                 unreachable!()
             };
+            let cache = t5rt::backend::CacheWrite {
+                k_cache: kc,
+                v_cache: vc,
+                capacity: cap,
+                pos,
+                kv,
+            };
+            let ws = [&ws[0], &ws[1], &ws[2]];
             b.norm_qkv_step(
                 &xt,
                 &nt,
                 1e-6,
                 &mut scratch,
-                [&ws[0], &ws[1], &ws[2]],
+                ws,
                 [q, k_out, v_out],
-                t5rt::backend::CacheWrite {
-                    k_cache: kc,
-                    v_cache: vc,
-                    capacity: cap,
-                    pos,
-                    kv: KvFormat::Bf16,
-                },
+                cache,
                 d,
             )
             .unwrap();
-            for (i, cache) in caches.iter().enumerate() {
-                let got = b.download(cache, m * cap * half).unwrap();
+            let caches: Vec<Vec<f32>> = caches
+                .iter()
+                .map(|c| b.download(c, m * cap * slots).unwrap())
+                .collect();
+            (b.download(&qkv[0], m * n).unwrap(), caches)
+        };
+        let init: Vec<Vec<f32>> = (0..2).map(|_| rng.vec(m * cap * n)).collect();
+        let (q, got) = step(KvFormat::F32, &init, n);
+        assert_close(
+            &format!("norm + q of a step, {m}x{n}x{k}"),
+            &q,
+            &reference::matmul_nt(&normed, &raw[0], d),
+            tol,
+        );
+        for (i, got) in got.iter().enumerate() {
+            let new = reference::matmul_nt(&normed, &raw[1 + i], d);
+            let mut want = init[i].clone();
+            for r in 0..m {
+                want[(r * cap + pos) * n..][..n].copy_from_slice(&new[r * n..][..n]);
+            }
+            assert_close(&format!("step cache {i}, {m}x{n}x{k}"), got, &want, tol);
+        }
+        if b.bf16_self_kv() && n % 2 == 0 {
+            let half = n / 2;
+            let init: Vec<Vec<f32>> = (0..2).map(|_| rng.vec(m * cap * half)).collect();
+            let (_, got) = step(KvFormat::Bf16, &init, half);
+            for (i, got) in got.iter().enumerate() {
                 let new = reference::matmul_nt(&normed, &raw[1 + i], d);
                 for r in 0..m {
                     for p in 0..cap {
