@@ -402,14 +402,7 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u3
         WeightDtype::F32 | WeightDtype::F16 => unreachable!("f32 activations are read in place"),
         WeightDtype::Bf16 => row_tasks.for_each(|((dst, x), _)| {
             for (dst, row) in dst.chunks_exact_mut(kg).zip(x.chunks_exact(k)) {
-                let pairs = row.chunks_exact(2);
-                let tail = pairs.remainder();
-                for (d, p) in dst.iter_mut().zip(pairs) {
-                    *d = bf16_bits(p[0]) as u32 | (bf16_bits(p[1]) as u32) << 16;
-                }
-                if let [last] = tail {
-                    dst[kg - 1] = bf16_bits(*last) as u32;
-                }
+                bf16_row(row, dst, isa);
             }
         }),
         WeightDtype::Int8 => row_tasks.for_each(|((dst, x), scales)| {
@@ -943,6 +936,92 @@ fn int8_out(
     store(&mut dst[..n], vals, accumulate)
 }
 
+/// A tile's f32 sums (`acc`, as bits) into `dst`: `dst = acc` or `dst += acc` ([`store`]; in
+/// AVX-512 vectors where the CPU has them, the same values).
+#[inline(always)]
+fn f32_out(dst: &mut [f32], acc: &[u32], accumulate: bool, isa: Isa) {
+    let n = dst.len().min(acc.len());
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(dst: &mut [f32], acc: &[u32], accumulate: bool, n: usize) {
+        use std::arch::x86_64::*;
+        for j in (0..n).step_by(16) {
+            let m: __mmask16 = if n - j >= 16 {
+                0xffff
+            } else {
+                (1u16 << (n - j)) - 1
+            };
+            // SAFETY: lanes at and past `n` are masked off; the rest are in both slices.
+            let mut v = _mm512_maskz_loadu_ps(m, acc.as_ptr().add(j) as *const f32);
+            let d = dst.as_mut_ptr().add(j);
+            if accumulate {
+                v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, d), v);
+            }
+            _mm512_mask_storeu_ps(d, m, v);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx512() {
+        // SAFETY: the backend only runs at levels the CPU has.
+        return unsafe { avx512(dst, acc, accumulate, n) };
+    }
+    let _ = isa;
+    store(
+        &mut dst[..n],
+        acc[..n].iter().map(|&a| f32::from_bits(a)),
+        accumulate,
+    )
+}
+
+/// A row of f32 activations rounded to bf16 ([`bf16_bits`]), two to a lane (the odd value in
+/// the high half; a last odd value alone in its lane), in AVX-512 vectors where the CPU has
+/// them: the same bits.
+fn bf16_row(row: &[f32], dst: &mut [u32], isa: Isa) {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn avx512(row: &[f32], dst: &mut [u32]) -> usize {
+        use std::arch::x86_64::*;
+        let (one, round, quiet) = (
+            _mm512_set1_epi32(1),
+            _mm512_set1_epi32(0x7fff),
+            _mm512_set1_epi32(0x40),
+        );
+        let whole = row.len() / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            // SAFETY: 16 values from `i`, and 8 lanes from `i / 2` (`dst` holds a lane per
+            // pair of `row`).
+            let x = _mm512_loadu_ps(row.as_ptr().add(i));
+            let b = _mm512_castps_si512(x);
+            let high = _mm512_srli_epi32(b, 16);
+            let even = _mm512_add_epi32(round, _mm512_and_si512(high, one));
+            let rounded = _mm512_srli_epi32(_mm512_add_epi32(b, even), 16);
+            let nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+            let r = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, quiet));
+            // The 16 halves in order: lane `i / 2 + j` gets values 2j and 2j + 1.
+            _mm256_storeu_si256(
+                dst.as_mut_ptr().add(i / 2) as *mut __m256i,
+                _mm512_cvtepi32_epi16(r),
+            );
+        }
+        whole
+    }
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx512() {
+        // SAFETY: the backend only runs at levels the CPU has.
+        done = unsafe { avx512(row, dst) };
+    }
+    let _ = isa;
+    let pairs = row[done..].chunks_exact(2);
+    let tail = pairs.remainder();
+    for (d, p) in dst[done / 2..].iter_mut().zip(pairs) {
+        *d = bf16_bits(p[0]) as u32 | (bf16_bits(p[1]) as u32) << 16;
+    }
+    if let [last] = tail {
+        dst[row.len() / 2] = bf16_bits(*last) as u32;
+    }
+}
+
 /// The smallest and largest values of `row` ([`crate::math::min_max`]; in AVX-512 vectors
 /// where the CPU has them, the same values).
 fn row_range(row: &[f32], isa: Isa) -> (f32, f32) {
@@ -1198,7 +1277,7 @@ pub(super) fn matmul_packed_shared(
                 let acc = &acc[..width];
                 match w.kind {
                     WeightDtype::F32 | WeightDtype::Bf16 | WeightDtype::F16 => {
-                        store(dst, acc.iter().map(|&a| f32::from_bits(a)), accumulate)
+                        f32_out(dst, acc, accumulate, isa)
                     }
                     WeightDtype::Int8 => {
                         let [xc, xs] = xscales[r0 + r];
@@ -1214,7 +1293,80 @@ pub(super) fn matmul_packed_shared(
 
 #[cfg(test)]
 mod quantize_tests {
-    use super::{affine_i8, quantize_one, quantize_row, Isa};
+    use super::{affine_i8, bf16_bits, bf16_row, f32_out, quantize_one, quantize_row, Isa};
+
+    /// Every level's bf16 rounding of activation rows equals `bf16_bits`, bit for bit (ties,
+    /// NaN, infinities, signed zeros, denormals, values that round up into the exponent), for
+    /// rows of every length up to past two vectors (a lone last value included).
+    #[test]
+    fn bf16_rows_equal_the_scalar_rule_at_every_level() {
+        let mut vals: Vec<f32> = vec![
+            1.0 + f32::EPSILON * 128.0, // a tie between two bf16 values
+            1.0 + f32::EPSILON * 384.0, // a tie, rounding up
+            -1.0 - f32::EPSILON * 64.0,
+            f32::from_bits(0x3f80_7fff),
+            f32::from_bits(0x3fff_ffff), // rounds up into the next binade
+            f32::NAN,
+            f32::from_bits(0x7f80_0001), // a signalling NaN
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1e-40,
+            -1e-40,
+            f32::MAX,
+        ];
+        let mut x = 0x9e37_79b9u32;
+        for _ in 0..40 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            vals.push(f32::from_bits(x));
+        }
+        for len in 0..=vals.len() {
+            let row = &vals[..len];
+            let want: Vec<u32> = row
+                .chunks(2)
+                .map(|p| {
+                    bf16_bits(p[0]) as u32 | p.get(1).map_or(0, |&v| (bf16_bits(v) as u32) << 16)
+                })
+                .collect();
+            for level in Isa::available_levels() {
+                let mut got = vec![0u32; len.div_ceil(2)];
+                bf16_row(row, &mut got, level);
+                assert_eq!(got, want, "{level}, {len} values");
+            }
+        }
+    }
+
+    /// Every level writes a tile's sums as `store` does: assigned or added, any width.
+    #[test]
+    fn f32_out_equals_store_at_every_level() {
+        for n in [1, 15, 16, 17, 64] {
+            let acc: Vec<u32> = (0..n)
+                .map(|i| (0.37f32 * i as f32 - 3.1).to_bits())
+                .collect();
+            let init: Vec<f32> = (0..n).map(|i| 1.0 / (i as f32 + 0.5)).collect();
+            for accumulate in [false, true] {
+                let want: Vec<f32> = init
+                    .iter()
+                    .zip(&acc)
+                    .map(|(&d, &a)| {
+                        if accumulate {
+                            d + f32::from_bits(a)
+                        } else {
+                            f32::from_bits(a)
+                        }
+                    })
+                    .collect();
+                for level in Isa::available_levels() {
+                    let mut got = init.clone();
+                    f32_out(&mut got, &acc, accumulate, level);
+                    assert_eq!(got, want, "{level}, {n} values, accumulate {accumulate}");
+                }
+            }
+        }
+    }
 
     /// Every level's row quantization equals `quantize_one`, value for value: ties, the
     /// clamp, infinities, NaN, signed zeros, denormals, and a ragged tail.
