@@ -904,23 +904,15 @@ fn int8_out(
         use std::arch::x86_64::*;
         let (vxc, vxs) = (_mm512_set1_ps(xc), _mm512_set1_ps(xs));
         for j in (0..n).step_by(16) {
-            let m: __mmask16 = if n - j >= 16 {
-                0xffff
-            } else {
-                (1u16 << (n - j)) - 1
-            };
+            let m = lanes_before(n, j);
             // SAFETY: lanes at and past `n` are masked off; the rest are in every slice.
             let a = _mm512_maskz_loadu_epi32(m, acc.as_ptr().add(j) as *const i32);
             let cs = _mm512_maskz_loadu_epi32(m, sums.as_ptr().add(j));
             let ws = _mm512_maskz_loadu_ps(m, scales.as_ptr().add(j));
             let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, _mm512_slli_epi32(cs, 7)));
             let center = _mm512_mul_ps(vxc, _mm512_mul_ps(_mm512_cvtepi32_ps(cs), ws));
-            let mut v = _mm512_add_ps(_mm512_mul_ps(dot, _mm512_mul_ps(vxs, ws)), center);
-            let d = dst.as_mut_ptr().add(j);
-            if accumulate {
-                v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, d), v);
-            }
-            _mm512_mask_storeu_ps(d, m, v);
+            let v = _mm512_add_ps(_mm512_mul_ps(dot, _mm512_mul_ps(vxs, ws)), center);
+            put_lanes(dst.as_mut_ptr().add(j), m, v, accumulate);
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -936,6 +928,34 @@ fn int8_out(
     store(&mut dst[..n], vals, accumulate)
 }
 
+/// The lanes of the 16-value vector at `j` that come before `n`, as a mask.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes_before(n: usize, j: usize) -> u16 {
+    if n - j >= 16 {
+        0xffff
+    } else {
+        (1u16 << (n - j)) - 1
+    }
+}
+
+/// Writes the lanes `m` of `v` to `d`, added to what is there when `accumulate`.
+///
+/// # Safety
+/// AVX-512F; the lanes `m` of `d` are writable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn put_lanes(d: *mut f32, m: u16, v: std::arch::x86_64::__m512, accumulate: bool) {
+    use std::arch::x86_64::*;
+    let v = if accumulate {
+        _mm512_add_ps(_mm512_maskz_loadu_ps(m, d), v)
+    } else {
+        v
+    };
+    _mm512_mask_storeu_ps(d, m, v);
+}
+
 /// A tile's f32 sums (`acc`, as bits) into `dst`: `dst = acc` or `dst += acc` ([`store`]; in
 /// AVX-512 vectors where the CPU has them, the same values).
 #[inline(always)]
@@ -946,18 +966,10 @@ fn f32_out(dst: &mut [f32], acc: &[u32], accumulate: bool, isa: Isa) {
     unsafe fn avx512(dst: &mut [f32], acc: &[u32], accumulate: bool, n: usize) {
         use std::arch::x86_64::*;
         for j in (0..n).step_by(16) {
-            let m: __mmask16 = if n - j >= 16 {
-                0xffff
-            } else {
-                (1u16 << (n - j)) - 1
-            };
+            let m = lanes_before(n, j);
             // SAFETY: lanes at and past `n` are masked off; the rest are in both slices.
-            let mut v = _mm512_maskz_loadu_ps(m, acc.as_ptr().add(j) as *const f32);
-            let d = dst.as_mut_ptr().add(j);
-            if accumulate {
-                v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, d), v);
-            }
-            _mm512_mask_storeu_ps(d, m, v);
+            let v = _mm512_maskz_loadu_ps(m, acc.as_ptr().add(j) as *const f32);
+            put_lanes(dst.as_mut_ptr().add(j), m, v, accumulate);
         }
     }
     #[cfg(target_arch = "x86_64")]
