@@ -855,11 +855,6 @@ fn no_dot(kind: WeightDtype, isa: Isa) -> Option<nodot::NoDot> {
     }
 }
 
-/// Whether bf16 weights run widened to f32 at this level (activations kept in f32).
-pub(super) fn bf16_widened(isa: Isa) -> bool {
-    no_dot(WeightDtype::Bf16, isa).is_some()
-}
-
 /// Rows of `k` f32 values, each padded with zeros to `k_pad` values.
 fn pad_rows(x: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u32> {
     let mut out = vec![0u32; m * k_pad];
@@ -1178,9 +1173,6 @@ pub(super) fn matmul_packed_shared(
     let Some(&w0) = ws.first() else { return };
     let k = w0.k;
     let x = &x[..m * k];
-    // Widened bf16 reads f32 activations, two per lane of weights: rows of `2 kg` values,
-    // padded when `k` is odd.
-    let widened = w0.kind == WeightDtype::Bf16 && bf16_widened(isa);
     // The tile for CPUs without the dot-product instructions, if this product runs on one.
     let nodot_kind = match no_dot(w0.kind, isa) {
         Some(nodot::NoDot::Int8Avx2) if m > nodot::SPLIT_MIN_ROWS => {
@@ -1188,6 +1180,12 @@ pub(super) fn matmul_packed_shared(
         }
         kind => kind,
     };
+    // Widened bf16 reads f32 activations, two per lane of weights: rows of `2 kg` values,
+    // padded when `k` is odd.
+    let widened = matches!(
+        nodot_kind,
+        Some(nodot::NoDot::Bf16Avx512 | nodot::NoDot::Bf16Avx2)
+    );
     let wide16 = nodot_kind == Some(nodot::NoDot::Int8Avx512bw);
     let split = nodot_kind == Some(nodot::NoDot::Int8Avx2Split);
     let xstride = if widened || wide16 || split {
