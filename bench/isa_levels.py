@@ -60,25 +60,16 @@ def main():
         for name in args.models.split(","):
             model_dir = ROOT / "bench" / "models" / name
             run_peers.prepare(name, model_dir)
-            row = {"level": level, "model": name, "systems": {}}
-            # Case by case, every system back to back, in an order rotated from case to case
-            # (as run_peers.py does): the VM's bandwidth moves over minutes.
+            def run_one(system, case):
+                if system.startswith("t5rt-"):
+                    return run_peers.run_t5rt(args.t5rt, model_dir, [case], args.repeats, 1,
+                                              model_dir, system.removeprefix("t5rt-"),
+                                              env={"T5RT_ISA": level})
+                return run_peers.run_worker(system, model_dir, [case], args.repeats, 1, ct2_env)
+
             systems = ["ct2-float32", "ct2-int8", "t5rt-f32", "t5rt-bf16", "t5rt-int8"]
-            for i, case in enumerate(cases):
-                for system in systems[i:] + systems[:i]:
-                    print(f"== {level} {name} case {case}: {system}", flush=True)
-                    if system.startswith("t5rt-"):
-                        one = run_peers.run_t5rt(args.t5rt, model_dir, [case], args.repeats, 1,
-                                                 model_dir, system.removeprefix("t5rt-"),
-                                                 env={"T5RT_ISA": level})
-                    else:
-                        out = subprocess.run([sys.executable, str(ROOT / "bench" / "run_peers.py"),
-                                              "--worker", system, str(model_dir), "--cases", case,
-                                              "--repeats", str(args.repeats), "--warmup", "1"],
-                                             env=dict(os.environ, **ct2_env), check=True,
-                                             capture_output=True, text=True)
-                        one = json.loads(out.stdout.strip().splitlines()[-1])
-                    run_peers.merge_case(row["systems"], system, one)
+            row = {"level": level, "model": name,
+                   "systems": run_peers.interleaved(cases, systems, run_one, f"{level} {name}")}
             res["runs"].append(row)
             print(json.dumps({s: {c: round(v["tokens_per_s"], 1) for c, v in r["cases"].items()}
                               for s, r in row["systems"].items()}), flush=True)

@@ -250,6 +250,30 @@ T5RT = ["t5rt", "t5rt-bf16", "t5rt-int8"]
 DTYPE_OF = {"t5rt": "f32", "t5rt-bf16": "bf16", "t5rt-int8": "int8"}
 
 
+def run_worker(system, model_dir, cases, repeats, warmup, env=None):
+    """A peer system over `cases` in a process of its own (this script's `--worker` mode);
+    `env` adds variables to its environment (CTranslate2's forced ISA)."""
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", system,
+                          str(model_dir), "--cases", ",".join(cases), "--repeats", str(repeats),
+                          "--warmup", str(warmup)],
+                         env=dict(os.environ, **(env or {})), check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def interleaved(cases, systems, run_one, label):
+    """`run_one(system, case)` for every case and system, case by case, every system back to
+    back, in an order rotated from one case to the next (this VM's bandwidth moves over
+    minutes; running each system through all its cases before the next would move whole
+    columns with it). Returns the runs merged per system (`merge_case`)."""
+    res = {}
+    for i, case in enumerate(cases):
+        for system in systems[i:] + systems[:i]:
+            print(f"== {label} case {case}: {system}", flush=True)
+            merge_case(res, system, run_one(system, case))
+    return res
+
+
 def merge_case(res, system, one):
     """Adds one case's run of `system` (a process of its own) to `res`: the cases side by
     side, the peak memory the largest of the processes', the rest (kernels, bandwidth around
@@ -424,24 +448,13 @@ def main():
         model_dir = ROOT / "bench" / "models" / name
         print(f"== {name}: preparing", flush=True)
         prepare(name, model_dir)
-        res = {}
-        # Case by case, every system back to back, in an order rotated from one case to the
-        # next: this VM's bandwidth moves over minutes, and running each system through all
-        # its cases before the next would move whole columns with it.
-        systems = list(PEERS) + list(T5RT)
-        for i, case in enumerate(cases):
-            for system in systems[i:] + systems[:i]:
-                print(f"== {name} case {case}: {system}", flush=True)
-                if system in T5RT:
-                    one = run_t5rt(args.t5rt, model_dir, [case], args.repeats, args.warmup,
-                                   model_dir, DTYPE_OF[system])
-                else:
-                    out = subprocess.run([sys.executable, __file__, "--worker", system, str(model_dir),
-                                          "--cases", case, "--repeats", str(args.repeats),
-                                          "--warmup", str(args.warmup)],
-                                         check=True, capture_output=True, text=True)
-                    one = json.loads(out.stdout.strip().splitlines()[-1])
-                merge_case(res, system, one)
+        def run_one(system, case):
+            if system in T5RT:
+                return run_t5rt(args.t5rt, model_dir, [case], args.repeats, args.warmup,
+                                model_dir, DTYPE_OF[system])
+            return run_worker(system, model_dir, [case], args.repeats, args.warmup)
+
+        res = interleaved(cases, PEERS + T5RT, run_one, name)
         for s, r in res.items():
             print(f"   {s:12s} " + "  ".join(f"{c}: {v['tokens_per_s']:.1f}" for c, v in r["cases"].items()),
                   flush=True)
