@@ -1175,8 +1175,8 @@ pub(super) fn matmul_packed_shared(
     let x = &x[..m * k];
     // The tile for CPUs without the dot-product instructions, if this product runs on one.
     let nodot_kind = match no_dot(w0.kind, isa) {
-        Some(nodot::NoDot::Int8Avx2) if m > nodot::SPLIT_MIN_ROWS => {
-            Some(nodot::NoDot::Int8Avx2Split)
+        Some(nodot::NoDot::Int8Avx2) if m >= nodot::WIDE_MIN_ROWS => {
+            Some(nodot::NoDot::Int8Avx2Wide)
         }
         kind => kind,
     };
@@ -1186,13 +1186,11 @@ pub(super) fn matmul_packed_shared(
         nodot_kind,
         Some(nodot::NoDot::Bf16Avx512 | nodot::NoDot::Bf16Avx2)
     );
-    let wide16 = nodot_kind == Some(nodot::NoDot::Int8Avx512bw);
-    let split = nodot_kind == Some(nodot::NoDot::Int8Avx2Split);
-    let xstride = if widened || wide16 || split {
-        2 * w0.kg
-    } else {
-        w0.kg
-    };
+    let wide16 = matches!(
+        nodot_kind,
+        Some(nodot::NoDot::Int8Avx512bw | nodot::NoDot::Int8Avx2Wide)
+    );
+    let xstride = if widened || wide16 { 2 * w0.kg } else { w0.kg };
     let in_place = w0.kind == WeightDtype::F32 || (widened && k == xstride);
     let (prepared, xscales) = if in_place {
         (Vec::new(), Vec::new())
@@ -1204,15 +1202,16 @@ pub(super) fn matmul_packed_shared(
     #[cfg(target_arch = "x86_64")]
     let prepared = if wide16 {
         let mut wide = vec![0u32; 2 * prepared.len()];
-        // SAFETY: the AVX-512 BW level (`no_dot`), which the backend only runs where the CPU
-        // has it.
-        unsafe { nodot::widen_activations(&prepared, &mut wide) };
+        // SAFETY: the AVX-512 BW or AVX2 level (`no_dot`), which the backend only runs where
+        // the CPU has it.
+        unsafe {
+            if nodot_kind == Some(nodot::NoDot::Int8Avx2Wide) {
+                nodot::widen_activations_avx2(&prepared, &mut wide)
+            } else {
+                nodot::widen_activations(&prepared, &mut wide)
+            }
+        };
         wide
-    } else if split {
-        let mut both = vec![0u32; 2 * prepared.len()];
-        // SAFETY: the AVX2 level (`no_dot`), which the backend only runs where the CPU has it.
-        unsafe { nodot::split_activations(&prepared, &mut both) };
-        both
     } else {
         prepared
     };

@@ -5,21 +5,20 @@
 //!   to f32 in registers (a shift, or a mask, of each 32-bit lane's pair); activations are not
 //!   rounded; products are fused multiply-adds in order of `k`. The result is bitwise the f32
 //!   tile's on the bf16-rounded weights.
-//! - int8 through 16-bit products, AVX-512BW: the weights widened to i16 in registers, the
-//!   activations `q` (|q| <= 127) as i16 (widened once per product), `vpmaddwd` summing pairs
-//!   into i32.
-//! - int8 through 16-bit products, AVX2: the activation `q` (u8 `q + 128` in the lanes, so
-//!   `|q| <= 127`) is split into `|q|` and its sign, which goes onto the weight (`vpsignb`);
-//!   `vpmaddubsw` multiplies `|q|` by `±w` and sums pairs into 16 bits (at most `2 · 127 ·
-//!   127`, no saturation), `vpmaddwd` by ones sums those into 32 bits.
+//! - int8 through 16-bit products, AVX-512BW, and AVX2 for products of at least
+//!   [`WIDE_MIN_ROWS`] rows: the weights widened to i16 in registers, the activations `q`
+//!   (|q| <= 127) as i16 (widened once per product), `vpmaddwd` summing pairs into i32.
+//! - int8 on AVX2 for fewer rows (batch-1 decoding): the activation `q` (u8 `q + 128` in the
+//!   lanes, so `|q| <= 127`) is split into `|q|` and its sign, which goes onto the weight
+//!   (`vpsignb`); `vpmaddubsw` multiplies `|q|` by `±w` and sums pairs into 16 bits (at most
+//!   `2 · 127 · 127`, no saturation), `vpmaddwd` by ones sums those into 32 bits.
 //!
-//! Both add `128 Σ w` at the end. Every product and sum is exact, so the i32 sums are bitwise
+//! All add `128 Σ w` at the end. Every product and sum is exact, so the i32 sums are bitwise
 //! `vpdpbusd`'s.
 //!
 //! Layouts and register tiles as in the parent module; `x` rows are `2 kg` f32 values
-//! (widened bf16), `2 kg` u32 holding 4 i16 per lane (int8, AVX-512BW), `kg` u32 lanes (int8,
-//! AVX2) or, for products of more than [`SPLIT_MIN_ROWS`] rows, `2 kg`: `|q|` and `q` of each
-//! group of 4 in turn (int8, AVX2, [`split_activations`]).
+//! (widened bf16), `2 kg` u32 holding 4 i16 per lane (int8 through 16-bit products) or `kg`
+//! u32 lanes (int8, AVX2, fewer rows).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -315,150 +314,184 @@ pub(super) unsafe fn widen_activations(src: &[u32], dst: &mut [u32]) {
         let q = _mm512_sub_epi16(_mm512_cvtepu8_epi16(bytes), bias);
         _mm512_storeu_si512(dst.as_mut_ptr().add(2 * i) as *mut _, q);
     }
-    for i in whole..src.len() {
-        let b = src[i].to_le_bytes().map(|b| (b as i16 - 128) as u16 as u32);
-        dst[2 * i] = b[0] | b[1] << 16;
-        dst[2 * i + 1] = b[2] | b[3] << 16;
+    widen_tail(&src[whole..], &mut dst[2 * whole..]);
+}
+
+/// The lanes of [`widen_activations`] left after its whole vectors, one at a time.
+fn widen_tail(src: &[u32], dst: &mut [u32]) {
+    for (&lane, d) in src.iter().zip(dst.chunks_exact_mut(2)) {
+        let b = lane.to_le_bytes().map(|b| (b as i16 - 128) as u16 as u32);
+        d[0] = b[0] | b[1] << 16;
+        d[1] = b[2] | b[3] << 16;
     }
 }
 
-/// An int8 tile for AVX2: `vpmaddubsw` on `|q|` (u8) and `±w` (i8, the sign of `q` moved onto
-/// the weight by `vpsignb`), then `vpmaddwd` by ones into i32. Each 16-bit pair sum is at most
-/// `2 · 127 · 127 = 32258`, so `vpmaddubsw` never saturates and every sum is exact. (In ymm
-/// registers this costs about what 16-bit products do, `bench/ceilings/int8_vs_f32.c`.)
-/// `$split`: whether `|q|` and `q` come ready from [`split_activations`] (two broadcasts a row
-/// and step of `k`) or are made from `q + 128` in the loop (one broadcast, an xor and an abs).
+/// int8, AVX2, through 16-bit products: [`int8_avx512bw`]'s scheme in ymm registers. Each
+/// vector of weights (8 columns x 4 values of `k`) is widened to two vectors of i16
+/// (`vpmovsxbw`: columns 0-3 and 4-7), the activations `q` (from [`widen_activations_avx2`])
+/// are broadcast 64 bits at a time, and `vpmaddwd` sums each pair into i32; a column's two
+/// lanes are added at the end (`vphaddd`, then the 64-bit quarters put in order). Per 32
+/// multiply-adds and row: two `vpmaddwd` and two adds, against [`int8_avx2`]'s sign move,
+/// `vpmaddubsw`, `vpmaddwd` by ones and add. Exact, so the i32 sums are bitwise `vpdpbusd`'s.
+///
+/// # Safety
+/// AVX2; `x` holds `R` rows of `2 kg` u32 (the i16 activations); `sub + 8 V` <= panel width.
 #[cfg(target_arch = "x86_64")]
-macro_rules! int8_avx2_tile {
-    ($(#[$doc:meta])* $name:ident, $split:literal) => {
-        $(#[$doc])*
-        #[target_feature(enable = "avx2")]
-        unsafe fn $name<const R: usize, const V: usize>(
-            x: &[u32],
-            w: &PackedWeight,
-            c0: usize,
-            sub: usize,
-            ks: Range<usize>,
-            out: &mut [[u32; BLOCK]],
-            ahead: usize,
-        ) {
-            let kg = w.kg;
-            let pw = panel_width(w.n_pad, c0 / BLOCK);
-            let xp = x.as_ptr();
-            let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
-            let (flip, ones) = (_mm256_set1_epi8(0x80u8 as i8), _mm256_set1_epi16(1));
-            // Exactly `R` rows, so that the sums stay in registers (a zip with a longer slice
-            // left them on the stack).
-            let out = &mut out[..R];
-            let mut acc = [[_mm256_setzero_si256(); V]; R];
-            for (o, acc) in out.iter().zip(acc.iter_mut()) {
-                for (v, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_loadu_si256(o.as_ptr().add(sub + 8 * v) as *const _);
-                }
-            }
-            let last_block = ks.end == kg;
-            for g in ks {
-                prefetch_panel(wp, ahead, pw, 8 * V);
-                let mut wv = [_mm256_setzero_si256(); V];
-                for (v, wv) in wv.iter_mut().enumerate() {
-                    *wv = _mm256_loadu_si256(wp.add(8 * v) as *const _);
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let (abs, q) = if $split {
-                        let at = 2 * (r * kg + g);
-                        (
-                            _mm256_set1_epi32(*xp.add(at) as i32),
-                            _mm256_set1_epi32(*xp.add(at + 1) as i32),
-                        )
-                    } else {
-                        let q = _mm256_xor_si256(_mm256_set1_epi32(*xp.add(r * kg + g) as i32), flip);
-                        (_mm256_abs_epi8(q), q)
-                    };
-                    for (a, &wv) in acc.iter_mut().zip(&wv) {
-                        let pairs = _mm256_maddubs_epi16(abs, _mm256_sign_epi8(wv, q));
-                        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
-                    }
-                }
-                wp = wp.add(pw);
-            }
-            let sums = w.col_sums.as_ptr().add(c0 + sub);
-            if last_block {
-                offset_sums(
-                    &mut acc,
-                    |v| _mm256_slli_epi32(_mm256_loadu_si256(sums.add(8 * v) as *const _), 7),
-                    |a, b| _mm256_add_epi32(a, b),
-                );
-            }
-            for (o, acc) in out.iter_mut().zip(&acc) {
-                for (v, a) in acc.iter().enumerate() {
-                    _mm256_storeu_si256(o.as_mut_ptr().add(sub + 8 * v) as *mut _, *a);
-                }
+#[target_feature(enable = "avx2")]
+unsafe fn int8_avx2_wide<const R: usize, const V: usize>(
+    x: &[u32],
+    w: &PackedWeight,
+    c0: usize,
+    sub: usize,
+    ks: Range<usize>,
+    out: &mut [[u32; BLOCK]],
+    ahead: usize,
+) {
+    let kg = w.kg;
+    let pw = panel_width(w.n_pad, c0 / BLOCK);
+    let xp = x.as_ptr() as *const i64;
+    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
+    let zero = _mm256_setzero_si256();
+    // Exactly `R` rows, so that the sums stay in registers.
+    let out = &mut out[..R];
+    let (mut lo, mut hi) = ([[zero; V]; R], [[zero; V]; R]);
+    let last_block = ks.end == kg;
+    for g in ks {
+        prefetch_panel(wp, ahead, pw, 8 * V);
+        let (mut wl, mut wh) = ([zero; V], [zero; V]);
+        for v in 0..V {
+            wl[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(8 * v) as *const _));
+            wh[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(8 * v + 4) as *const _));
+        }
+        for r in 0..R {
+            let xb = _mm256_set1_epi64x(*xp.add(r * kg + g));
+            for v in 0..V {
+                lo[r][v] = _mm256_add_epi32(lo[r][v], _mm256_madd_epi16(xb, wl[v]));
+                hi[r][v] = _mm256_add_epi32(hi[r][v], _mm256_madd_epi16(xb, wh[v]));
             }
         }
-    };
+        wp = wp.add(pw);
+    }
+    // `vphaddd` gives columns 0, 1, 4, 5 in the low 128 bits and 2, 3, 6, 7 in the high;
+    // the 64-bit quarters 0, 2, 1, 3 put them in order.
+    let mut acc = [[zero; V]; R];
+    for r in 0..R {
+        for v in 0..V {
+            acc[r][v] =
+                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(lo[r][v], hi[r][v]));
+        }
+    }
+    let sums = w.col_sums.as_ptr().add(c0 + sub);
+    if last_block {
+        offset_sums(
+            &mut acc,
+            |v| _mm256_slli_epi32(_mm256_loadu_si256(sums.add(8 * v) as *const _), 7),
+            |a, b| _mm256_add_epi32(a, b),
+        );
+    }
+    for (o, acc) in out.iter_mut().zip(&acc) {
+        for (v, a) in acc.iter().enumerate() {
+            let o = o.as_mut_ptr().add(sub + 8 * v) as *mut __m256i;
+            _mm256_storeu_si256(o, _mm256_add_epi32(_mm256_loadu_si256(o), *a));
+        }
+    }
 }
 
-#[cfg(target_arch = "x86_64")]
-int8_avx2_tile!(
-    /// int8, AVX2 ([`int8_avx2_tile`]), `|q|` and `q` made in the loop from `q + 128`: a row
-    /// costs one broadcast, an xor and an abs per step of `k`.
-    ///
-    /// # Safety
-    /// AVX2; `x` holds `R` rows of `kg` lanes (u8 `q + 128`); `sub + 8 V` <= panel width;
-    /// weights in [-127, 127].
-    int8_avx2,
-    false
-);
-
-#[cfg(target_arch = "x86_64")]
-int8_avx2_tile!(
-    /// int8, AVX2 ([`int8_avx2_tile`]), `|q|` and `q` ready from [`split_activations`]: two
-    /// broadcasts a row and step of `k`, no arithmetic before the products (products of more
-    /// than [`SPLIT_MIN_ROWS`] rows, where the tiles are bound by their instructions).
-    ///
-    /// # Safety
-    /// AVX2; `x` holds `R` rows of `2 kg` lanes (`|q|` and `q` in turn); `sub + 8 V` <= panel
-    /// width; weights in [-127, 127].
-    int8_avx2_split,
-    true
-);
-
-/// Products of more rows than this take their AVX2 int8 activations split ahead
-/// ([`split_activations`], [`int8_avx2_split`]): 1.14x on 512 x 2048 x 512 and 1.06x-1.08x on
-/// 32 rows (`examples/matmul_speed` at `avx2`, Zen 4), but slower on 1 to 8 rows, whose
-/// products wait on memory (4 x 2048 x 512 with cold weights 68 against 86 GOP/s).
-pub(super) const SPLIT_MIN_ROWS: usize = 8;
-
-/// The activations of int8 rows for [`int8_avx2_split`]: each lane of `src` (4 bytes, u8 `q + 128`)
-/// as two lanes of `dst` (twice `src`'s length): `|q|` (u8), then `q` (i8).
+/// [`widen_activations`] in AVX2: each lane of `src` (u8 `q + 128`) as 4 i16 `q` in two u32
+/// of `dst`.
 ///
 /// # Safety
 /// AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn split_activations(src: &[u32], dst: &mut [u32]) {
+pub(super) unsafe fn widen_activations_avx2(src: &[u32], dst: &mut [u32]) {
     debug_assert_eq!(dst.len(), 2 * src.len());
-    let flip = _mm256_set1_epi8(0x80u8 as i8);
-    let whole = src.len() / 8 * 8;
-    for i in (0..whole).step_by(8) {
-        let q = _mm256_xor_si256(_mm256_loadu_si256(src.as_ptr().add(i) as *const _), flip);
-        let abs = _mm256_abs_epi8(q);
-        // Lanes 0, 1, 4, 5 and 2, 3, 6, 7 interleaved within each half, then the halves put
-        // in order.
-        let (lo, hi) = (_mm256_unpacklo_epi32(abs, q), _mm256_unpackhi_epi32(abs, q));
-        let out = dst.as_mut_ptr().add(2 * i);
-        _mm256_storeu_si256(out as *mut _, _mm256_permute2x128_si256(lo, hi, 0x20));
-        _mm256_storeu_si256(
-            out.add(8) as *mut _,
-            _mm256_permute2x128_si256(lo, hi, 0x31),
+    let bias = _mm256_set1_epi16(128);
+    let whole = src.len() / 4 * 4;
+    for i in (0..whole).step_by(4) {
+        let bytes = _mm_loadu_si128(src.as_ptr().add(i) as *const _);
+        let q = _mm256_sub_epi16(_mm256_cvtepu8_epi16(bytes), bias);
+        _mm256_storeu_si256(dst.as_mut_ptr().add(2 * i) as *mut _, q);
+    }
+    widen_tail(&src[whole..], &mut dst[2 * whole..]);
+}
+
+/// An int8 tile for AVX2: `vpmaddubsw` on `|q|` (u8) and `±w` (i8, the sign of `q` moved onto
+/// the weight by `vpsignb`), then `vpmaddwd` by ones into i32. Each 16-bit pair sum is at most
+/// `2 · 127 · 127 = 32258`, so `vpmaddubsw` never saturates and every sum is exact. A row costs
+/// one broadcast, an xor and an abs per step of `k` (`|q|` and `q` made from `q + 128`). Used
+/// for products of fewer than [`WIDE_MIN_ROWS`] rows, which wait on memory; the others take
+/// [`int8_avx2_wide`].
+///
+/// # Safety
+/// AVX2; `x` holds `R` rows of `kg` lanes (u8 `q + 128`); `sub + 8 V` <= panel width; weights
+/// in [-127, 127].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn int8_avx2<const R: usize, const V: usize>(
+    x: &[u32],
+    w: &PackedWeight,
+    c0: usize,
+    sub: usize,
+    ks: Range<usize>,
+    out: &mut [[u32; BLOCK]],
+    ahead: usize,
+) {
+    let kg = w.kg;
+    let pw = panel_width(w.n_pad, c0 / BLOCK);
+    let xp = x.as_ptr();
+    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
+    let (flip, ones) = (_mm256_set1_epi8(0x80u8 as i8), _mm256_set1_epi16(1));
+    // Exactly `R` rows, so that the sums stay in registers (a zip with a longer slice left
+    // them on the stack).
+    let out = &mut out[..R];
+    let mut acc = [[_mm256_setzero_si256(); V]; R];
+    for (o, acc) in out.iter().zip(acc.iter_mut()) {
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_loadu_si256(o.as_ptr().add(sub + 8 * v) as *const _);
+        }
+    }
+    let last_block = ks.end == kg;
+    for g in ks {
+        prefetch_panel(wp, ahead, pw, 8 * V);
+        let mut wv = [_mm256_setzero_si256(); V];
+        for (v, wv) in wv.iter_mut().enumerate() {
+            *wv = _mm256_loadu_si256(wp.add(8 * v) as *const _);
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let q = _mm256_xor_si256(_mm256_set1_epi32(*xp.add(r * kg + g) as i32), flip);
+            let abs = _mm256_abs_epi8(q);
+            for (a, &wv) in acc.iter_mut().zip(&wv) {
+                let pairs = _mm256_maddubs_epi16(abs, _mm256_sign_epi8(wv, q));
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        wp = wp.add(pw);
+    }
+    let sums = w.col_sums.as_ptr().add(c0 + sub);
+    if last_block {
+        offset_sums(
+            &mut acc,
+            |v| _mm256_slli_epi32(_mm256_loadu_si256(sums.add(8 * v) as *const _), 7),
+            |a, b| _mm256_add_epi32(a, b),
         );
     }
-    for i in whole..src.len() {
-        let q = src[i].to_le_bytes().map(|b| (b ^ 0x80) as i8);
-        dst[2 * i] = u32::from_le_bytes(q.map(|v| v.unsigned_abs()));
-        dst[2 * i + 1] = u32::from_le_bytes(q.map(|v| v as u8));
+    for (o, acc) in out.iter_mut().zip(&acc) {
+        for (v, a) in acc.iter().enumerate() {
+            _mm256_storeu_si256(o.as_mut_ptr().add(sub + 8 * v) as *mut _, *a);
+        }
     }
 }
+
+/// Products of at least this many rows take the AVX2 int8 tile through 16-bit products
+/// ([`int8_avx2_wide`], activations widened once per product); fewer rows keep [`int8_avx2`].
+/// On Zen 4 at `avx2` (`examples/matmul_speed`, cold weights, alternating runs): 4096-row
+/// products 1.25x-1.35x and 8 to 32 rows up to 1.2x faster than [`int8_avx2`] with its
+/// activations split ahead (the tile it replaces there), 4 rows about 7% slower (those wait on
+/// memory). Its register-only ceiling there is 1.29x the sign scheme's
+/// (`bench/ceilings/int8_vs_f32.c`: 170 against 132 G operations/s a core); on the Xeon of
+/// session 12 the two were equal (78 and 76).
+pub(super) const WIDE_MIN_ROWS: usize = 5;
 
 /// Which of these tiles runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -467,8 +500,8 @@ pub(super) enum NoDot {
     Bf16Avx2,
     Int8Avx512bw,
     Int8Avx2,
-    /// [`Self::Int8Avx2`] with the activations split ahead ([`split_activations`]).
-    Int8Avx2Split,
+    /// int8 on AVX2 through 16-bit products ([`int8_avx2_wide`]).
+    Int8Avx2Wide,
 }
 
 /// One register tile on `kind`: `rows` (at most [`MR`]) rows of `x`, the panel at `c0`.
@@ -558,9 +591,9 @@ pub(super) unsafe fn tile(
                 ahead
             )
         }
-        NoDot::Int8Avx2Split => {
+        NoDot::Int8Avx2Wide => {
             by_shape!(
-                int8_avx2_split,
+                int8_avx2_wide,
                 x,
                 w,
                 rows,
@@ -568,9 +601,9 @@ pub(super) unsafe fn tile(
                 ks,
                 2 * w.kg,
                 8,
-                2,
-                [2, 3, 4],
-                4,
+                1,
+                [2, 3, 4, 5, 6],
+                6,
                 acc,
                 ahead
             )
