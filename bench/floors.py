@@ -11,7 +11,11 @@ For each model and case (batch B, input L, T new tokens) the model's f32 work is
   per layer, f32) and the self-attention caches (B x t), and the step's FLOPs (2 x B x the
   step's weights, plus attention over the caches).
 The floor's time is the encoder's and the projections' FLOPs at the f32 product rate, plus,
-per step, the larger of (bytes / read bandwidth) and (FLOPs / product rate): a roofline. The
+per step, the larger of (bytes / read bandwidth) and (FLOPs / product rate): a roofline.
+Greedy search needs only each row's largest logit, and an f32 head screened by its bf16 copy
+gives the f32 choice exactly (t5rt does so since session 15, README "Precision"), so the f32
+floor counts the LM head at bf16's 2 bytes a weight and bf16's product rate: any system could
+do the same. The
 read bandwidth is the streaming probe's median in `bench/results/machine_limits.json` (2
 threads). The product rate is the highest f32 rate seen on the machine in that session: the
 larger of numpy/OpenBLAS's 2048^3 product (`machine_limits.json`) and the fastest encoder pass
@@ -39,16 +43,20 @@ from run_peers import CASES, MODELS  # noqa: E402
 
 F32_PEERS = {"hf": "HF torch", "ort": "ORT", "ct2-float32": "CT2"}
 # t5rt precision -> (its system in the speed table, bytes per weight, bytes per cached key or
-# value, the target's peer systems, the target ratio). Reduced precisions keep bf16 caches.
+# value, the target's peer systems, the target ratio, the LM head's bytes per weight and the
+# precision of its product rate). Reduced precisions keep bf16 caches; f32's greedy head is
+# screened in bf16.
 PRECISIONS = {
-    "f32": ("t5rt", 4, 4, F32_PEERS, 1.3),
-    "bf16": ("t5rt-bf16", 2, 2, {"ct2-int8": "CT2 int8"}, 1.2),
-    "int8": ("t5rt-int8", 1, 2, {"ct2-int8": "CT2 int8"}, 1.5),
+    "f32": ("t5rt", 4, 4, F32_PEERS, 1.3, 2, "bf16"),
+    "bf16": ("t5rt-bf16", 2, 2, {"ct2-int8": "CT2 int8"}, 1.2, 2, "bf16"),
+    "int8": ("t5rt-int8", 1, 2, {"ct2-int8": "CT2 int8"}, 1.5, 1, "int8"),
 }
 
 
-def work(spec, batch, length, new, weight_bytes=4, cache_bytes=4):
-    """(encoder FLOPs, cross-projection FLOPs, [(bytes, FLOPs) per decoding step])."""
+def work(spec, batch, length, new, weight_bytes=4, cache_bytes=4, head_bytes=None):
+    """(encoder FLOPs, cross-projection FLOPs, [(bytes, FLOPs, head FLOPs) per decoding step]);
+    the LM head's weights at `head_bytes` each (default `weight_bytes`), its FLOPs apart."""
+    head_bytes = weight_bytes if head_bytes is None else head_bytes
     d, ff, heads, dkv = spec["d_model"], spec["d_ff"], spec["num_heads"], spec["d_kv"]
     inner = heads * dkv
     gated = spec["feed_forward_proj"].startswith("gated")
@@ -57,13 +65,14 @@ def work(spec, batch, length, new, weight_bytes=4, cache_bytes=4):
     enc_layer = 2 * tokens * (4 * d * inner + ffn) + 2 * 2 * batch * heads * length**2 * dkv
     cross_kv = 2 * tokens * 2 * d * inner * spec["num_decoder_layers"]
     layers = spec["num_decoder_layers"]
-    step_params = layers * (6 * d * inner + ffn) + spec["vocab_size"] * d
+    body_params = layers * (6 * d * inner + ffn)
+    head_params = spec["vocab_size"] * d
     steps = []
     for t in range(1, new + 1):
         caches = layers * 2 * inner * batch * (length + t)  # cross and self keys and values
-        nbytes = weight_bytes * step_params + cache_bytes * caches
-        flops = 2 * batch * step_params + 2 * 2 * batch * heads * dkv * (length + t) * layers
-        steps.append((nbytes, flops))
+        nbytes = weight_bytes * body_params + head_bytes * head_params + cache_bytes * caches
+        flops = 2 * batch * body_params + 2 * 2 * batch * heads * dkv * (length + t) * layers
+        steps.append((nbytes, flops, 2 * batch * head_params))
     return enc_layer * spec["num_layers"], cross_kv, steps
 
 
@@ -89,17 +98,18 @@ def main():
     print(f"Rates: read bandwidth {bandwidth / 1e9:.1f} GB/s; products (GFLOP/s, the fastest seen "
           f"in the run; numpy's f32 2048^3 product: {numpy_rate / 1e9:.1f}): "
           + ", ".join(f"{p} {r / 1e9:.0f}" for p, r in rates.items()) + ".")
-    for prec, (system, wbytes, cbytes, peers, target) in PRECISIONS.items():
+    for prec, (system, wbytes, cbytes, peers, target, hbytes, hrate) in PRECISIONS.items():
         print(f"\n{prec}: target {target}x {' / '.join(peers.values())}\n")
         print("| model | case | peer, tokens/s | t5rt | floor | floor / peer | reachable? | t5rt / floor |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        rate = rates[prec]
+        rate, head_rate = rates[prec], rates[hrate]
         for name, table in tables.items():
             if system not in table:
                 continue
             for case, (batch, length, new) in CASES.items():
-                enc, cross_kv, steps = work(MODELS[name], batch, length, new, wbytes, cbytes)
-                floor_s = (enc + cross_kv) / rate + sum(max(b / bandwidth, f / rate) for b, f in steps)
+                enc, cross_kv, steps = work(MODELS[name], batch, length, new, wbytes, cbytes, hbytes)
+                floor_s = (enc + cross_kv) / rate + sum(
+                    max(b / bandwidth, f / rate + h / head_rate) for b, f, h in steps)
                 floor = batch * new / floor_s
                 have = {label: table[k]["cases"][case]["tokens_per_s"] for k, label in peers.items()
                         if k in table}

@@ -265,9 +265,14 @@ fn measure<B: Backend>(
 ) -> Result<()> {
     let vocab = model.config.vocab_size as u32;
     println!(
-        "model loaded in {load_s:.3} s ({}, {})",
+        "model loaded in {load_s:.3} s ({}, {}{})",
         model.backend.name(),
-        model.backend.weight_dtype()
+        model.backend.weight_dtype(),
+        if model.screens_head() {
+            "; greedy LM head screened by a bf16 copy"
+        } else {
+            ""
+        }
     );
     let mut results = Vec::new();
     println!(

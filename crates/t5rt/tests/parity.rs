@@ -236,6 +236,16 @@ fn check_greedy(variant: &str, key: &str) {
             "{variant} {key}: batch size {batch_size} changed the output"
         );
     }
+    // The f32 head screened with its bf16 copy (the default here) and computed in full give
+    // the same tokens.
+    assert!(
+        model.screens_head(),
+        "{variant}: the CPU screens an f32 head"
+    );
+    let mut full = load_model(&model_dir(variant), 2);
+    full.drop_head_screen();
+    let plain = best_ids(generate(&full, &inputs, &opts, None, |_| {}).unwrap());
+    assert_eq!(plain, got, "{variant} {key}: the unscreened head differs");
     let tokens: usize = got.iter().map(Vec::len).sum();
     eprintln!(
         "parity {variant} {key}: {} sequences, {tokens} tokens, all equal to HF",

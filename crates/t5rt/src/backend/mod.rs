@@ -73,6 +73,28 @@ pub struct MatDims {
     pub k: usize,
 }
 
+/// A reduced-precision copy of an f32 LM head that greedy decoding screens the vocabulary
+/// with ([`Backend::screened_argmax`]), and each output column's Euclidean norm in f32 (rounded
+/// up): what bounds the copy's error per column.
+pub struct ScreenHead<W> {
+    pub weight: W,
+    pub norms: Vec<f32>,
+}
+
+impl<W> ScreenHead<W> {
+    /// The Euclidean norm of each row of `w` (`[n, k]`, the checkpoint's layout), rounded up
+    /// to f32.
+    pub fn row_norms(w: &[f32], k: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        w.par_chunks(k.max(1))
+            .map(|row| {
+                let sq: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+                (sq.sqrt() * (1.0 + 1e-6)) as f32
+            })
+            .collect()
+    }
+}
+
 /// How a key/value cache is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvFormat {
@@ -640,6 +662,33 @@ pub trait Backend: Send + Sync {
 
     /// Index of the largest value of each of `rows` rows of width `n` (first one on ties).
     fn argmax_rows(&self, x: &Self::Tensor, rows: usize, n: usize) -> Result<Vec<u32>>;
+
+    /// The cheaper copy of an f32 LM head `w` (`[n, k]`) that [`Backend::screened_argmax`]
+    /// reads, or `None` where the backend has no such path (the default).
+    fn upload_screen(&self, w: &[f32], n: usize, k: usize) -> Result<Option<Self::Weight>> {
+        let _ = (w, n, k);
+        Ok(None)
+    }
+
+    /// Greedy decoding's choice over the logits `x · headᵀ` (`x`: `rows` rows of the head's
+    /// `k`), exactly as [`Backend::argmax_rows`] would give it on the f32 logits with column
+    /// `banned` set to -inf, without computing every logit in f32: the screen's logits, their
+    /// error bound per column, and the f32 logits of the columns that bound cannot rule out.
+    /// Only called with a `screen` from [`Backend::upload_screen`].
+    fn screened_argmax(
+        &self,
+        x: &Self::Tensor,
+        head: &Self::Weight,
+        screen: &ScreenHead<Self::Weight>,
+        rows: usize,
+        banned: Option<usize>,
+    ) -> Result<Vec<u32>> {
+        let _ = (x, head, screen, rows, banned);
+        Err(T5Error::Backend(format!(
+            "{}: no screened LM head",
+            self.name()
+        )))
+    }
 
     /// Sets column `col` of each of `rows` rows of width `n` to `value` (e.g. -inf to ban a token).
     fn fill_column(

@@ -54,8 +54,8 @@ pub(crate) fn decode_rows<B: Backend>(
     for step in 0..limit {
         super::check_cancel(cancel)?;
         let rows = active.len();
-        let logits = model.decode_step(&tokens, &mut state)?;
         let next = if on_host {
+            let logits = model.decode_step(&tokens, &mut state)?;
             let mut host = backend.download(logits, rows * vocab)?;
             let mut next = Vec::with_capacity(rows);
             for (r, row) in host.chunks_exact_mut(vocab).enumerate() {
@@ -69,11 +69,9 @@ pub(crate) fn decode_rows<B: Backend>(
             }
             next
         } else {
-            if step < cfg.min_new_tokens {
-                // min_new_tokens: EOS is banned until enough tokens were generated (as HF does).
-                backend.fill_column(logits, rows, vocab, eos as usize, f32::NEG_INFINITY)?;
-            }
-            backend.argmax_rows(logits, rows, vocab)?
+            // min_new_tokens: EOS is banned until enough tokens were generated (as HF does).
+            let banned = (step < cfg.min_new_tokens).then_some(eos);
+            model.decode_step_greedy(&tokens, &mut state, banned)?
         };
         let mut keep = Vec::with_capacity(rows);
         for (r, &id) in next.iter().enumerate() {

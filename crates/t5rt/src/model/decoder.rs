@@ -150,6 +150,52 @@ impl<B: Backend> T5Model<B> {
         tokens: &[u32],
         state: &'s mut DecoderState<B::Tensor>,
     ) -> Result<&'s mut B::Tensor> {
+        self.run_step(tokens, state, true)?;
+        Ok(&mut state.scratch.logits)
+    }
+
+    /// [`T5Model::decode_step`] for greedy search: each sequence's next token, the first
+    /// largest of its logits with token `banned` (if any) at -inf, as
+    /// [`Backend::argmax_rows`] gives it on [`T5Model::decode_step`]'s logits. With an f32 LM
+    /// head on a backend that screens it ([`Backend::screened_argmax`]), most logits are never
+    /// computed in f32; the choice is the same.
+    pub fn decode_step_greedy(
+        &self,
+        tokens: &[u32],
+        state: &mut DecoderState<B::Tensor>,
+        banned: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        let (b, rows, vocab) = (&self.backend, tokens.len(), self.config.vocab_size);
+        let banned = banned.map(|t| t as usize);
+        match &self.params.screen {
+            Some(screen) => {
+                self.run_step(tokens, state, false)?;
+                b.screened_argmax(
+                    &state.scratch.normed,
+                    &self.params.lm_head,
+                    screen,
+                    rows,
+                    banned,
+                )
+            }
+            None => {
+                let logits = self.decode_step(tokens, state)?;
+                if let Some(col) = banned {
+                    b.fill_column(logits, rows, vocab, col, f32::NEG_INFINITY)?;
+                }
+                b.argmax_rows(logits, rows, vocab)
+            }
+        }
+    }
+
+    /// A decoding step up to the final norm (and its scale, with tied embeddings), which
+    /// leaves the decoder's output in the scratch's `normed`; then the LM head with `head`.
+    fn run_step(
+        &self,
+        tokens: &[u32],
+        state: &mut DecoderState<B::Tensor>,
+        head: bool,
+    ) -> Result<()> {
         let cfg = &self.config;
         let b = &self.backend;
         let batch = state.batch;
@@ -193,29 +239,32 @@ impl<B: Backend> T5Model<B> {
         }
         // Rows that joined a running batch mask the positions before their first token.
         let self_mask = state.self_mask().map(|m| b.upload(&m)).transpose()?;
-        // A step with a mask is not recorded (the mask changes every step).
-        let layout = self_mask.is_none().then_some(state.layout);
+        // A step with a mask is not recorded (the mask changes every step), nor one without
+        // the head (recordings are of whole steps).
+        let layout = (self_mask.is_none() && head).then_some(state.layout);
         match b.begin_step(layout, pos, tokens)? {
             StepPlan::Replayed => {}
-            StepPlan::Eager => self.step_ops(tokens, state, self_mask.as_ref())?,
+            StepPlan::Eager => self.step_ops(tokens, state, self_mask.as_ref(), head)?,
             StepPlan::Capture => {
-                let recorded = self.step_ops(tokens, state, self_mask.as_ref());
+                let recorded = self.step_ops(tokens, state, self_mask.as_ref(), head);
                 if !b.end_step(recorded.is_ok())? {
                     // The recording failed: run the step as it comes.
-                    self.step_ops(tokens, state, self_mask.as_ref())?;
+                    self.step_ops(tokens, state, self_mask.as_ref(), head)?;
                 }
             }
         }
         state.step += 1;
-        Ok(&mut state.scratch.logits)
+        Ok(())
     }
 
-    /// The operations of one decoding step at position `state.step`, logits in the scratch.
+    /// The operations of one decoding step at position `state.step`, logits in the scratch
+    /// (without `head`: the decoder's output, normed and scaled for the head).
     fn step_ops(
         &self,
         tokens: &[u32],
         state: &mut DecoderState<B::Tensor>,
         self_mask: Option<&B::Tensor>,
+        head: bool,
     ) -> Result<()> {
         let cfg = &self.config;
         let b = &self.backend;
@@ -326,6 +375,9 @@ impl<B: Backend> T5Model<B> {
         if cfg.tie_word_embeddings {
             // Tied embeddings (t5 v1.0): scale by d_model ** -0.5 before the shared head.
             b.scale(&mut s.normed, batch * d, (d as f32).powf(-0.5))?;
+        }
+        if !head {
+            return Ok(());
         }
         let head = &self.params.lm_head;
         let vocab = cfg.vocab_size;

@@ -35,6 +35,20 @@ impl<B: Backend> T5Model<B> {
         }
     }
 
+    /// Whether greedy decoding screens the f32 LM head with a bf16 copy of it
+    /// ([`Backend::screened_argmax`]: the same tokens, most logits never computed in f32). On
+    /// by default where the backend can (the CPU, with f32 weights); `T5RT_SCREEN_HEAD=0` at
+    /// load, or [`T5Model::drop_head_screen`], turns it off.
+    pub fn screens_head(&self) -> bool {
+        self.params.screen.is_some()
+    }
+
+    /// Drops the bf16 copy of the LM head that greedy decoding screens with, and its memory
+    /// (half the head's bytes): every logit is then computed in f32, with the same choices.
+    pub fn drop_head_screen(&mut self) {
+        self.params.screen = None;
+    }
+
     /// Reads every weight the config names from `store` onto `backend`.
     pub fn load(config: T5Config, store: &TensorStore, backend: B) -> Result<Self> {
         let params = T5Params::load(store, &backend, &config)?;

@@ -1,6 +1,6 @@
 //! Model weights on the device, read once from a [`TensorStore`] and never changed.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ScreenHead, WeightDtype};
 use crate::config::T5Config;
 use crate::error::Result;
 use crate::weights::TensorStore;
@@ -72,6 +72,10 @@ pub struct T5Params<T, W> {
     /// [vocab, d_model] as a linear weight; with tied embeddings, a copy of `shared` in the
     /// linear layout (the decoder output is then scaled by `d_model ** -0.5`).
     pub lm_head: W,
+    /// A bf16 copy of an f32 `lm_head` that greedy decoding screens the vocabulary with
+    /// ([`Backend::screened_argmax`]), where the backend has that path; `None` otherwise, or
+    /// with `T5RT_SCREEN_HEAD=0`.
+    pub screen: Option<ScreenHead<W>>,
     /// Keep the cross-attention keys and values in f32 even with reduced-precision weights
     /// (`T5RT_KEEP_F32=cross-cache`).
     pub cross_cache_f32: bool,
@@ -277,6 +281,19 @@ impl<T, W> T5Params<T, W> {
             "lm_head.weight"
         };
         let lm_head = l.linear_as(head_name, cfg.vocab_size, cfg.d_model, true)?;
+        let f32_head = backend.weight_dtype() == WeightDtype::F32 || keep.weight(head_name, true);
+        let screen = if f32_head && screen_wanted() {
+            l.with_host(head_name, &vocab_shape, |w| {
+                Ok(backend
+                    .upload_screen(w, cfg.vocab_size, cfg.d_model)?
+                    .map(|weight| ScreenHead {
+                        weight,
+                        norms: ScreenHead::<B::Weight>::row_norms(w, cfg.d_model),
+                    }))
+            })?
+        } else {
+            None
+        };
         Ok(T5Params {
             shared,
             encoder,
@@ -286,8 +303,15 @@ impl<T, W> T5Params<T, W> {
             decoder_norm: l.norm("decoder.final_layer_norm.weight")?,
             decoder_relpos: l.relpos("decoder")?,
             lm_head,
+            screen,
             cross_cache_f32: keep.cross_cache(),
             self_cache_f32: keep.self_cache(),
         })
     }
+}
+
+/// Whether greedy decoding may screen an f32 LM head (`T5RT_SCREEN_HEAD=0` turns it off: for
+/// A/B runs, and as a way out).
+fn screen_wanted() -> bool {
+    std::env::var("T5RT_SCREEN_HEAD").map_or(true, |v| v != "0")
 }

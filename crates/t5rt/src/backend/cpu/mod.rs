@@ -7,11 +7,13 @@ mod isa;
 mod kernels;
 pub mod packed;
 pub mod reference;
+mod screen;
 
 use rayon::prelude::*;
 
 use super::{
-    check_len, checks, matmul_nt_each, AttnShape, Backend, KvFormat, MatDims, WeightDtype,
+    check_len, checks, matmul_nt_each, AttnShape, Backend, KvFormat, MatDims, ScreenHead,
+    WeightDtype,
 };
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
@@ -550,6 +552,46 @@ impl Backend for CpuBackend {
             dst.copy_from_slice(&row[start..start + len]);
         }
         Ok(out)
+    }
+
+    fn upload_screen(&self, w: &[f32], n: usize, k: usize) -> Result<Option<CpuWeight>> {
+        check_len("upload_screen", w.len(), n * k)?;
+        let isa = self.isa;
+        Ok(Some(self.pool.install(|| {
+            PackedWeight::pack(&w[..n * k], n, k, WeightDtype::Bf16, isa)
+        })))
+    }
+
+    fn screened_argmax(
+        &self,
+        x: &Vec<f32>,
+        head: &CpuWeight,
+        screen: &ScreenHead<CpuWeight>,
+        rows: usize,
+        banned: Option<usize>,
+    ) -> Result<Vec<u32>> {
+        let s = &screen.weight;
+        if head.kind != WeightDtype::F32
+            || s.kind != WeightDtype::Bf16
+            || (s.n, s.k) != (head.n, head.k)
+            || screen.norms.len() != head.n
+        {
+            return Err(T5Error::Backend(format!(
+                "screened_argmax: a {} head of {} x {} with a {} screen of {} x {} and {} norms",
+                head.kind,
+                head.n,
+                head.k,
+                s.kind,
+                s.n,
+                s.k,
+                screen.norms.len()
+            )));
+        }
+        check_len("screened_argmax x", x.len(), rows * head.k)?;
+        let isa = self.isa;
+        Ok(self
+            .pool
+            .install(|| screen::screened_argmax(x, head, s, &screen.norms, rows, banned, isa)))
     }
 
     fn argmax_rows(&self, x: &Vec<f32>, rows: usize, n: usize) -> Result<Vec<u32>> {

@@ -1,0 +1,285 @@
+//! Greedy decoding's LM head without every logit in f32 ([`Backend::screened_argmax`]).
+//!
+//! An f32 model's LM head is the largest product of a decoding step (t5-base: 32128 x 768, a
+//! fifth of the bytes a batch-1 step reads). Greedy search only needs the index of each row's
+//! largest logit, so the head is first run on a bf16 copy (half the bytes, and `vdpbf16ps`
+//! where the CPU has it), and the f32 logits are then computed only for the columns that the
+//! copy's error bound cannot rule out. The result is the f32 head's argmax, bit for bit:
+//!
+//! - For column `c`, the exact logit `L = Σ x_i w_i`, the f32 one `F` (the tiles' fused
+//!   multiply-adds in order of `k`) and the screen's `B` (both operands rounded to bf16, each
+//!   by at most 2^-8 relative; products exact in f32; f32 sums) satisfy `|F - L| <= γ_k Σ|x_i
+//!   w_i|` and `|B - L| <= (2^-7 + 2^-16 + γ_k (1 + 2^-7)) Σ|x_i w_i|`, with `γ_k = k u / (1 -
+//!   k u)`, `u = 2^-24` (rounding error of any order of f32 sums of `k` terms). Σ|x_i w_i| <=
+//!   ‖x‖ ‖w_c‖ (Cauchy-Schwarz), so `|F - B| <= E_c = δ_k ‖x‖ ‖w_c‖` with `δ_k` the sum of the
+//!   two, 1% larger (which also covers the f32 rounding of the bound's own arithmetic), plus an
+//!   absolute `k · 1e-30` for bf16's flushed denormals.
+//! - `lb = max_c (B_c - E_c)` is at most the largest f32 logit; a column with `B_c + E_c < lb`
+//!   has `F_c < max F` and cannot be chosen, nor tie. The others (the candidates) get their
+//!   f32 logits from the f32 tiles on a weight of just those columns: each column's sum runs
+//!   in the same order in any panel, so they are the full product's values bit for bit; the
+//!   first largest of them in column order is [`crate::math::argmax`]'s choice.
+//! - Rows with a non-finite screen logit or norm, or a bound that could overflow, and batches
+//!   whose candidates are more than an eighth of the vocabulary, take the full f32 head.
+//!
+//! [`Backend::screened_argmax`]: crate::backend::Backend::screened_argmax
+
+use rayon::prelude::*;
+
+use super::isa::IsaLevel as Isa;
+use super::packed::{matmul_packed, PackedWeight};
+use crate::backend::WeightDtype;
+
+/// `δ_k` of the module docs: the bound on `|F_c - B_c|` per unit of `‖x‖ ‖w_c‖`.
+pub(super) fn relative_bound(k: usize) -> f64 {
+    let ku = k as f64 * 2f64.powi(-24);
+    let gamma = ku / (1.0 - ku);
+    (2f64.powi(-7) + 2f64.powi(-16) + gamma * (2.0 + 2f64.powi(-7))) * 1.01
+}
+
+/// Each row's candidates (columns its screen logits cannot rule out), in column order; `None`
+/// when the row must take the full f32 head (a non-finite value, or a bound near overflow).
+fn candidates(
+    approx: &[f32],
+    x: &[f32],
+    norms: &[f32],
+    rel: f64,
+    banned: Option<usize>,
+) -> Option<Vec<u32>> {
+    let xn = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+    let top = norms.iter().fold(0.0f32, |m, &v| m.max(v)) as f64;
+    if !(xn.is_finite() && top.is_finite()) || xn * top > 1e30 {
+        return None;
+    }
+    // E_c = norms[c] * s + abs, in f32 (the 1% in `rel` covers this arithmetic's rounding).
+    let s = (xn * rel) as f32;
+    let abs = 1e-30 * x.len() as f32;
+    let banned = banned.unwrap_or(usize::MAX);
+    let mut lb = f32::NEG_INFINITY;
+    for (c, (&b, &nc)) in approx.iter().zip(norms).enumerate() {
+        if !b.is_finite() || !nc.is_finite() {
+            return None;
+        }
+        if c != banned {
+            lb = lb.max(b - (nc * s + abs));
+        }
+    }
+    Some(
+        approx
+            .iter()
+            .zip(norms)
+            .enumerate()
+            .filter(|&(c, (&b, &nc))| c != banned && b + (nc * s + abs) >= lb)
+            .map(|(c, _)| c as u32)
+            .collect(),
+    )
+}
+
+/// [`crate::backend::Backend::screened_argmax`] on the CPU, in the thread pool it runs in:
+/// `head` is the f32 LM head, `screen` its bf16 copy and `norms` its rows' norms.
+pub(super) fn screened_argmax(
+    x: &[f32],
+    head: &PackedWeight,
+    screen: &PackedWeight,
+    norms: &[f32],
+    rows: usize,
+    banned: Option<usize>,
+    isa: Isa,
+) -> Vec<u32> {
+    let (n, k) = (head.n, head.k);
+    let x = &x[..rows * k];
+    let mut approx = vec![0.0f32; rows * n];
+    matmul_packed(x, screen, &mut approx, rows, false, isa);
+    let rel = relative_bound(k);
+    let found: Option<Vec<Vec<u32>>> = approx
+        .par_chunks_exact(n)
+        .zip(x.par_chunks_exact(k))
+        .map(|(b, xr)| candidates(b, xr, norms, rel, banned))
+        .collect();
+    let mut union: Vec<u32> = found.iter().flatten().flatten().copied().collect();
+    union.sort_unstable();
+    union.dedup();
+    let Some(found) = found.filter(|_| n >= 2 && union.len() <= n / 8) else {
+        return full_argmax(x, head, rows, banned, isa);
+    };
+    // The candidates' f32 weights as a product of their own.
+    let mut w = vec![0.0f32; union.len() * k];
+    for (row, &c) in w.chunks_exact_mut(k).zip(&union) {
+        head.read_row(c as usize, row)
+            .expect("an f32 head reads back as f32");
+    }
+    let sub = PackedWeight::pack(&w, union.len(), k, WeightDtype::F32, isa);
+    let u = union.len();
+    let mut exact = vec![0.0f32; rows * u];
+    matmul_packed(x, &sub, &mut exact, rows, false, isa);
+    found
+        .iter()
+        .zip(exact.chunks_exact(u.max(1)))
+        .map(|(cands, vals)| {
+            // Each candidate's value, in column order; the first largest wins (NaNs skipped,
+            // as `math::argmax` does; none arise here: every screen value was finite).
+            let value = |c: u32| vals[union.binary_search(&c).expect("in the union")];
+            let mut best: Option<(u32, f32)> = None;
+            for &c in cands {
+                let v = value(c);
+                if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
+                    best = Some((c, v));
+                }
+            }
+            best.map_or(0, |(c, _)| c)
+        })
+        .collect()
+}
+
+/// The f32 head in full, column `banned` at -inf, and each row's first largest logit: the
+/// path [`screened_argmax`] stands in for.
+fn full_argmax(
+    x: &[f32],
+    head: &PackedWeight,
+    rows: usize,
+    banned: Option<usize>,
+    isa: Isa,
+) -> Vec<u32> {
+    let n = head.n;
+    let mut logits = vec![0.0f32; rows * n];
+    matmul_packed(x, head, &mut logits, rows, false, isa);
+    logits
+        .par_chunks_exact_mut(n.max(1))
+        .map(|row| {
+            if let Some(c) = banned.filter(|&c| c < n) {
+                row[c] = f32::NEG_INFINITY;
+            }
+            crate::math::argmax(row)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::candidates;
+    use crate::backend::cpu::{CpuBackend, IsaLevel};
+    use crate::backend::{Backend, MatDims, ScreenHead};
+
+    /// A small deterministic generator (values in [-1, 1)).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.next()).collect()
+        }
+    }
+
+    /// What greedy search chose before screening: the f32 logits, `banned` at -inf, the
+    /// first largest of each row.
+    fn oracle(
+        b: &CpuBackend,
+        x: &[f32],
+        w: &[f32],
+        rows: usize,
+        n: usize,
+        k: usize,
+        banned: Option<usize>,
+    ) -> Vec<u32> {
+        let head = b.upload_linear(w, n, k).unwrap();
+        let mut logits = b.zeros(rows * n).unwrap();
+        b.matmul_nt(
+            &x.to_vec(),
+            &head,
+            &mut logits,
+            MatDims { m: rows, n, k },
+            false,
+        )
+        .unwrap();
+        if let Some(c) = banned {
+            b.fill_column(&mut logits, rows, n, c, f32::NEG_INFINITY)
+                .unwrap();
+        }
+        b.argmax_rows(&logits, rows, n).unwrap()
+    }
+
+    /// Rows whose best columns are exact ties (identical weights: the first wins), near ties a
+    /// few f32 ulps apart (which the bf16 screen cannot tell apart, so the f32 values decide),
+    /// the best column banned, and plain random rows: the screened choice equals the f32 one
+    /// at every kernel level, and the near ties do go through the f32 candidates.
+    #[test]
+    fn screened_argmax_is_the_f32_argmax() {
+        let mut rng = Rng(7);
+        for level in IsaLevel::available_levels() {
+            let b = CpuBackend::with_isa(2, level).unwrap();
+            for (rows, n, k) in [(1, 300, 40), (5, 1000, 64), (33, 517, 96), (3, 300, 1030)] {
+                let x = rng.vec(rows * k);
+                let mut w = rng.vec(n * k);
+                // Column 150 points along row 0's input: that row's clear best. Columns 40 and
+                // 260 copy it exactly (40 then wins the tie), column 90 a few ulps above.
+                let x0 = &x[..k];
+                for (i, v) in w[150 * k..151 * k].iter_mut().enumerate() {
+                    *v = x0[i];
+                }
+                let best = w[150 * k..151 * k].to_vec();
+                w[40 * k..41 * k].copy_from_slice(&best);
+                w[260 * k..261 * k].copy_from_slice(&best);
+                let mut near = best.clone();
+                let big = (0..k)
+                    .max_by(|&a, &c| x0[a].abs().total_cmp(&x0[c].abs()))
+                    .unwrap();
+                near[big] = f32::from_bits(near[big].to_bits() + 3);
+                w[90 * k..91 * k].copy_from_slice(&near);
+                let head = b.upload_linear(&w, n, k).unwrap();
+                let screen = ScreenHead {
+                    weight: b.upload_screen(&w, n, k).unwrap().unwrap(),
+                    norms: ScreenHead::<()>::row_norms(&w, k),
+                };
+                for banned in [None, Some(90), Some(40), Some(n - 1)] {
+                    let got = b.screened_argmax(&x, &head, &screen, rows, banned).unwrap();
+                    assert_eq!(
+                        got,
+                        oracle(&b, &x, &w, rows, n, k, banned),
+                        "{level}, {rows}x{n}x{k}, banned {banned:?}"
+                    );
+                }
+                // Row 0's near ties are candidates, decided in f32.
+                let mut approx = b.zeros(rows * n).unwrap();
+                b.matmul_nt(
+                    &x,
+                    &screen.weight,
+                    &mut approx,
+                    MatDims { m: rows, n, k },
+                    false,
+                )
+                .unwrap();
+                let rel = super::relative_bound(k);
+                let c = candidates(&approx[..n], x0, &screen.norms, rel, None).unwrap();
+                assert!(
+                    [40, 90, 150, 260].iter().all(|t| c.contains(t)),
+                    "{level}: candidates {c:?}"
+                );
+            }
+        }
+    }
+
+    /// Non-finite inputs take the full f32 head (and so give its choice).
+    #[test]
+    fn non_finite_rows_take_the_full_head() {
+        let b = CpuBackend::with_isa(1, IsaLevel::Portable).unwrap();
+        let (n, k) = (64, 16);
+        let mut rng = Rng(3);
+        let w = rng.vec(n * k);
+        let head = b.upload_linear(&w, n, k).unwrap();
+        let screen = ScreenHead {
+            weight: b.upload_screen(&w, n, k).unwrap().unwrap(),
+            norms: ScreenHead::<()>::row_norms(&w, k),
+        };
+        for bad in [f32::NAN, f32::INFINITY, 3e38] {
+            let mut x = rng.vec(2 * k);
+            x[k + 3] = bad;
+            let got = b.screened_argmax(&x, &head, &screen, 2, None).unwrap();
+            assert_eq!(got, oracle(&b, &x, &w, 2, n, k, None), "{bad}");
+        }
+    }
+}
