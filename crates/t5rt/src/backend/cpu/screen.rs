@@ -88,6 +88,9 @@ pub(super) fn screened_argmax(
 ) -> Vec<u32> {
     let (n, k) = (head.n, head.k);
     let x = &x[..rows * k];
+    if rows == 0 || n < 2 {
+        return full_argmax(x, head, rows, banned, isa);
+    }
     let mut approx = vec![0.0f32; rows * n];
     matmul_packed(x, screen, &mut approx, rows, false, isa);
     let rel = relative_bound(k);
@@ -99,7 +102,7 @@ pub(super) fn screened_argmax(
     let mut union: Vec<u32> = found.iter().flatten().flatten().copied().collect();
     union.sort_unstable();
     union.dedup();
-    let Some(found) = found.filter(|_| n >= 2 && union.len() <= n / 8) else {
+    let Some(found) = found.filter(|_| !union.is_empty() && union.len() <= n / 8) else {
         return full_argmax(x, head, rows, banned, isa);
     };
     // The candidates' f32 weights as a product of their own.
@@ -114,7 +117,7 @@ pub(super) fn screened_argmax(
     matmul_packed(x, &sub, &mut exact, rows, false, isa);
     found
         .iter()
-        .zip(exact.chunks_exact(u.max(1)))
+        .zip(exact.chunks_exact(u))
         .map(|(cands, vals)| {
             // Each candidate's value, in column order; the first largest wins (NaNs skipped,
             // as `math::argmax` does; none arise here: every screen value was finite).
