@@ -297,8 +297,11 @@ impl t5rt::device::WithBackend for Run<'_> {
     type Output = (Vec<Vec<Hypothesis>>, String, f64, f64);
 
     fn run<B: t5rt::Backend + 'static>(self, backend: B) -> t5rt::Result<Self::Output> {
-        let model = T5Model::load(self.config, &self.store, backend)?;
+        let mut model = T5Model::load(self.config, &self.store, backend)?;
         drop(self.store); // the weights' memory map: the model holds its own copy
+        if self.cfg.num_beams > 1 || self.cfg.do_sample {
+            model.drop_head_screen(); // only greedy search screens the LM head
+        }
         let load_secs = self.started.elapsed().as_secs_f64();
         let bar = if self.progress {
             let bar = ProgressBar::new(self.inputs.len() as u64);

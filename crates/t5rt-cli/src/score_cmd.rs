@@ -239,8 +239,9 @@ impl t5rt::device::WithBackend for Work<'_> {
     type Output = (Vec<t5rt::TargetScore>, String, f64, f64);
 
     fn run<B: t5rt::Backend + 'static>(self, backend: B) -> t5rt::Result<Self::Output> {
-        let model = T5Model::load(self.config, &self.store, backend)?;
+        let mut model = T5Model::load(self.config, &self.store, backend)?;
         drop(self.store);
+        model.drop_head_screen(); // scoring needs every logit
         let load_secs = self.started.elapsed().as_secs_f64();
         let t0 = Instant::now();
         let scores = t5rt::score(&model, self.inputs, self.targets, self.cfg)?;

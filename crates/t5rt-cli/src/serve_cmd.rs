@@ -281,8 +281,11 @@ impl t5rt::device::WithBackend for StartEngine {
     type Output = (EngineHandle, String, usize);
 
     fn run<B: Backend + 'static>(mut self, backend: B) -> t5rt::Result<Self::Output> {
-        let model = t5rt::T5Model::load(self.config, &self.store, backend)?;
+        let mut model = t5rt::T5Model::load(self.config, &self.store, backend)?;
         drop(self.store);
+        // The server reports each token's log-probability, so it computes every logit: the
+        // LM head's screening copy would only hold memory.
+        model.drop_head_screen();
         // The budget comes from the memory of the device the caches live on.
         let per_token = bytes_per_batch_token(&model.config, model.backend.weight_dtype());
         self.engine.max_batch_tokens = batch_tokens(

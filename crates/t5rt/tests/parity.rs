@@ -238,9 +238,11 @@ fn check_greedy(variant: &str, key: &str) {
     }
     // The f32 head screened with its bf16 copy (the default here) and computed in full give
     // the same tokens.
-    assert!(
+    let wanted = std::env::var("T5RT_SCREEN_HEAD").map_or(true, |v| v != "0");
+    assert_eq!(
         model.screens_head(),
-        "{variant}: the CPU screens an f32 head"
+        wanted,
+        "{variant}: the CPU screens an f32 head unless T5RT_SCREEN_HEAD=0"
     );
     let mut full = load_model(&model_dir(variant), 2);
     full.drop_head_screen();

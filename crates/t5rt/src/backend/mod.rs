@@ -663,6 +663,12 @@ pub trait Backend: Send + Sync {
     /// Index of the largest value of each of `rows` rows of width `n` (first one on ties).
     fn argmax_rows(&self, x: &Self::Tensor, rows: usize, n: usize) -> Result<Vec<u32>>;
 
+    /// Whether this backend screens f32 LM heads in greedy decoding
+    /// ([`Backend::upload_screen`], [`Backend::screened_argmax`]); false by default.
+    fn screens_heads(&self) -> bool {
+        false
+    }
+
     /// The cheaper copy of an f32 LM head `w` (`[n, k]`) that [`Backend::screened_argmax`]
     /// reads, or `None` where the backend has no such path (the default).
     fn upload_screen(&self, w: &[f32], n: usize, k: usize) -> Result<Option<Self::Weight>> {

@@ -282,7 +282,7 @@ impl<T, W> T5Params<T, W> {
         };
         let lm_head = l.linear_as(head_name, cfg.vocab_size, cfg.d_model, true)?;
         let f32_head = backend.weight_dtype() == WeightDtype::F32 || keep.weight(head_name, true);
-        let screen = if f32_head && screen_wanted() {
+        let screen = if f32_head && backend.screens_heads() && screen_wanted() {
             l.with_host(head_name, &vocab_shape, |w| {
                 Ok(backend
                     .upload_screen(w, cfg.vocab_size, cfg.d_model)?

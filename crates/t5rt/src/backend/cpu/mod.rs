@@ -554,6 +554,10 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
+    fn screens_heads(&self) -> bool {
+        true
+    }
+
     fn upload_screen(&self, w: &[f32], n: usize, k: usize) -> Result<Option<CpuWeight>> {
         check_len("upload_screen", w.len(), n * k)?;
         let isa = self.isa;

@@ -11,9 +11,13 @@
 //!   by at most 2^-8 relative; products exact in f32; f32 sums) satisfy `|F - L| <= γ_k Σ|x_i
 //!   w_i|` and `|B - L| <= (2^-7 + 2^-16 + γ_k (1 + 2^-7)) Σ|x_i w_i|`, with `γ_k = k u / (1 -
 //!   k u)`, `u = 2^-24` (rounding error of any order of f32 sums of `k` terms). Σ|x_i w_i| <=
-//!   ‖x‖ ‖w_c‖ (Cauchy-Schwarz), so `|F - B| <= E_c = δ_k ‖x‖ ‖w_c‖` with `δ_k` the sum of the
-//!   two, 1% larger (which also covers the f32 rounding of the bound's own arithmetic), plus an
-//!   absolute `k · 1e-30` for bf16's flushed denormals.
+//!   ‖x‖ ‖w_c‖ (Cauchy-Schwarz), so `|F - B| <= δ_k ‖x‖ ‖w_c‖` with `δ_k` the sum of the two,
+//!   1% larger (which also covers the f32 rounding of the bound's own arithmetic). Subnormal
+//!   values escape the relative bounds: `vdpbf16ps` reads subnormal operands as zero and
+//!   flushes subnormal results, and bf16 rounds a subnormal with an absolute error (up to
+//!   2^-134), so a term loses at most `2^-126` times its other operand, and each of the `k`
+//!   roundings at most `2^-126`. Hence `E_c = δ_k ‖x‖ ‖w_c‖ + 2^-126 (1 + 2^-7) (‖x‖₁ + √k
+//!   ‖w_c‖) + k 2^-126`, with `‖w_c‖₁ <= √k ‖w_c‖`.
 //! - `lb = max_c (B_c - E_c)` is at most the largest f32 logit; a column with `B_c + E_c < lb`
 //!   has `F_c < max F` and cannot be chosen, nor tie. The others (the candidates) get their
 //!   f32 logits from the f32 tiles on a weight of just those columns: each column's sum runs
@@ -51,9 +55,13 @@ fn candidates(
     if !(xn.is_finite() && top.is_finite()) || xn * top > 1e30 {
         return None;
     }
-    // E_c = norms[c] * s + abs, in f32 (the 1% in `rel` covers this arithmetic's rounding).
-    let s = (xn * rel) as f32;
-    let abs = 1e-30 * x.len() as f32;
+    // E_c = norms[c] * s + abs, in f32 (the 1% in `rel` covers this arithmetic's rounding;
+    // the subnormal terms are rounded up by 1% too).
+    let k = x.len() as f64;
+    let tiny = 2f64.powi(-126) * (1.0 + 2f64.powi(-7)) * 1.01;
+    let x1: f64 = x.iter().map(|&v| (v as f64).abs()).sum();
+    let s = (xn * rel + tiny * k.sqrt()) as f32;
+    let abs = (tiny * x1 + 1.01 * k * 2f64.powi(-126)) as f32;
     let banned = banned.unwrap_or(usize::MAX);
     let mut lb = f32::NEG_INFINITY;
     for (c, (&b, &nc)) in approx.iter().zip(norms).enumerate() {
@@ -86,10 +94,23 @@ pub(super) fn screened_argmax(
     banned: Option<usize>,
     isa: Isa,
 ) -> Vec<u32> {
+    choose(x, head, screen, norms, rows, banned, isa).0
+}
+
+/// [`screened_argmax`], and whether the screen decided (false: the full f32 head ran).
+fn choose(
+    x: &[f32],
+    head: &PackedWeight,
+    screen: &PackedWeight,
+    norms: &[f32],
+    rows: usize,
+    banned: Option<usize>,
+    isa: Isa,
+) -> (Vec<u32>, bool) {
     let (n, k) = (head.n, head.k);
     let x = &x[..rows * k];
     if rows == 0 || n < 2 {
-        return full_argmax(x, head, rows, banned, isa);
+        return (full_argmax(x, head, rows, banned, isa), false);
     }
     let mut approx = vec![0.0f32; rows * n];
     matmul_packed(x, screen, &mut approx, rows, false, isa);
@@ -103,7 +124,7 @@ pub(super) fn screened_argmax(
     union.sort_unstable();
     union.dedup();
     let Some(found) = found.filter(|_| !union.is_empty() && union.len() <= n / 8) else {
-        return full_argmax(x, head, rows, banned, isa);
+        return (full_argmax(x, head, rows, banned, isa), false);
     };
     // The candidates' f32 weights as a product of their own.
     let mut w = vec![0.0f32; union.len() * k];
@@ -115,7 +136,7 @@ pub(super) fn screened_argmax(
     let u = union.len();
     let mut exact = vec![0.0f32; rows * u];
     matmul_packed(x, &sub, &mut exact, rows, false, isa);
-    found
+    let chosen = found
         .iter()
         .zip(exact.chunks_exact(u))
         .map(|(cands, vals)| {
@@ -131,7 +152,8 @@ pub(super) fn screened_argmax(
             }
             best.map_or(0, |(c, _)| c)
         })
-        .collect()
+        .collect();
+    (chosen, true)
 }
 
 /// The f32 head in full, column `banned` at -inf, and each row's first largest logit: the
@@ -144,10 +166,13 @@ fn full_argmax(
     isa: Isa,
 ) -> Vec<u32> {
     let n = head.n;
+    if n == 0 {
+        return vec![0; rows]; // as `argmax_rows` on empty rows
+    }
     let mut logits = vec![0.0f32; rows * n];
     matmul_packed(x, head, &mut logits, rows, false, isa);
     logits
-        .par_chunks_exact_mut(n.max(1))
+        .par_chunks_exact_mut(n)
         .map(|row| {
             if let Some(c) = banned.filter(|&c| c < n) {
                 row[c] = f32::NEG_INFINITY;
@@ -159,9 +184,10 @@ fn full_argmax(
 
 #[cfg(test)]
 mod tests {
-    use super::candidates;
+    use super::{choose, Isa};
+    use crate::backend::cpu::packed::PackedWeight;
     use crate::backend::cpu::{CpuBackend, IsaLevel};
-    use crate::backend::{Backend, MatDims, ScreenHead};
+    use crate::backend::{Backend, MatDims, ScreenHead, WeightDtype};
 
     /// A small deterministic generator (values in [-1, 1)).
     struct Rng(u64);
@@ -191,14 +217,9 @@ mod tests {
     ) -> Vec<u32> {
         let head = b.upload_linear(w, n, k).unwrap();
         let mut logits = b.zeros(rows * n).unwrap();
-        b.matmul_nt(
-            &x.to_vec(),
-            &head,
-            &mut logits,
-            MatDims { m: rows, n, k },
-            false,
-        )
-        .unwrap();
+        let d = MatDims { m: rows, n, k };
+        b.matmul_nt(&x.to_vec(), &head, &mut logits, d, false)
+            .unwrap();
         if let Some(c) = banned {
             b.fill_column(&mut logits, rows, n, c, f32::NEG_INFINITY)
                 .unwrap();
@@ -206,25 +227,53 @@ mod tests {
         b.argmax_rows(&logits, rows, n).unwrap()
     }
 
+    /// The screened choice, whether the screen decided it, and the f32 oracle's choice, at
+    /// `level`.
+    fn both(
+        level: IsaLevel,
+        x: &[f32],
+        w: &[f32],
+        rows: usize,
+        n: usize,
+        k: usize,
+        banned: Option<usize>,
+    ) -> ((Vec<u32>, bool), Vec<u32>) {
+        let b = CpuBackend::with_isa(2, level).unwrap();
+        let isa: Isa = level;
+        let head = PackedWeight::pack(w, n, k, WeightDtype::F32, isa);
+        let screen = PackedWeight::pack(w, n, k, WeightDtype::Bf16, isa);
+        let norms = ScreenHead::<()>::row_norms(w, k);
+        let got = b.run(|| choose(x, &head, &screen, &norms, rows, banned, isa));
+        (got, oracle(&b, x, w, rows, n, k, banned))
+    }
+
     /// Rows whose best columns are exact ties (identical weights: the first wins), near ties a
     /// few f32 ulps apart (which the bf16 screen cannot tell apart, so the f32 values decide),
-    /// the best column banned, and plain random rows: the screened choice equals the f32 one
-    /// at every kernel level, and the near ties do go through the f32 candidates.
+    /// the best column banned, and plain random rows, on shapes with odd `k`, `k` past the
+    /// AVX-512 f32 tile's block (2048) with several register tiles of rows, and more rows than
+    /// one task takes: the screen decides (no fallback), and its choice is the f32 one, at
+    /// every kernel level.
     #[test]
     fn screened_argmax_is_the_f32_argmax() {
         let mut rng = Rng(7);
+        let shapes = [
+            (1, 300, 40),
+            (5, 1000, 64),
+            (7, 600, 97),
+            (33, 2000, 96),
+            (3, 300, 1030),
+            (7, 4000, 2050),
+            (61, 3000, 33),
+        ];
         for level in IsaLevel::available_levels() {
-            let b = CpuBackend::with_isa(2, level).unwrap();
-            for (rows, n, k) in [(1, 300, 40), (5, 1000, 64), (33, 517, 96), (3, 300, 1030)] {
+            for (rows, n, k) in shapes {
                 let x = rng.vec(rows * k);
                 let mut w = rng.vec(n * k);
                 // Column 150 points along row 0's input: that row's clear best. Columns 40 and
                 // 260 copy it exactly (40 then wins the tie), column 90 a few ulps above.
                 let x0 = &x[..k];
-                for (i, v) in w[150 * k..151 * k].iter_mut().enumerate() {
-                    *v = x0[i];
-                }
-                let best = w[150 * k..151 * k].to_vec();
+                w[150 * k..151 * k].copy_from_slice(x0);
+                let best = x0.to_vec();
                 w[40 * k..41 * k].copy_from_slice(&best);
                 w[260 * k..261 * k].copy_from_slice(&best);
                 let mut near = best.clone();
@@ -233,56 +282,54 @@ mod tests {
                     .unwrap();
                 near[big] = f32::from_bits(near[big].to_bits() + 3);
                 w[90 * k..91 * k].copy_from_slice(&near);
-                let head = b.upload_linear(&w, n, k).unwrap();
-                let screen = ScreenHead {
-                    weight: b.upload_screen(&w, n, k).unwrap().unwrap(),
-                    norms: ScreenHead::<()>::row_norms(&w, k),
-                };
                 for banned in [None, Some(90), Some(40), Some(n - 1)] {
-                    let got = b.screened_argmax(&x, &head, &screen, rows, banned).unwrap();
-                    assert_eq!(
-                        got,
-                        oracle(&b, &x, &w, rows, n, k, banned),
-                        "{level}, {rows}x{n}x{k}, banned {banned:?}"
-                    );
+                    let ((got, screened), want) = both(level, &x, &w, rows, n, k, banned);
+                    let what = format!("{level}, {rows}x{n}x{k}, banned {banned:?}");
+                    assert!(screened, "{what}: fell back to the full head");
+                    assert_eq!(got, want, "{what}");
                 }
-                // Row 0's near ties are candidates, decided in f32.
-                let mut approx = b.zeros(rows * n).unwrap();
-                b.matmul_nt(
-                    &x,
-                    &screen.weight,
-                    &mut approx,
-                    MatDims { m: rows, n, k },
-                    false,
-                )
-                .unwrap();
-                let rel = super::relative_bound(k);
-                let c = candidates(&approx[..n], x0, &screen.norms, rel, None).unwrap();
-                assert!(
-                    [40, 90, 150, 260].iter().all(|t| c.contains(t)),
-                    "{level}: candidates {c:?}"
-                );
             }
         }
     }
 
-    /// Non-finite inputs take the full f32 head (and so give its choice).
+    /// Subnormal and huge values, which escape the relative bounds (`vdpbf16ps` reads
+    /// subnormal operands as zero; bf16 rounds subnormals with a large relative error): the
+    /// absolute terms keep the wrong column out, at every level.
+    #[test]
+    fn subnormal_values_stay_inside_the_bound() {
+        let (n, k) = (16, 2);
+        for level in IsaLevel::available_levels() {
+            // A subnormal input times a huge weight: the f32 best is column 0.
+            let mut w = vec![0.0f32; n * k];
+            w[0] = 1e21;
+            w[2 * k + 1] = 1e19;
+            let x = [1e-39f32, 2e-38];
+            let ((got, _), want) = both(level, &x, &w, 1, n, k, None);
+            assert_eq!(got, want, "{level}: subnormal input");
+            // A subnormal weight that bf16 rounds up by a third, times huge inputs.
+            let mut w = vec![0.0f32; n * k];
+            w[0] = 1.5 * 2f32.powi(-133);
+            w[2 * k + 1] = 2f32.powi(-133);
+            let x = [1e25f32, 1.6e25];
+            let ((got, _), want) = both(level, &x, &w, 1, n, k, None);
+            assert_eq!(got, want, "{level}: subnormal weight");
+        }
+    }
+
+    /// Non-finite or overflowing inputs take the full f32 head (and so give its choice).
     #[test]
     fn non_finite_rows_take_the_full_head() {
-        let b = CpuBackend::with_isa(1, IsaLevel::Portable).unwrap();
         let (n, k) = (64, 16);
         let mut rng = Rng(3);
         let w = rng.vec(n * k);
-        let head = b.upload_linear(&w, n, k).unwrap();
-        let screen = ScreenHead {
-            weight: b.upload_screen(&w, n, k).unwrap().unwrap(),
-            norms: ScreenHead::<()>::row_norms(&w, k),
-        };
-        for bad in [f32::NAN, f32::INFINITY, 3e38] {
-            let mut x = rng.vec(2 * k);
-            x[k + 3] = bad;
-            let got = b.screened_argmax(&x, &head, &screen, 2, None).unwrap();
-            assert_eq!(got, oracle(&b, &x, &w, 2, n, k, None), "{bad}");
+        for level in IsaLevel::available_levels() {
+            for bad in [f32::NAN, f32::INFINITY, 3e38] {
+                let mut x = rng.vec(2 * k);
+                x[k + 3] = bad;
+                let ((got, screened), want) = both(level, &x, &w, 2, n, k, None);
+                assert!(!screened, "{level}, {bad}: screened");
+                assert_eq!(got, want, "{level}, {bad}");
+            }
         }
     }
 }
