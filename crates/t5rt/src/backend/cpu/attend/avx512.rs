@@ -1,9 +1,10 @@
 //! Decode attention over int8 caches in AVX-512, keys in blocks of eight.
 //!
 //! The walk of [`super::attend`] (one query row, a group of heads, keys in memory order), with
-//! the int8 rows dequantized in registers (`q · scale`: the values an f32 cache of the
-//! dequantized values holds; the scores are summed in another order than `attend_avx512`'s,
-//! so results differ from that cache's in the last bits) and the per-key costs taken out of
+//! the int8 rows widened to f32 in registers and each key's scale applied once per head (to
+//! its score's sum, and to its weight before the values: `s Σ q·k` and `(p s) · v` instead of
+//! `Σ q·(s k)` and `p · (s v)`, the same values in exact arithmetic; results differ from an
+//! f32 cache of the dequantized values in the last bits) and the per-key costs taken out of
 //! the inner loops:
 //! - scores: the eight dot products of a block (one head) are reduced across their lanes
 //!   together (a transpose-and-add tree, about a third of eight separate reductions); each
@@ -48,11 +49,10 @@ unsafe fn reduce8(a: &[__m512; B]) -> __m256 {
     )
 }
 
-/// Sixteen int8 values at `p`, dequantized: `q · scale` in f32.
+/// Sixteen int8 values at `p`, in f32 (exact: the scale is applied to their sums).
 #[inline(always)]
-unsafe fn dequant16(p: *const i8, scale: __m512) -> __m512 {
-    let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
-    _mm512_mul_ps(_mm512_cvtepi32_ps(q), scale)
+unsafe fn widen16(p: *const i8) -> __m512 {
+    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
 }
 
 /// Where one task reads an int8 cache ([`KvFormat::Int8`]'s layout).
@@ -74,11 +74,11 @@ impl Layout {
         row.add((self.h0 + h) * self.d)
     }
 
-    /// The scale of head `h` of key `j`, in all lanes.
+    /// The scale of head `h` of key `j`.
     #[inline(always)]
-    unsafe fn scale(&self, cache: &[f32], j: usize, h: usize) -> __m512 {
+    unsafe fn scale(&self, cache: &[f32], j: usize, h: usize) -> f32 {
         let at = (self.base + j) * self.per + self.inner / 4 + self.h0 + h;
-        _mm512_set1_ps(*cache.as_ptr().add(at))
+        *cache.as_ptr().add(at)
     }
 }
 
@@ -132,15 +132,19 @@ pub(super) unsafe fn attend_int8(a: &AttnArgs, task: usize, oh: &mut [f32]) {
         for h in 0..hn {
             let qh = q.as_ptr().add(h * d);
             let mut acc = [_mm512_setzero_ps(); B];
+            let mut scales = [0.0f32; B];
             for (i, j) in (jb..je).enumerate() {
-                let (kb, scale) = (l.values(a.k, j, h), l.scale(a.k, j, h));
+                let kb = l.values(a.k, j, h);
+                scales[i] = l.scale(a.k, j, h);
                 for c in (0..d).step_by(16) {
-                    let k = dequant16(kb.add(c), scale);
+                    let k = widen16(kb.add(c));
                     acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(c)), k, acc[i]);
                 }
             }
+            // Each key's sum of q · k, times its scale.
             let mut sums = [0.0f32; B];
-            _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(&acc));
+            let scaled = _mm256_mul_ps(reduce8(&acc), _mm256_loadu_ps(scales.as_ptr()));
+            _mm256_storeu_ps(sums.as_mut_ptr(), scaled);
             let at = h * n + jb - j0;
             probs[at..at + je - jb].copy_from_slice(&sums[..je - jb]);
         }
@@ -186,10 +190,12 @@ unsafe fn values<const V: usize>(
         if pj == 0.0 {
             continue; // masked key: exactly zero weight
         }
-        let (j, pv) = (jb + i, _mm512_set1_ps(pj));
-        let (vb, scale) = (l.values(a.v, j, h).add(c), l.scale(a.v, j, h));
+        // The weight times the value's scale, then the raw values.
+        let j = jb + i;
+        let pv = _mm512_set1_ps(pj * l.scale(a.v, j, h));
+        let vb = l.values(a.v, j, h).add(c);
         for (t, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm512_fmadd_ps(pv, dequant16(vb.add(16 * t), scale), *acc);
+            *acc = _mm512_fmadd_ps(pv, widen16(vb.add(16 * t)), *acc);
         }
     }
     for (t, acc) in acc.iter().enumerate() {
