@@ -595,7 +595,7 @@ impl Backend for CpuBackend {
         let isa = self.isa;
         Ok(self
             .pool
-            .install(|| screen::screened_argmax(x, head, s, &screen.norms, rows, banned, isa)))
+            .install(|| screen::screened_argmax(x, head, s, &screen.norms, rows, banned, isa).0))
     }
 
     fn argmax_rows(&self, x: &Vec<f32>, rows: usize, n: usize) -> Result<Vec<u32>> {

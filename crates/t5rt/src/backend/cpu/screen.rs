@@ -84,21 +84,9 @@ fn candidates(
 }
 
 /// [`crate::backend::Backend::screened_argmax`] on the CPU, in the thread pool it runs in:
-/// `head` is the f32 LM head, `screen` its bf16 copy and `norms` its rows' norms.
+/// `head` is the f32 LM head, `screen` its bf16 copy and `norms` its rows' norms. Also says
+/// whether the screen decided (false: the full f32 head ran).
 pub(super) fn screened_argmax(
-    x: &[f32],
-    head: &PackedWeight,
-    screen: &PackedWeight,
-    norms: &[f32],
-    rows: usize,
-    banned: Option<usize>,
-    isa: Isa,
-) -> Vec<u32> {
-    choose(x, head, screen, norms, rows, banned, isa).0
-}
-
-/// [`screened_argmax`], and whether the screen decided (false: the full f32 head ran).
-fn choose(
     x: &[f32],
     head: &PackedWeight,
     screen: &PackedWeight,
@@ -184,7 +172,7 @@ fn full_argmax(
 
 #[cfg(test)]
 mod tests {
-    use super::{choose, Isa};
+    use super::{screened_argmax, Isa};
     use crate::backend::cpu::packed::PackedWeight;
     use crate::backend::cpu::{CpuBackend, IsaLevel};
     use crate::backend::{Backend, MatDims, ScreenHead, WeightDtype};
@@ -243,7 +231,7 @@ mod tests {
         let head = PackedWeight::pack(w, n, k, WeightDtype::F32, isa);
         let screen = PackedWeight::pack(w, n, k, WeightDtype::Bf16, isa);
         let norms = ScreenHead::<()>::row_norms(w, k);
-        let got = b.run(|| choose(x, &head, &screen, &norms, rows, banned, isa));
+        let got = b.run(|| screened_argmax(x, &head, &screen, &norms, rows, banned, isa));
         (got, oracle(&b, x, w, rows, n, k, banned))
     }
 

@@ -220,83 +220,119 @@ fn offset_sums<T: Copy, const R: usize, const V: usize>(
     }
 }
 
-/// int8, AVX-512BW, through 16-bit products: each weight vector (16 columns x 4 values of `k`)
-/// widened to two vectors of i16 (`vpmovsxbw`: columns 0-7 and 8-15, each column's 4 values
-/// as two i16 pairs), the activations `q` (`x` rows of `kg` i64 lanes: 4 i16 each, from
-/// [`widen_activations`]) broadcast 64 bits at a time, and `vpmaddwd` summing each pair into
-/// i32: every column's sum is spread over two i32 lanes (its values 0-1 and 2-3 of each group),
-/// added together at the end. Per 64 multiply-adds and row: two `vpmaddwd` and two adds,
-/// where the sign moves, `vpmaddubsw` and `vpmaddwd` by ones of [`int8_avx2`]'s scheme took
-/// four in zmm registers (that scheme's AVX-512 tile, replaced by this one in session 12:
-/// products 1.2x to 1.3x faster, `examples/matmul_speed`, `bench/RESULTS.md`). Products and sums are
-/// exact, so the i32 sums are bitwise `vpdpbusd`'s.
-///
-/// # Safety
-/// AVX-512F and BW; `x` holds `R` rows of `2 kg` u32 (the i16 activations); `sub + 16 V` <=
-/// panel width.
+/// The int8 tiles through 16-bit products, in `$lanes`-column vectors of type `$v`: each
+/// vector of weights (`$lanes` columns x 4 values of `k`) widened to two vectors of i16
+/// (`$widen`: the first and second half of the columns), the activations `q` broadcast 64
+/// bits at a time, `$madd` (`vpmaddwd`) summing each pair into i32 lanes, two per column,
+/// which `$combine` adds together at the end. Exact, so the sums are bitwise `vpdpbusd`'s.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn int8_avx512bw<const R: usize, const V: usize>(
-    x: &[u32],
-    w: &PackedWeight,
-    c0: usize,
-    sub: usize,
-    ks: Range<usize>,
-    out: &mut [[u32; BLOCK]],
-    ahead: usize,
-) {
-    let kg = w.kg;
-    let pw = panel_width(w.n_pad, c0 / BLOCK);
-    let xp = x.as_ptr() as *const i64;
-    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
-    let zero = _mm512_setzero_si512();
-    // Exactly `R` rows, so that the sums stay in registers.
-    let out = &mut out[..R];
-    let (mut lo, mut hi) = ([[zero; V]; R], [[zero; V]; R]);
-    let last_block = ks.end == kg;
-    for g in ks {
-        prefetch_panel(wp, ahead, pw, 16 * V);
-        let (mut wl, mut wh) = ([zero; V], [zero; V]);
-        for v in 0..V {
-            wl[v] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(wp.add(16 * v) as *const _));
-            wh[v] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(wp.add(16 * v + 8) as *const _));
-        }
-        for r in 0..R {
-            let xb = _mm512_set1_epi64(*xp.add(r * kg + g));
-            for v in 0..V {
-                lo[r][v] = _mm512_add_epi32(lo[r][v], _mm512_madd_epi16(xb, wl[v]));
-                hi[r][v] = _mm512_add_epi32(hi[r][v], _mm512_madd_epi16(xb, wh[v]));
+macro_rules! int8_wide_tile {
+    ($(#[$doc:meta])* $name:ident, $feat:literal, $lanes:literal, $v:ty, $zero:expr,
+     $widen:expr, $set1:ident, $madd:ident, $add:ident, $combine:expr, $load:ident,
+     $store:ident, $slli:ident) => {
+        $(#[$doc])*
+        #[target_feature(enable = $feat)]
+        unsafe fn $name<const R: usize, const V: usize>(
+            x: &[u32],
+            w: &PackedWeight,
+            c0: usize,
+            sub: usize,
+            ks: Range<usize>,
+            out: &mut [[u32; BLOCK]],
+            ahead: usize,
+        ) {
+            let kg = w.kg;
+            let pw = panel_width(w.n_pad, c0 / BLOCK);
+            let xp = x.as_ptr() as *const i64;
+            let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
+            let zero: $v = $zero;
+            // Exactly `R` rows, so that the sums stay in registers.
+            let out = &mut out[..R];
+            let (mut lo, mut hi) = ([[zero; V]; R], [[zero; V]; R]);
+            let last_block = ks.end == kg;
+            for g in ks {
+                prefetch_panel(wp, ahead, pw, $lanes * V);
+                let (mut wl, mut wh) = ([zero; V], [zero; V]);
+                for v in 0..V {
+                    (wl[v], wh[v]) = $widen(wp.add($lanes * v));
+                }
+                for r in 0..R {
+                    let xb = $set1(*xp.add(r * kg + g));
+                    for v in 0..V {
+                        lo[r][v] = $add(lo[r][v], $madd(xb, wl[v]));
+                        hi[r][v] = $add(hi[r][v], $madd(xb, wh[v]));
+                    }
+                }
+                wp = wp.add(pw);
+            }
+            let combine = $combine;
+            let mut acc = [[zero; V]; R];
+            for r in 0..R {
+                for v in 0..V {
+                    acc[r][v] = combine(lo[r][v], hi[r][v]);
+                }
+            }
+            let sums = w.col_sums.as_ptr().add(c0 + sub);
+            if last_block {
+                offset_sums(
+                    &mut acc,
+                    |v| $slli::<7>($load(sums.add($lanes * v) as *const _)),
+                    |a, b| $add(a, b),
+                );
+            }
+            for (o, acc) in out.iter_mut().zip(&acc) {
+                for (v, a) in acc.iter().enumerate() {
+                    let o = o.as_mut_ptr().add(sub + $lanes * v) as *mut $v;
+                    $store(o, $add($load(o), *a));
+                }
             }
         }
-        wp = wp.add(pw);
-    }
-    // Column j's two lanes are 2j and 2j + 1 of `lo` (columns 0-7) or `hi` (8-15).
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    let mut acc = [[zero; V]; R];
-    for r in 0..R {
-        for v in 0..V {
-            acc[r][v] = _mm512_add_epi32(
-                _mm512_permutex2var_epi32(lo[r][v], even, hi[r][v]),
-                _mm512_permutex2var_epi32(lo[r][v], odd, hi[r][v]),
-            );
-        }
-    }
-    let sums = w.col_sums.as_ptr().add(c0 + sub);
-    if last_block {
-        offset_sums(
-            &mut acc,
-            |v| _mm512_slli_epi32(_mm512_loadu_si512(sums.add(16 * v) as *const _), 7),
-            |a, b| _mm512_add_epi32(a, b),
-        );
-    }
-    for (o, acc) in out.iter_mut().zip(&acc) {
-        for (v, a) in acc.iter().enumerate() {
-            let o = o.as_mut_ptr().add(sub + 16 * v) as *mut __m512i;
-            _mm512_storeu_si512(o, _mm512_add_epi32(_mm512_loadu_si512(o), *a));
-        }
-    }
+    };
 }
+
+#[cfg(target_arch = "x86_64")]
+int8_wide_tile!(
+    /// int8, AVX-512BW, through 16-bit products: each weight vector (16 columns x 4 values of `k`)
+    /// widened to two vectors of i16 (`vpmovsxbw`: columns 0-7 and 8-15, each column's 4 values
+    /// as two i16 pairs), the activations `q` (`x` rows of `kg` i64 lanes: 4 i16 each, from
+    /// [`widen_activations`]) broadcast 64 bits at a time, and `vpmaddwd` summing each pair into
+    /// i32: every column's sum is spread over two i32 lanes (its values 0-1 and 2-3 of each group),
+    /// added together at the end. Per 64 multiply-adds and row: two `vpmaddwd` and two adds,
+    /// where the sign moves, `vpmaddubsw` and `vpmaddwd` by ones of [`int8_avx2`]'s scheme took
+    /// four in zmm registers (that scheme's AVX-512 tile, replaced by this one in session 12:
+    /// products 1.2x to 1.3x faster, `examples/matmul_speed`, `bench/RESULTS.md`). Products and sums are
+    /// exact, so the i32 sums are bitwise `vpdpbusd`'s.
+    ///
+    /// # Safety
+    /// AVX-512F and BW; `x` holds `R` rows of `2 kg` u32 (the i16 activations); `sub + 16 V` <=
+    /// panel width.
+    int8_avx512bw,
+    "avx512f,avx512bw",
+    16,
+    __m512i,
+    _mm512_setzero_si512(),
+    |p: *const u32| (
+        _mm512_cvtepi8_epi16(_mm256_loadu_si256(p as *const _)),
+        _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.add(8) as *const _)),
+    ),
+    _mm512_set1_epi64,
+    _mm512_madd_epi16,
+    _mm512_add_epi32,
+    {
+        // Column j's two lanes are 2j and 2j + 1 of `lo` (columns 0-7) or `hi` (8-15).
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        move |lo, hi| {
+            _mm512_add_epi32(
+                _mm512_permutex2var_epi32(lo, even, hi),
+                _mm512_permutex2var_epi32(lo, odd, hi),
+            )
+        }
+    },
+    _mm512_loadu_si512,
+    _mm512_storeu_si512,
+    _mm512_slli_epi32
+);
 
 /// The activations of int8 rows for [`int8_avx512bw`]: each lane of `src` (4 bytes, u8 `q +
 /// 128`) as 4 i16 `q` in two u32 of `dst` (twice `src`'s length).
@@ -326,76 +362,37 @@ fn widen_tail(src: &[u32], dst: &mut [u32]) {
     }
 }
 
-/// int8, AVX2, through 16-bit products: [`int8_avx512bw`]'s scheme in ymm registers. Each
-/// vector of weights (8 columns x 4 values of `k`) is widened to two vectors of i16
-/// (`vpmovsxbw`: columns 0-3 and 4-7), the activations `q` (from [`widen_activations_avx2`])
-/// are broadcast 64 bits at a time, and `vpmaddwd` sums each pair into i32; a column's two
-/// lanes are added at the end (`vphaddd`, then the 64-bit quarters put in order). Per 32
-/// multiply-adds and row: two `vpmaddwd` and two adds, against [`int8_avx2`]'s sign move,
-/// `vpmaddubsw`, `vpmaddwd` by ones and add. Exact, so the i32 sums are bitwise `vpdpbusd`'s.
-///
-/// # Safety
-/// AVX2; `x` holds `R` rows of `2 kg` u32 (the i16 activations); `sub + 8 V` <= panel width.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn int8_avx2_wide<const R: usize, const V: usize>(
-    x: &[u32],
-    w: &PackedWeight,
-    c0: usize,
-    sub: usize,
-    ks: Range<usize>,
-    out: &mut [[u32; BLOCK]],
-    ahead: usize,
-) {
-    let kg = w.kg;
-    let pw = panel_width(w.n_pad, c0 / BLOCK);
-    let xp = x.as_ptr() as *const i64;
-    let mut wp = w.lanes.as_ptr().add(c0 * kg + sub + ks.start * pw);
-    let zero = _mm256_setzero_si256();
-    // Exactly `R` rows, so that the sums stay in registers.
-    let out = &mut out[..R];
-    let (mut lo, mut hi) = ([[zero; V]; R], [[zero; V]; R]);
-    let last_block = ks.end == kg;
-    for g in ks {
-        prefetch_panel(wp, ahead, pw, 8 * V);
-        let (mut wl, mut wh) = ([zero; V], [zero; V]);
-        for v in 0..V {
-            wl[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(8 * v) as *const _));
-            wh[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(8 * v + 4) as *const _));
-        }
-        for r in 0..R {
-            let xb = _mm256_set1_epi64x(*xp.add(r * kg + g));
-            for v in 0..V {
-                lo[r][v] = _mm256_add_epi32(lo[r][v], _mm256_madd_epi16(xb, wl[v]));
-                hi[r][v] = _mm256_add_epi32(hi[r][v], _mm256_madd_epi16(xb, wh[v]));
-            }
-        }
-        wp = wp.add(pw);
-    }
-    // `vphaddd` gives columns 0, 1, 4, 5 in the low 128 bits and 2, 3, 6, 7 in the high;
-    // the 64-bit quarters 0, 2, 1, 3 put them in order.
-    let mut acc = [[zero; V]; R];
-    for r in 0..R {
-        for v in 0..V {
-            acc[r][v] =
-                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(lo[r][v], hi[r][v]));
-        }
-    }
-    let sums = w.col_sums.as_ptr().add(c0 + sub);
-    if last_block {
-        offset_sums(
-            &mut acc,
-            |v| _mm256_slli_epi32(_mm256_loadu_si256(sums.add(8 * v) as *const _), 7),
-            |a, b| _mm256_add_epi32(a, b),
-        );
-    }
-    for (o, acc) in out.iter_mut().zip(&acc) {
-        for (v, a) in acc.iter().enumerate() {
-            let o = o.as_mut_ptr().add(sub + 8 * v) as *mut __m256i;
-            _mm256_storeu_si256(o, _mm256_add_epi32(_mm256_loadu_si256(o), *a));
-        }
-    }
-}
+int8_wide_tile!(
+    /// int8, AVX2, through 16-bit products: [`int8_avx512bw`]'s scheme in ymm registers. Each
+    /// vector of weights (8 columns x 4 values of `k`) is widened to two vectors of i16
+    /// (`vpmovsxbw`: columns 0-3 and 4-7), the activations `q` (from [`widen_activations_avx2`])
+    /// are broadcast 64 bits at a time, and `vpmaddwd` sums each pair into i32; a column's two
+    /// lanes are added at the end (`vphaddd`, then the 64-bit quarters put in order). Per 32
+    /// multiply-adds and row: two `vpmaddwd` and two adds, against [`int8_avx2`]'s sign move,
+    /// `vpmaddubsw`, `vpmaddwd` by ones and add. Exact, so the i32 sums are bitwise `vpdpbusd`'s.
+    ///
+    /// # Safety
+    /// AVX2; `x` holds `R` rows of `2 kg` u32 (the i16 activations); `sub + 8 V` <= panel width.
+    int8_avx2_wide,
+    "avx2",
+    8,
+    __m256i,
+    _mm256_setzero_si256(),
+    |p: *const u32| (
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const _)),
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(4) as *const _)),
+    ),
+    _mm256_set1_epi64x,
+    _mm256_madd_epi16,
+    _mm256_add_epi32,
+    // `vphaddd` gives columns 0, 1, 4, 5 in the low 128 bits and 2, 3, 6, 7 in the high; the
+    // 64-bit quarters 0, 2, 1, 3 put them in order.
+    |lo, hi| _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(lo, hi)),
+    _mm256_loadu_si256,
+    _mm256_storeu_si256,
+    _mm256_slli_epi32
+);
 
 /// [`widen_activations`] in AVX2: each lane of `src` (u8 `q + 128`) as 4 i16 `q` in two u32
 /// of `dst`.
