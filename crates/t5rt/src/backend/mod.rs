@@ -680,7 +680,9 @@ pub trait Backend: Send + Sync {
     /// `k`), exactly as [`Backend::argmax_rows`] would give it on the f32 logits with column
     /// `banned` set to -inf, without computing every logit in f32: the screen's logits, their
     /// error bound per column, and the f32 logits of the columns that bound cannot rule out.
-    /// Only called with a `screen` from [`Backend::upload_screen`].
+    /// `None` where the screen cannot decide (non-finite values, too many candidates): the
+    /// caller then runs the full head. Only called with a `screen` from
+    /// [`Backend::upload_screen`].
     fn screened_argmax(
         &self,
         x: &Self::Tensor,
@@ -688,7 +690,7 @@ pub trait Backend: Send + Sync {
         screen: &ScreenHead<Self::Weight>,
         rows: usize,
         banned: Option<usize>,
-    ) -> Result<Vec<u32>> {
+    ) -> Result<Option<Vec<u32>>> {
         let _ = (x, head, screen, rows, banned);
         Err(T5Error::Backend(format!(
             "{}: no screened LM head",

@@ -166,26 +166,24 @@ impl<B: Backend> T5Model<B> {
         banned: Option<u32>,
     ) -> Result<Vec<u32>> {
         let (b, rows, vocab) = (&self.backend, tokens.len(), self.config.vocab_size);
-        let banned = banned.map(|t| t as usize);
         match &self.params.screen {
             Some(screen) => {
                 self.run_step(tokens, state, false)?;
-                b.screened_argmax(
-                    &state.scratch.normed,
-                    &self.params.lm_head,
-                    screen,
-                    rows,
-                    banned,
-                )
-            }
-            None => {
-                let logits = self.decode_step(tokens, state)?;
-                if let Some(col) = banned {
-                    b.fill_column(logits, rows, vocab, col, f32::NEG_INFINITY)?;
+                let (x, head) = (&state.scratch.normed, &self.params.lm_head);
+                let col = banned.map(|t| t as usize);
+                if let Some(ids) = b.screened_argmax(x, head, screen, rows, col)? {
+                    return Ok(ids);
                 }
-                b.argmax_rows(logits, rows, vocab)
+                // The screen could not decide: the head in full, as below.
+                self.lm_head(&mut state.scratch, rows)?;
             }
+            None => self.run_step(tokens, state, true)?,
         }
+        let logits = &mut state.scratch.logits;
+        if let Some(col) = banned {
+            b.fill_column(logits, rows, vocab, col as usize, f32::NEG_INFINITY)?;
+        }
+        b.argmax_rows(logits, rows, vocab)
     }
 
     /// A decoding step up to the final norm (and its scale, with tied embeddings), which
@@ -376,22 +374,22 @@ impl<B: Backend> T5Model<B> {
             // Tied embeddings (t5 v1.0): scale by d_model ** -0.5 before the shared head.
             b.scale(&mut s.normed, batch * d, (d as f32).powf(-0.5))?;
         }
-        if !head {
-            return Ok(());
+        if head {
+            self.lm_head(s, batch)?;
         }
-        let head = &self.params.lm_head;
-        let vocab = cfg.vocab_size;
-        b.matmul_nt(
-            &s.normed,
-            head,
-            &mut s.logits,
-            MatDims {
-                m: batch,
-                n: vocab,
-                k: d,
-            },
-            false,
-        )?;
         Ok(())
+    }
+
+    /// The LM head on the decoder's output in the scratch (normed, and scaled with tied
+    /// embeddings): `batch` rows of logits.
+    fn lm_head(&self, s: &mut DecoderScratch<B::Tensor>, batch: usize) -> Result<()> {
+        let cfg = &self.config;
+        let dims = MatDims {
+            m: batch,
+            n: cfg.vocab_size,
+            k: cfg.d_model,
+        };
+        self.backend
+            .matmul_nt(&s.normed, &self.params.lm_head, &mut s.logits, dims, false)
     }
 }

@@ -573,7 +573,7 @@ impl Backend for CpuBackend {
         screen: &ScreenHead<CpuWeight>,
         rows: usize,
         banned: Option<usize>,
-    ) -> Result<Vec<u32>> {
+    ) -> Result<Option<Vec<u32>>> {
         let s = &screen.weight;
         if head.kind != WeightDtype::F32
             || s.kind != WeightDtype::Bf16
@@ -595,7 +595,7 @@ impl Backend for CpuBackend {
         let isa = self.isa;
         Ok(self
             .pool
-            .install(|| screen::screened_argmax(x, head, s, &screen.norms, rows, banned, isa).0))
+            .install(|| screen::screened_argmax(x, head, s, &screen.norms, rows, banned, isa)))
     }
 
     fn argmax_rows(&self, x: &Vec<f32>, rows: usize, n: usize) -> Result<Vec<u32>> {

@@ -1204,13 +1204,7 @@ pub(super) fn matmul_packed_shared(
         let mut wide = vec![0u32; 2 * prepared.len()];
         // SAFETY: the AVX-512 BW or AVX2 level (`no_dot`), which the backend only runs where
         // the CPU has it.
-        unsafe {
-            if nodot_kind == Some(nodot::NoDot::Int8Avx2Wide) {
-                nodot::widen_activations_avx2(&prepared, &mut wide)
-            } else {
-                nodot::widen_activations(&prepared, &mut wide)
-            }
-        };
+        unsafe { nodot::widen_activations(&prepared, &mut wide) };
         wide
     } else {
         prepared

@@ -24,7 +24,8 @@
 //!   in the same order in any panel, so they are the full product's values bit for bit; the
 //!   first largest of them in column order is [`crate::math::argmax`]'s choice.
 //! - Rows with a non-finite screen logit or norm, or a bound that could overflow, and batches
-//!   whose candidates are more than an eighth of the vocabulary, take the full f32 head.
+//!   whose candidates are more than an eighth of the vocabulary, are left undecided: the
+//!   caller runs the full f32 head then.
 //!
 //! [`Backend::screened_argmax`]: crate::backend::Backend::screened_argmax
 
@@ -43,15 +44,16 @@ pub(super) fn relative_bound(k: usize) -> f64 {
 
 /// Each row's candidates (columns its screen logits cannot rule out), in column order; `None`
 /// when the row must take the full f32 head (a non-finite value, or a bound near overflow).
+/// `top` is the largest of `norms`.
 fn candidates(
     approx: &[f32],
     x: &[f32],
     norms: &[f32],
+    top: f64,
     rel: f64,
     banned: Option<usize>,
 ) -> Option<Vec<u32>> {
     let xn = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-    let top = norms.iter().fold(0.0f32, |m, &v| m.max(v)) as f64;
     if !(xn.is_finite() && top.is_finite()) || xn * top > 1e30 {
         return None;
     }
@@ -84,8 +86,8 @@ fn candidates(
 }
 
 /// [`crate::backend::Backend::screened_argmax`] on the CPU, in the thread pool it runs in:
-/// `head` is the f32 LM head, `screen` its bf16 copy and `norms` its rows' norms. Also says
-/// whether the screen decided (false: the full f32 head ran).
+/// `head` is the f32 LM head, `screen` its bf16 copy and `norms` its rows' norms; `None` where
+/// the screen cannot decide (the caller then runs the full head).
 pub(super) fn screened_argmax(
     x: &[f32],
     head: &PackedWeight,
@@ -94,26 +96,29 @@ pub(super) fn screened_argmax(
     rows: usize,
     banned: Option<usize>,
     isa: Isa,
-) -> (Vec<u32>, bool) {
+) -> Option<Vec<u32>> {
     let (n, k) = (head.n, head.k);
     let x = &x[..rows * k];
     if rows == 0 || n < 2 {
-        return (full_argmax(x, head, rows, banned, isa), false);
+        return None;
     }
     let mut approx = vec![0.0f32; rows * n];
     matmul_packed(x, screen, &mut approx, rows, false, isa);
-    let rel = relative_bound(k);
-    let found: Option<Vec<Vec<u32>>> = approx
+    let (rel, top) = (
+        relative_bound(k),
+        norms.iter().fold(0.0f32, |m, &v| m.max(v)) as f64,
+    );
+    let found: Vec<Vec<u32>> = approx
         .par_chunks_exact(n)
         .zip(x.par_chunks_exact(k))
-        .map(|(b, xr)| candidates(b, xr, norms, rel, banned))
-        .collect();
-    let mut union: Vec<u32> = found.iter().flatten().flatten().copied().collect();
+        .map(|(b, xr)| candidates(b, xr, norms, top, rel, banned))
+        .collect::<Option<_>>()?;
+    let mut union: Vec<u32> = found.iter().flatten().copied().collect();
     union.sort_unstable();
     union.dedup();
-    let Some(found) = found.filter(|_| !union.is_empty() && union.len() <= n / 8) else {
-        return (full_argmax(x, head, rows, banned, isa), false);
-    };
+    if union.is_empty() || union.len() > n / 8 {
+        return None;
+    }
     // The candidates' f32 weights as a product of their own.
     let mut w = vec![0.0f32; union.len() * k];
     for (row, &c) in w.chunks_exact_mut(k).zip(&union) {
@@ -141,33 +146,7 @@ pub(super) fn screened_argmax(
             best.map_or(0, |(c, _)| c)
         })
         .collect();
-    (chosen, true)
-}
-
-/// The f32 head in full, column `banned` at -inf, and each row's first largest logit: the
-/// path [`screened_argmax`] stands in for.
-fn full_argmax(
-    x: &[f32],
-    head: &PackedWeight,
-    rows: usize,
-    banned: Option<usize>,
-    isa: Isa,
-) -> Vec<u32> {
-    let n = head.n;
-    if n == 0 {
-        return vec![0; rows]; // as `argmax_rows` on empty rows
-    }
-    let mut logits = vec![0.0f32; rows * n];
-    matmul_packed(x, head, &mut logits, rows, false, isa);
-    logits
-        .par_chunks_exact_mut(n)
-        .map(|row| {
-            if let Some(c) = banned.filter(|&c| c < n) {
-                row[c] = f32::NEG_INFINITY;
-            }
-            crate::math::argmax(row)
-        })
-        .collect()
+    Some(chosen)
 }
 
 #[cfg(test)]
@@ -215,8 +194,8 @@ mod tests {
         b.argmax_rows(&logits, rows, n).unwrap()
     }
 
-    /// The screened choice, whether the screen decided it, and the f32 oracle's choice, at
-    /// `level`.
+    /// The screened choice (`None`: the screen left it to the full head) and the f32
+    /// oracle's choice, at `level`.
     fn both(
         level: IsaLevel,
         x: &[f32],
@@ -225,7 +204,7 @@ mod tests {
         n: usize,
         k: usize,
         banned: Option<usize>,
-    ) -> ((Vec<u32>, bool), Vec<u32>) {
+    ) -> (Option<Vec<u32>>, Vec<u32>) {
         let b = CpuBackend::with_isa(2, level).unwrap();
         let isa: Isa = level;
         let head = PackedWeight::pack(w, n, k, WeightDtype::F32, isa);
@@ -271,9 +250,9 @@ mod tests {
                 near[big] = f32::from_bits(near[big].to_bits() + 3);
                 w[90 * k..91 * k].copy_from_slice(&near);
                 for banned in [None, Some(90), Some(40), Some(n - 1)] {
-                    let ((got, screened), want) = both(level, &x, &w, rows, n, k, banned);
+                    let (got, want) = both(level, &x, &w, rows, n, k, banned);
                     let what = format!("{level}, {rows}x{n}x{k}, banned {banned:?}");
-                    assert!(screened, "{what}: fell back to the full head");
+                    let got = got.unwrap_or_else(|| panic!("{what}: fell back to the full head"));
                     assert_eq!(got, want, "{what}");
                 }
             }
@@ -292,19 +271,28 @@ mod tests {
             w[0] = 1e21;
             w[2 * k + 1] = 1e19;
             let x = [1e-39f32, 2e-38];
-            let ((got, _), want) = both(level, &x, &w, 1, n, k, None);
-            assert_eq!(got, want, "{level}: subnormal input");
+            // (Undecided rows get the full head, the oracle's own path.)
+            let (got, want) = both(level, &x, &w, 1, n, k, None);
+            assert_eq!(
+                got.unwrap_or(want.clone()),
+                want,
+                "{level}: subnormal input"
+            );
             // A subnormal weight that bf16 rounds up by a third, times huge inputs.
             let mut w = vec![0.0f32; n * k];
             w[0] = 1.5 * 2f32.powi(-133);
             w[2 * k + 1] = 2f32.powi(-133);
             let x = [1e25f32, 1.6e25];
-            let ((got, _), want) = both(level, &x, &w, 1, n, k, None);
-            assert_eq!(got, want, "{level}: subnormal weight");
+            let (got, want) = both(level, &x, &w, 1, n, k, None);
+            assert_eq!(
+                got.unwrap_or(want.clone()),
+                want,
+                "{level}: subnormal weight"
+            );
         }
     }
 
-    /// Non-finite or overflowing inputs take the full f32 head (and so give its choice).
+    /// Non-finite or overflowing inputs are left to the full f32 head.
     #[test]
     fn non_finite_rows_take_the_full_head() {
         let (n, k) = (64, 16);
@@ -314,9 +302,8 @@ mod tests {
             for bad in [f32::NAN, f32::INFINITY, 3e38] {
                 let mut x = rng.vec(2 * k);
                 x[k + 3] = bad;
-                let ((got, screened), want) = both(level, &x, &w, 2, n, k, None);
-                assert!(!screened, "{level}, {bad}: screened");
-                assert_eq!(got, want, "{level}, {bad}");
+                let (got, _) = both(level, &x, &w, 2, n, k, None);
+                assert_eq!(got, None, "{level}, {bad}: screened");
             }
         }
     }

@@ -334,39 +334,11 @@ int8_wide_tile!(
     _mm512_slli_epi32
 );
 
-/// The activations of int8 rows for [`int8_avx512bw`]: each lane of `src` (4 bytes, u8 `q +
-/// 128`) as 4 i16 `q` in two u32 of `dst` (twice `src`'s length).
-///
-/// # Safety
-/// AVX-512F and BW.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-pub(super) unsafe fn widen_activations(src: &[u32], dst: &mut [u32]) {
-    debug_assert_eq!(dst.len(), 2 * src.len());
-    let bias = _mm512_set1_epi16(128);
-    let whole = src.len() / 8 * 8;
-    for i in (0..whole).step_by(8) {
-        let bytes = _mm256_loadu_si256(src.as_ptr().add(i) as *const _);
-        let q = _mm512_sub_epi16(_mm512_cvtepu8_epi16(bytes), bias);
-        _mm512_storeu_si512(dst.as_mut_ptr().add(2 * i) as *mut _, q);
-    }
-    widen_tail(&src[whole..], &mut dst[2 * whole..]);
-}
-
-/// The lanes of [`widen_activations`] left after its whole vectors, one at a time.
-fn widen_tail(src: &[u32], dst: &mut [u32]) {
-    for (&lane, d) in src.iter().zip(dst.chunks_exact_mut(2)) {
-        let b = lane.to_le_bytes().map(|b| (b as i16 - 128) as u16 as u32);
-        d[0] = b[0] | b[1] << 16;
-        d[1] = b[2] | b[3] << 16;
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 int8_wide_tile!(
     /// int8, AVX2, through 16-bit products: [`int8_avx512bw`]'s scheme in ymm registers. Each
     /// vector of weights (8 columns x 4 values of `k`) is widened to two vectors of i16
-    /// (`vpmovsxbw`: columns 0-3 and 4-7), the activations `q` (from [`widen_activations_avx2`])
+    /// (`vpmovsxbw`: columns 0-3 and 4-7), the activations `q` (from [`widen_activations`])
     /// are broadcast 64 bits at a time, and `vpmaddwd` sums each pair into i32; a column's two
     /// lanes are added at the end (`vphaddd`, then the 64-bit quarters put in order). Per 32
     /// multiply-adds and row: two `vpmaddwd` and two adds, against [`int8_avx2`]'s sign move,
@@ -394,14 +366,15 @@ int8_wide_tile!(
     _mm256_slli_epi32
 );
 
-/// [`widen_activations`] in AVX2: each lane of `src` (u8 `q + 128`) as 4 i16 `q` in two u32
-/// of `dst`.
+/// The activations of int8 rows for the tiles through 16-bit products ([`int8_avx512bw`],
+/// [`int8_avx2_wide`]): each lane of `src` (4 bytes, u8 `q + 128`) as 4 i16 `q` in two u32 of
+/// `dst` (twice `src`'s length). In AVX2 for both: a pass per product, a sliver of its time.
 ///
 /// # Safety
 /// AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn widen_activations_avx2(src: &[u32], dst: &mut [u32]) {
+pub(super) unsafe fn widen_activations(src: &[u32], dst: &mut [u32]) {
     debug_assert_eq!(dst.len(), 2 * src.len());
     let bias = _mm256_set1_epi16(128);
     let whole = src.len() / 4 * 4;
@@ -410,7 +383,14 @@ pub(super) unsafe fn widen_activations_avx2(src: &[u32], dst: &mut [u32]) {
         let q = _mm256_sub_epi16(_mm256_cvtepu8_epi16(bytes), bias);
         _mm256_storeu_si256(dst.as_mut_ptr().add(2 * i) as *mut _, q);
     }
-    widen_tail(&src[whole..], &mut dst[2 * whole..]);
+    for (&lane, d) in src[whole..]
+        .iter()
+        .zip(dst[2 * whole..].chunks_exact_mut(2))
+    {
+        let b = lane.to_le_bytes().map(|b| (b as i16 - 128) as u16 as u32);
+        d[0] = b[0] | b[1] << 16;
+        d[1] = b[2] | b[3] << 16;
+    }
 }
 
 /// An int8 tile for AVX2: `vpmaddubsw` on `|q|` (u8) and `±w` (i8, the sign of `q` moved onto
