@@ -88,28 +88,36 @@ impl<B: Backend> T5Model<B> {
         let mut self_v = Vec::with_capacity(cfg.num_decoder_layers);
         let mut cross_k = Vec::with_capacity(cfg.num_decoder_layers);
         let mut cross_v = Vec::with_capacity(cfg.num_decoder_layers);
+        // Compressed caches are made from one pair of f32 products reused by every layer.
+        let mut scratch = match cross_kv {
+            KvFormat::F32 => None,
+            _ => Some([b.zeros(rows * inner)?, b.zeros(rows * inner)?]),
+        };
         for layer in &self.params.decoder {
             self_k.push(b.zeros(batch * capacity * self_slots)?);
             self_v.push(b.zeros(batch * capacity * self_slots)?);
-            let mut k = b.zeros(rows * inner)?;
-            let mut v = b.zeros(rows * inner)?;
-            b.matmul_nt_shared(
-                &enc.hidden,
-                &[&layer.cross_attn.k, &layer.cross_attn.v],
-                &mut [&mut k, &mut v],
-                proj,
-            )?;
-            match cross_kv {
-                KvFormat::F32 => {}
-                KvFormat::Bf16 => {
-                    k = b.compress_kv(&k, rows * inner)?;
-                    v = b.compress_kv(&v, rows * inner)?;
+            let ws = [&layer.cross_attn.k, &layer.cross_attn.v];
+            let [k, v] = match scratch.as_mut() {
+                None => {
+                    let (mut k, mut v) = (b.zeros(rows * inner)?, b.zeros(rows * inner)?);
+                    b.matmul_nt_shared(&enc.hidden, &ws, &mut [&mut k, &mut v], proj)?;
+                    [k, v]
                 }
-                KvFormat::Int8 => {
-                    k = b.quantize_kv(&k, rows, cfg.num_heads, cfg.d_kv)?;
-                    v = b.quantize_kv(&v, rows, cfg.num_heads, cfg.d_kv)?;
+                Some([k, v]) => {
+                    b.matmul_nt_shared(&enc.hidden, &ws, &mut [&mut *k, &mut *v], proj)?;
+                    if cross_kv == KvFormat::Bf16 {
+                        [
+                            b.compress_kv(k, rows * inner)?,
+                            b.compress_kv(v, rows * inner)?,
+                        ]
+                    } else {
+                        [
+                            b.quantize_kv(k, rows, cfg.num_heads, cfg.d_kv)?,
+                            b.quantize_kv(v, rows, cfg.num_heads, cfg.d_kv)?,
+                        ]
+                    }
                 }
-            }
+            };
             cross_k.push(k);
             cross_v.push(v);
         }

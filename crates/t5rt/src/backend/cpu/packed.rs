@@ -983,7 +983,7 @@ fn f32_out(dst: &mut [f32], acc: &[u32], accumulate: bool, isa: Isa) {
 /// A row of f32 activations rounded to bf16 ([`bf16_bits`]), two to a lane (the odd value in
 /// the high half; a last odd value alone in its lane), in AVX-512 vectors where the CPU has
 /// them: the same bits.
-fn bf16_row(row: &[f32], dst: &mut [u32], isa: Isa) {
+pub(super) fn bf16_row(row: &[f32], dst: &mut [u32], isa: Isa) {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn avx512(row: &[f32], dst: &mut [u32]) -> usize {
