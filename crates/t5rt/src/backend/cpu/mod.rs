@@ -168,23 +168,30 @@ fn spin_helpers() -> bool {
     *ON.get_or_init(|| std::env::var("T5RT_SPIN").map_or(true, |v| v != "0"))
 }
 
-/// Runs the pool's pending work until `done`, never sleeping: a decoding step is a chain of
-/// short parallel operations, and a thread that went to sleep between two of them
-/// wakes late for the next.
+/// Runs the pool's pending work until `done`, without sleeping in rayon: a decoding step is a
+/// chain of short parallel operations, and a thread that went to sleep between two of them
+/// woke late for the next. While idle it yields the core every so often, and after a
+/// millisecond with nothing to do (the calling thread working alone) it naps 50 µs between
+/// looks, so a call that waits on something else does not keep a core busy.
 fn help_until(done: &std::sync::atomic::AtomicBool) {
     use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    const SPIN: Duration = Duration::from_millis(1);
     let mut idle = 0u32;
+    let mut idle_since: Option<Instant> = None;
     while !done.load(Ordering::Acquire) {
-        match rayon::yield_now() {
-            Some(rayon::Yield::Executed) => idle = 0,
-            _ => {
-                idle = idle.saturating_add(1);
-                if idle.is_multiple_of(64) {
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
-                }
-            }
+        if let Some(rayon::Yield::Executed) = rayon::yield_now() {
+            idle = 0;
+            idle_since = None;
+            continue;
+        }
+        idle = idle.wrapping_add(1);
+        if !idle.is_multiple_of(64) {
+            std::hint::spin_loop();
+        } else if idle_since.get_or_insert_with(Instant::now).elapsed() < SPIN {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 }
@@ -719,5 +726,36 @@ mod tests {
                 .collect()
         });
         assert_eq!(used.len(), 2);
+    }
+
+    /// The calling thread's CPU time (user and system) so far.
+    #[cfg(target_os = "linux")]
+    fn thread_cpu_time() -> std::time::Duration {
+        // SAFETY: `getrusage` only fills the struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) }, 0);
+        let tv = |t: libc::timeval| {
+            std::time::Duration::from_secs(t.tv_sec as u64)
+                + std::time::Duration::from_micros(t.tv_usec as u64)
+        };
+        tv(u.ru_utime) + tv(u.ru_stime)
+    }
+
+    /// A call whose own thread waits (here: sleeps 400 ms) does not keep the pool's other
+    /// thread spinning: it naps once idle for a millisecond. Spinning, it would use about
+    /// 400 ms of CPU time.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn idle_helpers_do_not_spin_through_a_wait() {
+        let b = CpuBackend::new(2).unwrap();
+        let times = || b.pool.broadcast(|_| thread_cpu_time());
+        let before = times();
+        b.run(|| std::thread::sleep(std::time::Duration::from_millis(400)));
+        let after = times();
+        let helper = after[1] - before[1];
+        assert!(
+            helper < std::time::Duration::from_millis(150),
+            "the idle thread used {helper:?} of CPU time"
+        );
     }
 }
