@@ -208,7 +208,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let (ckpt, model_name) = match &args.model {
         Some(dir) => (
-            Checkpoint::open(dir).with_context(|| format!("loading {}", dir.display()))?,
+            // Token ids only: the tokenizer is not read.
+            Checkpoint::open_without_tokenizer(dir)
+                .with_context(|| format!("loading {}", dir.display()))?,
             dir.display().to_string(),
         ),
         None => (

@@ -231,9 +231,11 @@ fn hostile_model_directories() {
             1,
             "{dir}"
         );
+        // bench works on token ids and never reads the tokenizer: a broken one is no error.
+        let bench_fails = !dir.ends_with("cut-tokenizer");
         assert_eq!(
             check(&["bench", "--model", &dir, "--case", "1:4:2"]),
-            1,
+            i32::from(bench_fails),
             "{dir}"
         );
     }

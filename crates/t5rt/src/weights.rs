@@ -400,15 +400,25 @@ fn decode(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
         Dtype::F32 => {
             let mut out = crate::hugepage::zeroed::<f32>(bytes.len() / 4);
-            // Little-endian hosts hold f32 as stored: one copy (the map need not be aligned).
+            // Little-endian hosts hold f32 as stored: one copy (the map need not be aligned),
+            // in chunks on the current rayon pool (the backend's, as the model loads inside
+            // it): a large table's fresh pages are faulted in by every thread.
             #[cfg(target_endian = "little")]
-            // SAFETY: `out` holds bytes.len() / 4 f32s; any bit pattern is a valid f32.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    bytes.as_ptr(),
-                    out.as_mut_ptr() as *mut u8,
-                    out.len() * 4,
-                );
+            {
+                use rayon::prelude::*;
+                const CHUNK: usize = 1 << 20;
+                out.par_chunks_mut(CHUNK)
+                    .zip(bytes.par_chunks(CHUNK * 4))
+                    .for_each(|(o, b)| {
+                        // SAFETY: `o` holds b.len() / 4 f32s; any bit pattern is a valid f32.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                b.as_ptr(),
+                                o.as_mut_ptr() as *mut u8,
+                                o.len() * 4,
+                            );
+                        }
+                    });
             }
             #[cfg(not(target_endian = "little"))]
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {

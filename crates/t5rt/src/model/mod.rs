@@ -49,9 +49,10 @@ impl<B: Backend> T5Model<B> {
         self.params.screen = None;
     }
 
-    /// Reads every weight the config names from `store` onto `backend`.
+    /// Reads every weight the config names from `store` onto `backend`. Runs in the backend's execution context ([`Backend::run`]: the CPU's thread pool), where
+    /// large conversions spread over its threads.
     pub fn load(config: T5Config, store: &TensorStore, backend: B) -> Result<Self> {
-        let params = T5Params::load(store, &backend, &config)?;
+        let params = backend.run(|| T5Params::load(store, &backend, &config))?;
         Ok(T5Model {
             config,
             backend,
