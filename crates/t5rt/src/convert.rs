@@ -100,7 +100,8 @@ pub fn convert_int8(src: &Path, out: &Path, threads: usize) -> Result<ConvertSum
     let (mut quantized, mut kept) = (0, 0);
     for name in &names {
         let shape = store.shape(name).expect("listed tensor has a shape");
-        let data = store.read(name, &shape)?.data;
+        // On the pool, so that a large tensor's copy runs on `threads` threads.
+        let data = pool.install(|| store.read(name, &shape))?.data;
         let linear = is_linear(name, &shape);
         if linear || Some(name.as_str()) == tied_head {
             let (n, k) = (shape[0], shape[1]);

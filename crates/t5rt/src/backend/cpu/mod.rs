@@ -173,10 +173,31 @@ fn spin_helpers() -> bool {
 /// woke late for the next. While idle it yields the core every so often, and after a
 /// millisecond with nothing to do (the calling thread working alone) it naps 50 µs between
 /// looks, so a call that waits on something else does not keep a core busy.
+///
+/// A thread already helping one call that picks up another call's helper job (two `run`s from
+/// different threads at once: the server's step loop and a beam search) leaves that job at
+/// once: staying would hold it there until the other call ended, and the first call's
+/// `broadcast`, which waits for every thread's job, with it. Its own loop goes on helping
+/// whichever work comes.
 fn help_until(done: &std::sync::atomic::AtomicBool) {
+    use std::cell::Cell;
     use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
     const SPIN: Duration = Duration::from_millis(1);
+    thread_local! {
+        static HELPING: Cell<bool> = const { Cell::new(false) };
+    }
+    if HELPING.with(|h| h.replace(true)) {
+        return;
+    }
+    /// Clears the flag however the loop ends.
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            HELPING.with(|h| h.set(false));
+        }
+    }
+    let _clear = Clear;
     let mut idle = 0u32;
     let mut idle_since: Option<Instant> = None;
     while !done.load(Ordering::Acquire) {
@@ -726,6 +747,31 @@ mod tests {
                 .collect()
         });
         assert_eq!(used.len(), 2);
+    }
+
+    /// Two calls from two threads at once: the one that started first and ends first returns
+    /// while the other still runs (a helper of the first that picked up the second's helper
+    /// job would otherwise stay in it until the second ended, holding up the first's return).
+    #[test]
+    fn a_call_does_not_wait_for_a_concurrent_one() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+        let b = CpuBackend::new(2).unwrap();
+        let second_done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                b.run(|| {
+                    std::thread::sleep(Duration::from_millis(1500));
+                    second_done.store(true, Ordering::SeqCst);
+                });
+            });
+            b.run(|| std::thread::sleep(Duration::from_millis(200)));
+            assert!(
+                !second_done.load(Ordering::SeqCst),
+                "the first call returned only after the second had ended"
+            );
+        });
     }
 
     /// The calling thread's CPU time (user and system) so far.
