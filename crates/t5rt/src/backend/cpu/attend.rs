@@ -2,7 +2,7 @@
 //! AVX-512 and AVX2 vectors.
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+mod int8;
 
 use rayon::prelude::*;
 
@@ -102,7 +102,7 @@ fn attend_task(a: &AttnArgs, task: usize, oh: &mut [f32], isa: IsaLevel) {
             // (`IsaLevel::checked`); d_kv checked just above.
             return unsafe {
                 if s.kv == KvFormat::Int8 {
-                    avx512::attend_int8(a, task, oh)
+                    int8::attend_int8(a, task, oh)
                 } else {
                     attend_avx512(a, task, oh)
                 }
@@ -110,7 +110,13 @@ fn attend_task(a: &AttnArgs, task: usize, oh: &mut [f32], isa: IsaLevel) {
         }
         if isa >= IsaLevel::Avx2 && even(8) {
             // SAFETY: as above.
-            return unsafe { attend_avx2(a, task, oh) };
+            return unsafe {
+                if s.kv == KvFormat::Int8 {
+                    int8::attend_int8_avx2(a, task, oh)
+                } else {
+                    attend_avx2(a, task, oh)
+                }
+            };
         }
     }
     let _ = isa;
@@ -412,8 +418,8 @@ fn to_probs(a: &AttnArgs, t: &Task, probs: &mut [f32], stats: &mut [f32]) {
 /// over `d_kv`, then a sum across the lanes; `out += p · v` in vectors. bf16 caches are
 /// widened in registers (each 32-bit slot holds an even and an odd value), against the query
 /// split into its even and odd values, and the output is gathered the same way and
-/// interleaved at the end. int8 caches are dequantized one key (the task's heads) at a time
-/// into f32 and read as an f32 cache. The sums run in a different order from [`attend`]'s, so results
+/// interleaved at the end (int8 caches have their own walk, `int8.rs`). The sums run in a
+/// different order from [`attend`]'s, so results
 /// differ from it in the last bits; each (row, head) is computed alone, so a row's result
 /// does not depend on its batch or on the grouping of heads into tasks.
 #[cfg(target_arch = "x86_64")]
@@ -452,21 +458,13 @@ macro_rules! attend_simd {
             // Element offset of key/value `j`'s first head of this task (in f32 values; bf16
             // slots are at half of it).
             let at = |j: usize| (kv_b * s.kv_stride + j) * inner + h0 * d;
-            // int8 caches: each key/value row dequantized here first, then read as f32.
-            let int8 = s.kv == KvFormat::Int8;
-            let per = s.kv.slots_per_position(s.heads, d);
-            let mut wide = vec![0.0f32; if int8 { hn * d } else { 0 }];
-            // Key or value `j`, from this task's first head: in the f32 cache, or dequantized
-            // into `wide` (int8); asked for a few keys ahead either way.
-            let row = |cache: &[f32], j: usize, wide: &mut Vec<f32>| -> *const f32 {
-                if int8 {
-                    let pos = kv_b * s.kv_stride + j;
-                    prefetch(cache, pos * per + h0 * d / 4, hn * d / 4, per);
-                    kv_row(cache, s, pos, h0, hn, wide).as_ptr()
-                } else {
-                    prefetch(cache, at(j), hn * d, inner);
-                    cache[at(j)..].as_ptr()
-                }
+            // (int8 caches take the walk of `int8.rs`.)
+            debug_assert!(s.kv != KvFormat::Int8);
+            // Key or value `j` of an f32 cache, from this task's first head, asked for a few
+            // keys ahead.
+            let row = |cache: &[f32], j: usize| -> *const f32 {
+                prefetch(cache, at(j), hn * d, inner);
+                cache[at(j)..].as_ptr()
             };
             if s.kv == KvFormat::Bf16 {
                 let half = d / 2;
@@ -491,7 +489,7 @@ macro_rules! attend_simd {
                 }
             } else {
                 for j in j0..j1 {
-                    let kp = row(a.k, j, &mut wide);
+                    let kp = row(a.k, j);
                     for h in 0..hn {
                         let qh = q.as_ptr().add(h * d);
                         let mut acc = $mul($load(qh), $load(kp.add(h * d)));
@@ -533,7 +531,7 @@ macro_rules! attend_simd {
             } else {
                 oh.fill(0.0);
                 for j in j0..j1 {
-                    let vp = row(a.v, j, &mut wide);
+                    let vp = row(a.v, j);
                     for h in 0..hn {
                         let p = probs[h * n + j - j0];
                         if p == 0.0 {
