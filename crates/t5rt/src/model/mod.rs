@@ -49,8 +49,9 @@ impl<B: Backend> T5Model<B> {
         self.params.screen = None;
     }
 
-    /// Reads every weight the config names from `store` onto `backend`. Runs in the backend's execution context ([`Backend::run`]: the CPU's thread pool), where
-    /// large conversions spread over its threads.
+    /// Reads every weight the config names from `store` onto `backend`, in the backend's
+    /// execution context ([`Backend::run`]: the CPU's thread pool), where large conversions
+    /// spread over its threads.
     pub fn load(config: T5Config, store: &TensorStore, backend: B) -> Result<Self> {
         let params = backend.run(|| T5Params::load(store, &backend, &config))?;
         Ok(T5Model {

@@ -18,35 +18,6 @@ pub(super) fn rms_norm_row(x: &[f32], w: &[f32], out: &mut [f32], eps: f32) {
     }
 }
 
-/// Dot product with 16 independent partial sums, so the compiler can vectorise it.
-#[inline(always)]
-pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let n = a.len().min(b.len());
-    let whole = n / 16 * 16;
-    for c in 0..whole / 16 {
-        // Fixed-size chunks: no bounds checks inside, so the 16 lanes are one vector.
-        let x: &[f32; 16] = a[16 * c..16 * c + 16].try_into().expect("16 values");
-        let y: &[f32; 16] = b[16 * c..16 * c + 16].try_into().expect("16 values");
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = 0.0f32;
-    for t in whole..n {
-        tail += a[t] * b[t];
-    }
-    // A tree over the lanes (vector shuffles), not 16 dependent scalar adds.
-    let mut width = 8;
-    while width > 0 {
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-        width /= 2;
-    }
-    acc[0] + tail
-}
-
 /// `x = act(x)`, or `x = act(x) * up`, over one chunk.
 #[inline(always)]
 pub(super) fn activate_chunk(x: &mut [f32], up: Option<&[f32]>, a: Activation) {
