@@ -9,6 +9,8 @@
 //! `MATMUL_COLD=1` cycles through copies of each weight totalling at least 256 MiB, so that
 //! every product reads its weights from memory as a decoding step does (each weight of a step
 //! is read once), instead of from the caches the repeated product leaves them in.
+//! `MATMUL_SHARED=N` times N products of one input run together (`matmul_nt_shared`, as the
+//! attention's q, k and v are), N weights of the shape given.
 
 use std::time::Instant;
 
@@ -87,18 +89,28 @@ fn main() {
                 let ws: Vec<_> = (0..copies)
                     .map(|_| b.upload_linear(&w0, n, k).unwrap())
                     .collect();
-                let mut out = b.zeros(m * n).unwrap();
-                let reps = (2e9 / (2.0 * (m * n * k) as f64)).clamp(3.0, 200.0) as usize;
+                let shared: usize = std::env::var("MATMUL_SHARED")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1);
+                let mut outs: Vec<_> = (0..shared).map(|_| b.zeros(m * n).unwrap()).collect();
+                let reps = (2e9 / (2.0 * (shared * m * n * k) as f64)).clamp(3.0, 200.0) as usize;
                 let mut best = f64::MAX;
                 for _ in 0..5 {
                     let t = Instant::now();
                     for r in 0..reps {
-                        let w = &ws[r % copies];
-                        b.matmul_nt(&x, w, &mut out, d, false).unwrap();
+                        if shared == 1 {
+                            b.matmul_nt(&x, &ws[r % copies], &mut outs[0], d, false)
+                                .unwrap();
+                        } else {
+                            let w: Vec<_> = (0..shared).map(|i| &ws[(r + i) % copies]).collect();
+                            let mut o: Vec<_> = outs.iter_mut().collect();
+                            b.matmul_nt_shared(&x, &w, &mut o, d).unwrap();
+                        }
                     }
                     best = best.min(t.elapsed().as_secs_f64() / reps as f64);
                 }
-                let gflops = 2.0 * (m * n * k) as f64 / best / 1e9;
+                let gflops = 2.0 * (shared * m * n * k) as f64 / best / 1e9;
                 println!(
                     "{:<12} {:<5} {:>6} {:>5} {:>5} {:>9.1} {:>6.3}",
                     level.name(),

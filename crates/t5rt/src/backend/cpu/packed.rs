@@ -356,10 +356,54 @@ fn quantize_row(row: &[f32], bytes: &mut [u8], center: f32, inv: f32, isa: Isa) 
         }
         body(&row[i..n], &mut bytes[i..n], center, inv)
     }
+    // 32 at a time in AVX2: the same arithmetic; NaN is set to 0 first (q = 0, as above),
+    // then the i32 values are packed to bytes (signed saturation never applies: |q| <= 127)
+    // and put back in order, and + 128 is a flip of the top bit.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn body_avx2(row: &[f32], bytes: &mut [u8], center: f32, inv: f32) {
+        use std::arch::x86_64::*;
+        let n = row.len().min(bytes.len());
+        let (vc, vinv, lo, hi) = (
+            _mm256_set1_ps(center),
+            _mm256_set1_ps(inv),
+            _mm256_set1_ps(-127.0),
+            _mm256_set1_ps(127.0),
+        );
+        let q = |p: *const f32| {
+            // SAFETY: the caller reads 8 values at `p`, inside `row`.
+            let y = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p), vc), vinv);
+            let y = _mm256_and_ps(y, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
+            _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, y)))
+        };
+        // After the two packs, 32-bit group `g` holds values 4g.. of the order
+        // a0-3 b0-3 c0-3 d0-3 a4-7 b4-7 c4-7 d4-7.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let flip = _mm256_set1_epi8(i8::MIN);
+        let mut i = 0;
+        while i + 32 <= n {
+            // SAFETY: i + 32 <= n <= both lengths.
+            let p = row.as_ptr().add(i);
+            let ab = _mm256_packs_epi32(q(p), q(p.add(8)));
+            let cd = _mm256_packs_epi32(q(p.add(16)), q(p.add(24)));
+            let v = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
+            _mm256_storeu_si256(
+                bytes.as_mut_ptr().add(i) as *mut __m256i,
+                _mm256_xor_si256(v, flip),
+            );
+            i += 32;
+        }
+        body(&row[i..n], &mut bytes[i..n], center, inv)
+    }
     #[cfg(target_arch = "x86_64")]
     if isa.avx512() {
         // SAFETY: the backend only runs at levels the CPU has.
         return unsafe { body_avx512(row, bytes, center, inv) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: as above.
+        return unsafe { body_avx2(row, bytes, center, inv) };
     }
     let _ = isa;
     body(row, bytes, center, inv)
@@ -911,16 +955,60 @@ fn int8_out(
         }
     }
     #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx2(
+        dst: &mut [f32],
+        acc: &[u32],
+        sums: &[i32],
+        scales: &[f32],
+        xc: f32,
+        xs: f32,
+        accumulate: bool,
+        n: usize,
+    ) -> usize {
+        use std::arch::x86_64::*;
+        let (vxc, vxs) = (_mm256_set1_ps(xc), _mm256_set1_ps(xs));
+        let mut j = 0;
+        while j + 8 <= n {
+            // SAFETY: j + 8 <= n, which every slice holds.
+            let a = _mm256_loadu_si256(acc.as_ptr().add(j) as *const __m256i);
+            let cs = _mm256_loadu_si256(sums.as_ptr().add(j) as *const __m256i);
+            let ws = _mm256_loadu_ps(scales.as_ptr().add(j));
+            let dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(a, _mm256_slli_epi32::<7>(cs)));
+            let center = _mm256_mul_ps(vxc, _mm256_mul_ps(_mm256_cvtepi32_ps(cs), ws));
+            let v = _mm256_add_ps(_mm256_mul_ps(dot, _mm256_mul_ps(vxs, ws)), center);
+            let d = dst.as_mut_ptr().add(j);
+            let v = if accumulate {
+                _mm256_add_ps(_mm256_loadu_ps(d), v)
+            } else {
+                v
+            };
+            _mm256_storeu_ps(d, v);
+            j += 8;
+        }
+        j
+    }
+    #[cfg(target_arch = "x86_64")]
     if isa.avx512() {
         // SAFETY: the backend only runs at levels the CPU has.
         return unsafe { avx512(dst, acc, sums, scales, xc, xs, accumulate, n) };
     }
+    #[cfg(target_arch = "x86_64")]
+    let done = if isa >= Isa::Avx2 {
+        // SAFETY: as above.
+        unsafe { avx2(dst, acc, sums, scales, xc, xs, accumulate, n) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     let _ = isa;
-    let vals = (0..n).map(|j| {
+    let vals = (done..n).map(|j| {
         let dot = (acc[j] as i32).wrapping_sub(sums[j].wrapping_mul(128)) as f32;
         dot * (xs * scales[j]) + xc * (sums[j] as f32 * scales[j])
     });
-    store(&mut dst[..n], vals, accumulate)
+    store(&mut dst[done..n], vals, accumulate)
 }
 
 /// The lanes of the 16-value vector at `j` that come before `n`, as a mask.
@@ -968,14 +1056,42 @@ fn f32_out(dst: &mut [f32], acc: &[u32], accumulate: bool, isa: Isa) {
         }
     }
     #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(dst: &mut [f32], acc: &[u32], accumulate: bool, n: usize) -> usize {
+        use std::arch::x86_64::*;
+        let mut j = 0;
+        while j + 8 <= n {
+            // SAFETY: j + 8 <= n, which both slices hold.
+            let v = _mm256_loadu_ps(acc.as_ptr().add(j) as *const f32);
+            let d = dst.as_mut_ptr().add(j);
+            let v = if accumulate {
+                _mm256_add_ps(_mm256_loadu_ps(d), v)
+            } else {
+                v
+            };
+            _mm256_storeu_ps(d, v);
+            j += 8;
+        }
+        j
+    }
+    #[cfg(target_arch = "x86_64")]
     if isa.avx512() {
         // SAFETY: the backend only runs at levels the CPU has.
         return unsafe { avx512(dst, acc, accumulate, n) };
     }
+    #[cfg(target_arch = "x86_64")]
+    let done = if isa >= Isa::Avx2 {
+        // SAFETY: as above.
+        unsafe { avx2(dst, acc, accumulate, n) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     let _ = isa;
     store(
-        &mut dst[..n],
-        acc[..n].iter().map(|&a| f32::from_bits(a)),
+        &mut dst[done..n],
+        acc[done..n].iter().map(|&a| f32::from_bits(a)),
         accumulate,
     )
 }
@@ -1053,9 +1169,39 @@ fn row_range(row: &[f32], isa: Isa) -> (f32, f32) {
         crate::math::min_max_with(lanes, tail)
     }
     #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(row: &[f32]) -> (f32, f32) {
+        use std::arch::x86_64::*;
+        let (mut lo, mut hi) = (
+            _mm256_set1_ps(f32::INFINITY),
+            _mm256_set1_ps(f32::NEG_INFINITY),
+        );
+        let chunks = row.chunks_exact(8);
+        let tail = chunks.remainder();
+        for c in chunks {
+            // SAFETY: 8 values; NaNs skipped as in `avx512`.
+            let x = _mm256_loadu_ps(c.as_ptr());
+            lo = _mm256_min_ps(x, lo);
+            hi = _mm256_max_ps(x, hi);
+        }
+        let (mut l, mut h) = ([0f32; 8], [0f32; 8]);
+        _mm256_storeu_ps(l.as_mut_ptr(), lo);
+        _mm256_storeu_ps(h.as_mut_ptr(), hi);
+        let lanes = (
+            l.iter().fold(f32::INFINITY, |a, &v| a.min(v)),
+            h.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)),
+        );
+        crate::math::min_max_with(lanes, tail)
+    }
+    #[cfg(target_arch = "x86_64")]
     if isa.avx512() {
         // SAFETY: the backend only runs at levels the CPU has.
         return unsafe { avx512(row) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: as above.
+        return unsafe { avx2(row) };
     }
     let _ = isa;
     crate::math::min_max(row)
@@ -1296,7 +1442,9 @@ pub(super) fn matmul_packed_shared(
 
 #[cfg(test)]
 mod quantize_tests {
-    use super::{affine_i8, bf16_bits, bf16_row, f32_out, quantize_one, quantize_row, Isa};
+    use super::{
+        affine_i8, bf16_bits, bf16_row, f32_out, int8_out, quantize_one, quantize_row, Isa,
+    };
 
     /// Every level's bf16 rounding of activation rows equals `bf16_bits`, bit for bit (ties,
     /// NaN, infinities, signed zeros, denormals, values that round up into the exponent), for
@@ -1366,6 +1514,43 @@ mod quantize_tests {
                     let mut got = init.clone();
                     f32_out(&mut got, &acc, accumulate, level);
                     assert_eq!(got, want, "{level}, {n} values, accumulate {accumulate}");
+                }
+            }
+        }
+    }
+
+    /// Every level turns a tile's int8 sums into outputs as the scalar rule does, bit for
+    /// bit: assigned or added, any width (whole vectors and a tail), large and negative sums.
+    #[test]
+    fn int8_out_equals_the_scalar_rule_at_every_level() {
+        for n in [1, 7, 8, 9, 15, 16, 17, 64] {
+            let acc: Vec<u32> = (0..n)
+                .map(|i| (i as i32 * 977_123 - 3_000_000) as u32)
+                .collect();
+            let sums: Vec<i32> = (0..n).map(|i| i as i32 * 311 - 5_000).collect();
+            let scales: Vec<f32> = (0..n).map(|i| 0.001 + i as f32 * 3.7e-4).collect();
+            let init: Vec<f32> = (0..n).map(|i| 1.0 / (i as f32 + 0.5)).collect();
+            let (xc, xs) = (0.37f32, 0.0123f32);
+            for accumulate in [false, true] {
+                let want: Vec<f32> = (0..n)
+                    .map(|j| {
+                        let dot = (acc[j] as i32).wrapping_sub(sums[j].wrapping_mul(128)) as f32;
+                        let v = dot * (xs * scales[j]) + xc * (sums[j] as f32 * scales[j]);
+                        if accumulate {
+                            init[j] + v
+                        } else {
+                            v
+                        }
+                    })
+                    .collect();
+                for level in Isa::available_levels() {
+                    let mut got = init.clone();
+                    int8_out(&mut got, &acc, &sums, &scales, xc, xs, accumulate, level);
+                    let (g, w): (Vec<u32>, Vec<u32>) = (
+                        got.iter().map(|v| v.to_bits()).collect(),
+                        want.iter().map(|v| v.to_bits()).collect(),
+                    );
+                    assert_eq!(g, w, "{level}, {n} values, accumulate {accumulate}");
                 }
             }
         }
