@@ -34,7 +34,13 @@ pub fn cpu_backends(dtype: t5rt::WeightDtype) -> Vec<CpuBackend> {
     use t5rt::IsaLevel;
     // A path: the linear layers' tile, and whether the other kernels use AVX-512.
     let path = |l: IsaLevel| {
-        let rest = if l.avx512() { "avx512" } else { "baseline" };
+        let rest = if l.avx512() {
+            "avx512"
+        } else if l >= IsaLevel::Avx2 {
+            "avx2"
+        } else {
+            "baseline"
+        };
         format!("{} tiles + {rest} elementwise", l.kernel(dtype))
     };
     let mut ran: Vec<String> = Vec::new();

@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::isa::IsaLevel;
 use crate::backend::AttnShape;
 use crate::config::Activation;
 use crate::math::softmax_in_place;
@@ -42,6 +43,16 @@ pub(super) fn activate_chunk(x: &mut [f32], up: Option<&[f32]>, a: Activation) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,fma")]
 pub(super) unsafe fn activate_chunk_avx512(x: &mut [f32], up: Option<&[f32]>, a: Activation) {
+    activate_chunk(x, up, a)
+}
+
+/// [`activate_chunk`] compiled for AVX2 (the same operations, eight at a time).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn activate_chunk_avx2(x: &mut [f32], up: Option<&[f32]>, a: Activation) {
     activate_chunk(x, up, a)
 }
 
@@ -143,6 +154,23 @@ unsafe fn probs_rows_avx512(
     probs_rows(scores, bias, mask, s, h, kv_b)
 }
 
+/// [`probs_rows`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn probs_rows_avx2(
+    scores: &mut [f32],
+    bias: Option<&[f32]>,
+    mask: Option<&[f32]>,
+    s: AttnShape,
+    h: usize,
+    kv_b: usize,
+) {
+    probs_rows(scores, bias, mask, s, h, kv_b)
+}
+
 /// Attention over many queries (the encoder): per (sequence, head), scores = q·kᵀ and
 /// out = softmax(scores + bias + mask)·v as two `gemm` calls.
 #[allow(clippy::too_many_arguments)]
@@ -154,7 +182,7 @@ pub(super) fn attention_gemm(
     mask: Option<&[f32]>,
     out: &mut [f32],
     s: AttnShape,
-    simd: bool,
+    isa: IsaLevel,
 ) {
     let inner = s.heads * s.d_kv;
     let dst = SharedMut(out.as_mut_ptr());
@@ -192,9 +220,12 @@ pub(super) fn attention_gemm(
             );
         }
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is only set at levels the CPU has (`IsaLevel::checked`).
+        if isa.avx512() {
+            // SAFETY: the backend only runs at levels the CPU has (`IsaLevel::checked`).
             unsafe { probs_rows_avx512(&mut scores, bias, mask, s, h, kv_b) };
+        } else if isa >= IsaLevel::Avx2 {
+            // SAFETY: as above.
+            unsafe { probs_rows_avx2(&mut scores, bias, mask, s, h, kv_b) };
         } else {
             probs_rows(&mut scores, bias, mask, s, h, kv_b);
         }

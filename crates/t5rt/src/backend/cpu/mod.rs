@@ -430,14 +430,17 @@ impl Backend for CpuBackend {
             check_len("activate up", up.len(), len)?;
         }
         const CHUNK: usize = 4096;
-        let simd = self.isa.avx512();
+        let isa = self.isa;
         let run = move |x: &mut [f32], u: Option<&[f32]>| {
             #[cfg(target_arch = "x86_64")]
-            if simd {
+            if isa.avx512() {
                 // SAFETY: the backend only runs at levels the CPU has.
                 return unsafe { kernels::activate_chunk_avx512(x, u, act) };
+            } else if isa >= IsaLevel::Avx2 {
+                // SAFETY: as above.
+                return unsafe { kernels::activate_chunk_avx2(x, u, act) };
             }
-            let _ = simd;
+            let _ = isa;
             kernels::activate_chunk(x, u, act)
         };
         self.pool.install(|| {
@@ -479,7 +482,7 @@ impl Backend for CpuBackend {
         let mask = mask.map(|m| m.as_slice());
         self.pool.install(|| {
             if s.q_len > 1 {
-                kernels::attention_gemm(q, k, v, bias, mask, &mut out[..], s, self.isa.avx512())
+                kernels::attention_gemm(q, k, v, bias, mask, &mut out[..], s, self.isa)
             } else {
                 attend::attention(q, k, v, bias, mask, &mut out[..], s, self.isa)
             }
