@@ -34,6 +34,11 @@ pub fn bucket(
 
 /// Bias `[heads, q_len, k_len]` for queries at `q_offset..q_offset+q_len` and keys `0..k_len`,
 /// from a table `[num_buckets, heads]` as stored in the checkpoint.
+///
+/// A pair's bias depends only on `key - query`, which runs over
+/// `-(q_offset + q_len - 1) ..= k_len - 1`: each head's biases over that range are one line
+/// (a bucket per distance, not per pair: about a thousand logarithms instead of q_len · k_len
+/// for a 512-token input), and each query's row is a window of it.
 pub fn position_bias(
     table: &[f32],
     heads: usize,
@@ -45,14 +50,28 @@ pub fn position_bias(
 ) -> Vec<f32> {
     let num_buckets = table.len() / heads;
     let mut bias = vec![0.0f32; heads * q_len * k_len];
-    for qi in 0..q_len {
-        for kj in 0..k_len {
-            let rel = kj as i64 - (q_offset + qi) as i64;
-            let b = bucket(rel, bidirectional, num_buckets, max_distance);
-            for h in 0..heads {
-                bias[(h * q_len + qi) * k_len + kj] = table[b * heads + h];
-            }
+    if bias.is_empty() {
+        return bias;
+    }
+    // Line index i holds the distance i - far; the last query sits `far` keys from key 0.
+    let far = q_offset + q_len - 1;
+    let span = far + k_len;
+    let mut lines = vec![0.0f32; heads * span];
+    for i in 0..span {
+        let b = bucket(
+            i as i64 - far as i64,
+            bidirectional,
+            num_buckets,
+            max_distance,
+        );
+        for h in 0..heads {
+            lines[h * span + i] = table[b * heads + h];
         }
+    }
+    for (r, row) in bias.chunks_exact_mut(k_len).enumerate() {
+        let (h, qi) = (r / q_len, r % q_len);
+        let start = h * span + far - (q_offset + qi);
+        row.copy_from_slice(&lines[start..start + k_len]);
     }
     bias
 }
@@ -98,6 +117,40 @@ mod tests {
                     &want[h * (pos + 1)..(h + 1) * (pos + 1)],
                     "pos {pos} head {h}"
                 );
+            }
+        }
+    }
+
+    /// Every pair's bias is its own bucket's, as the definition says: encoder and decoder,
+    /// with an offset, ragged shapes, distances past `max_distance`.
+    #[test]
+    fn position_bias_is_each_pairs_bucket() {
+        let (heads, buckets) = (3, 32);
+        let table: Vec<f32> = (0..heads * buckets).map(|i| i as f32 * 0.5 - 9.0).collect();
+        for (q_offset, q_len, k_len, bidirectional) in [
+            (0, 7, 7, true),
+            (0, 300, 300, true),
+            (0, 1, 5, true),
+            (0, 5, 1, true),
+            (4, 3, 9, false),
+            (250, 1, 251, false),
+            (0, 0, 4, true),
+            (0, 4, 0, true),
+        ] {
+            let got = position_bias(&table, heads, q_offset, q_len, k_len, bidirectional, 128);
+            assert_eq!(got.len(), heads * q_len * k_len);
+            for h in 0..heads {
+                for qi in 0..q_len {
+                    for kj in 0..k_len {
+                        let rel = kj as i64 - (q_offset + qi) as i64;
+                        let b = bucket(rel, bidirectional, buckets, 128);
+                        assert_eq!(
+                            got[(h * q_len + qi) * k_len + kj],
+                            table[b * heads + h],
+                            "offset {q_offset} head {h} query {qi} key {kj}"
+                        );
+                    }
+                }
             }
         }
     }
