@@ -74,7 +74,7 @@ impl Bytes {
 
 struct Shard {
     name: String,
-    bytes: Bytes,
+    bytes: std::sync::Arc<Bytes>,
     tensors: HashMap<String, TensorEntry>,
 }
 
@@ -90,7 +90,7 @@ impl Shard {
             })?;
             return Ok(Shard {
                 name,
-                bytes,
+                bytes: std::sync::Arc::new(bytes),
                 tensors,
             });
         }
@@ -119,9 +119,34 @@ impl Shard {
             .collect();
         Ok(Shard {
             name,
-            bytes,
+            bytes: std::sync::Arc::new(bytes),
             tensors,
         })
+    }
+}
+
+/// An f32 tensor viewed where it is stored (a file mapping, or bytes built into the program),
+/// which keeps its file's mapping alive: a model reads its embedding table this way instead
+/// of copying it out at load ([`TensorStore::stored_f32`]). The mapping is read-only and
+/// private; the file must not be rewritten in place while the model is in use (replacing it,
+/// as a rename does, is safe).
+pub struct StoredF32 {
+    bytes: std::sync::Arc<Bytes>,
+    start: usize,
+    len: usize,
+}
+
+impl StoredF32 {
+    pub fn as_slice(&self) -> &[f32] {
+        let bytes = &self.bytes.as_slice()[self.start..self.start + 4 * self.len];
+        // Checked when made (`as_f32`): f32, little-endian host, aligned.
+        as_f32(Dtype::F32, bytes).expect("an aligned f32 tensor")
+    }
+}
+
+impl std::fmt::Debug for StoredF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoredF32({} values)", self.len)
     }
 }
 
@@ -254,6 +279,19 @@ impl TensorStore {
                 None => f(&decode(name, info.dtype, bytes)?),
             })
         })?
+    }
+
+    /// The f32 tensor `name` where it is stored, checked against `expected`, when it can be
+    /// read in place (stored as f32 at an aligned offset on a little-endian host); `None`
+    /// otherwise (the caller reads a copy instead).
+    pub fn stored_f32(&self, name: &str, expected: &[usize]) -> Result<Option<StoredF32>> {
+        let (shard, info) = self.locate(name, expected)?;
+        let bytes = &shard.bytes.as_slice()[info.start..info.end];
+        Ok(as_f32(info.dtype, bytes).map(|values| StoredF32 {
+            bytes: shard.bytes.clone(),
+            start: info.start,
+            len: values.len(),
+        }))
     }
 
     /// Calls `f` on an int8 tensor (safetensors `I8`) as stored, such as the weights `t5rt
@@ -495,5 +533,33 @@ mod tests {
         assert!(as_f32(Dtype::F32, &bytes[b.start..b.end]).is_none());
         assert!(s.with_f32("c", &[3], |_| ()).is_err(), "shape checked");
         assert!(s.with_i8("c", &[2], |_| ()).is_err(), "dtype checked");
+    }
+
+    /// Aligned f32 values are read where they are stored, and stay readable after the store
+    /// is gone (the view holds the bytes); unaligned or other dtypes are left to a copy.
+    #[test]
+    fn stored_f32_views_aligned_values_in_place() {
+        let s = store();
+        let c = s.stored_f32("c", &[2]).unwrap().expect("aligned f32");
+        assert!(s.stored_f32("b", &[2]).unwrap().is_none(), "unaligned");
+        assert!(s.stored_f32("a", &[1]).unwrap().is_none(), "u8");
+        assert!(s.stored_f32("c", &[3]).is_err(), "shape checked");
+        assert!(s.stored_f32("z", &[2]).is_err(), "missing");
+        let (shard, entry) = s.locate("c", &[2]).unwrap();
+        assert_eq!(
+            c.as_slice().as_ptr().cast::<u8>(),
+            shard.bytes.as_slice()[entry.start..].as_ptr()
+        );
+        drop(s);
+        assert_eq!(c.as_slice(), [1.5, -2.0]);
+        // A mapped file: the view keeps the mapping after the store is dropped.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let s = store();
+        std::fs::write(&path, s.shards[0].bytes.as_slice()).unwrap();
+        let mapped = TensorStore::open_file(&path).unwrap();
+        let c = mapped.stored_f32("c", &[2]).unwrap().expect("aligned f32");
+        drop(mapped);
+        assert_eq!(c.as_slice(), [1.5, -2.0]);
     }
 }

@@ -410,6 +410,28 @@ pub trait Backend: Send + Sync {
         d: usize,
     ) -> Result<()>;
 
+    /// Whether this backend's tensors live in host memory, so that it can read an embedding
+    /// table where the checkpoint stores it ([`Backend::embed_host`]) instead of a copy.
+    fn embeds_from_host(&self) -> bool {
+        false
+    }
+
+    /// [`Backend::embed`] from a table in host memory; only where
+    /// [`Backend::embeds_from_host`] says so.
+    fn embed_host(
+        &self,
+        ids: &[u32],
+        table: &[f32],
+        out: &mut Self::Tensor,
+        d: usize,
+    ) -> Result<()> {
+        let _ = (ids, table, out, d);
+        Err(T5Error::Backend(format!(
+            "{}: embedding lookups in host memory are not supported",
+            self.name()
+        )))
+    }
+
     /// Whether [`Backend::embed_linear`] also reads reduced-precision weights (rows widened
     /// to f32), so that a tied model in that precision needs no separate f32 table.
     fn embeds_from_reduced_head(&self) -> bool {

@@ -30,7 +30,10 @@ impl<B: Backend> T5Model<B> {
     pub(crate) fn embed(&self, ids: &[u32], out: &mut B::Tensor) -> Result<()> {
         let d = self.config.d_model;
         match &self.params.shared {
-            Some(table) => self.backend.embed(ids, table, out, d),
+            Some(params::Table::Device(table)) => self.backend.embed(ids, table, out, d),
+            Some(params::Table::Stored(table)) => {
+                self.backend.embed_host(ids, table.as_slice(), out, d)
+            }
             None => self.backend.embed_linear(ids, &self.params.lm_head, out, d),
         }
     }

@@ -51,6 +51,14 @@ pub struct DecoderLayer<T, W> {
     pub ffn: FfnWeights<W>,
 }
 
+/// The embedding table: on the device, or read where the checkpoint stores it (a backend
+/// whose device is the host: [`crate::backend::Backend::embeds_from_host`]), which spares
+/// loading a copy of it (66 MiB for t5-small, most of an int8 checkpoint's bytes).
+pub enum Table<T> {
+    Device(T),
+    Stored(crate::weights::StoredF32),
+}
+
 /// Every weight of a T5 model, on the device (relative-bias tables stay on the host, where
 /// the bias is computed once per pass).
 pub struct T5Params<T, W> {
@@ -58,7 +66,7 @@ pub struct T5Params<T, W> {
     /// head is stored exactly (f32), or the backend reads reduced-precision heads
     /// ([`crate::backend::Backend::embeds_from_reduced_head`]): lookups then read the head,
     /// and the model holds the table once.
-    pub shared: Option<T>,
+    pub shared: Option<Table<T>>,
     pub encoder: Vec<EncoderLayer<T, W>>,
     /// `[d_model]`
     pub encoder_norm: T,
@@ -249,7 +257,15 @@ impl<T, W> T5Params<T, W> {
         let shared = if shared_in_head {
             None
         } else {
-            Some(l.tensor(shared_name, &vocab_shape)?)
+            let stored = if backend.embeds_from_host() && !copy_embeddings() {
+                store.stored_f32(shared_name, &vocab_shape)?
+            } else {
+                None
+            };
+            Some(match stored {
+                Some(table) => Table::Stored(table),
+                None => Table::Device(l.tensor(shared_name, &vocab_shape)?),
+            })
         };
         let encoder = (0..cfg.num_layers)
             .map(|i| {
@@ -314,4 +330,11 @@ impl<T, W> T5Params<T, W> {
 /// A/B runs, and as a way out).
 fn screen_wanted() -> bool {
     std::env::var("T5RT_SCREEN_HEAD").map_or(true, |v| v != "0")
+}
+
+/// `T5RT_COPY_EMBEDDINGS=1` loads a copy of the embedding table even where it could be read
+/// in the checkpoint's mapping (for a checkpoint file that may be rewritten in place while
+/// the model runs).
+fn copy_embeddings() -> bool {
+    std::env::var("T5RT_COPY_EMBEDDINGS").is_ok_and(|v| v == "1")
 }

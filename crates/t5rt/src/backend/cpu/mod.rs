@@ -367,6 +367,14 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, ids: &[u32], table: &Vec<f32>, out: &mut Vec<f32>, d: usize) -> Result<()> {
+        self.embed_host(ids, table, out, d)
+    }
+
+    fn embeds_from_host(&self) -> bool {
+        true
+    }
+
+    fn embed_host(&self, ids: &[u32], table: &[f32], out: &mut Vec<f32>, d: usize) -> Result<()> {
         check_len("embed out", out.len(), ids.len() * d)?;
         for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
             let start = id as usize * d;
