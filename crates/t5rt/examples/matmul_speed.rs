@@ -92,7 +92,8 @@ fn main() {
                 let shared: usize = std::env::var("MATMUL_SHARED")
                     .ok()
                     .and_then(|v| v.parse().ok())
-                    .unwrap_or(1);
+                    .unwrap_or(1)
+                    .max(1);
                 let mut outs: Vec<_> = (0..shared).map(|_| b.zeros(m * n).unwrap()).collect();
                 let reps = (2e9 / (2.0 * (shared * m * n * k) as f64)).clamp(3.0, 200.0) as usize;
                 let mut best = f64::MAX;

@@ -128,19 +128,26 @@ impl Shard {
 /// An f32 tensor viewed where it is stored (a file mapping, or bytes built into the program),
 /// which keeps its file's mapping alive: a model reads its embedding table this way instead
 /// of copying it out at load ([`TensorStore::stored_f32`]). The mapping is read-only and
-/// private; the file must not be rewritten in place while the model is in use (replacing it,
-/// as a rename does, is safe).
+/// shared with the file: the file must not be rewritten or truncated in place while the model
+/// is in use (replacing it by a new file, as a rename does, is safe).
 pub struct StoredF32 {
-    bytes: std::sync::Arc<Bytes>,
-    start: usize,
+    /// Owns the memory `values` points into.
+    _bytes: std::sync::Arc<Bytes>,
+    values: std::ptr::NonNull<f32>,
     len: usize,
 }
 
+// SAFETY: `values` points into `_bytes`, which is immutable and shared (`Arc`) for the view's
+// whole life; reading it from any thread is reading a `&[f32]`.
+unsafe impl Send for StoredF32 {}
+// SAFETY: as above.
+unsafe impl Sync for StoredF32 {}
+
 impl StoredF32 {
     pub fn as_slice(&self) -> &[f32] {
-        let bytes = &self.bytes.as_slice()[self.start..self.start + 4 * self.len];
-        // Checked when made (`as_f32`): f32, little-endian host, aligned.
-        as_f32(Dtype::F32, bytes).expect("an aligned f32 tensor")
+        // SAFETY: `values` and `len` came from an aligned `&[f32]` inside `_bytes` (see
+        // `TensorStore::stored_f32`), which this view keeps alive and nobody mutates.
+        unsafe { std::slice::from_raw_parts(self.values.as_ptr(), self.len) }
     }
 }
 
@@ -288,8 +295,8 @@ impl TensorStore {
         let (shard, info) = self.locate(name, expected)?;
         let bytes = &shard.bytes.as_slice()[info.start..info.end];
         Ok(as_f32(info.dtype, bytes).map(|values| StoredF32 {
-            bytes: shard.bytes.clone(),
-            start: info.start,
+            _bytes: shard.bytes.clone(),
+            values: std::ptr::NonNull::from(values).cast(),
             len: values.len(),
         }))
     }

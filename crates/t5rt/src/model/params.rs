@@ -60,7 +60,8 @@ pub enum Table<T> {
 }
 
 /// Every weight of a T5 model, on the device (relative-bias tables stay on the host, where
-/// the bias is computed once per pass).
+/// the bias is computed once per pass; the embedding table may stay in the checkpoint's
+/// mapping, see [`Table`]).
 pub struct T5Params<T, W> {
     /// [vocab, d_model], the embedding table; `None` when it is tied to `lm_head` and the
     /// head is stored exactly (f32), or the backend reads reduced-precision heads

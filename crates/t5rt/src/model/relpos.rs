@@ -36,9 +36,9 @@ pub fn bucket(
 /// from a table `[num_buckets, heads]` as stored in the checkpoint.
 ///
 /// A pair's bias depends only on `key - query`, which runs over
-/// `-(q_offset + q_len - 1) ..= k_len - 1`: each head's biases over that range are one line
-/// (a bucket per distance, not per pair: about a thousand logarithms instead of q_len · k_len
-/// for a 512-token input), and each query's row is a window of it.
+/// `-(q_offset + q_len - 1) ..= k_len - 1 - q_offset`: each head's biases over that range are
+/// one line (a bucket per distance, not per pair: about a thousand logarithms instead of
+/// q_len · k_len for a 512-token input), and each query's row is a window of it.
 pub fn position_bias(
     table: &[f32],
     heads: usize,
@@ -55,7 +55,7 @@ pub fn position_bias(
     }
     // Line index i holds the distance i - far; the last query sits `far` keys from key 0.
     let far = q_offset + q_len - 1;
-    let span = far + k_len;
+    let span = q_len + k_len - 1;
     let mut lines = vec![0.0f32; heads * span];
     for i in 0..span {
         let b = bucket(
@@ -70,7 +70,7 @@ pub fn position_bias(
     }
     for (r, row) in bias.chunks_exact_mut(k_len).enumerate() {
         let (h, qi) = (r / q_len, r % q_len);
-        let start = h * span + far - (q_offset + qi);
+        let start = h * span + q_len - 1 - qi;
         row.copy_from_slice(&lines[start..start + k_len]);
     }
     bias

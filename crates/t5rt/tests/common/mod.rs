@@ -32,7 +32,7 @@ pub fn bundled_model() -> PathBuf {
 /// says what it did not test.
 pub fn cpu_backends(dtype: t5rt::WeightDtype) -> Vec<CpuBackend> {
     use t5rt::IsaLevel;
-    // A path: the linear layers' tile, and whether the other kernels use AVX-512.
+    // A path: the linear layers' tile, and which vectors the other kernels use.
     let path = |l: IsaLevel| {
         let rest = if l.avx512() {
             "avx512"

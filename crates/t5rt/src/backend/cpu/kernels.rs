@@ -184,6 +184,8 @@ pub(super) fn attention_gemm(
     s: AttnShape,
     isa: IsaLevel,
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     let inner = s.heads * s.d_kv;
     let dst = SharedMut(out.as_mut_ptr());
     (0..s.batch * s.heads).into_par_iter().for_each(|task| {

@@ -914,7 +914,7 @@ fn pad_rows(x: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u32> {
 /// qw`, from the i32 sums of `q + 128` (`acc`), the column sums `Σ qw` and scales `ws`, and the
 /// row's center `xc` and scale `xs`. The true sum fits in i32 (|q| <= 127, k < 2^17), so
 /// wrapping arithmetic gives it exactly; so does the column sum in f32 (|Σ qw| < 2^24). The
-/// AVX-512 version does the same operations in the same order, so the same bits.
+/// AVX-512 and AVX2 versions do the same operations in the same order, so the same bits.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn int8_out(
@@ -1040,7 +1040,7 @@ unsafe fn put_lanes(d: *mut f32, m: u16, v: std::arch::x86_64::__m512, accumulat
 }
 
 /// A tile's f32 sums (`acc`, as bits) into `dst`: `dst = acc` or `dst += acc` ([`store`]; in
-/// AVX-512 vectors where the CPU has them, the same values).
+/// AVX-512 or AVX2 vectors where the CPU has them, the same values).
 #[inline(always)]
 fn f32_out(dst: &mut [f32], acc: &[u32], accumulate: bool, isa: Isa) {
     let n = dst.len().min(acc.len());
@@ -1097,8 +1097,8 @@ fn f32_out(dst: &mut [f32], acc: &[u32], accumulate: bool, isa: Isa) {
 }
 
 /// A row of f32 activations rounded to bf16 ([`bf16_bits`]), two to a lane (the odd value in
-/// the high half; a last odd value alone in its lane), in AVX-512 vectors where the CPU has
-/// them: the same bits.
+/// the high half; a last odd value alone in its lane), in AVX-512 or AVX2 vectors where the
+/// CPU has them: the same bits.
 pub(super) fn bf16_row(row: &[f32], dst: &mut [u32], isa: Isa) {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -1178,8 +1178,8 @@ pub(super) fn bf16_row(row: &[f32], dst: &mut [u32], isa: Isa) {
     }
 }
 
-/// The smallest and largest values of `row` ([`crate::math::min_max`]; in AVX-512 vectors
-/// where the CPU has them, the same values).
+/// The smallest and largest values of `row` ([`crate::math::min_max`]; in AVX-512 or AVX2
+/// vectors where the CPU has them, the same values, but for the sign of a zero).
 fn row_range(row: &[f32], isa: Isa) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
