@@ -36,25 +36,35 @@ pub(super) fn activate_chunk(x: &mut [f32], up: Option<&[f32]>, a: Activation) {
     }
 }
 
-/// [`activate_chunk`] compiled for AVX-512.
+/// `$name`: a call of `$f` compiled with the target features `$feat` (the same operations,
+/// so the same bits, in the vectors those features give).
 ///
 /// # Safety
-/// The CPU must support AVX-512F, AVX-512VL and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,fma")]
-pub(super) unsafe fn activate_chunk_avx512(x: &mut [f32], up: Option<&[f32]>, a: Activation) {
-    activate_chunk(x, up, a)
+/// The CPU must have the features.
+macro_rules! compiled_for {
+    ($(#[$doc:meta])* $vis:vis $name:ident, $feat:literal, $f:ident($($arg:ident: $ty:ty),*)) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// The CPU must have the features this function is compiled for.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        $vis unsafe fn $name($($arg: $ty),*) {
+            $f($($arg),*)
+        }
+    };
 }
 
-/// [`activate_chunk`] compiled for AVX2 (the same operations, eight at a time).
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn activate_chunk_avx2(x: &mut [f32], up: Option<&[f32]>, a: Activation) {
-    activate_chunk(x, up, a)
-}
+compiled_for!(
+    /// [`activate_chunk`] compiled for AVX-512.
+    pub(super) activate_chunk_avx512, "avx512f,avx512vl,fma",
+    activate_chunk(x: &mut [f32], up: Option<&[f32]>, a: Activation)
+);
+compiled_for!(
+    /// [`activate_chunk`] compiled for AVX2.
+    pub(super) activate_chunk_avx2, "avx2,fma",
+    activate_chunk(x: &mut [f32], up: Option<&[f32]>, a: Activation)
+);
 
 /// The feed-forward activation.
 #[inline(always)]
@@ -137,39 +147,18 @@ fn probs_rows(
     }
 }
 
-/// [`probs_rows`] compiled for AVX-512.
-///
-/// # Safety
-/// The CPU must support AVX-512F, AVX-512VL and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,fma")]
-unsafe fn probs_rows_avx512(
-    scores: &mut [f32],
-    bias: Option<&[f32]>,
-    mask: Option<&[f32]>,
-    s: AttnShape,
-    h: usize,
-    kv_b: usize,
-) {
-    probs_rows(scores, bias, mask, s, h, kv_b)
-}
-
-/// [`probs_rows`] compiled for AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn probs_rows_avx2(
-    scores: &mut [f32],
-    bias: Option<&[f32]>,
-    mask: Option<&[f32]>,
-    s: AttnShape,
-    h: usize,
-    kv_b: usize,
-) {
-    probs_rows(scores, bias, mask, s, h, kv_b)
-}
+compiled_for!(
+    /// [`probs_rows`] compiled for AVX-512.
+    probs_rows_avx512, "avx512f,avx512vl,fma",
+    probs_rows(scores: &mut [f32], bias: Option<&[f32]>, mask: Option<&[f32]>, s: AttnShape,
+               h: usize, kv_b: usize)
+);
+compiled_for!(
+    /// [`probs_rows`] compiled for AVX2.
+    probs_rows_avx2, "avx2,fma",
+    probs_rows(scores: &mut [f32], bias: Option<&[f32]>, mask: Option<&[f32]>, s: AttnShape,
+               h: usize, kv_b: usize)
+);
 
 /// Attention over many queries (the encoder): per (sequence, head), scores = q·kᵀ and
 /// out = softmax(scores + bias + mask)·v as two `gemm` calls.

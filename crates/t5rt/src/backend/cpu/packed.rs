@@ -978,13 +978,7 @@ fn int8_out(
             let dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(a, _mm256_slli_epi32::<7>(cs)));
             let center = _mm256_mul_ps(vxc, _mm256_mul_ps(_mm256_cvtepi32_ps(cs), ws));
             let v = _mm256_add_ps(_mm256_mul_ps(dot, _mm256_mul_ps(vxs, ws)), center);
-            let d = dst.as_mut_ptr().add(j);
-            let v = if accumulate {
-                _mm256_add_ps(_mm256_loadu_ps(d), v)
-            } else {
-                v
-            };
-            _mm256_storeu_ps(d, v);
+            put8(dst.as_mut_ptr().add(j), v, accumulate);
             j += 8;
         }
         j
@@ -1039,6 +1033,24 @@ unsafe fn put_lanes(d: *mut f32, m: u16, v: std::arch::x86_64::__m512, accumulat
     _mm512_mask_storeu_ps(d, m, v);
 }
 
+/// Writes the 8 values `v` to `d`, added to what is there when `accumulate` (`put_lanes` in
+/// AVX2).
+///
+/// # Safety
+/// AVX2; 8 values at `d` are writable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn put8(d: *mut f32, v: std::arch::x86_64::__m256, accumulate: bool) {
+    use std::arch::x86_64::*;
+    let v = if accumulate {
+        _mm256_add_ps(_mm256_loadu_ps(d), v)
+    } else {
+        v
+    };
+    _mm256_storeu_ps(d, v);
+}
+
 /// A tile's f32 sums (`acc`, as bits) into `dst`: `dst = acc` or `dst += acc` ([`store`]; in
 /// AVX-512 or AVX2 vectors where the CPU has them, the same values).
 #[inline(always)]
@@ -1063,13 +1075,7 @@ fn f32_out(dst: &mut [f32], acc: &[u32], accumulate: bool, isa: Isa) {
         while j + 8 <= n {
             // SAFETY: j + 8 <= n, which both slices hold.
             let v = _mm256_loadu_ps(acc.as_ptr().add(j) as *const f32);
-            let d = dst.as_mut_ptr().add(j);
-            let v = if accumulate {
-                _mm256_add_ps(_mm256_loadu_ps(d), v)
-            } else {
-                v
-            };
-            _mm256_storeu_ps(d, v);
+            put8(dst.as_mut_ptr().add(j), v, accumulate);
             j += 8;
         }
         j
@@ -1181,23 +1187,36 @@ pub(super) fn bf16_row(row: &[f32], dst: &mut [u32], isa: Isa) {
 /// The smallest and largest values of `row` ([`crate::math::min_max`]; in AVX-512 or AVX2
 /// vectors where the CPU has them, the same values, but for the sign of a zero).
 fn row_range(row: &[f32], isa: Isa) -> (f32, f32) {
+    /// The lane-wise smallest and largest values of `row`'s whole vectors, and its tail.
+    /// min/max return the second operand when the first is NaN, so NaNs are skipped, as in
+    /// `min_max`.
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! lanes_range {
+        ($row:expr, $lanes:literal, $set1:ident, $load:ident, $min:ident, $max:ident) => {{
+            let (mut lo, mut hi) = ($set1(f32::INFINITY), $set1(f32::NEG_INFINITY));
+            let chunks = $row.chunks_exact($lanes);
+            let tail = chunks.remainder();
+            for c in chunks {
+                // SAFETY: a whole vector of values.
+                let x = $load(c.as_ptr());
+                lo = $min(x, lo);
+                hi = $max(x, hi);
+            }
+            (lo, hi, tail)
+        }};
+    }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn avx512(row: &[f32]) -> (f32, f32) {
         use std::arch::x86_64::*;
-        let (mut lo, mut hi) = (
-            _mm512_set1_ps(f32::INFINITY),
-            _mm512_set1_ps(f32::NEG_INFINITY),
+        let (lo, hi, tail) = lanes_range!(
+            row,
+            16,
+            _mm512_set1_ps,
+            _mm512_loadu_ps,
+            _mm512_min_ps,
+            _mm512_max_ps
         );
-        let chunks = row.chunks_exact(16);
-        let tail = chunks.remainder();
-        for c in chunks {
-            // SAFETY: 16 values. min/max return the second operand when the first is NaN,
-            // so NaNs are skipped, as in `min_max`.
-            let x = _mm512_loadu_ps(c.as_ptr());
-            lo = _mm512_min_ps(x, lo);
-            hi = _mm512_max_ps(x, hi);
-        }
         let lanes = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
         crate::math::min_max_with(lanes, tail)
     }
@@ -1205,18 +1224,14 @@ fn row_range(row: &[f32], isa: Isa) -> (f32, f32) {
     #[target_feature(enable = "avx2")]
     unsafe fn avx2(row: &[f32]) -> (f32, f32) {
         use std::arch::x86_64::*;
-        let (mut lo, mut hi) = (
-            _mm256_set1_ps(f32::INFINITY),
-            _mm256_set1_ps(f32::NEG_INFINITY),
+        let (lo, hi, tail) = lanes_range!(
+            row,
+            8,
+            _mm256_set1_ps,
+            _mm256_loadu_ps,
+            _mm256_min_ps,
+            _mm256_max_ps
         );
-        let chunks = row.chunks_exact(8);
-        let tail = chunks.remainder();
-        for c in chunks {
-            // SAFETY: 8 values; NaNs skipped as in `avx512`.
-            let x = _mm256_loadu_ps(c.as_ptr());
-            lo = _mm256_min_ps(x, lo);
-            hi = _mm256_max_ps(x, hi);
-        }
         let (mut l, mut h) = ([0f32; 8], [0f32; 8]);
         _mm256_storeu_ps(l.as_mut_ptr(), lo);
         _mm256_storeu_ps(h.as_mut_ptr(), hi);
