@@ -149,7 +149,7 @@ impl IsaLevel {
             (WeightDtype::Bf16, Avx2) => "avx2 bf16-widened fma",
             (WeightDtype::Int8, Avx512Vnni | Avx512Bf16) => "avx512-vnni vpdpbusd",
             (WeightDtype::Int8, Avx512bw) => "avx512bw vpmaddwd",
-            (WeightDtype::Int8, Avx2) => "avx2 vpmaddubsw",
+            (WeightDtype::Int8, Avx2) => "avx2 vpmaddwd (1-4 rows: vpmaddubsw)",
             (WeightDtype::F16, _) => "none (f16 is a CUDA precision)",
             (_, Portable) => "portable",
         }
