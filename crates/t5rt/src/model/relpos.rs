@@ -86,15 +86,11 @@ pub fn decoder_bias_table(
     len: usize,
     max_distance: usize,
 ) -> Vec<f32> {
-    let num_buckets = table.len() / heads;
-    let mut out = vec![0.0f32; heads * len];
-    for d in 0..len {
-        let b = bucket(-(d as i64), false, num_buckets, max_distance);
-        for h in 0..heads {
-            out[h * len + len - 1 - d] = table[b * heads + h];
-        }
+    if len == 0 {
+        return Vec::new();
     }
-    out
+    // The last query's row over all `len` keys holds every distance from len - 1 to 0.
+    position_bias(table, heads, len - 1, 1, len, false, max_distance)
 }
 
 #[cfg(test)]
