@@ -270,11 +270,9 @@ fn measure<B: Backend>(
         "model loaded in {load_s:.3} s ({}, {}{})",
         model.backend.name(),
         model.backend.weight_dtype(),
-        if model.screens_head() {
-            "; greedy LM head screened by a bf16 copy"
-        } else {
-            ""
-        }
+        model.head_screen_dtype().map_or(String::new(), |d| format!(
+            "; greedy LM head screened by a {d} copy"
+        ))
     );
     let mut results = Vec::new();
     println!(

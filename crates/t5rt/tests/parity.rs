@@ -236,7 +236,7 @@ fn check_greedy(variant: &str, key: &str) {
             "{variant} {key}: batch size {batch_size} changed the output"
         );
     }
-    // The f32 head screened with its bf16 copy (the default here) and computed in full give
+    // The f32 head screened with its int8 copy (the default here) and computed in full give
     // the same tokens.
     let wanted = std::env::var("T5RT_SCREEN_HEAD").map_or(true, |v| v != "0");
     assert_eq!(

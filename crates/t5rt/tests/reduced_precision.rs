@@ -173,6 +173,8 @@ fn quantized_matmul_is_near_f32() {
     }
 }
 
+/// The bundled model's held-out exact match in each precision, within a point of f32's; and
+/// greedy search with the screened LM head gives the full head's tokens in each.
 #[test]
 fn bundled_model_heldout_within_one_point_of_f32() {
     let dir = common::bundled_model();
@@ -191,6 +193,29 @@ fn bundled_model_heldout_within_one_point_of_f32() {
             .load_model(CpuBackend::new(2).unwrap().with_dtype(dtype))
             .unwrap();
         let outputs = generate(&model, &inputs, &opts, None, |_| {}).unwrap();
+        // Greedy search screens f32 and bf16 heads with an int8 copy (unless
+        // T5RT_SCREEN_HEAD says otherwise): the same tokens as the full head.
+        let screen = model.head_screen_dtype();
+        if std::env::var("T5RT_SCREEN_HEAD").is_err() {
+            let want = (dtype != WeightDtype::Int8).then_some(WeightDtype::Int8);
+            assert_eq!(screen, want, "{dtype}: the head's screen");
+        }
+        if screen.is_some() {
+            let mut full = Checkpoint::open(&dir)
+                .unwrap()
+                .load_model(CpuBackend::new(2).unwrap().with_dtype(dtype))
+                .unwrap();
+            full.drop_head_screen();
+            let plain = generate(&full, &inputs, &opts, None, |_| {}).unwrap();
+            let ids = |o: &Vec<Vec<t5rt::Hypothesis>>| -> Vec<Vec<u32>> {
+                o.iter().map(|h| h[0].ids.clone()).collect()
+            };
+            assert_eq!(
+                ids(&plain),
+                ids(&outputs),
+                "{dtype}: screened and full heads differ"
+            );
+        }
         let correct = common::exact_matches(&outputs, &expected, tok);
         let rate = correct as f64 / expected.len() as f64;
         eprintln!(

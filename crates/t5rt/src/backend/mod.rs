@@ -73,12 +73,18 @@ pub struct MatDims {
     pub k: usize,
 }
 
-/// A reduced-precision copy of an f32 LM head that greedy decoding screens the vocabulary
-/// with ([`Backend::screened_argmax`]), and each output column's Euclidean norm in f32 (rounded
-/// up): what bounds the copy's error per column.
+/// A cheaper copy of an LM head that greedy decoding screens the vocabulary with
+/// ([`Backend::screened_argmax`]), and what bounds the copy's error per output column.
 pub struct ScreenHead<W> {
     pub weight: W,
+    /// The precision `weight` is stored in.
+    pub kind: WeightDtype,
+    /// Each column's Euclidean norm (of the head's own values), in f32, rounded up.
     pub norms: Vec<f32>,
+    /// For a screen quantized with its own scales (int8): each column's quantization error
+    /// `‖w_c - ŵ_c‖` (the head's values against the screen's), rounded up. Empty for a
+    /// screen that rounds every value by a bounded relative error (bf16).
+    pub err_norms: Vec<f32>,
 }
 
 impl<W> ScreenHead<W> {
@@ -698,26 +704,35 @@ pub trait Backend: Send + Sync {
     /// Index of the largest value of each of `rows` rows of width `n` (first one on ties).
     fn argmax_rows(&self, x: &Self::Tensor, rows: usize, n: usize) -> Result<Vec<u32>>;
 
-    /// Whether this backend screens f32 LM heads in greedy decoding
+    /// Whether this backend screens LM heads in greedy decoding
     /// ([`Backend::upload_screen`], [`Backend::screened_argmax`]); false by default.
     fn screens_heads(&self) -> bool {
         false
     }
 
-    /// The cheaper copy of an f32 LM head `w` (`[n, k]`) that [`Backend::screened_argmax`]
-    /// reads, or `None` where the backend has no such path (the default).
-    fn upload_screen(&self, w: &[f32], n: usize, k: usize) -> Result<Option<Self::Weight>> {
-        let _ = (w, n, k);
+    /// The cheaper copy of an LM head `w` (`[n, k]`, the checkpoint's values) stored as
+    /// `head` that [`Backend::screened_argmax`] reads, with its error bounds; `None` where the
+    /// backend has no such path for that precision (the default).
+    fn upload_screen(
+        &self,
+        w: &[f32],
+        n: usize,
+        k: usize,
+        head: WeightDtype,
+    ) -> Result<Option<ScreenHead<Self::Weight>>> {
+        let _ = (w, n, k, head);
         Ok(None)
     }
 
     /// Greedy decoding's choice over the logits `x · headᵀ` (`x`: `rows` rows of the head's
-    /// `k`), exactly as [`Backend::argmax_rows`] would give it on the f32 logits with column
-    /// `banned` set to -inf, without computing every logit in f32: the screen's logits, their
-    /// error bound per column, and the f32 logits of the columns that bound cannot rule out.
+    /// `k`), exactly as [`Backend::argmax_rows`] would give it on the head's logits with
+    /// column `banned` set to -inf, without computing every logit with the head: the screen's
+    /// logits, their error bound per column, and the head's logits of the columns that bound
+    /// cannot rule out.
     /// `None` where the screen cannot decide (non-finite values, too many candidates): the
     /// caller then runs the full head. Only called with a `screen` from
-    /// [`Backend::upload_screen`].
+    /// [`Backend::upload_screen`]. `scratch` (at least `rows * n` values, e.g. the logits'
+    /// buffer) takes the screen's logits; its contents are left undefined.
     fn screened_argmax(
         &self,
         x: &Self::Tensor,
@@ -725,8 +740,9 @@ pub trait Backend: Send + Sync {
         screen: &ScreenHead<Self::Weight>,
         rows: usize,
         banned: Option<usize>,
+        scratch: &mut Self::Tensor,
     ) -> Result<Option<Vec<u32>>> {
-        let _ = (x, head, screen, rows, banned);
+        let _ = (x, head, screen, rows, banned, scratch);
         Err(T5Error::Backend(format!(
             "{}: no screened LM head",
             self.name()

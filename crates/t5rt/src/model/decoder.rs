@@ -164,9 +164,9 @@ impl<B: Backend> T5Model<B> {
 
     /// [`T5Model::decode_step`] for greedy search: each sequence's next token, the first
     /// largest of its logits with token `banned` (if any) at -inf, as
-    /// [`Backend::argmax_rows`] gives it on [`T5Model::decode_step`]'s logits. With an f32 LM
-    /// head on a backend that screens it ([`Backend::screened_argmax`]), most logits are never
-    /// computed in f32; the choice is the same.
+    /// [`Backend::argmax_rows`] gives it on [`T5Model::decode_step`]'s logits. With an LM head
+    /// that the backend screens ([`Backend::screened_argmax`]), most logits are never computed
+    /// by the head itself; the choice is the same.
     pub fn decode_step_greedy(
         &self,
         tokens: &[u32],
@@ -179,7 +179,8 @@ impl<B: Backend> T5Model<B> {
                 self.run_step(tokens, state, false)?;
                 let (x, head) = (&state.scratch.normed, &self.params.lm_head);
                 let col = banned.map(|t| t as usize);
-                if let Some(ids) = b.screened_argmax(x, head, screen, rows, col)? {
+                let scratch = &mut state.scratch.logits;
+                if let Some(ids) = b.screened_argmax(x, head, screen, rows, col, scratch)? {
                     return Ok(ids);
                 }
                 // The screen could not decide: the head in full, as below.

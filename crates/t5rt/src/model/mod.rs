@@ -8,7 +8,7 @@ pub mod params;
 pub mod relpos;
 pub mod state;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, WeightDtype};
 use crate::config::T5Config;
 use crate::error::Result;
 use crate::weights::TensorStore;
@@ -38,16 +38,22 @@ impl<B: Backend> T5Model<B> {
         }
     }
 
-    /// Whether greedy decoding screens the f32 LM head with a bf16 copy of it
-    /// ([`Backend::screened_argmax`]: the same tokens, most logits never computed in f32). On
-    /// by default where the backend can (the CPU, with f32 weights); `T5RT_SCREEN_HEAD=0` at
-    /// load, or [`T5Model::drop_head_screen`], turns it off.
+    /// Whether greedy decoding screens the LM head with a cheaper copy of it
+    /// ([`Backend::screened_argmax`]: the same tokens, most logits never computed by the head
+    /// itself). On by default where the backend can (the CPU, with f32 or bf16 heads);
+    /// `T5RT_SCREEN_HEAD=0` at load, or [`T5Model::drop_head_screen`], turns it off.
     pub fn screens_head(&self) -> bool {
         self.params.screen.is_some()
     }
 
-    /// Drops the bf16 copy of the LM head that greedy decoding screens with, and its memory
-    /// (half the head's bytes): every logit is then computed in f32, with the same choices.
+    /// The precision of the LM head's screen ([`T5Model::screens_head`]): bf16 for an f32
+    /// head, int8 for a bf16 head; `None` without one.
+    pub fn head_screen_dtype(&self) -> Option<WeightDtype> {
+        self.params.screen.as_ref().map(|s| s.kind)
+    }
+
+    /// Drops the copy of the LM head that greedy decoding screens with, and its memory (half
+    /// the head's bytes): every logit is then computed by the head, with the same choices.
     pub fn drop_head_screen(&mut self) {
         self.params.screen = None;
     }

@@ -81,9 +81,9 @@ pub struct T5Params<T, W> {
     /// [vocab, d_model] as a linear weight; with tied embeddings, a copy of `shared` in the
     /// linear layout (the decoder output is then scaled by `d_model ** -0.5`).
     pub lm_head: W,
-    /// A bf16 copy of an f32 `lm_head` that greedy decoding screens the vocabulary with
-    /// ([`Backend::screened_argmax`]), where the backend has that path; `None` otherwise, or
-    /// with `T5RT_SCREEN_HEAD=0`.
+    /// A cheaper copy of `lm_head` that greedy decoding screens the vocabulary with
+    /// ([`Backend::screened_argmax`]: bf16 for an f32 head, int8 for a bf16 head, on the CPU),
+    /// where the backend has that path; `None` otherwise, or with `T5RT_SCREEN_HEAD=0`.
     pub screen: Option<ScreenHead<W>>,
     /// Keep the cross-attention keys and values in f32 even with reduced-precision weights
     /// (`T5RT_KEEP_F32=cross-cache`).
@@ -298,19 +298,19 @@ impl<T, W> T5Params<T, W> {
             "lm_head.weight"
         };
         let lm_head = l.linear_as(head_name, cfg.vocab_size, cfg.d_model, true)?;
-        let f32_head = backend.weight_dtype() == WeightDtype::F32 || keep.weight(head_name, true);
-        let screen = if f32_head && backend.screens_heads() && screen_wanted() {
-            l.with_host(head_name, &vocab_shape, |w| {
-                Ok(backend
-                    .upload_screen(w, cfg.vocab_size, cfg.d_model)?
-                    .map(|weight| ScreenHead {
-                        weight,
-                        norms: ScreenHead::<B::Weight>::row_norms(w, cfg.d_model),
-                    }))
-            })?
+        let head_dtype = if keep.weight(head_name, true) {
+            WeightDtype::F32
         } else {
-            None
+            backend.weight_dtype()
         };
+        let screen =
+            if head_dtype != WeightDtype::Int8 && backend.screens_heads() && screen_wanted() {
+                l.with_host(head_name, &vocab_shape, |w| {
+                    backend.upload_screen(w, cfg.vocab_size, cfg.d_model, head_dtype)
+                })?
+            } else {
+                None
+            };
         Ok(T5Params {
             shared,
             encoder,
@@ -327,8 +327,8 @@ impl<T, W> T5Params<T, W> {
     }
 }
 
-/// Whether greedy decoding may screen an f32 LM head (`T5RT_SCREEN_HEAD=0` turns it off: for
-/// A/B runs, and as a way out).
+/// Whether greedy decoding may screen the LM head (`T5RT_SCREEN_HEAD=0` turns it off: for A/B
+/// runs, and as a way out).
 fn screen_wanted() -> bool {
     std::env::var("T5RT_SCREEN_HEAD").map_or(true, |v| v != "0")
 }

@@ -388,10 +388,10 @@ impl Backend for CpuBackend {
 
     fn embed_linear(&self, ids: &[u32], w: &CpuWeight, out: &mut Vec<f32>, d: usize) -> Result<()> {
         check_len("embed out", out.len(), ids.len() * d)?;
-        if w.k != d {
+        if w.k != d || w.kind != WeightDtype::F32 {
             return Err(T5Error::Backend(format!(
-                "embed_linear: rows of {} values, {d} wanted",
-                w.k
+                "embed_linear: a {} weight of rows of {} values (f32 rows of {d} wanted)",
+                w.kind, w.k
             )));
         }
         for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
@@ -660,12 +660,17 @@ impl Backend for CpuBackend {
         true
     }
 
-    fn upload_screen(&self, w: &[f32], n: usize, k: usize) -> Result<Option<CpuWeight>> {
+    fn upload_screen(
+        &self,
+        w: &[f32],
+        n: usize,
+        k: usize,
+        head: WeightDtype,
+    ) -> Result<Option<ScreenHead<CpuWeight>>> {
         check_len("upload_screen", w.len(), n * k)?;
-        let isa = self.isa;
-        Ok(Some(self.pool.install(|| {
-            PackedWeight::pack(&w[..n * k], n, k, WeightDtype::Bf16, isa)
-        })))
+        let (isa, w) = (self.isa, &w[..n * k]);
+        Ok(screen::screen_kind(head)
+            .map(|kind| self.pool.install(|| screen::build(w, n, k, head, kind, isa))))
     }
 
     fn screened_argmax(
@@ -675,29 +680,36 @@ impl Backend for CpuBackend {
         screen: &ScreenHead<CpuWeight>,
         rows: usize,
         banned: Option<usize>,
+        scratch: &mut Vec<f32>,
     ) -> Result<Option<Vec<u32>>> {
         let s = &screen.weight;
-        if head.kind != WeightDtype::F32
-            || s.kind != WeightDtype::Bf16
-            || (s.n, s.k) != (head.n, head.k)
-            || screen.norms.len() != head.n
-        {
+        let fits = match s.kind {
+            WeightDtype::Bf16 => head.kind == WeightDtype::F32 && screen.err_norms.is_empty(),
+            WeightDtype::Int8 => {
+                matches!(head.kind, WeightDtype::F32 | WeightDtype::Bf16)
+                    && screen.err_norms.len() == head.n
+            }
+            _ => false,
+        };
+        if !fits || (s.n, s.k) != (head.n, head.k) || screen.norms.len() != head.n {
             return Err(T5Error::Backend(format!(
-                "screened_argmax: a {} head of {} x {} with a {} screen of {} x {} and {} norms",
+                "screened_argmax: a {} head of {} x {} with a {} screen of {} x {}, {} norms and {} error norms",
                 head.kind,
                 head.n,
                 head.k,
                 s.kind,
                 s.n,
                 s.k,
-                screen.norms.len()
+                screen.norms.len(),
+                screen.err_norms.len()
             )));
         }
         check_len("screened_argmax x", x.len(), rows * head.k)?;
+        check_len("screened_argmax scratch", scratch.len(), rows * head.n)?;
         let isa = self.isa;
         Ok(self
             .pool
-            .install(|| screen::screened_argmax(x, head, s, &screen.norms, rows, banned, isa)))
+            .install(|| screen::screened_argmax(x, head, screen, rows, banned, scratch, isa)))
     }
 
     fn argmax_rows(&self, x: &Vec<f32>, rows: usize, n: usize) -> Result<Vec<u32>> {

@@ -92,7 +92,7 @@ pub fn bf16_bits(x: f32) -> u16 {
 }
 
 #[inline(always)]
-fn bf16_value(bits: u16) -> f32 {
+pub(super) fn bf16_value(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
 }
 
@@ -135,7 +135,7 @@ pub fn quantize_int8(w: &[f32], n: usize, k: usize, isa: Isa) -> (Vec<i8>, Vec<f
 
 /// The scale of symmetric 8-bit quantization of `v`: `max|v| / 127` (1 if all are zero).
 #[inline]
-fn i8_scale(v: &[f32]) -> f32 {
+pub(super) fn i8_scale(v: &[f32]) -> f32 {
     let max = crate::math::max_abs(v);
     if max > 0.0 {
         max / 127.0
@@ -146,7 +146,7 @@ fn i8_scale(v: &[f32]) -> f32 {
 
 /// `round(v · inv)`, clamped to [-127, 127]; `inv = 1 / scale`, in f32.
 #[inline(always)]
-fn quantize_one(v: f32, inv: f32) -> i8 {
+pub(super) fn quantize_one(v: f32, inv: f32) -> i8 {
     let y = v * inv;
     // (Comparisons, not `clamp`, whose NaN rules keep the loop from vectorising.)
     #[allow(clippy::manual_clamp)]
@@ -277,10 +277,11 @@ impl PackedWeight {
         }
     }
 
-    /// Row `c` of the `[n, k]` weight this was packed from, into `out` (f32 weights only:
-    /// they are stored exactly).
+    /// Row `c` of the `[n, k]` weight as stored, into `out`: the values an f32 weight was
+    /// packed from, or a bf16 weight's rounded values (both exact in f32; packing them again
+    /// as the same kind gives the same lanes). Not for int8 weights.
     pub fn read_row(&self, c: usize, out: &mut [f32]) -> Result<(), T5Error> {
-        if self.kind != WeightDtype::F32 {
+        if !matches!(self.kind, WeightDtype::F32 | WeightDtype::Bf16) {
             return Err(T5Error::Backend(format!(
                 "reading rows of a {:?} weight back as f32",
                 self.kind
@@ -291,10 +292,53 @@ impl PackedWeight {
             lane_index(self.kg, self.n_pad, 0, c),
             panel_width(self.n_pad, c / BLOCK),
         );
-        for (kk, o) in out.iter_mut().enumerate().take(self.k) {
-            *o = f32::from_bits(self.lanes[start + kk * stride]);
+        let lane = |g: usize| self.lanes[start + g * stride];
+        if self.kind == WeightDtype::F32 {
+            for (kk, o) in out.iter_mut().enumerate().take(self.k) {
+                *o = f32::from_bits(lane(kk));
+            }
+        } else {
+            // Two values per lane, the even one in the low half.
+            for (kk, o) in out.iter_mut().enumerate().take(self.k) {
+                *o = bf16_value((lane(kk / 2) >> (16 * (kk % 2))) as u16);
+            }
         }
         Ok(())
+    }
+
+    /// The columns `cols` (each `< n`) of an f32 or bf16 weight as a weight of their own, in
+    /// that order: lanes copied as stored, so each column's products are the same bits as in
+    /// `self` (every column is summed in the same order of `k` in any panel). `None` for int8.
+    pub fn gather(&self, cols: &[u32]) -> Option<PackedWeight> {
+        if !matches!(self.kind, WeightDtype::F32 | WeightDtype::Bf16)
+            || cols.iter().any(|&c| c as usize >= self.n)
+        {
+            return None;
+        }
+        let (n, kg) = (cols.len(), self.kg);
+        let n_pad = n.div_ceil(16) * 16;
+        let mut lanes = vec![0u32; kg * n_pad];
+        for (j, &c) in cols.iter().enumerate() {
+            let c = c as usize;
+            let (from, from_stride) = (
+                lane_index(kg, self.n_pad, 0, c),
+                panel_width(self.n_pad, c / BLOCK),
+            );
+            let (to, to_stride) = (lane_index(kg, n_pad, 0, j), panel_width(n_pad, j / BLOCK));
+            for g in 0..kg {
+                lanes[to + g * to_stride] = self.lanes[from + g * from_stride];
+            }
+        }
+        Some(PackedWeight {
+            kind: self.kind,
+            n,
+            k: self.k,
+            kg,
+            n_pad,
+            lanes,
+            scales: Vec::new(),
+            col_sums: Vec::new(),
+        })
     }
 
     /// Bytes held.
@@ -414,7 +458,7 @@ fn quantize_row(row: &[f32], bytes: &mut [u8], center: f32, inv: f32, isa: Isa) 
 /// largest values and the scale half their distance over 127. A row whose values all have
 /// one sign (ReLU's output) gets twice symmetric quantization's resolution; a symmetric row
 /// gets the same. Rows with an infinity fall back to the symmetric rule (center 0).
-fn affine_i8(row: &[f32], isa: Isa) -> (f32, f32) {
+pub(super) fn affine_i8(row: &[f32], isa: Isa) -> (f32, f32) {
     let (lo, hi) = row_range(row, isa);
     if !(lo.is_finite() && hi.is_finite()) {
         return (0.0, i8_scale(row));
