@@ -34,11 +34,12 @@
 //!   (‖w_c‖ + ‖e_c‖)` (a few roundings of terms bounded by `(127 s + |center|) ‖ŵ_c‖₁`).
 //!   Since `Σ x̂ ŵ - Σ x w = -Σ d w - Σ x e + Σ d e`, Cauchy-Schwarz gives `|Q - L| <= ‖d‖
 //!   ‖w_c‖ + ‖x‖ ‖e_c‖ + ‖d‖ ‖e_c‖` plus that rounding; `‖e_c‖` is computed at load.
-//! - The head's own logit `F`: at the native level its activations are rounded to bf16 (at
-//!   most 2^-8 relative), products are exact and the sums f32, so
-//!   `|F - L| <= (2^-8 + γ_k (1 + 2^-8)) ‖x‖ ‖w_c‖` (the widened tiles, without the rounding,
-//!   stay inside it), and the same subnormal terms as above; an f32 head has `γ_k` alone. So
-//!   `E_c = a ‖w_c‖ + b ‖e_c‖ + abs`, with per-row `a`, `b` and `abs`, all 1% larger.
+//! - The head's own logit `F`: where a bf16 head's products round the activations to bf16
+//!   (`vdpbf16ps`, and the portable code), at most 2^-8 relative, products are exact and the
+//!   sums f32, so `|F - L| <= (2^-8 + γ_k (1 + 2^-8)) ‖x‖ ‖w_c‖`, with the same subnormal
+//!   terms as above; an f32 head, and a bf16 head in the widened tiles (activations kept in
+//!   f32), have `γ_k` alone. So `E_c = a ‖w_c‖ + b ‖e_c‖ + abs`, with per-row `a`, `b` and
+//!   `abs`, all 1% larger.
 //!
 //! **Both.**
 //! - `lb = max_c (S_c - E_c)` (`S` the screen's logits) is at most the largest of the head's
@@ -76,11 +77,13 @@ pub(super) fn relative_bound(k: usize) -> f64 {
     (2f64.powi(-7) + 2f64.powi(-16) + gamma(k) * (2.0 + 2f64.powi(-7))) * 1.01
 }
 
-/// The bound on `|F_c - L_c|` per unit of `‖x‖ ‖w_c‖` for a head stored as `head`.
-fn head_bound(head: WeightDtype, k: usize) -> f64 {
-    match head {
-        WeightDtype::F32 => gamma(k),
-        _ => 2f64.powi(-8) + gamma(k) * (1.0 + 2f64.powi(-8)),
+/// The bound on `|F_c - L_c|` per unit of `‖x‖ ‖w_c‖` for a head stored as `head` at level
+/// `isa`: f32 sums alone, unless the head's products round the activations to bf16.
+fn head_bound(head: WeightDtype, k: usize, isa: Isa) -> f64 {
+    if head == WeightDtype::Bf16 && isa.bf16_rounds_activations() {
+        2f64.powi(-8) + gamma(k) * (1.0 + 2f64.powi(-8))
+    } else {
+        gamma(k)
     }
 }
 
@@ -205,7 +208,8 @@ fn int8_bound(x: &[f32], head: WeightDtype, top: f64, isa: Isa) -> Option<Bound>
     let k = x.len() as f64;
     let r = 8.0 * U * (127.0 * scale as f64 + (center as f64).abs()) * k.sqrt();
     Some(Bound {
-        per_norm: ((dn + head_bound(head, x.len()) * xn + r + tiny() * k.sqrt()) * 1.01) as f32,
+        per_norm: ((dn + head_bound(head, x.len(), isa) * xn + r + tiny() * k.sqrt()) * 1.01)
+            as f32,
         per_err: ((xn + dn + r) * 1.01) as f32,
         abs: ((tiny() * x1 + 1.01 * k * 2f64.powi(-126)) * 1.01) as f32,
     })
@@ -641,6 +645,33 @@ mod tests {
                 assert_eq!(want, vec![3], "{level}, {pair:?}: the oracle's pick");
                 assert_eq!(got, Some(want), "{level}, {pair:?}: activation error");
             }
+        }
+    }
+
+    /// A bf16 head whose products round the activations to bf16 (`vdpbf16ps`, portable):
+    /// 1 + 2.5 2^-8 rounds down to 1 + 2^-7, which moves column 3 (1000 such inputs) below
+    /// column 7 (1009 inputs of 1) while the int8 screen, exact on these two-valued rows and
+    /// 0/1 weights, ranks them the other way; the bound's rounding term keeps column 7 in. At
+    /// the widened levels the head keeps the activations, and column 3 wins.
+    #[test]
+    fn bf16_activation_rounding_stays_inside_the_bound() {
+        let (n, k) = (16, 2009);
+        let hi = 1.0 + 2.5 * 2f32.powi(-8);
+        let mut x = vec![1.0f32; k];
+        x[..1000].fill(hi);
+        let mut w = vec![0.0f32; n * k];
+        w[3 * k..3 * k + 1000].fill(1.0);
+        w[7 * k + 1000..8 * k].fill(1.0);
+        for level in IsaLevel::available_levels() {
+            let pair = (WeightDtype::Bf16, WeightDtype::Int8);
+            let (got, want) = both(level, pair, &x, &w, 1, n, k, None);
+            let best = if level.bf16_rounds_activations() {
+                7
+            } else {
+                3
+            };
+            assert_eq!(want, vec![best], "{level}: the oracle's pick");
+            assert_eq!(got, Some(want), "{level}: screened");
         }
     }
 
