@@ -43,17 +43,22 @@ pub(super) fn activate_chunk(x: &mut [f32], up: Option<&[f32]>, a: Activation) {
 /// The CPU must have the features.
 macro_rules! compiled_for {
     ($(#[$doc:meta])* $vis:vis $name:ident, $feat:literal, $f:ident($($arg:ident: $ty:ty),*)) => {
+        compiled_for!($(#[$doc])* $vis $name, $feat, $f($($arg: $ty),*) -> ());
+    };
+    ($(#[$doc:meta])* $vis:vis $name:ident, $feat:literal,
+     $f:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         $(#[$doc])*
         ///
         /// # Safety
         /// The CPU must have the features this function is compiled for.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feat)]
-        $vis unsafe fn $name($($arg: $ty),*) {
+        $vis unsafe fn $name($($arg: $ty),*) -> $ret {
             $f($($arg),*)
         }
     };
 }
+pub(super) use compiled_for;
 
 compiled_for!(
     /// [`activate_chunk`] compiled for AVX-512.

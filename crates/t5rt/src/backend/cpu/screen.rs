@@ -57,6 +57,7 @@
 use rayon::prelude::*;
 
 use super::isa::IsaLevel as Isa;
+use super::kernels::compiled_for;
 use super::packed::{
     affine_i8, bf16_bits, bf16_value, i8_scale, matmul_packed, quantize_one, PackedWeight,
 };
@@ -333,29 +334,18 @@ fn candidates_scalar(
     Some(out)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,fma")]
-unsafe fn candidates_avx512(
-    approx: &[f32],
-    norms: &[f32],
-    errs: &[f32],
-    b: Bound,
-    banned: Option<usize>,
-) -> Option<Vec<u32>> {
-    candidates_scalar(approx, norms, errs, b, banned)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn candidates_avx2(
-    approx: &[f32],
-    norms: &[f32],
-    errs: &[f32],
-    b: Bound,
-    banned: Option<usize>,
-) -> Option<Vec<u32>> {
-    candidates_scalar(approx, norms, errs, b, banned)
-}
+compiled_for!(
+    /// [`candidates_scalar`] compiled for AVX-512.
+    candidates_avx512, "avx512f,avx512vl,fma",
+    candidates_scalar(approx: &[f32], norms: &[f32], errs: &[f32], b: Bound,
+                      banned: Option<usize>) -> Option<Vec<u32>>
+);
+compiled_for!(
+    /// [`candidates_scalar`] compiled for AVX2.
+    candidates_avx2, "avx2,fma",
+    candidates_scalar(approx: &[f32], norms: &[f32], errs: &[f32], b: Bound,
+                      banned: Option<usize>) -> Option<Vec<u32>>
+);
 
 /// [`candidates_scalar`], compiled for the vector width `isa` allows (the same results).
 fn candidates(
