@@ -40,20 +40,23 @@ impl<B: Backend> T5Model<B> {
 
     /// Whether greedy decoding screens the LM head with a cheaper copy of it
     /// ([`Backend::screened_argmax`]: the same tokens, most logits never computed by the head
-    /// itself). On by default where the backend can (the CPU, with f32 or bf16 heads);
+    /// itself). On by default where the backend can (the CPU, with f32 heads, and bf16 heads
+    /// without AVX-512 BF16);
     /// `T5RT_SCREEN_HEAD=0` at load, or [`T5Model::drop_head_screen`], turns it off.
     pub fn screens_head(&self) -> bool {
         self.params.screen.is_some()
     }
 
-    /// The precision of the LM head's screen ([`T5Model::screens_head`]): bf16 for an f32
-    /// head, int8 for a bf16 head; `None` without one.
+    /// The precision of the LM head's screen ([`T5Model::screens_head`]): int8 on the CPU for
+    /// f32 heads, and for bf16 heads on CPUs without AVX-512 BF16 (`T5RT_SCREEN_HEAD=bf16`:
+    /// bf16 for f32 heads; `=int8`: bf16 heads at every level); `None` without one.
     pub fn head_screen_dtype(&self) -> Option<WeightDtype> {
         self.params.screen.as_ref().map(|s| s.kind)
     }
 
-    /// Drops the copy of the LM head that greedy decoding screens with, and its memory (half
-    /// the head's bytes): every logit is then computed by the head, with the same choices.
+    /// Drops the copy of the LM head that greedy decoding screens with, and its memory (int8:
+    /// a quarter of an f32 head's bytes, half a bf16 head's): every logit is then computed by
+    /// the head, with the same choices.
     pub fn drop_head_screen(&mut self) {
         self.params.screen = None;
     }

@@ -82,7 +82,7 @@ pub struct T5Params<T, W> {
     /// linear layout (the decoder output is then scaled by `d_model ** -0.5`).
     pub lm_head: W,
     /// A cheaper copy of `lm_head` that greedy decoding screens the vocabulary with
-    /// ([`Backend::screened_argmax`]: bf16 for an f32 head, int8 for a bf16 head, on the CPU),
+    /// ([`Backend::screened_argmax`]: int8, for f32 heads and widened bf16 heads on the CPU),
     /// where the backend has that path; `None` otherwise, or with `T5RT_SCREEN_HEAD=0`.
     pub screen: Option<ScreenHead<W>>,
     /// Keep the cross-attention keys and values in f32 even with reduced-precision weights

@@ -669,7 +669,7 @@ impl Backend for CpuBackend {
     ) -> Result<Option<ScreenHead<CpuWeight>>> {
         check_len("upload_screen", w.len(), n * k)?;
         let (isa, w) = (self.isa, &w[..n * k]);
-        Ok(screen::screen_kind(head).map(|kind| {
+        Ok(screen::screen_kind(head, k, isa).map(|kind| {
             self.pool
                 .install(|| screen::build(w, n, k, head, kind, isa))
         }))

@@ -277,11 +277,10 @@ impl PackedWeight {
         }
     }
 
-    /// Row `c` of the `[n, k]` weight as stored, into `out`: the values an f32 weight was
-    /// packed from, or a bf16 weight's rounded values (both exact in f32; packing them again
-    /// as the same kind gives the same lanes). Not for int8 weights.
+    /// Row `c` of the `[n, k]` weight this was packed from, into `out` (f32 weights only:
+    /// they are stored exactly).
     pub fn read_row(&self, c: usize, out: &mut [f32]) -> Result<(), T5Error> {
-        if !matches!(self.kind, WeightDtype::F32 | WeightDtype::Bf16) {
+        if self.kind != WeightDtype::F32 {
             return Err(T5Error::Backend(format!(
                 "reading rows of a {:?} weight back as f32",
                 self.kind
@@ -292,16 +291,8 @@ impl PackedWeight {
             lane_index(self.kg, self.n_pad, 0, c),
             panel_width(self.n_pad, c / BLOCK),
         );
-        let lane = |g: usize| self.lanes[start + g * stride];
-        if self.kind == WeightDtype::F32 {
-            for (kk, o) in out.iter_mut().enumerate().take(self.k) {
-                *o = f32::from_bits(lane(kk));
-            }
-        } else {
-            // Two values per lane, the even one in the low half.
-            for (kk, o) in out.iter_mut().enumerate().take(self.k) {
-                *o = bf16_value((lane(kk / 2) >> (16 * (kk % 2))) as u16);
-            }
+        for (kk, o) in out.iter_mut().enumerate().take(self.k) {
+            *o = f32::from_bits(self.lanes[start + kk * stride]);
         }
         Ok(())
     }
@@ -315,19 +306,30 @@ impl PackedWeight {
         {
             return None;
         }
+        use rayon::prelude::*;
         let (n, kg) = (cols.len(), self.kg);
         let n_pad = n.div_ceil(16) * 16;
         let mut lanes = vec![0u32; kg * n_pad];
-        for (j, &c) in cols.iter().enumerate() {
-            let c = c as usize;
-            let (from, from_stride) = (
-                lane_index(kg, self.n_pad, 0, c),
-                panel_width(self.n_pad, c / BLOCK),
-            );
-            let (to, to_stride) = (lane_index(kg, n_pad, 0, j), panel_width(n_pad, j / BLOCK));
-            for g in 0..kg {
-                lanes[to + g * to_stride] = self.lanes[from + g * from_stride];
-            }
+        // One output panel (`[kg, width]`, contiguous) per task, on the current rayon pool:
+        // the reads, one lane per cache line, are latency-bound.
+        if kg > 0 {
+            lanes
+                .par_chunks_mut(BLOCK * kg)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    let width = panel_width(n_pad, p);
+                    let panel_cols = &cols[p * BLOCK..(p * BLOCK + width).min(n)];
+                    for (j, &c) in panel_cols.iter().enumerate() {
+                        let c = c as usize;
+                        let (from, stride) = (
+                            lane_index(kg, self.n_pad, 0, c),
+                            panel_width(self.n_pad, c / BLOCK),
+                        );
+                        for g in 0..kg {
+                            panel[g * width + j] = self.lanes[from + g * stride];
+                        }
+                    }
+                });
         }
         Some(PackedWeight {
             kind: self.kind,

@@ -5,11 +5,12 @@
 //! Greedy search only needs the index of each row's largest logit, so the head is first run
 //! on a cheaper copy, the screen, and the head's own logits are then computed only for the
 //! columns that the screen's error bound cannot rule out. The result is the head's argmax,
-//! bit for bit. The screen is an int8 copy of the head, f32 or bf16 (a quarter or half of its
-//! bytes; int8 products run at about twice `vdpbf16ps`'s rate on a batch of 32 rows, and at
-//! 1.6x-3x the widened bf16 tiles' without AVX-512 BF16). `T5RT_SCREEN_HEAD=bf16` screens an
-//! f32 head with a bf16 copy instead (the screen of sessions before int8's: fewer candidates,
-//! a slower screen). Neither changes any result.
+//! bit for bit. The screen is an int8 copy of the head (a quarter of an f32 head's bytes, half
+//! a bf16 head's): for f32 heads, and for bf16 heads where the CPU lacks AVX-512 BF16 (int8
+//! products run at 1.6x-3.2x the widened bf16 tiles' rate there; against `vdpbf16ps` the screen
+//! gained nothing measurable, see [`screen_kind`]). `T5RT_SCREEN_HEAD=bf16` screens an f32
+//! head with a bf16 copy instead (the screen of earlier versions: fewer candidates, a slower
+//! screen). Neither changes any result.
 //!
 //! **bf16 screen of an f32 head.**
 //! - For column `c`, the exact logit `L = Σ x_i w_i`, the f32 one `F` (the tiles' fused
@@ -37,9 +38,11 @@
 //! - The head's own logit `F`: where a bf16 head's products round the activations to bf16
 //!   (`vdpbf16ps`, and the portable code), at most 2^-8 relative, products are exact and the
 //!   sums f32, so `|F - L| <= (2^-8 + γ_k (1 + 2^-8)) ‖x‖ ‖w_c‖`, with the same subnormal
-//!   terms as above; an f32 head, and a bf16 head in the widened tiles (activations kept in
-//!   f32), have `γ_k` alone. So `E_c = a ‖w_c‖ + b ‖e_c‖ + abs`, with per-row `a`, `b` and
-//!   `abs`, all 1% larger.
+//!   terms as above (here with `2k` flushes of at most `2^-126`, should a CPU flush a product
+//!   apart from its sum; the int8 epilogue's own underflows are far smaller); an f32 head, and
+//!   a bf16 head in the widened tiles (activations kept in f32), have `γ_k` alone. So
+//!   `E_c = a ‖w_c‖ + b ‖e_c‖ + abs`, with per-row `a`, `b` and `abs`, all 1% larger. Heads
+//!   with more than 130000 inputs (past int8's exact i32 sums) get no int8 screen.
 //!
 //! **Both.**
 //! - `lb = max_c (S_c - E_c)` (`S` the screen's logits) is at most the largest of the head's
@@ -48,14 +51,15 @@
 //!   just those columns: each column's sum runs in the same order in any panel, so they are
 //!   the full product's values bit for bit; the first largest of them in column order is
 //!   [`crate::math::argmax`]'s choice.
-//! - Rows with a non-finite screen logit or norm, or a bound that could overflow, and batches
-//!   whose candidates are more than a quarter of the vocabulary, are left undecided: the
-//!   caller runs the full head then.
+//! - A batch with a row whose screen logits or norms are not all finite, or whose bound could
+//!   overflow, or whose candidates are more than an eighth of the vocabulary, is left
+//!   undecided: the caller runs the full head for the whole batch then.
 //!
 //! [`Backend::screened_argmax`]: crate::backend::Backend::screened_argmax
 
 use rayon::prelude::*;
 
+use super::check_int8_inputs;
 use super::isa::IsaLevel as Isa;
 use super::kernels::compiled_for;
 use super::packed::{
@@ -88,15 +92,24 @@ fn head_bound(head: WeightDtype, k: usize, isa: Isa) -> f64 {
     }
 }
 
-/// The screen a head stored as `head` gets: int8 for f32 and bf16 heads (bf16 for f32 with
-/// `T5RT_SCREEN_HEAD=bf16`); none for int8 heads.
-pub(super) fn screen_kind(head: WeightDtype) -> Option<WeightDtype> {
-    match head {
-        WeightDtype::F32 => Some(match std::env::var("T5RT_SCREEN_HEAD").as_deref() {
-            Ok("bf16") => WeightDtype::Bf16,
-            _ => WeightDtype::Int8,
-        }),
-        WeightDtype::Bf16 => Some(WeightDtype::Int8),
+/// The screen a head stored as `head` with `k` inputs gets at level `isa`: int8 for f32
+/// heads, and for bf16 heads where bf16 products are widened to f32 (no AVX-512 BF16; with
+/// `vdpbf16ps` the screen gained nothing measurable: the head there is already half int8's
+/// rate). `T5RT_SCREEN_HEAD=int8` screens bf16 heads at every level, `=bf16` screens f32
+/// heads with a bf16 copy (and bf16 heads not at all). Heads past int8's exact i32 sums get
+/// the bf16 screen (f32) or none.
+pub(super) fn screen_kind(head: WeightDtype, k: usize, isa: Isa) -> Option<WeightDtype> {
+    let int8_exact = check_int8_inputs(k).is_ok();
+    let asked = std::env::var("T5RT_SCREEN_HEAD").ok();
+    match (head, asked.as_deref()) {
+        (WeightDtype::F32, Some("bf16")) => Some(WeightDtype::Bf16),
+        (WeightDtype::F32, _) if !int8_exact => Some(WeightDtype::Bf16),
+        (WeightDtype::F32, _) => Some(WeightDtype::Int8),
+        (WeightDtype::Bf16, Some("int8")) if int8_exact => Some(WeightDtype::Int8),
+        (WeightDtype::Bf16, Some("bf16")) => None,
+        (WeightDtype::Bf16, _) if int8_exact && !isa.bf16_rounds_activations() => {
+            Some(WeightDtype::Int8)
+        }
         _ => None,
     }
 }
@@ -212,7 +225,9 @@ fn int8_bound(x: &[f32], head: WeightDtype, top: f64, isa: Isa) -> Option<Bound>
         per_norm: ((dn + head_bound(head, x.len(), isa) * xn + r + tiny() * k.sqrt()) * 1.01)
             as f32,
         per_err: ((xn + dn + r) * 1.01) as f32,
-        abs: ((tiny() * x1 + 1.01 * k * 2f64.powi(-126)) * 1.01) as f32,
+        // (Twice `k` flushes: each multiply-add's result and, should the CPU flush it apart,
+        // its product.)
+        abs: ((tiny() * x1 + 2.02 * k * 2f64.powi(-126)) * 1.01) as f32,
     })
 }
 
@@ -220,19 +235,19 @@ fn int8_bound(x: &[f32], head: WeightDtype, top: f64, isa: Isa) -> Option<Bound>
 const LANES: usize = 16;
 
 /// `max_c (S_c - E_c)` over `approx` (one row's screen logits), and whether every screen
-/// value and norm is finite. `E_c` in f32 (the 1% in the bound's factors covers this
+/// value and norm (and error norm) is finite. `E_c` in f32 (the 1% in the bound's factors covers this
 /// arithmetic's rounding). `errs` has `approx`'s length (a bf16 screen passes its norms with
 /// `per_err` 0). In blocks of 16 with no early exit, so that it vectorises.
 #[inline(always)]
 #[allow(clippy::eq_op)]
 fn floor_of(approx: &[f32], norms: &[f32], errs: &[f32], b: Bound) -> (f32, bool) {
     let mut top = [f32::NEG_INFINITY; LANES];
-    // (v - v) + (n - n) is 0 for finite values and NaN otherwise; NaN stays in the sums.
+    // (v - v) + ... is 0 for finite values and NaN otherwise; NaN stays in the sums.
     let mut check = [0.0f32; LANES];
     let mut one = |j: usize, v: f32, nc: f32, ec: f32| {
         let t = v - ((nc * b.per_norm + ec * b.per_err) + b.abs);
         top[j] = if t > top[j] { t } else { top[j] };
-        check[j] += (v - v) + (nc - nc);
+        check[j] += (v - v) + (nc - nc) + (ec - ec);
     };
     let (a, n, e) = (
         approx.chunks_exact(LANES),
@@ -409,7 +424,7 @@ pub(super) fn screened_argmax(
     let mut union: Vec<u32> = found.iter().flatten().copied().collect();
     union.sort_unstable();
     union.dedup();
-    if union.is_empty() || union.len() > n / 4 {
+    if union.is_empty() || union.len() > n / 8 {
         return None;
     }
     // The candidates' columns of the head, as a product of their own (`gather` refuses
@@ -489,8 +504,8 @@ mod tests {
         b.argmax_rows(&logits, rows, n).unwrap()
     }
 
-    /// The pairs of head precision and screen the tests run: the defaults (bf16 screens of
-    /// f32 heads, int8 screens of bf16 heads) and the int8 screen of an f32 head.
+    /// The pairs of head precision and screen the tests run: the defaults (int8 screens of f32
+    /// and bf16 heads) and the bf16 screen of an f32 head (`T5RT_SCREEN_HEAD=bf16`).
     const PAIRS: [(WeightDtype, WeightDtype); 3] = [
         (WeightDtype::F32, WeightDtype::Bf16),
         (WeightDtype::Bf16, WeightDtype::Int8),
@@ -572,14 +587,15 @@ mod tests {
     /// absolute terms keep the wrong column out, at every level.
     #[test]
     fn subnormal_values_stay_inside_the_bound() {
-        let (n, k) = (16, 2);
+        let (n, k) = (32, 2);
         for level in IsaLevel::available_levels() {
-            // A subnormal input times a huge weight: the f32 best is column 0.
+            // A subnormal input times a huge weight: the f32 best is column 0. (The absolute
+            // terms, near the logits' size here, may leave the row to the full head, the
+            // oracle's own path.)
             let mut w = vec![0.0f32; n * k];
             w[0] = 1e21;
             w[2 * k + 1] = 1e19;
             let x = [1e-39f32, 2e-38];
-            // (Undecided rows get the full head, the oracle's own path.)
             for pair in PAIRS {
                 let (got, want) = both(level, pair, &x, &w, 1, n, k, None);
                 assert_eq!(
@@ -588,18 +604,15 @@ mod tests {
                     "{level}, {pair:?}: subnormal input"
                 );
             }
-            // A subnormal weight that bf16 rounds up by a third, times huge inputs.
-            let mut w = vec![0.0f32; n * k];
-            w[0] = 1.5 * 2f32.powi(-133);
-            w[2 * k + 1] = 2f32.powi(-133);
+            // A subnormal weight that bf16 rounds up by a third, times huge inputs; every other
+            // column far below, so that the screen decides.
+            let mut w = vec![-1e-20f32; n * k];
+            w[..k].copy_from_slice(&[1.5 * 2f32.powi(-133), 0.0]);
+            w[2 * k..3 * k].copy_from_slice(&[0.0, 2f32.powi(-133)]);
             let x = [1e25f32, 1.6e25];
             for pair in PAIRS {
                 let (got, want) = both(level, pair, &x, &w, 1, n, k, None);
-                assert_eq!(
-                    got.unwrap_or(want.clone()),
-                    want,
-                    "{level}, {pair:?}: subnormal weight"
-                );
+                assert_eq!(got, Some(want), "{level}, {pair:?}: subnormal weight");
             }
         }
     }
