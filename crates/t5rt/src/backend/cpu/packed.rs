@@ -364,7 +364,7 @@ fn lane_index(kg: usize, n_pad: usize, g: usize, c: usize) -> usize {
 
 /// `bytes[i] = round((row[i] - center) · inv) + 128` (`center` is 0 for weights, which
 /// makes the subtraction exact and a no-op).
-fn quantize_row(row: &[f32], bytes: &mut [u8], center: f32, inv: f32, isa: Isa) {
+pub(super) fn quantize_row(row: &[f32], bytes: &mut [u8], center: f32, inv: f32, isa: Isa) {
     #[inline(always)]
     fn body(row: &[f32], bytes: &mut [u8], center: f32, inv: f32) {
         for i in 0..row.len().min(bytes.len()) {

@@ -63,7 +63,8 @@ use super::check_int8_inputs;
 use super::isa::IsaLevel as Isa;
 use super::kernels::compiled_for;
 use super::packed::{
-    affine_i8, bf16_bits, bf16_value, i8_scale, matmul_packed, quantize_one, PackedWeight,
+    affine_i8, bf16_bits, bf16_value, i8_scale, matmul_packed, quantize_one, quantize_row,
+    PackedWeight,
 };
 use crate::backend::{ScreenHead, WeightDtype};
 
@@ -153,15 +154,26 @@ pub(super) fn build(
                         };
                     }
                     *scale = i8_scale(row);
-                    let inv = 1.0 / *scale;
-                    let (mut sq, mut esq) = (0.0f64, 0.0f64);
-                    for (qv, &v) in qrow.iter_mut().zip(row.iter()) {
-                        *qv = quantize_one(v, inv);
-                        let e = v as f64 - *scale as f64 * *qv as f64;
-                        sq += v as f64 * v as f64;
-                        esq += e * e;
+                    // The packing's own rounding (`quantize_row` writes q + 128; q = byte ^
+                    // 0x80 read as i8).
+                    // SAFETY: an i8 slice viewed as u8 (same size, alignment and validity).
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts_mut(qrow.as_mut_ptr().cast::<u8>(), qrow.len())
+                    };
+                    quantize_row(row, bytes, 0.0, 1.0 / *scale, isa);
+                    bytes.iter_mut().for_each(|b| *b ^= 0x80);
+                    // Both norms in f64, eight running sums each (any order is within the
+                    // slack).
+                    let (mut sq, mut esq) = ([0.0f64; 8], [0.0f64; 8]);
+                    let s = *scale as f64;
+                    for (vs, qs) in row.chunks(8).zip(qrow.chunks(8)) {
+                        for (j, (&v, &qv)) in vs.iter().zip(qs).enumerate() {
+                            let e = v as f64 - s * qv as f64;
+                            sq[j] += v as f64 * v as f64;
+                            esq[j] += e * e;
+                        }
                     }
-                    (*norm, *err) = (up(sq), up(esq));
+                    (*norm, *err) = (up(sq.iter().sum()), up(esq.iter().sum()));
                 },
             );
     }
