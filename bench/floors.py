@@ -12,10 +12,11 @@ For each model and case (batch B, input L, T new tokens) the model's f32 work is
   step's weights, plus attention over the caches).
 The floor's time is the encoder's and the projections' FLOPs at the f32 product rate, plus,
 per step, the larger of (bytes / read bandwidth) and (FLOPs / product rate): a roofline.
-Greedy search needs only each row's largest logit, and an f32 head screened by its bf16 copy
-gives the f32 choice exactly (t5rt does so since session 15, README "Precision"), so the f32
-floor counts the LM head at bf16's 2 bytes a weight and bf16's product rate: any system could
-do the same. The
+Greedy search needs only each row's largest logit, and a head screened by an int8 copy gives
+the head's own choice exactly (t5rt does so for f32 heads since session 18, with a bf16 copy
+since session 15, and for bf16 heads on CPUs without AVX-512 BF16; README "Precision"), so the
+f32 and bf16 floors count the LM head at int8's 1 byte a weight and int8's product rate: any
+system could do the same. The
 read bandwidth is the streaming probe's median in `bench/results/machine_limits.json` (2
 threads). The product rate is the highest f32 rate seen on the machine in that session: the
 larger of numpy/OpenBLAS's 2048^3 product (`machine_limits.json`) and the fastest encoder pass
@@ -44,11 +45,11 @@ from run_peers import CASES, MODELS  # noqa: E402
 F32_PEERS = {"hf": "HF torch", "ort": "ORT", "ct2-float32": "CT2"}
 # t5rt precision -> (its system in the speed table, bytes per weight, bytes per cached key or
 # value, the target's peer systems, the target ratio, the LM head's bytes per weight and the
-# precision of its product rate). Reduced precisions keep bf16 caches; f32's greedy head is
-# screened in bf16.
+# precision of its product rate). Reduced precisions keep bf16 caches; greedy heads are
+# screened in int8.
 PRECISIONS = {
-    "f32": ("t5rt", 4, 4, F32_PEERS, 1.3, 2, "bf16"),
-    "bf16": ("t5rt-bf16", 2, 2, {"ct2-int8": "CT2 int8"}, 1.2, 2, "bf16"),
+    "f32": ("t5rt", 4, 4, F32_PEERS, 1.3, 1, "int8"),
+    "bf16": ("t5rt-bf16", 2, 2, {"ct2-int8": "CT2 int8"}, 1.2, 1, "int8"),
     "int8": ("t5rt-int8", 1, 2, {"ct2-int8": "CT2 int8"}, 1.5, 1, "int8"),
 }
 
