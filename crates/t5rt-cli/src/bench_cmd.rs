@@ -271,7 +271,7 @@ fn measure<B: Backend>(
         model.backend.name(),
         model.backend.weight_dtype(),
         model.head_screen_dtype().map_or(String::new(), |d| format!(
-            "; greedy LM head screened by a {d} copy"
+            "; greedy LM head screened by its {d} copy"
         ))
     );
     let mut results = Vec::new();
