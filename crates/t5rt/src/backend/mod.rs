@@ -73,6 +73,41 @@ pub struct MatDims {
     pub k: usize,
 }
 
+/// What `T5RT_SCREEN_HEAD` asks of greedy decoding's LM-head screen
+/// ([`Backend::upload_screen`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScreenChoice {
+    /// Unset (or `1`): the backend's choice per head precision and CPU.
+    #[default]
+    Default,
+    /// `0`: no screen; every logit is computed by the head.
+    Off,
+    /// `bf16`: f32 heads screened by a bf16 copy (bf16 heads not screened).
+    Bf16,
+    /// `int8`: int8 screens, also for bf16 heads where `vdpbf16ps` runs them.
+    Int8,
+}
+
+impl ScreenChoice {
+    /// Parses a value of `T5RT_SCREEN_HEAD`.
+    pub fn parse(v: &str) -> Result<Self> {
+        match v.trim() {
+            "" | "1" => Ok(ScreenChoice::Default),
+            "0" => Ok(ScreenChoice::Off),
+            "bf16" => Ok(ScreenChoice::Bf16),
+            "int8" => Ok(ScreenChoice::Int8),
+            other => Err(T5Error::Input(format!(
+                "T5RT_SCREEN_HEAD={other:?}: expected 0 (off), 1 (the default), bf16 or int8"
+            ))),
+        }
+    }
+
+    /// `T5RT_SCREEN_HEAD` from the environment (the default when unset).
+    pub fn from_env() -> Result<Self> {
+        std::env::var("T5RT_SCREEN_HEAD").map_or(Ok(ScreenChoice::Default), |v| Self::parse(&v))
+    }
+}
+
 /// A cheaper copy of an LM head that greedy decoding screens the vocabulary with
 /// ([`Backend::screened_argmax`]), and what bounds the copy's error per output column.
 pub struct ScreenHead<W> {

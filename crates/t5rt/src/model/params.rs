@@ -1,6 +1,6 @@
 //! Model weights on the device, read once from a [`TensorStore`] and never changed.
 
-use crate::backend::{Backend, ScreenHead, WeightDtype};
+use crate::backend::{Backend, ScreenChoice, ScreenHead, WeightDtype};
 use crate::config::T5Config;
 use crate::error::Result;
 use crate::weights::TensorStore;
@@ -303,14 +303,14 @@ impl<T, W> T5Params<T, W> {
         } else {
             backend.weight_dtype()
         };
-        let screen =
-            if head_dtype != WeightDtype::Int8 && backend.screens_heads() && screen_wanted() {
-                l.with_host(head_name, &vocab_shape, |w| {
-                    backend.upload_screen(w, cfg.vocab_size, cfg.d_model, head_dtype)
-                })?
-            } else {
-                None
-            };
+        let wanted = ScreenChoice::from_env()? != ScreenChoice::Off;
+        let screen = if head_dtype != WeightDtype::Int8 && backend.screens_heads() && wanted {
+            l.with_host(head_name, &vocab_shape, |w| {
+                backend.upload_screen(w, cfg.vocab_size, cfg.d_model, head_dtype)
+            })?
+        } else {
+            None
+        };
         Ok(T5Params {
             shared,
             encoder,
@@ -325,12 +325,6 @@ impl<T, W> T5Params<T, W> {
             self_cache_f32: keep.self_cache(),
         })
     }
-}
-
-/// Whether greedy decoding may screen the LM head (`T5RT_SCREEN_HEAD=0` turns it off: for A/B
-/// runs, and as a way out).
-fn screen_wanted() -> bool {
-    std::env::var("T5RT_SCREEN_HEAD").map_or(true, |v| v != "0")
 }
 
 /// `T5RT_COPY_EMBEDDINGS=1` loads a copy of the embedding table even where it could be read

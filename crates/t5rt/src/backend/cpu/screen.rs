@@ -66,7 +66,7 @@ use super::packed::{
     affine_i8, bf16_bits, bf16_value, i8_scale, matmul_packed, quantize_one, quantize_row,
     PackedWeight,
 };
-use crate::backend::{ScreenHead, WeightDtype};
+use crate::backend::{ScreenChoice, ScreenHead, WeightDtype};
 
 /// `u`, f32's unit roundoff.
 const U: f64 = 1.0 / (1u64 << 24) as f64;
@@ -101,15 +101,15 @@ fn head_bound(head: WeightDtype, k: usize, isa: Isa) -> f64 {
 /// the bf16 screen (f32) or none.
 pub(super) fn screen_kind(head: WeightDtype, k: usize, isa: Isa) -> Option<WeightDtype> {
     let int8_exact = check_int8_inputs(k).is_ok();
-    let asked = std::env::var("T5RT_SCREEN_HEAD").ok();
-    match (head, asked.as_deref()) {
-        (WeightDtype::F32, Some("bf16")) => Some(WeightDtype::Bf16),
+    // (The model's loader has checked the variable's value.)
+    match (head, ScreenChoice::from_env().unwrap_or_default()) {
+        (_, ScreenChoice::Off) => None,
+        (WeightDtype::F32, ScreenChoice::Bf16) => Some(WeightDtype::Bf16),
         (WeightDtype::F32, _) if !int8_exact => Some(WeightDtype::Bf16),
         (WeightDtype::F32, _) => Some(WeightDtype::Int8),
-        (WeightDtype::Bf16, Some("int8")) if int8_exact => Some(WeightDtype::Int8),
-        (WeightDtype::Bf16, Some("bf16")) => None,
-        (WeightDtype::Bf16, _) if int8_exact && !isa.bf16_rounds_activations() => {
-            Some(WeightDtype::Int8)
+        (WeightDtype::Bf16, ScreenChoice::Int8) if int8_exact => Some(WeightDtype::Int8),
+        (WeightDtype::Bf16, ScreenChoice::Default) if int8_exact => {
+            (!isa.bf16_rounds_activations()).then_some(WeightDtype::Int8)
         }
         _ => None,
     }
@@ -688,6 +688,26 @@ mod tests {
             assert_eq!(want, vec![best], "{level}: the oracle's pick");
             assert_eq!(got, Some(want), "{level}: screened");
         }
+    }
+
+    /// `T5RT_SCREEN_HEAD`'s values, and a clear error for anything else.
+    #[test]
+    fn screen_choice_parses_its_values() {
+        use crate::backend::ScreenChoice as C;
+        for (v, want) in [
+            ("", C::Default),
+            ("1", C::Default),
+            ("0", C::Off),
+            (" bf16", C::Bf16),
+            ("int8", C::Int8),
+        ] {
+            assert_eq!(C::parse(v).unwrap(), want, "{v:?}");
+        }
+        let err = C::parse("yes").unwrap_err().to_string();
+        assert!(
+            err.contains("T5RT_SCREEN_HEAD") && err.contains("bf16 or int8"),
+            "{err}"
+        );
     }
 
     /// Non-finite or overflowing inputs are left to the full head.
