@@ -84,7 +84,8 @@ pub enum ScreenChoice {
     Off,
     /// `bf16`: f32 heads screened by a bf16 copy (bf16 heads not screened).
     Bf16,
-    /// `int8`: int8 screens, also for bf16 heads where `vdpbf16ps` runs them.
+    /// `int8`: int8 screens, also for bf16 heads at levels whose bf16 products round the
+    /// activations (`vdpbf16ps`, portable).
     Int8,
 }
 

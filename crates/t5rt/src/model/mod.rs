@@ -41,15 +41,16 @@ impl<B: Backend> T5Model<B> {
     /// Whether greedy decoding screens the LM head with a cheaper copy of it
     /// ([`Backend::screened_argmax`]: the same tokens, most logits never computed by the head
     /// itself). On by default where the backend can (the CPU, with f32 heads, and bf16 heads
-    /// without AVX-512 BF16);
+    /// at kernel levels whose bf16 products are widened);
     /// `T5RT_SCREEN_HEAD=0` at load, or [`T5Model::drop_head_screen`], turns it off.
     pub fn screens_head(&self) -> bool {
         self.params.screen.is_some()
     }
 
     /// The precision of the LM head's screen ([`T5Model::screens_head`]): int8 on the CPU for
-    /// f32 heads, and for bf16 heads on CPUs without AVX-512 BF16 (`T5RT_SCREEN_HEAD=bf16`:
-    /// bf16 for f32 heads; `=int8`: bf16 heads at every level); `None` without one.
+    /// f32 heads, and for bf16 heads at kernel levels whose bf16 products are widened
+    /// (`avx512-vnni`, `avx512bw`, `avx2`); `T5RT_SCREEN_HEAD=bf16`: bf16 for f32 heads and none
+    /// for bf16 heads; `=int8`: bf16 heads at every level. `None` without one.
     pub fn head_screen_dtype(&self) -> Option<WeightDtype> {
         self.params.screen.as_ref().map(|s| s.kind)
     }

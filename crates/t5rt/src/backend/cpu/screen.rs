@@ -6,11 +6,12 @@
 //! on a cheaper copy, the screen, and the head's own logits are then computed only for the
 //! columns that the screen's error bound cannot rule out. The result is the head's argmax,
 //! bit for bit. The screen is an int8 copy of the head (a quarter of an f32 head's bytes, half
-//! a bf16 head's): for f32 heads, and for bf16 heads where the CPU lacks AVX-512 BF16 (int8
-//! products run at 1.6x-3.2x the widened bf16 tiles' rate there; against `vdpbf16ps` the screen
-//! gained nothing measurable, see [`screen_kind`]). `T5RT_SCREEN_HEAD=bf16` screens an f32
-//! head with a bf16 copy instead (the screen of earlier versions: fewer candidates, a slower
-//! screen). Neither changes any result.
+//! a bf16 head's): for f32 heads, and for bf16 heads at the levels whose bf16 products are
+//! widened (int8 products run at 1.6x-3.2x the widened bf16 tiles' rate there; against
+//! `vdpbf16ps` the screen gained nothing measurable, see [`screen_kind`]).
+//! `T5RT_SCREEN_HEAD=bf16` screens an f32 head with a bf16 copy instead (the screen of earlier
+//! versions: fewer candidates, a slower screen) and bf16 heads not at all. Neither changes any
+//! result.
 //!
 //! **bf16 screen of an f32 head.**
 //! - For column `c`, the exact logit `L = Σ x_i w_i`, the f32 one `F` (the tiles' fused
@@ -516,8 +517,8 @@ mod tests {
         b.argmax_rows(&logits, rows, n).unwrap()
     }
 
-    /// The pairs of head precision and screen the tests run: the defaults (int8 screens of f32
-    /// and bf16 heads) and the bf16 screen of an f32 head (`T5RT_SCREEN_HEAD=bf16`).
+    /// The pairs of head precision and screen the tests run (whatever `screen_kind` picks at
+    /// each level): int8 screens of f32 and bf16 heads, and the bf16 screen of an f32 head.
     const PAIRS: [(WeightDtype, WeightDtype); 3] = [
         (WeightDtype::F32, WeightDtype::Bf16),
         (WeightDtype::Bf16, WeightDtype::Int8),
