@@ -117,25 +117,26 @@ pub fn quantize_int8(w: &[f32], n: usize, k: usize, isa: Isa) -> (Vec<i8>, Vec<f
         q.par_chunks_mut(k)
             .zip(scales.par_iter_mut())
             .zip(w.par_chunks(k))
-            .for_each(|((qrow, scale), row)| {
-                *scale = i8_scale(row);
-                // quantize_row writes q + 128 as bytes (in place, no buffer per row: the
-                // cross-attention caches quantize a row per position and head); q = byte ^
-                // 0x80 read as i8.
-                // SAFETY: an i8 slice viewed as u8 (same size, alignment and validity).
-                let bytes = unsafe {
-                    std::slice::from_raw_parts_mut(qrow.as_mut_ptr().cast::<u8>(), qrow.len())
-                };
-                quantize_row(row, bytes, 0.0, 1.0 / *scale, isa);
-                bytes.iter_mut().for_each(|b| *b ^= 0x80);
-            });
+            .for_each(|((qrow, scale), row)| *scale = quantize_int8_row(row, qrow, isa));
     }
     (q, scales)
 }
 
+/// One row of [`quantize_int8`]: its values into `q`, its scale returned.
+pub(super) fn quantize_int8_row(row: &[f32], q: &mut [i8], isa: Isa) -> f32 {
+    let scale = i8_scale(row);
+    // quantize_row writes q + 128 as bytes (in place, no buffer per row: the cross-attention
+    // caches quantize a row per position and head); q = byte ^ 0x80 read as i8.
+    // SAFETY: an i8 slice viewed as u8 (same size, alignment and validity).
+    let bytes = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr().cast::<u8>(), q.len()) };
+    quantize_row(row, bytes, 0.0, 1.0 / scale, isa);
+    bytes.iter_mut().for_each(|b| *b ^= 0x80);
+    scale
+}
+
 /// The scale of symmetric 8-bit quantization of `v`: `max|v| / 127` (1 if all are zero).
 #[inline]
-pub(super) fn i8_scale(v: &[f32]) -> f32 {
+fn i8_scale(v: &[f32]) -> f32 {
     let max = crate::math::max_abs(v);
     if max > 0.0 {
         max / 127.0
@@ -364,7 +365,7 @@ fn lane_index(kg: usize, n_pad: usize, g: usize, c: usize) -> usize {
 
 /// `bytes[i] = round((row[i] - center) · inv) + 128` (`center` is 0 for weights, which
 /// makes the subtraction exact and a no-op).
-pub(super) fn quantize_row(row: &[f32], bytes: &mut [u8], center: f32, inv: f32, isa: Isa) {
+fn quantize_row(row: &[f32], bytes: &mut [u8], center: f32, inv: f32, isa: Isa) {
     #[inline(always)]
     fn body(row: &[f32], bytes: &mut [u8], center: f32, inv: f32) {
         for i in 0..row.len().min(bytes.len()) {

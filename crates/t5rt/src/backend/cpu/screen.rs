@@ -64,8 +64,7 @@ use super::check_int8_inputs;
 use super::isa::IsaLevel as Isa;
 use super::kernels::compiled_for;
 use super::packed::{
-    affine_i8, bf16_bits, bf16_value, i8_scale, matmul_packed, quantize_one, quantize_row,
-    PackedWeight,
+    affine_i8, bf16_bits, bf16_value, matmul_packed, quantize_int8_row, quantize_one, PackedWeight,
 };
 use crate::backend::{ScreenChoice, ScreenHead, WeightDtype};
 
@@ -154,15 +153,8 @@ pub(super) fn build(
                             _ => v,
                         };
                     }
-                    *scale = i8_scale(row);
-                    // The packing's own rounding (`quantize_row` writes q + 128; q = byte ^
-                    // 0x80 read as i8).
-                    // SAFETY: an i8 slice viewed as u8 (same size, alignment and validity).
-                    let bytes = unsafe {
-                        std::slice::from_raw_parts_mut(qrow.as_mut_ptr().cast::<u8>(), qrow.len())
-                    };
-                    quantize_row(row, bytes, 0.0, 1.0 / *scale, isa);
-                    bytes.iter_mut().for_each(|b| *b ^= 0x80);
+                    // The int8 weights' own rule (`quantize_int8`).
+                    *scale = quantize_int8_row(row, qrow, isa);
                     // Both norms in f64, eight running sums each (any order is within the
                     // slack).
                     let (mut sq, mut esq) = ([0.0f64; 8], [0.0f64; 8]);
@@ -192,6 +184,15 @@ struct Bound {
     per_norm: f32,
     per_err: f32,
     abs: f32,
+}
+
+impl Bound {
+    /// `E_c` for a column of norm `nc` and error norm `ec`, in f32 (the 1% in the factors
+    /// covers this arithmetic's rounding).
+    #[inline(always)]
+    fn at(self, nc: f32, ec: f32) -> f32 {
+        (nc * self.per_norm + ec * self.per_err) + self.abs
+    }
 }
 
 /// `2^-126 (1 + 2^-7)`, 1% larger: the subnormal terms' factor.
@@ -248,9 +249,9 @@ fn int8_bound(x: &[f32], head: WeightDtype, top: f64, isa: Isa) -> Option<Bound>
 const LANES: usize = 16;
 
 /// `max_c (S_c - E_c)` over `approx` (one row's screen logits), and whether every screen
-/// value and norm (and error norm) is finite. `E_c` in f32 (the 1% in the bound's factors covers this
-/// arithmetic's rounding). `errs` has `approx`'s length (a bf16 screen passes its norms with
-/// `per_err` 0). In blocks of 16 with no early exit, so that it vectorises.
+/// value and norm (and error norm) is finite ([`Bound::at`] gives `E_c`). `errs` has
+/// `approx`'s length (a bf16 screen passes its norms with `per_err` 0). In blocks of 16 with
+/// no early exit, so that it vectorises.
 #[inline(always)]
 #[allow(clippy::eq_op)]
 fn floor_of(approx: &[f32], norms: &[f32], errs: &[f32], b: Bound) -> (f32, bool) {
@@ -258,7 +259,7 @@ fn floor_of(approx: &[f32], norms: &[f32], errs: &[f32], b: Bound) -> (f32, bool
     // (v - v) + ... is 0 for finite values and NaN otherwise; NaN stays in the sums.
     let mut check = [0.0f32; LANES];
     let mut one = |j: usize, v: f32, nc: f32, ec: f32| {
-        let t = v - ((nc * b.per_norm + ec * b.per_err) + b.abs);
+        let t = v - b.at(nc, ec);
         top[j] = if t > top[j] { t } else { top[j] };
         check[j] += (v - v) + (nc - nc) + (ec - ec);
     };
@@ -291,7 +292,7 @@ fn pick(
     (b, lb, c0): (Bound, f32, usize),
     out: &mut Vec<u32>,
 ) {
-    let keep = |v: f32, nc: f32, ec: f32| v + ((nc * b.per_norm + ec * b.per_err) + b.abs) >= lb;
+    let keep = |v: f32, nc: f32, ec: f32| v + b.at(nc, ec) >= lb;
     let (a, n, e) = (
         approx.chunks_exact(LANES),
         norms.chunks_exact(LANES),
