@@ -2,7 +2,7 @@
 
 mod common;
 
-use t5rt::{generate, Checkpoint, CpuBackend, GenerationConfig};
+use t5rt::{generate, Backend, Checkpoint, CpuBackend, GenerationConfig};
 
 #[test]
 fn heldout_exact_match_is_at_least_95_percent_greedy_and_beam_4() {
@@ -29,5 +29,44 @@ fn heldout_exact_match_is_at_least_95_percent_greedy_and_beam_4() {
             em >= 0.95,
             "{num_beams} beam(s): held-out exact match {em:.4} < 0.95"
         );
+    }
+}
+
+/// Batches of 16 rows or more decoded as two halves at once (the CPU with two threads) give
+/// every input what it gets alone, greedy and sampled, in input order.
+#[test]
+fn batches_split_in_halves_give_each_input_its_own_result() {
+    let dir = common::bundled_model();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let tok = ckpt.tokenizer.as_ref().expect("bundled tokenizer");
+    let load = |split: bool| {
+        let backend = CpuBackend::new(2).unwrap().with_batch_split(split);
+        ckpt.load_model(backend).unwrap()
+    };
+    let (split, whole) = (load(true), load(false));
+    let (inputs, _) = common::bundled_heldout(tok);
+    let inputs = &inputs[..40];
+    assert_eq!(split.backend.batch_parts(inputs.len()), 2);
+    assert_eq!(whole.backend.batch_parts(inputs.len()), 1);
+    let greedy = GenerationConfig {
+        max_new_tokens: 40,
+        batch_size: 64,
+        ..GenerationConfig::default()
+    };
+    let sampled = GenerationConfig {
+        do_sample: true,
+        seed: 5,
+        num_return_sequences: 2,
+        batch_size: 32,
+        ..greedy.clone()
+    };
+    for cfg in [greedy, sampled] {
+        let halves = generate(&split, inputs, &cfg, None, |_| {}).unwrap();
+        let alone = GenerationConfig {
+            batch_size: 1,
+            ..cfg.clone()
+        };
+        let want = generate(&whole, inputs, &alone, None, |_| {}).unwrap();
+        assert_eq!(halves, want, "do_sample {}", cfg.do_sample);
     }
 }

@@ -519,6 +519,14 @@ pub trait Backend: Send + Sync {
     /// key/value cache at half the memory traffic, for attention with [`KvFormat::Bf16`].
     fn compress_kv(&self, t: &Self::Tensor, len: usize) -> Result<Self::Tensor>;
 
+    /// In how many parts a greedy or sampled batch of `rows` rows is best decoded: each part
+    /// a batch of its own (its own encoder pass and decoder state), the parts run at once
+    /// (`rayon::join`) inside [`Backend::run`]. 1, the default, keeps the batch whole.
+    fn batch_parts(&self, rows: usize) -> usize {
+        let _ = rows;
+        1
+    }
+
     /// Whether this backend attends over [`KvFormat::Int8`] caches ([`Backend::quantize_kv`]).
     fn int8_kv(&self) -> bool {
         false

@@ -185,7 +185,20 @@ fn generate_batch<B: Backend>(
     }
     let n = cfg.num_return_sequences;
     let streams: Vec<u64> = chunk.iter().map(|&(i, j)| (i * n + j) as u64).collect();
-    let (outs, encode_secs) = greedy::decode_rows(model, &batch, cfg, &streams, stop, cancel)?;
+    let decode = |lo: usize, hi: usize| {
+        greedy::decode_rows(model, &batch[lo..hi], cfg, &streams[lo..hi], stop, cancel)
+    };
+    let rows = batch.len();
+    let (outs, encode_secs) = if model.backend.batch_parts(rows) >= 2 {
+        // Two halves at once (the CPU with two threads or more): the seconds in the encoder
+        // are the longer half's, as the two ran side by side.
+        let (first, second) = rayon::join(|| decode(0, rows / 2), || decode(rows / 2, rows));
+        let ((mut outs, enc_a), (rest, enc_b)) = (first?, second?);
+        outs.extend(rest);
+        (outs, enc_a.max(enc_b))
+    } else {
+        decode(0, rows)?
+    };
     let hyps = outs
         .into_iter()
         .map(|ids| vec![Hypothesis { ids, score: None }])
