@@ -32,7 +32,7 @@ fn heldout_exact_match_is_at_least_95_percent_greedy_and_beam_4() {
     }
 }
 
-/// Batches of 16 rows or more decoded as two halves at once (the CPU with two threads) give
+/// Batches of 32 rows or more decoded as two halves at once (the CPU with two threads) give
 /// every input what it gets alone, greedy and sampled, in input order.
 #[test]
 fn batches_split_in_halves_give_each_input_its_own_result() {
