@@ -266,11 +266,10 @@ fn measure<B: Backend>(
     load_s: f64,
 ) -> Result<()> {
     let vocab = model.config.vocab_size as u32;
-    // The fewest rows the backend decodes in parts at once (greedy and sampling), if any.
-    let split = (1..=1024).find_map(|rows| {
-        let parts = model.backend.batch_parts(rows);
-        (parts > 1).then(|| format!("; batches of {rows}+ rows decoded in {parts} parts at once"))
-    });
+    // The fewest rows the backend decodes as two halves at once (greedy and sampling), if any.
+    let split = (1..=1024)
+        .find(|&rows| model.backend.splits_batch(rows))
+        .map(|rows| format!("; batches of {rows}+ rows decoded as two halves at once"));
     println!(
         "model loaded in {load_s:.3} s ({}, {}{}{})",
         model.backend.name(),
