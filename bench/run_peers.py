@@ -354,7 +354,7 @@ def write_markdown(all_results, meta, path):
         bw = lim["read_bandwidth_gbs"]
         b1, b2 = bw["1_thread"], bw[f"{THREADS}_threads"]
         lines += ["## The machine's limits", "",
-                  f"Measured by `bench/machine_limits.py` just before the run: read bandwidth (a Rust "
+                  f"Measured by `bench/machine_limits.py` on its own, just before or just after the harness (the closing note of each session says which): read bandwidth (a Rust "
                   f"streaming probe, 9 runs a few seconds apart) {b2['median']} GB/s median, "
                   f"{b2['worst']} to {b2['best']} GB/s, with {THREADS} threads ({b1['median']} GB/s "
                   f"median with 1); f32 matmul (numpy/OpenBLAS, 2048^3) "

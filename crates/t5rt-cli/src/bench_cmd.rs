@@ -266,18 +266,13 @@ fn measure<B: Backend>(
     load_s: f64,
 ) -> Result<()> {
     let vocab = model.config.vocab_size as u32;
-    // The fewest rows the backend decodes as two halves at once (greedy and sampling), if any.
-    let split = (1..=1024)
-        .find(|&rows| model.backend.splits_batch(rows))
-        .map(|rows| format!("; batches of {rows}+ rows decoded as two halves at once"));
     println!(
-        "model loaded in {load_s:.3} s ({}, {}{}{})",
+        "model loaded in {load_s:.3} s ({}, {}{})",
         model.backend.name(),
         model.backend.weight_dtype(),
         model.head_screen_dtype().map_or(String::new(), |d| format!(
             "; greedy LM head screened by its {d} copy"
-        )),
-        split.unwrap_or_default()
+        ))
     );
     let mut results = Vec::new();
     println!(

@@ -2,7 +2,7 @@
 
 mod common;
 
-use t5rt::{generate, Backend, Checkpoint, CpuBackend, GenerationConfig};
+use t5rt::{generate, Checkpoint, CpuBackend, GenerationConfig};
 
 #[test]
 fn heldout_exact_match_is_at_least_95_percent_greedy_and_beam_4() {
@@ -30,34 +30,4 @@ fn heldout_exact_match_is_at_least_95_percent_greedy_and_beam_4() {
             "{num_beams} beam(s): held-out exact match {em:.4} < 0.95"
         );
     }
-}
-
-/// Batches of 32 rows or more decoded as two halves at once (the CPU with two threads) give
-/// every input what it gets alone, in input order (greedy; `sampling.rs` has the sampled case).
-#[test]
-fn batches_split_in_halves_give_each_input_its_own_result() {
-    let dir = common::bundled_model();
-    let ckpt = Checkpoint::open(&dir).unwrap();
-    let tok = ckpt.tokenizer.as_ref().expect("bundled tokenizer");
-    let load = |split: bool| {
-        let backend = CpuBackend::new(2).unwrap().with_batch_split(split);
-        ckpt.load_model(backend).unwrap()
-    };
-    let (split, whole) = (load(true), load(false));
-    let (inputs, _) = common::bundled_heldout(tok);
-    let inputs = &inputs[..40];
-    assert!(split.backend.splits_batch(inputs.len()));
-    assert!(!whole.backend.splits_batch(inputs.len()));
-    let cfg = GenerationConfig {
-        max_new_tokens: 40,
-        batch_size: 64,
-        ..GenerationConfig::default()
-    };
-    let halves = generate(&split, inputs, &cfg, None, |_| {}).unwrap();
-    let alone = GenerationConfig {
-        batch_size: 1,
-        ..cfg.clone()
-    };
-    let want = generate(&whole, inputs, &alone, None, |_| {}).unwrap();
-    assert_eq!(halves, want);
 }

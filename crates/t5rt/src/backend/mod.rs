@@ -519,15 +519,6 @@ pub trait Backend: Send + Sync {
     /// key/value cache at half the memory traffic, for attention with [`KvFormat::Bf16`].
     fn compress_kv(&self, t: &Self::Tensor, len: usize) -> Result<Self::Tensor>;
 
-    /// Whether a greedy or sampled batch of `rows` rows is decoded as two halves at once,
-    /// each a batch of its own (its own encoder pass and decoder state), joined with
-    /// `rayon::join` inside [`Backend::run`]: only for a backend whose `run` enters a rayon
-    /// pool of its own (the CPU's). False, the default, keeps the batch whole.
-    fn splits_batch(&self, rows: usize) -> bool {
-        let _ = rows;
-        false
-    }
-
     /// Whether this backend attends over [`KvFormat::Int8`] caches ([`Backend::quantize_kv`]).
     fn int8_kv(&self) -> bool {
         false

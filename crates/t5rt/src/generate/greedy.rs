@@ -10,8 +10,7 @@ use super::logits::{argmax, Processors};
 use super::sampling::Sampler;
 use super::stop::StopStrings;
 
-/// Decodes each input once. `streams[i]` names input `i`'s random stream when sampling. Stops
-/// with [`crate::T5Error::Cancelled`] at the next step once any of `cancel` is set.
+/// Decodes each input once. `streams[i]` names input `i`'s random stream when sampling.
 /// Returns the generated ids after the decoder start token, up to and including EOS, and
 /// the seconds spent in the encoder.
 pub(crate) fn decode_rows<B: Backend>(
@@ -20,7 +19,7 @@ pub(crate) fn decode_rows<B: Backend>(
     cfg: &GenerationConfig,
     streams: &[u64],
     stop: Option<&StopStrings>,
-    cancel: &[&std::sync::atomic::AtomicBool],
+    cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<(Vec<Vec<u32>>, f64)> {
     let mc = &model.config;
     let backend = &model.backend;
@@ -53,9 +52,7 @@ pub(crate) fn decode_rows<B: Backend>(
     let mut active: Vec<usize> = (0..inputs.len()).collect();
     let mut tokens = vec![mc.decoder_start_token_id; inputs.len()];
     for step in 0..limit {
-        for flag in cancel {
-            super::check_cancel(flag)?;
-        }
+        super::check_cancel(cancel)?;
         let rows = active.len();
         let next = if on_host {
             let logits = model.decode_step(&tokens, &mut state)?;

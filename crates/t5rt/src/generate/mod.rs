@@ -34,9 +34,7 @@ pub struct Hypothesis {
 /// Where generation spent its time (wall clock), summed over batches.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GenerationStats {
-    /// Seconds in the encoder. A batch decoded as two halves at once (the CPU with two
-    /// threads or more, [`Backend::splits_batch`]) counts its longer half's encoder pass; the
-    /// other half's decoding may have run meanwhile.
+    /// Seconds in the encoder.
     pub encode_secs: f64,
     /// Seconds in everything after it: cross-attention projections, decoding steps, search.
     pub decode_secs: f64,
@@ -187,31 +185,7 @@ fn generate_batch<B: Backend>(
     }
     let n = cfg.num_return_sequences;
     let streams: Vec<u64> = chunk.iter().map(|&(i, j)| (i * n + j) as u64).collect();
-    let rows = batch.len();
-    let (outs, encode_secs) = if model.backend.splits_batch(rows) {
-        // Two halves at once (the CPU with two threads or more). A half that fails stops the
-        // other at its next step (`failed`), and its error is the one returned.
-        let failed = AtomicBool::new(false);
-        let decode = |lo: usize, hi: usize| {
-            let flags = [cancel, &failed];
-            let out =
-                greedy::decode_rows(model, &batch[lo..hi], cfg, &streams[lo..hi], stop, &flags);
-            if out.is_err() {
-                failed.store(true, Ordering::Relaxed);
-            }
-            out
-        };
-        let (first, second) = rayon::join(|| decode(0, rows / 2), || decode(rows / 2, rows));
-        let ((mut outs, enc_a), (rest, enc_b)) = match (first, second) {
-            (Ok(a), Ok(b)) => (a, b),
-            (Err(T5Error::Cancelled), Err(e)) | (Err(e), _) | (_, Err(e)) => return Err(e),
-        };
-        outs.extend(rest);
-        // The halves ran side by side: the longer encoder pass.
-        (outs, enc_a.max(enc_b))
-    } else {
-        greedy::decode_rows(model, &batch, cfg, &streams, stop, &[cancel])?
-    };
+    let (outs, encode_secs) = greedy::decode_rows(model, &batch, cfg, &streams, stop, cancel)?;
     let hyps = outs
         .into_iter()
         .map(|ids| vec![Hypothesis { ids, score: None }])

@@ -27,33 +27,6 @@ pub struct CpuBackend {
     /// What the kernels may use (detected at run time, or forced lower).
     isa: IsaLevel,
     dtype: WeightDtype,
-    /// Whether batches of at least [`SPLIT_MIN_ROWS`] rows are decoded as two halves at once
-    /// ([`Backend::splits_batch`]; `T5RT_SPLIT_BATCH=0` turns it off).
-    split_batches: bool,
-}
-
-/// The fewest rows a batch needs for [`CpuBackend`] to decode it as two halves at once: each
-/// half keeps 16 rows or more, enough for its products to stay bound by arithmetic rather than
-/// by reading the weights (which each half reads on its own). On the Zen 4 (2 threads,
-/// alternating runs), halves of 4 rows made runs 6%-20% slower, halves of 8 from 6% slower
-/// to 12% faster (t5-base f32 slower in both pairs), halves of 16 faster in most pairs.
-pub const SPLIT_MIN_ROWS: usize = 32;
-
-/// `T5RT_SPLIT_BATCH`: unset, empty or `1` splits (the default), `0` does not; anything else
-/// is an error.
-fn split_from_env() -> Result<bool> {
-    parse_split(std::env::var("T5RT_SPLIT_BATCH").ok().as_deref())
-}
-
-/// [`split_from_env`] on the variable's value (None: unset).
-fn parse_split(value: Option<&str>) -> Result<bool> {
-    match value {
-        None | Some("") | Some("1") => Ok(true),
-        Some("0") => Ok(false),
-        Some(other) => Err(T5Error::Backend(format!(
-            "T5RT_SPLIT_BATCH={other}: expected 0 (keep batches whole) or 1 (decode batches of {SPLIT_MIN_ROWS} rows or more as two halves at once, the default)"
-        ))),
-    }
 }
 
 /// A linear weight on the CPU: packed for the tiles of [`packed`], in its [`WeightDtype`].
@@ -89,7 +62,6 @@ impl CpuBackend {
             threads,
             isa,
             dtype: WeightDtype::F32,
-            split_batches: split_from_env()?,
         })
     }
 
@@ -107,13 +79,6 @@ impl CpuBackend {
 
     pub fn threads(&self) -> usize {
         self.threads
-    }
-
-    /// Whether big batches are decoded as two halves at once ([`Backend::splits_batch`]): on
-    /// by default (`T5RT_SPLIT_BATCH=0` in the environment turns it off).
-    pub fn with_batch_split(mut self, on: bool) -> Self {
-        self.split_batches = on;
-        self
     }
 
     /// The kernel level this backend runs at.
@@ -262,10 +227,7 @@ impl Backend for CpuBackend {
     /// keeps what was freed there for that thread's next allocations: with calls landing on
     /// either thread, each arena held a past call's buffers and a process's peak memory grew
     /// by up to a third over repeated calls (t5-base f32 at batch 32: 1315 MiB after one call,
-    /// 1743 after four in some runs). A batch decoded as two halves at once
-    /// ([`Backend::splits_batch`]) allocates the second half's buffers wherever that half runs,
-    /// usually on another thread, half the batch's each: t5-base f32 case d peaked at 1338 MiB
-    /// over nine calls split, 1347 whole. The other threads stay in the call, running `f`'s parallel
+    /// 1743 after four in some runs). The other threads stay in the call, running `f`'s parallel
     /// work as it comes and never sleeping until `f` returns (`T5RT_SPIN=0`: they leave at
     /// once and rayon puts them to sleep when idle): a decoding step is some 150 short parallel
     /// operations, and a thread that fell asleep between two of them woke late for the next
@@ -562,16 +524,6 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    /// Two halves at once for batches of [`SPLIT_MIN_ROWS`] rows or more, with two threads or
-    /// more: while one half is in a part of a step that leaves a thread idle (a product's last
-    /// tasks, attention bound by reading its caches, the step's bookkeeping), the other half's
-    /// work fills it. Each row's result is the same (rows do not depend on their batch).
-    /// Measured on the Zen 4 (2 threads, batch 32, 38 alternating pairs of runs): 2.7% faster
-    /// at the median, from 8% slower to 21% faster (`bench/RESULTS.md`, session 19).
-    fn splits_batch(&self, rows: usize) -> bool {
-        self.split_batches && self.threads >= 2 && rows >= SPLIT_MIN_ROWS
-    }
-
     fn int8_kv(&self) -> bool {
         true
     }
@@ -800,22 +752,6 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn split_setting_parses_and_decides_the_parts() {
-        assert!(parse_split(None).unwrap());
-        assert!(parse_split(Some("")).unwrap());
-        assert!(parse_split(Some("1")).unwrap());
-        assert!(!parse_split(Some("0")).unwrap());
-        let err = parse_split(Some("yes")).unwrap_err().to_string();
-        assert!(err.contains("T5RT_SPLIT_BATCH=yes"), "{err}");
-        let two = CpuBackend::new(2).unwrap().with_batch_split(true);
-        assert!(two.splits_batch(SPLIT_MIN_ROWS));
-        assert!(!two.splits_batch(SPLIT_MIN_ROWS - 1));
-        assert!(!two.with_batch_split(false).splits_batch(64));
-        let one = CpuBackend::new(1).unwrap().with_batch_split(true);
-        assert!(!one.splits_batch(64), "one thread has nothing to overlap");
-    }
 
     #[test]
     fn run_always_uses_the_pools_first_thread() {
