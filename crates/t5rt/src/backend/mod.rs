@@ -747,16 +747,18 @@ pub trait Backend: Send + Sync {
     }
 
     /// The cheaper copy of an LM head `w` (`[n, k]`, the checkpoint's values) stored as
-    /// `head` that [`Backend::screened_argmax`] reads, with its error bounds; `None` where the
-    /// backend has no such path for that precision (the default).
+    /// `head` that [`Backend::screened_argmax`] reads, with its error bounds, as `choice`
+    /// (`T5RT_SCREEN_HEAD`, read once by the model's loader) asks; `None` where the backend
+    /// has no such path for that precision (the default).
     fn upload_screen(
         &self,
         w: &[f32],
         n: usize,
         k: usize,
         head: WeightDtype,
+        choice: ScreenChoice,
     ) -> Result<Option<ScreenHead<Self::Weight>>> {
-        let _ = (w, n, k, head);
+        let _ = (w, n, k, head, choice);
         Ok(None)
     }
 

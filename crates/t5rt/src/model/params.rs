@@ -303,10 +303,11 @@ impl<T, W> T5Params<T, W> {
         } else {
             backend.weight_dtype()
         };
-        let wanted = ScreenChoice::from_env()? != ScreenChoice::Off;
+        let choice = ScreenChoice::from_env()?;
+        let wanted = choice != ScreenChoice::Off;
         let screen = if head_dtype != WeightDtype::Int8 && backend.screens_heads() && wanted {
             l.with_host(head_name, &vocab_shape, |w| {
-                backend.upload_screen(w, cfg.vocab_size, cfg.d_model, head_dtype)
+                backend.upload_screen(w, cfg.vocab_size, cfg.d_model, head_dtype, choice)
             })?
         } else {
             None

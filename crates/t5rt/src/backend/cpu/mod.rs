@@ -12,8 +12,8 @@ mod screen;
 use rayon::prelude::*;
 
 use super::{
-    check_len, checks, matmul_nt_each, AttnShape, Backend, KvFormat, MatDims, ScreenHead,
-    WeightDtype,
+    check_len, checks, matmul_nt_each, AttnShape, Backend, KvFormat, MatDims, ScreenChoice,
+    ScreenHead, WeightDtype,
 };
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
@@ -666,10 +666,11 @@ impl Backend for CpuBackend {
         n: usize,
         k: usize,
         head: WeightDtype,
+        choice: ScreenChoice,
     ) -> Result<Option<ScreenHead<CpuWeight>>> {
         check_len("upload_screen", w.len(), n * k)?;
         let (isa, w) = (self.isa, &w[..n * k]);
-        Ok(screen::screen_kind(head, k, isa).map(|kind| {
+        Ok(screen::screen_kind(head, k, isa, choice).map(|kind| {
             self.pool
                 .install(|| screen::build(w, n, k, head, kind, isa))
         }))

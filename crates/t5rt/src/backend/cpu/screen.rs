@@ -96,13 +96,17 @@ fn head_bound(head: WeightDtype, k: usize, isa: Isa) -> f64 {
 /// The screen a head stored as `head` with `k` inputs gets at level `isa`: int8 for f32
 /// heads, and for bf16 heads where bf16 products are widened to f32 (no AVX-512 BF16; with
 /// `vdpbf16ps` the screen gained nothing measurable: the head there is already half int8's
-/// rate). `T5RT_SCREEN_HEAD=int8` screens bf16 heads at every level, `=bf16` screens f32
-/// heads with a bf16 copy (and bf16 heads not at all). Heads past int8's exact i32 sums get
-/// the bf16 screen (f32) or none.
-pub(super) fn screen_kind(head: WeightDtype, k: usize, isa: Isa) -> Option<WeightDtype> {
+/// rate). `choice` [`ScreenChoice::Int8`] (`T5RT_SCREEN_HEAD=int8`) screens bf16 heads at
+/// every level, [`ScreenChoice::Bf16`] screens f32 heads with a bf16 copy (and bf16 heads not
+/// at all). Heads past int8's exact i32 sums get the bf16 screen (f32) or none.
+pub(super) fn screen_kind(
+    head: WeightDtype,
+    k: usize,
+    isa: Isa,
+    choice: ScreenChoice,
+) -> Option<WeightDtype> {
     let int8_exact = check_int8_inputs(k).is_ok();
-    // (The model's loader has checked the variable's value.)
-    match (head, ScreenChoice::from_env().unwrap_or_default()) {
+    match (head, choice) {
         (_, ScreenChoice::Off) => None,
         (WeightDtype::F32, ScreenChoice::Bf16) => Some(WeightDtype::Bf16),
         (WeightDtype::F32, _) if !int8_exact => Some(WeightDtype::Bf16),
