@@ -51,6 +51,8 @@ PLAN = {"t5-small": ["a", "b", "c", "d"], "flan-t5-small": ["a", "b", "c", "d"],
 DRY_PLAN = {"tiny": ["a", "c"]}
 HF_DTYPES = ["fp32", "fp16", "bf16"]
 T5RT_DTYPES = ["f32", "bf16", "f16"]
+# One `t5rt bench` call (one case, load and warm-up included) that runs longer has failed.
+T5RT_TIMEOUT = 120
 
 
 inputs = synthetic_inputs  # the CPU harness's seeded ids
@@ -122,7 +124,11 @@ def t5rt_run(binary, model_dir, dtype, cases, device, repeats, work, variant=Non
         cmd = [binary, "bench", "--model", str(model_dir), "--device", device, "--dtype", dtype,
                "--case", f"{batch}:{length}:{new}", "--inputs", str(inp), "--repeats", str(repeats),
                "--warmup", "1", "--json", str(out)]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=T5RT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            res[case] = {"error": f"timed out after {T5RT_TIMEOUT} s"}
+            continue
         if p.returncode != 0:
             res[case] = {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
             continue
@@ -190,26 +196,39 @@ def main():
         model_dir = work / name
         make_model(name, model_dir)
         cases = {c: CASES[c] for c in case_names}
-        rows = {}
-        for dtype in HF_DTYPES:
-            rows[f"hf-{dtype}"] = hf_run(model_dir, dtype, cases, hf_device, args.repeats)
-            print(name, f"hf-{dtype}", {c: round(r["tokens_per_s"], 1) for c, r in rows[f"hf-{dtype}"].items()}, flush=True)
-        for dtype in T5RT_DTYPES:
-            if args.dry_run and dtype == "f16":
-                continue  # f16 is a CUDA precision
-            for variant in [None] + variants:
-                row = f"t5rt-{dtype}" + (f"-{variant[0]}" if variant else "")
-                rows[row] = t5rt_run(binary, model_dir, dtype, cases, t5rt_device, args.repeats, work, variant)
-                print(name, row, {c: r.get("tokens_per_s", r.get("error")) for c, r in rows[row].items()}, flush=True)
-        ref_ids = {case: r["ids"] for case, r in rows["hf-fp32"].items()}
-        for res in rows.values():
+        rows = report["models"][name] = {}
+        # HF fp32 and fp16 first (every ratio divides by them), then t5rt, HF bf16 last; the
+        # report is rewritten after each row, so a run cut off by its time limit keeps the rows
+        # it finished.
+        order = [("hf", "fp32"), ("hf", "fp16")]
+        order += [("t5rt", d, v) for d in T5RT_DTYPES if not (args.dry_run and d == "f16")  # f16: CUDA only
+                  for v in [None] + variants]
+        order += [("hf", "bf16")]
+        for job in order:
+            if job[0] == "hf":
+                row = f"hf-{job[1]}"
+                res = hf_run(model_dir, job[1], cases, hf_device, args.repeats)
+            else:
+                row = f"t5rt-{job[1]}" + (f"-{job[2][0]}" if job[2] else "")
+                res = t5rt_run(binary, model_dir, job[1], cases, t5rt_device, args.repeats, work, job[2])
+            if row == "hf-fp32":
+                ref_ids = {case: r["ids"] for case, r in res.items()}
             for case, r in res.items():
                 if "ids" in r:
                     r["ids_equal_hf_fp32"] = agreement(r.pop("ids"), ref_ids[case])
-        report["models"][name] = rows
+            rows[row] = res
+            print(name, row, {c: round(r["tokens_per_s"], 1) if "tokens_per_s" in r else r.get("error")
+                              for c, r in res.items()}, flush=True)
+            write_report(out, report, plan, args.repeats)
+    write_report(out, report, plan, args.repeats)
+    print((out / "gpu_peers.md").read_text())
+
+
+def write_report(out, report, plan, repeats):
+    """gpu_peers.json and gpu_peers.md from the rows measured so far."""
     (out / "gpu_peers.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"{report['date']}, {report['card'] or 'CPU (dry run)'}, torch {report['torch']}, "
-             f"transformers {report['transformers']}, median of {args.repeats}.", "",
+             f"transformers {report['transformers']}, median of {repeats}.", "",
              "| model | case | system | tokens/s | step ms | encoder s | peak MiB | sequences = HF fp32 | x HF fp32 | x HF fp16 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, rows in report["models"].items():
@@ -219,15 +238,13 @@ def main():
                 if "error" in r or not r:
                     lines.append(f"| {name} | {case} | {system} | {r.get('error', 'n/a')} | | | | | | |")
                     continue
-                base32 = rows["hf-fp32"][case]["tokens_per_s"]
-                base16 = rows["hf-fp16"][case]["tokens_per_s"]
+                ratio = lambda base: (f"{r['tokens_per_s'] / rows[base][case]['tokens_per_s']:.2f}x"
+                                      if base in rows and "tokens_per_s" in rows[base].get(case, {}) else "")
                 peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
                 lines.append(f"| {name} | {case} | {system} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
                              f"{r['encode_s']:.4f} | {peak} | {r['ids_equal_hf_fp32']:.2f} | "
-                             f"{r['tokens_per_s'] / base32:.2f}x | {r['tokens_per_s'] / base16:.2f}x |")
+                             f"{ratio('hf-fp32')} | {ratio('hf-fp16')} |")
     (out / "gpu_peers.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()
