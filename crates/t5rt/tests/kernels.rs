@@ -1033,40 +1033,17 @@ fn cuda_kernels_match_reference() {
             }
         }
     }
-    // A tied half-precision head doubling as the embedding table (`set_half_embed`, off by
-    // default until this has passed on a GPU): rows widened exactly, ids checked.
+    // A half-precision head is not an embedding table: the loader keeps an f32 table beside
+    // a tied bf16/f16 head (reading the head's rounded rows was measured on an H200 in
+    // session 20: 94 MiB less for t5-base, but slower and less accurate; removed).
     for dtype in [t5rt::WeightDtype::Bf16, t5rt::WeightDtype::F16] {
         let Some(h) = common::cuda_backend(dtype) else {
             return;
         };
         let (n, k) = (50, 24);
-        let table = rng.vec(n * k);
-        let w = h.upload_linear(&table, n, k).unwrap();
-        let ids = [0u32, 49, 3, 3, 17];
-        let mut out = h.zeros(ids.len() * k).unwrap();
-        assert!(
-            h.embed_linear(&ids, &w, &mut out, k).is_err(),
-            "off by default"
-        );
-        h.set_half_embed(true);
-        h.embed_linear(&ids, &w, &mut out, k).unwrap();
-        let want: Vec<f32> = ids
-            .iter()
-            .flat_map(|&i| &table[i as usize * k..][..k])
-            .map(|&v| match dtype {
-                t5rt::WeightDtype::Bf16 => half::bf16::from_f32(v).to_f32(),
-                _ => half::f16::from_f32(v).to_f32(),
-            })
-            .collect();
-        assert_eq!(
-            h.download(&out, ids.len() * k).unwrap(),
-            want,
-            "{dtype} rows"
-        );
-        assert!(
-            h.embed_linear(&[50], &w, &mut out, k).is_err(),
-            "id past the vocabulary"
-        );
+        let w = h.upload_linear(&rng.vec(n * k), n, k).unwrap();
+        let mut out = h.zeros(k).unwrap();
+        assert!(h.embed_linear(&[3], &w, &mut out, k).is_err(), "{dtype}");
     }
     // A sublayer's attention and output projection in one `attention_o` launch
     // (`set_chain`, off by default until this has passed on a GPU): the attention output and

@@ -474,16 +474,9 @@ pub trait Backend: Send + Sync {
         )))
     }
 
-    /// Whether [`Backend::embed_linear`] also reads reduced-precision weights (rows widened
-    /// to f32), so that a tied model in that precision needs no separate f32 table.
-    fn embeds_from_reduced_head(&self) -> bool {
-        false
-    }
-
     /// `out[i, :]` = row `ids[i]` of a linear weight's `[n, k]` view (`k = d`): embedding
     /// lookups in a head that is tied to the embedding. Backends may support it only for
-    /// weights stored exactly (f32), see
-    /// [`Backend::embeds_from_reduced_head`].
+    /// weights stored exactly (f32).
     fn embed_linear(
         &self,
         ids: &[u32],

@@ -64,9 +64,8 @@ pub enum Table<T> {
 /// mapping, see [`Table`]).
 pub struct T5Params<T, W> {
     /// [vocab, d_model], the embedding table; `None` when it is tied to `lm_head` and the
-    /// head is stored exactly (f32), or the backend reads reduced-precision heads
-    /// ([`crate::backend::Backend::embeds_from_reduced_head`]): lookups then read the head,
-    /// and the model holds the table once.
+    /// head is stored exactly (f32): lookups then read the head, and the model holds the
+    /// table once.
     pub shared: Option<Table<T>>,
     pub encoder: Vec<EncoderLayer<T, W>>,
     /// `[d_model]`
@@ -252,8 +251,7 @@ impl<T, W> T5Params<T, W> {
             "shared.weight"
         };
         let shared_in_head = cfg.tie_word_embeddings
-            && (backend.weight_dtype() == crate::backend::WeightDtype::F32
-                || backend.embeds_from_reduced_head())
+            && backend.weight_dtype() == crate::backend::WeightDtype::F32
             && keep == KeepF32::default();
         let shared = if shared_in_head {
             None

@@ -215,20 +215,14 @@ extern "C" __global__ void scale(float* x, int n, float s) {
     if (i < (size_t)n) x[i] *= s;
 }
 
-// out[i, :] = table[ids[i], :] (ids were checked against the vocabulary on the host); the
-// table's values are f32 (kind 0), or bf16 (1) / f16 (2) bits widened exactly to f32 (a tied
-// head's half-precision rows doubling as the embedding table).
-extern "C" __global__ void embed(const u32* ids, const void* table, float* out, int n, int d,
-                                 int kind) {
+// out[i, :] = table[ids[i], :] (ids were checked against the vocabulary on the host).
+extern "C" __global__ void embed(const u32* ids, const float* table, float* out, int n, int d) {
     PDL_WAIT();
     PDL_LAUNCH();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)n * d) {
         size_t row = i / d, col = i % d;
-        size_t at = (size_t)ids[row] * d + col;
-        if (kind == 0) out[i] = ((const float*)table)[at];
-        else if (kind == 1) out[i] = bf16_to_f32(((const u16*)table)[at]);
-        else out[i] = f16_to_f32(((const u16*)table)[at]);
+        out[i] = table[(size_t)ids[row] * d + col];
     }
 }
 

@@ -253,10 +253,6 @@ pub struct CudaBackend {
     /// Whether `gemv` and `attention_step` go out as programmatic dependent launches (sm_90
     /// and later; `T5RT_CUDA_PDL=0` turns it off, see [`CudaBackend::set_pdl`]).
     pdl: AtomicBool,
-    /// Whether a tied head in bf16/f16 doubles as the embedding table (`embed_linear` widens
-    /// its rows), instead of the model keeping an f32 table beside it (`T5RT_CUDA_HALF_EMBED=1`;
-    /// off by default until it has run on a GPU, see [`CudaBackend::set_half_embed`]).
-    half_embed: AtomicBool,
     /// Whether a decoding sublayer's attention and output projection run as one
     /// `attention_o` launch ([`Backend::attention_out`]; `T5RT_CUDA_CHAIN=1`, see
     /// [`CudaBackend::set_chain`]). Off until it has run on a GPU.
@@ -486,9 +482,6 @@ impl CudaBackend {
             pdl: AtomicBool::new(
                 major >= 9 && std::env::var("T5RT_CUDA_PDL").map_or(true, |v| v != "0"),
             ),
-            half_embed: AtomicBool::new(
-                std::env::var("T5RT_CUDA_HALF_EMBED").is_ok_and(|v| v == "1"),
-            ),
             chain: AtomicBool::new(std::env::var("T5RT_CUDA_CHAIN").is_ok_and(|v| v == "1")),
             chain_sync,
             chained: Default::default(),
@@ -541,15 +534,6 @@ impl CudaBackend {
             .compute_capability()
             .is_ok_and(|(major, _)| major >= 9);
         self.pdl.store(on && cc9, Ordering::Relaxed);
-    }
-
-    /// Lets `embed_linear` read bf16/f16 heads (rows widened exactly to f32), so that a model
-    /// with tied embeddings loaded after this keeps no f32 table beside its half-precision
-    /// head (t5-base: 99 MB less; the embeddings then carry the head's rounding, as in Hugging
-    /// Face's bf16/fp16 models). Off by default (`T5RT_CUDA_HALF_EMBED=1` starts it on): it
-    /// has not run on a GPU yet (scripts/gpu-check.sh tests it).
-    pub fn set_half_embed(&self, on: bool) {
-        self.half_embed.store(on, Ordering::Relaxed);
     }
 
     /// Runs each sublayer of a decoding step as one launch: an attention sublayer's norm and
@@ -1370,52 +1354,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `out[i, :]` = row `ids[i]` of a `[vocab, d]` table of `kind` (0 f32; 1 bf16, 2 f16
-    /// bits, widened exactly): `embed`, and `embed_linear` on a tied head.
-    fn embed_rows<T>(
-        &self,
-        ids: &[u32],
-        table: &CudaSlice<T>,
-        vocab: usize,
-        kind: i32,
-        out: &mut CudaSlice<f32>,
-        d: usize,
-    ) -> Result<()> {
-        check_len("embed out", out.len(), ids.len() * d)?;
-        check_len("embed table", table.len(), vocab * d)?;
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(T5Error::Input(format!(
-                "token id {bad} is outside the vocabulary"
-            )));
-        }
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let (n, d32) = (i32_of("ids", ids.len())?, i32_of("d", d)?);
-        let steps = self.capturing().then(|| self.lock_steps());
-        let uploaded;
-        let dev_ids = match &steps {
-            // A recorded step reads its tokens from the step's device arguments.
-            Some(st) => st
-                .args
-                .as_ref()
-                .ok_or_else(|| err("embed", "no step arguments"))?
-                .slice(1..1 + ids.len()),
-            None => {
-                uploaded = self.upload_ids(ids)?;
-                uploaded.slice(0..ids.len())
-            }
-        };
-        let mut b = self.stream.launch_builder(self.f("embed"));
-        b.arg(&dev_ids)
-            .arg(table)
-            .arg(out)
-            .arg(&n)
-            .arg(&d32)
-            .arg(&kind);
-        self.launch(&mut b, grid(ids.len() * d), "embed")
-    }
-
     fn upload_ids(&self, ids: &[u32]) -> Result<CudaSlice<u32>> {
         self.stream
             .clone_htod(ids)
@@ -1802,11 +1740,34 @@ impl Backend for CudaBackend {
         out: &mut CudaSlice<f32>,
         d: usize,
     ) -> Result<()> {
-        self.embed_rows(ids, table, table.len() / d.max(1), 0, out, d)
-    }
-
-    fn embeds_from_reduced_head(&self) -> bool {
-        self.half_embed.load(Ordering::Relaxed)
+        check_len("embed out", out.len(), ids.len() * d)?;
+        let vocab = table.len() / d.max(1);
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(T5Error::Input(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (n, d32) = (i32_of("ids", ids.len())?, i32_of("d", d)?);
+        let steps = self.capturing().then(|| self.lock_steps());
+        let uploaded;
+        let dev_ids = match &steps {
+            // A recorded step reads its tokens from the step's device arguments.
+            Some(st) => st
+                .args
+                .as_ref()
+                .ok_or_else(|| err("embed", "no step arguments"))?
+                .slice(1..1 + ids.len()),
+            None => {
+                uploaded = self.upload_ids(ids)?;
+                uploaded.slice(0..ids.len())
+            }
+        };
+        let mut b = self.stream.launch_builder(self.f("embed"));
+        b.arg(&dev_ids).arg(table).arg(out).arg(&n).arg(&d32);
+        self.launch(&mut b, grid(ids.len() * d), "embed")
     }
 
     fn embed_linear(
@@ -1818,13 +1779,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         match &w.data {
             WeightData::F32(table) if w.k == d => self.embed(ids, table, out, d),
-            WeightData::Half(table, _) if w.k == d && self.embeds_from_reduced_head() => {
-                self.embed_rows(ids, table, w.n, w.gemv_kind(), out, d)
-            }
             _ => Err(T5Error::Backend(
-                "embed_linear: only f32 weights of the embedding width double as the table \
-                 (half-precision ones too with T5RT_CUDA_HALF_EMBED=1)"
-                    .into(),
+                "embed_linear: only f32 weights of the embedding width double as the table".into(),
             )),
         }
     }
@@ -2073,14 +2029,13 @@ impl Backend for CudaBackend {
         };
         line += &format!(
             "\nCUDA kernels: encoder attention {:?}, gemv fusions {}, shared gemv {}, \
-             programmatic launches {}, half-precision embedding {}, gemv {} columns per block, \
+             programmatic launches {}, gemv {} columns per block, \
              chained sublayers {} (launches so far: {:?} attention_o, gemv_gemv, \
              gemv_attention_o)",
             self.encoder_attention(),
             on(&self.fused_gemv),
             on(&self.shared_gemv),
             on(&self.pdl),
-            on(&self.half_embed),
             self.gemv_warps,
             on(&self.chain),
             self.chained_launches()
