@@ -53,9 +53,26 @@ fn main() {
         Command::Serve(args) => serve_cmd::run(args),
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", error_chain(&err));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes joined by ": ", as `{:#}` prints them, less a cause whose text the
+/// message before it already ends with (t5rt's I/O errors name their cause in their own text).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out += ": ";
+        }
+        out += &text;
+    }
+    out
 }
 
 /// `t5rt generate ... | head` should stop quietly when `head` closes the pipe, as Unix tools
@@ -66,5 +83,26 @@ fn quiet_on_closed_pipe() {
     // SAFETY: setting a signal's disposition to its default, before any thread is started.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let io = std::io::Error::other("disk on fire");
+        let err = anyhow::Error::new(t5rt::T5Error::Io {
+            path: "model.safetensors".into(),
+            source: io,
+        })
+        .context("loading ./m");
+        assert_eq!(
+            error_chain(&err),
+            "loading ./m: cannot read model.safetensors: disk on fire"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&plain), "outer: inner");
     }
 }

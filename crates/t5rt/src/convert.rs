@@ -105,7 +105,7 @@ pub fn convert_int8(src: &Path, out: &Path, threads: usize) -> Result<ConvertSum
         let linear = is_linear(name, &shape);
         if linear || Some(name.as_str()) == tied_head {
             let (n, k) = (shape[0], shape[1]);
-            let (q, scales) = pool.install(|| quantize_int8(&data, n, k, isa));
+            let (q, scales) = pool.install(|| quantize_int8(&data, n, k, isa))?;
             // (For the tied head, the int8 copy sits beside the f32 table it came from.)
             tensors.push((
                 format!("{name}.{INT8_SUFFIX}"),

@@ -29,9 +29,13 @@ pub(crate) fn advise<T>(buf: &[T]) {
     let _ = buf;
 }
 
-/// `n` zeros in a buffer advised as [`advise`] says.
-pub(crate) fn zeroed<T: Copy + Default>(n: usize) -> Vec<T> {
-    let v = vec![T::default(); n];
+/// `n` zeros in a buffer advised as [`advise`] says (fresh zero pages from the allocator, not
+/// yet written), or an out-of-memory error naming `what`.
+pub(crate) fn zeroed<T: crate::alloc::ZeroBits>(
+    n: usize,
+    what: &str,
+) -> crate::error::Result<Vec<T>> {
+    let v = crate::alloc::try_zeroed(n, what)?;
     advise(&v);
-    v
+    Ok(v)
 }

@@ -14,6 +14,7 @@
 //! Reduced precision: `CpuBackend::new(0)?.with_dtype(t5rt::WeightDtype::Int8)` (or `Bf16`)
 //! stores the linear layers' weights in that precision (see the README's Precision section).
 
+mod alloc;
 pub mod backend;
 #[cfg(feature = "bundled")]
 pub mod bundled;

@@ -440,11 +440,20 @@ fn populate(bytes: &[u8]) {
     let _ = bytes;
 }
 
+/// Stored 16-bit values widened to f32 by `f`, in a fallibly allocated buffer.
+fn widen(name: &str, bytes: &[u8], f: impl Fn([u8; 2]) -> f32) -> Result<Vec<f32>> {
+    let mut out = crate::alloc::try_zeroed::<f32>(bytes.len() / 2, name)?;
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = f([b[0], b[1]]);
+    }
+    Ok(out)
+}
+
 /// Converts little-endian stored values to f32. Works at any alignment.
 fn decode(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
         Dtype::F32 => {
-            let mut out = crate::hugepage::zeroed::<f32>(bytes.len() / 4);
+            let mut out = crate::hugepage::zeroed::<f32>(bytes.len() / 4, name)?;
             // Little-endian hosts hold f32 as stored: one copy (the map need not be aligned),
             // in chunks on the current rayon pool (the backend's, as the model loads inside
             // it): a large table's fresh pages are faulted in by every thread.
@@ -471,14 +480,8 @@ fn decode(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
             }
             out
         }
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+        Dtype::F16 => widen(name, bytes, |b| half::f16::from_le_bytes(b).to_f32())?,
+        Dtype::BF16 => widen(name, bytes, |b| half::bf16::from_le_bytes(b).to_f32())?,
         other => {
             return Err(T5Error::UnsupportedDtype {
                 name: name.to_string(),

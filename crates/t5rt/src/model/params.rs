@@ -2,7 +2,7 @@
 
 use crate::backend::{Backend, ScreenChoice, ScreenHead, WeightDtype};
 use crate::config::T5Config;
-use crate::error::Result;
+use crate::error::{Result, T5Error};
 use crate::weights::TensorStore;
 
 use super::keep::KeepF32;
@@ -97,6 +97,14 @@ pub struct T5Params<T, W> {
 pub const INT8_SUFFIX: &str = "t5rt_int8";
 pub const SCALE_SUFFIX: &str = "t5rt_scale";
 
+/// A backend's error while loading weight `name` (out of memory, say), with the name.
+fn named<T>(name: &str, r: Result<T>) -> Result<T> {
+    r.map_err(|e| match e {
+        T5Error::Backend(m) => T5Error::Backend(format!("{name}: {m}")),
+        e => e,
+    })
+}
+
 struct Loader<'a, B: Backend> {
     store: &'a TensorStore,
     backend: &'a B,
@@ -130,6 +138,10 @@ impl<B: Backend> Loader<'_, B> {
 
     /// [`Loader::linear`]; `head`: the weight is the LM head.
     fn linear_as(&self, name: &str, out: usize, inp: usize, head: bool) -> Result<B::Weight> {
+        named(name, self.linear_as_inner(name, out, inp, head))
+    }
+
+    fn linear_as_inner(&self, name: &str, out: usize, inp: usize, head: bool) -> Result<B::Weight> {
         if self.keep.weight(name, head) {
             return self.with_host(name, &[out, inp], |w| {
                 self.backend.upload_linear_f32(w, out, inp)
@@ -148,12 +160,15 @@ impl<B: Backend> Loader<'_, B> {
         if self.keep.weight(name, false) {
             return self.linear(name, out, inp);
         }
-        if let Some(w) = self.quantized(name, out, inp)? {
-            return Ok(w);
-        }
-        self.with_host(name, &[out, inp], |w| {
-            self.backend.upload_output_linear(w, out, inp)
-        })
+        named(
+            name,
+            self.quantized(name, out, inp).and_then(|q| match q {
+                Some(w) => Ok(w),
+                None => self.with_host(name, &[out, inp], |w| {
+                    self.backend.upload_output_linear(w, out, inp)
+                }),
+            }),
+        )
     }
 
     /// The int8 form `t5rt convert` stored for `name` (`{name}.t5rt_int8` and

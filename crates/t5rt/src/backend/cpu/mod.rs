@@ -55,7 +55,10 @@ impl CpuBackend {
             .num_threads(threads)
             .thread_name(|i| format!("t5rt-cpu-{i}"))
             .build()
-            .map_err(|e| T5Error::Backend(format!("cannot start {threads} CPU threads: {e}")))?;
+            .map_err(|e| {
+                let n = if threads == 0 { cores } else { threads };
+                T5Error::Backend(format!("cannot start {n} CPU threads: {e}"))
+            })?;
         let threads = pool.current_num_threads();
         Ok(CpuBackend {
             pool,
@@ -87,31 +90,11 @@ impl CpuBackend {
     }
 }
 
-/// `len` zeros, or an out-of-memory error instead of an abort. The memory comes zeroed from
-/// the allocator (`calloc`), so a large buffer's pages are fresh zero pages from the system,
-/// faulted in by whichever thread first writes them, instead of being written twice (a fill,
-/// then the kernel that produces them): filling took 0.19 s of t5-base's 4.6 s at batch 32.
+/// `len` zeros, or an out-of-memory error instead of an abort (fresh zero pages from the
+/// allocator: filling a buffer before the kernel that produces it took 0.19 s of t5-base's
+/// 4.6 s at batch 32).
 fn try_zeroed(len: usize) -> Result<Vec<f32>> {
-    let oom = || {
-        T5Error::Backend(format!(
-            "out of memory: cannot allocate {} for {len} values",
-            crate::generate::memory::human_bytes((len as u64).saturating_mul(4))
-        ))
-    };
-    if len == 0 {
-        return Ok(Vec::new());
-    }
-    let layout = std::alloc::Layout::array::<f32>(len).map_err(|_| oom())?;
-    // SAFETY: `layout` has a non-zero size; a non-null result is `len` zeroed f32 values
-    // (all-zero bits are 0.0) allocated by the global allocator with the layout `Vec<f32>`
-    // uses for that capacity, so the Vec owns and frees it.
-    unsafe {
-        let p = std::alloc::alloc_zeroed(layout) as *mut f32;
-        if p.is_null() {
-            return Err(oom());
-        }
-        Ok(Vec::from_raw_parts(p, len, len))
-    }
+    crate::alloc::try_zeroed(len, "a tensor")
 }
 
 /// int8 sums are exact in i32 while k · 127 · 127 < 2^31 (the u8 offset of `vpdpbusd` may
@@ -149,7 +132,7 @@ impl CpuBackend {
             check_int8_inputs(k)?;
         }
         let isa = self.isa;
-        Ok(self.pool.install(|| PackedWeight::pack(w, n, k, kind, isa)))
+        self.pool.install(|| PackedWeight::pack(w, n, k, kind, isa))
     }
 }
 
@@ -312,9 +295,8 @@ impl Backend for CpuBackend {
                 "int8 weight scale {bad}: scales must be finite and positive (corrupt checkpoint?)"
             )));
         }
-        Ok(self
-            .pool
-            .install(|| PackedWeight::from_int8(q, scales, n, k)))
+        self.pool
+            .install(|| PackedWeight::from_int8(q, scales, n, k))
     }
 
     fn weight_dtype(&self) -> WeightDtype {
@@ -341,8 +323,7 @@ impl Backend for CpuBackend {
         checks::matmul(x.len(), out.len(), (w.n, w.k), d)?;
         let isa = self.isa;
         self.pool
-            .install(|| packed::matmul_packed(x, w, out, d.m, accumulate, isa));
-        Ok(())
+            .install(|| packed::matmul_packed(x, w, out, d.m, accumulate, isa))
     }
 
     fn matmul_nt_shared(
@@ -362,8 +343,7 @@ impl Backend for CpuBackend {
         let isa = self.isa;
         let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
         self.pool
-            .install(|| packed::matmul_packed_shared(x, ws, &mut slices, d.m, false, isa));
-        Ok(())
+            .install(|| packed::matmul_packed_shared(x, ws, &mut slices, d.m, false, isa))
     }
 
     fn embed(&self, ids: &[u32], table: &Vec<f32>, out: &mut Vec<f32>, d: usize) -> Result<()> {
@@ -550,9 +530,9 @@ impl Backend for CpuBackend {
         // laid out per position: the values, then the heads' scales.
         let (q, scales) = self.pool.install(|| {
             packed::quantize_int8(&t[..positions * inner], positions * heads, d_kv, self.isa)
-        });
+        })?;
         let per = KvFormat::Int8.slots_per_position(heads, d_kv);
-        let mut out = vec![0.0f32; positions * per];
+        let mut out = try_zeroed(positions * per)?;
         self.pool.install(|| {
             out.par_chunks_exact_mut(per)
                 .zip(q.par_chunks_exact(inner))
@@ -670,10 +650,12 @@ impl Backend for CpuBackend {
     ) -> Result<Option<ScreenHead<CpuWeight>>> {
         check_len("upload_screen", w.len(), n * k)?;
         let (isa, w) = (self.isa, &w[..n * k]);
-        Ok(screen::screen_kind(head, k, isa, choice).map(|kind| {
-            self.pool
-                .install(|| screen::build(w, n, k, head, kind, isa))
-        }))
+        screen::screen_kind(head, k, isa, choice)
+            .map(|kind| {
+                self.pool
+                    .install(|| screen::build(w, n, k, head, kind, isa))
+            })
+            .transpose()
     }
 
     fn screened_argmax(

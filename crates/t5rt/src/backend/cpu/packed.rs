@@ -109,17 +109,23 @@ fn round_small(v: f32) -> f32 {
 /// `max|row| / 127` and its values `round(w · (1 / scale))`, clamped to ±127 (the rule
 /// [`PackedWeight::pack`] applies at load, and `t5rt convert` ahead of time). Rows in
 /// parallel on the current rayon pool; `isa` picks the vectorised rounding (the same values).
-pub fn quantize_int8(w: &[f32], n: usize, k: usize, isa: Isa) -> (Vec<i8>, Vec<f32>) {
+/// An out-of-memory error where the buffers cannot be had.
+pub fn quantize_int8(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    isa: Isa,
+) -> Result<(Vec<i8>, Vec<f32>), T5Error> {
     use rayon::prelude::*;
-    let mut q = vec![0i8; n * k];
-    let mut scales = vec![1.0f32; n];
+    let mut q = crate::alloc::try_zeroed::<i8>(n * k, "int8 weights")?;
+    let mut scales = crate::alloc::try_filled(n, 1.0f32, "int8 scales")?;
     if k > 0 {
         q.par_chunks_mut(k)
             .zip(scales.par_iter_mut())
             .zip(w.par_chunks(k))
             .for_each(|((qrow, scale), row)| *scale = quantize_int8_row(row, qrow, isa));
     }
-    (q, scales)
+    Ok((q, scales))
 }
 
 /// One row of [`quantize_int8`]: its values into `q`, its scale returned.
@@ -164,16 +170,23 @@ pub(super) fn quantize_one(v: f32, inv: f32) -> i8 {
 impl PackedWeight {
     /// Packs a checkpoint weight `[n, k]` (row-major) as `kind`.
     /// The work is split by panel over the rayon pool it runs in; `isa` picks the
-    /// vectorised quantization (the same rounding as the scalar code).
-    pub fn pack(w: &[f32], n: usize, k: usize, kind: WeightDtype, isa: Isa) -> Self {
+    /// vectorised quantization (the same rounding as the scalar code). An out-of-memory error
+    /// where the packed buffer cannot be had.
+    pub fn pack(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        kind: WeightDtype,
+        isa: Isa,
+    ) -> Result<Self, T5Error> {
         use rayon::prelude::*;
         if kind == WeightDtype::Int8 {
-            let (q, scales) = quantize_int8(w, n, k, isa);
+            let (q, scales) = quantize_int8(w, n, k, isa)?;
             return Self::from_int8(&q, &scales, n, k);
         }
         let g = group(kind);
         let (kg, n_pad) = (k.div_ceil(g), n.div_ceil(16) * 16);
-        let mut lanes = crate::hugepage::zeroed::<u32>(kg * n_pad);
+        let mut lanes = crate::hugepage::zeroed::<u32>(kg * n_pad, "packed weights")?;
         // One panel (64 columns, `[kg, width]` row-major, see `lane_index`) at a time, in
         // parallel: panel `p`'s lanes are one contiguous chunk of `lanes`.
         let fill = |p: usize, panel: &mut [u32]| {
@@ -209,7 +222,7 @@ impl PackedWeight {
                 .for_each(|(p, panel)| fill(p, panel));
         }
         let (scales, col_sums) = (Vec::new(), Vec::new());
-        PackedWeight {
+        Ok(PackedWeight {
             kind,
             n,
             k,
@@ -218,17 +231,17 @@ impl PackedWeight {
             lanes,
             scales,
             col_sums,
-        }
+        })
     }
 
     /// Packs int8 values `q` `[n, k]` (row-major) with their per-row `scales`, as
     /// [`quantize_int8`] makes them (at load, or ahead of time by `t5rt convert`).
-    pub fn from_int8(q: &[i8], scales: &[f32], n: usize, k: usize) -> Self {
+    pub fn from_int8(q: &[i8], scales: &[f32], n: usize, k: usize) -> Result<Self, T5Error> {
         use rayon::prelude::*;
         let (kg, n_pad) = (k.div_ceil(4), n.div_ceil(16) * 16);
-        let mut lanes = crate::hugepage::zeroed::<u32>(kg * n_pad);
-        let mut col_sums = vec![0i32; n_pad];
-        let mut all_scales = vec![1.0f32; n_pad];
+        let mut lanes = crate::hugepage::zeroed::<u32>(kg * n_pad, "packed int8 weights")?;
+        let mut col_sums = crate::alloc::try_zeroed::<i32>(n_pad, "int8 column sums")?;
+        let mut all_scales = crate::alloc::try_filled(n_pad, 1.0f32, "int8 scales")?;
         all_scales[..n].copy_from_slice(&scales[..n]);
         if kg > 0 {
             lanes
@@ -266,7 +279,7 @@ impl PackedWeight {
                     }
                 });
         }
-        PackedWeight {
+        Ok(PackedWeight {
             kind: WeightDtype::Int8,
             n,
             k,
@@ -275,7 +288,7 @@ impl PackedWeight {
             lanes,
             scales: all_scales,
             col_sums,
-        }
+        })
     }
 
     /// Row `c` of the `[n, k]` weight this was packed from, into `out` (f32 weights only:
@@ -471,8 +484,9 @@ pub(super) fn affine_i8(row: &[f32], isa: Isa) -> (f32, f32) {
 }
 
 /// Activations in the weight's lane format: `[m, kg]` lanes, and for int8 each row's center
-/// and scale ([`affine_i8`]).
-fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u32>, Vec<[f32; 2]>) {
+/// and scale ([`affine_i8`]); an out-of-memory error where they cannot be had.
+type Prepared = (Vec<u32>, Vec<[f32; 2]>);
+fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> Result<Prepared, T5Error> {
     let kg = w.kg;
     // int8 padding holds u8 128 (q = 0) against zero weights: it adds nothing, so the
     // column-sum corrections stay exact. Filled once here; the rows' values overwrite it.
@@ -481,8 +495,13 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u3
     } else {
         0
     };
-    let mut lanes = vec![pad; m * kg];
-    let mut scales = vec![[0.0f32; 2]; m];
+    let what = "a product's activations";
+    let mut lanes = if pad == 0 {
+        crate::alloc::try_zeroed(m * kg, what)? // fresh zero pages, written once below
+    } else {
+        crate::alloc::try_filled(m * kg, pad, what)?
+    };
+    let mut scales = crate::alloc::try_filled(m, [0.0f32; 2], "a product's activation scales")?;
     // Big batches (encoder passes) are converted in parallel, a few rows per task.
     let rows_per_task = (4096 / k.max(1)).max(1);
     let row_tasks = lanes
@@ -513,7 +532,7 @@ fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> (Vec<u3
             }
         }),
     }
-    (lanes, scales)
+    Ok((lanes, scales))
 }
 
 /// One register tile's raw sums: f32 for f32 and bf16, i32 (as bits) for int8.
@@ -947,14 +966,14 @@ fn no_dot(kind: WeightDtype, isa: Isa) -> Option<nodot::NoDot> {
 }
 
 /// Rows of `k` f32 values, each padded with zeros to `k_pad` values.
-fn pad_rows(x: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u32> {
-    let mut out = vec![0u32; m * k_pad];
+fn pad_rows(x: &[f32], m: usize, k: usize, k_pad: usize) -> Result<Vec<u32>, T5Error> {
+    let mut out = crate::alloc::try_zeroed::<u32>(m * k_pad, "a product's padded activations")?;
     for (dst, row) in out.chunks_exact_mut(k_pad).zip(x.chunks_exact(k)) {
         for (d, v) in dst.iter_mut().zip(row) {
             *d = v.to_bits();
         }
     }
-    out
+    Ok(out)
 }
 
 /// `dst (+)= ` one row of an int8 tile's results: `Σ (xc + xs·q)·ws·qw = xs·ws·Σ q·qw + xc·ws·Σ
@@ -1385,7 +1404,7 @@ pub(super) fn matmul_packed(
     m: usize,
     accumulate: bool,
     isa: Isa,
-) {
+) -> Result<(), T5Error> {
     matmul_packed_shared(x, &[w], &mut [out], m, accumulate, isa)
 }
 
@@ -1409,9 +1428,11 @@ pub(super) fn matmul_packed_shared(
     m: usize,
     accumulate: bool,
     isa: Isa,
-) {
+) -> Result<(), T5Error> {
     debug_assert!(can_share(ws) && ws.len() == outs.len());
-    let Some(&w0) = ws.first() else { return };
+    let Some(&w0) = ws.first() else {
+        return Ok(());
+    };
     let k = w0.k;
     let x = &x[..m * k];
     // The tile for CPUs without the dot-product instructions, if this product runs on one.
@@ -1436,13 +1457,13 @@ pub(super) fn matmul_packed_shared(
     let (prepared, xscales) = if in_place {
         (Vec::new(), Vec::new())
     } else if widened {
-        (pad_rows(x, m, k, xstride), Vec::new())
+        (pad_rows(x, m, k, xstride)?, Vec::new())
     } else {
-        prepare(x, m, k, w0, isa)
+        prepare(x, m, k, w0, isa)?
     };
     #[cfg(target_arch = "x86_64")]
     let prepared = if wide16 {
-        let mut wide = vec![0u32; 2 * prepared.len()];
+        let mut wide = crate::alloc::try_zeroed::<u32>(2 * prepared.len(), "widened activations")?;
         // SAFETY: the AVX-512 BW or AVX2 level (`no_dot`), which the backend only runs where
         // the CPU has it.
         unsafe { nodot::widen_activations(&prepared, &mut wide) };
@@ -1533,6 +1554,7 @@ pub(super) fn matmul_packed_shared(
             }
         }
     });
+    Ok(())
 }
 
 #[cfg(test)]

@@ -67,6 +67,7 @@ use super::packed::{
     affine_i8, bf16_bits, bf16_value, matmul_packed, quantize_int8_row, quantize_one, PackedWeight,
 };
 use crate::backend::{ScreenChoice, ScreenHead, WeightDtype};
+use crate::error::T5Error;
 
 /// `u`, f32's unit roundoff.
 const U: f64 = 1.0 / (1u64 << 24) as f64;
@@ -128,20 +129,20 @@ pub(super) fn build(
     head: WeightDtype,
     kind: WeightDtype,
     isa: Isa,
-) -> ScreenHead<PackedWeight> {
+) -> Result<ScreenHead<PackedWeight>, T5Error> {
     if kind != WeightDtype::Int8 {
-        return ScreenHead {
-            weight: PackedWeight::pack(w, n, k, kind, isa),
+        return Ok(ScreenHead {
+            weight: PackedWeight::pack(w, n, k, kind, isa)?,
             kind,
             norms: ScreenHead::<()>::row_norms(w, k),
             err_norms: Vec::new(),
-        };
+        });
     }
     // Per column: the head's values, their int8 form and the two norms.
-    let mut q = vec![0i8; n * k];
-    let mut scales = vec![1.0f32; n];
-    let mut norms = vec![0.0f32; n];
-    let mut err_norms = vec![0.0f32; n];
+    let mut q = crate::alloc::try_zeroed::<i8>(n * k, "the screen's int8 head")?;
+    let mut scales = crate::alloc::try_filled(n, 1.0f32, "the screen's scales")?;
+    let mut norms = crate::alloc::try_zeroed::<f32>(n, "the screen's norms")?;
+    let mut err_norms = crate::alloc::try_zeroed::<f32>(n, "the screen's norms")?;
     let up = |sq: f64| (sq.sqrt() * (1.0 + 1e-6)) as f32;
     if k > 0 {
         q.par_chunks_mut(k)
@@ -174,12 +175,12 @@ pub(super) fn build(
                 },
             );
     }
-    ScreenHead {
-        weight: PackedWeight::from_int8(&q, &scales, n, k),
+    Ok(ScreenHead {
+        weight: PackedWeight::from_int8(&q, &scales, n, k)?,
         kind,
         norms,
         err_norms,
-    }
+    })
 }
 
 /// One row's error bound per column, `E_c = per_norm ‖w_c‖ + per_err ‖e_c‖ + abs`.
@@ -422,7 +423,8 @@ pub(super) fn screened_argmax(
     }
     let (norms, err_norms) = (&screen.norms, &screen.err_norms);
     let approx = &mut scratch[..rows * n];
-    matmul_packed(x, &screen.weight, approx, rows, false, isa);
+    // (Where its scratch cannot be had, no screen: the full head then, which reports it.)
+    matmul_packed(x, &screen.weight, approx, rows, false, isa).ok()?;
     let approx = &*approx;
     let top = norms.iter().chain(err_norms).fold(0.0f32, |m, &v| m.max(v)) as f64;
     let rel = relative_bound(k);
@@ -450,7 +452,7 @@ pub(super) fn screened_argmax(
     let sub = head.gather(&union)?;
     let u = union.len();
     let mut exact = vec![0.0f32; rows * u];
-    matmul_packed(x, &sub, &mut exact, rows, false, isa);
+    matmul_packed(x, &sub, &mut exact, rows, false, isa).ok()?;
     let chosen = found
         .iter()
         .zip(exact.chunks_exact(u))
@@ -545,8 +547,8 @@ mod tests {
     ) -> (Option<Vec<u32>>, Vec<u32>) {
         let b = CpuBackend::with_isa(2, level).unwrap().with_dtype(head);
         let isa: Isa = level;
-        let packed = PackedWeight::pack(w, n, k, head, isa);
-        let screen = b.run(|| build(w, n, k, head, kind, isa));
+        let packed = PackedWeight::pack(w, n, k, head, isa).unwrap();
+        let screen = b.run(|| build(w, n, k, head, kind, isa)).unwrap();
         let mut scratch = vec![f32::NAN; rows * n];
         let got = b.run(|| screened_argmax(x, &packed, &screen, rows, banned, &mut scratch, isa));
         (got, oracle(&b, head, x, w, rows, n, k, banned))
