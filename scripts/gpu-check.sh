@@ -5,7 +5,8 @@
 # then run it there with gpu/ carried along (device tool: carry ["gpu"]):
 #     scripts/gpu-check.sh
 # It finds the CUDA libraries, runs every GPU test with T5RT_REQUIRE_GPU=1 (a missing GPU
-# fails instead of skipping), and a short `t5rt bench --device cuda`. Everything it prints goes
+# fails instead of skipping), a short `t5rt bench --device cuda`, and `t5rt serve --device cuda`
+# against `t5rt generate` (scripts/serve-check.py). Everything it prints goes
 # to $OUT/gpu-check.log, and a JSON summary to $OUT/gpu-check.json. Under 6 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,6 +64,10 @@ for dtype in f32 bf16 f16; do
       --repeats 3 --json "$OUT/bench-$dtype.json"
 done
 run generate gpu/t5rt generate --device cuda "spell: 1984" "spell: 42"
+# The server on the GPU: concurrent requests (continuous batching) answer as `generate` does.
+for dtype in f32 bf16; do
+  run "serve-$dtype" python3 scripts/serve-check.py --binary gpu/t5rt --device cuda --dtype "$dtype"
+done
 python3 - "$OUT" <<'EOF' | tee -a "$LOG"
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
