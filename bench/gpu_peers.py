@@ -226,7 +226,7 @@ def main():
 
 def write_report(out, report, plan, repeats):
     """gpu_peers.json and gpu_peers.md from the rows measured so far."""
-    (out / "gpu_peers.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_atomic(out / "gpu_peers.json", json.dumps(report, indent=1) + "\n")
     lines = [f"{report['date']}, {report['card'] or 'CPU (dry run)'}, torch {report['torch']}, "
              f"transformers {report['transformers']}, median of {repeats}.", "",
              "| model | case | system | tokens/s | step ms | encoder s | peak MiB | sequences = HF fp32 | x HF fp32 | x HF fp16 |",
@@ -244,7 +244,15 @@ def write_report(out, report, plan, repeats):
                 lines.append(f"| {name} | {case} | {system} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
                              f"{r['encode_s']:.4f} | {peak} | {r['ids_equal_hf_fp32']:.2f} | "
                              f"{ratio('hf-fp32')} | {ratio('hf-fp16')} |")
-    (out / "gpu_peers.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "gpu_peers.md", "\n".join(lines) + "\n")
+
+
+def write_atomic(path, text):
+    """`text` into `path` through a temporary file, so a run killed mid-write (its time limit)
+    leaves the previous complete report."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 if __name__ == "__main__":
     main()

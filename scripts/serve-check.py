@@ -12,6 +12,7 @@ Exit status 0 when every answer matches, 1 otherwise (the server's log is printe
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ def main():
     ap.add_argument("--binary", default="gpu/t5rt")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32")
-    ap.add_argument("--port", type=int, default=18089)
+    ap.add_argument("--port", type=int, default=0, help="default: a free port")
     args = ap.parse_args()
 
     want = subprocess.run([args.binary, "generate", "--device", args.device, "--dtype", args.dtype, *INPUTS],
@@ -45,6 +46,10 @@ def main():
     expected = want.stdout.strip().splitlines()
     assert len(expected) == len(INPUTS), want.stdout
 
+    if not args.port:
+        with socket.socket() as sock:  # a port nothing listens on now
+            sock.bind(("127.0.0.1", 0))
+            args.port = sock.getsockname()[1]
     log = tempfile.TemporaryFile(mode="w+")
     server = subprocess.Popen([args.binary, "serve", "--device", args.device, "--dtype", args.dtype,
                                "--port", str(args.port)],
@@ -54,6 +59,9 @@ def main():
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
+            if server.poll() is not None:
+                print(f"t5rt serve exited with status {server.returncode}", file=sys.stderr)
+                return 1
             try:
                 with urllib.request.urlopen(base + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -104,6 +112,7 @@ def main():
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait()
         if not ok:
             log.seek(0)
             print("server log:\n" + log.read()[-4000:], file=sys.stderr)

@@ -64,7 +64,7 @@ fn error_chain(err: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in err.chain() {
         let text = cause.to_string();
-        if out.ends_with(&text) {
+        if out == text || out.ends_with(&format!(": {text}")) {
             continue;
         }
         if !out.is_empty() {
@@ -104,5 +104,8 @@ mod tests {
         );
         let plain = anyhow::anyhow!("inner").context("outer");
         assert_eq!(error_chain(&plain), "outer: inner");
+        // A cause that ends the message only as part of a word is still printed.
+        let partial = anyhow::anyhow!("valid").context("input invalid");
+        assert_eq!(error_chain(&partial), "input invalid: valid");
     }
 }

@@ -105,7 +105,9 @@ pub fn convert_int8(src: &Path, out: &Path, threads: usize) -> Result<ConvertSum
         let linear = is_linear(name, &shape);
         if linear || Some(name.as_str()) == tied_head {
             let (n, k) = (shape[0], shape[1]);
-            let (q, scales) = pool.install(|| quantize_int8(&data, n, k, isa))?;
+            let (q, scales) = pool
+                .install(|| quantize_int8(&data, n, k, isa))
+                .map_err(|e| T5Error::Backend(format!("{name}: {e}")))?;
             // (For the tied head, the int8 copy sits beside the f32 table it came from.)
             tensors.push((
                 format!("{name}.{INT8_SUFFIX}"),
@@ -117,14 +119,14 @@ pub fn convert_int8(src: &Path, out: &Path, threads: usize) -> Result<ConvertSum
                 format!("{name}.{SCALE_SUFFIX}"),
                 Dtype::F32,
                 vec![n],
-                f32_bytes(&scales),
+                f32_bytes(name, &scales)?,
             ));
             quantized += 1;
             if linear {
                 continue;
             }
         }
-        tensors.push((name.clone(), Dtype::F32, shape, f32_bytes(&data)));
+        tensors.push((name.clone(), Dtype::F32, shape, f32_bytes(name, &data)?));
         kept += 1;
     }
     std::fs::create_dir_all(out).map_err(|e| T5Error::io(out, e))?;
@@ -168,8 +170,13 @@ pub fn convert_int8(src: &Path, out: &Path, threads: usize) -> Result<ConvertSum
     })
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// `v` as little-endian bytes, or an out-of-memory error naming tensor `name`.
+fn f32_bytes(name: &str, v: &[f32]) -> Result<Vec<u8>> {
+    let mut out = crate::alloc::try_zeroed::<u8>(v.len().saturating_mul(4), name)?;
+    for (o, x) in out.chunks_exact_mut(4).zip(v) {
+        o.copy_from_slice(&x.to_le_bytes());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

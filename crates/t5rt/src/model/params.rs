@@ -97,10 +97,11 @@ pub struct T5Params<T, W> {
 pub const INT8_SUFFIX: &str = "t5rt_int8";
 pub const SCALE_SUFFIX: &str = "t5rt_scale";
 
-/// A backend's error while loading weight `name` (out of memory, say), with the name.
+/// A backend's error while loading weight `name` (out of memory, say), with the name where
+/// the message does not give it already.
 fn named<T>(name: &str, r: Result<T>) -> Result<T> {
     r.map_err(|e| match e {
-        T5Error::Backend(m) => T5Error::Backend(format!("{name}: {m}")),
+        T5Error::Backend(m) if !m.contains(name) => T5Error::Backend(format!("{name}: {m}")),
         e => e,
     })
 }
@@ -319,9 +320,10 @@ impl<T, W> T5Params<T, W> {
         let choice = ScreenChoice::from_env()?;
         let wanted = choice != ScreenChoice::Off;
         let screen = if head_dtype != WeightDtype::Int8 && backend.screens_heads() && wanted {
-            l.with_host(head_name, &vocab_shape, |w| {
+            let screen = l.with_host(head_name, &vocab_shape, |w| {
                 backend.upload_screen(w, cfg.vocab_size, cfg.d_model, head_dtype, choice)
-            })?
+            });
+            named(head_name, screen)?
         } else {
             None
         };

@@ -56,8 +56,11 @@ impl CpuBackend {
             .thread_name(|i| format!("t5rt-cpu-{i}"))
             .build()
             .map_err(|e| {
-                let n = if threads == 0 { cores } else { threads };
-                T5Error::Backend(format!("cannot start {n} CPU threads: {e}"))
+                let n = match threads {
+                    0 => "one thread per core".to_string(),
+                    n => format!("{n} threads"),
+                };
+                T5Error::Backend(format!("cannot start the CPU pool ({n}): {e}"))
             })?;
         let threads = pool.current_num_threads();
         Ok(CpuBackend {
@@ -692,9 +695,8 @@ impl Backend for CpuBackend {
         check_len("screened_argmax x", x.len(), rows * head.k)?;
         check_len("screened_argmax scratch", scratch.len(), rows * head.n)?;
         let isa = self.isa;
-        Ok(self
-            .pool
-            .install(|| screen::screened_argmax(x, head, screen, rows, banned, scratch, isa)))
+        self.pool
+            .install(|| screen::screened_argmax(x, head, screen, rows, banned, scratch, isa))
     }
 
     fn argmax_rows(&self, x: &Vec<f32>, rows: usize, n: usize) -> Result<Vec<u32>> {

@@ -313,17 +313,18 @@ impl PackedWeight {
 
     /// The columns `cols` (each `< n`) of an f32 or bf16 weight as a weight of their own, in
     /// that order: lanes copied as stored, so each column's products are the same bits as in
-    /// `self` (every column is summed in the same order of `k` in any panel). `None` for int8.
-    pub fn gather(&self, cols: &[u32]) -> Option<PackedWeight> {
+    /// `self` (every column is summed in the same order of `k` in any panel). `None` for int8;
+    /// an error where the memory cannot be had.
+    pub fn gather(&self, cols: &[u32]) -> Result<Option<PackedWeight>, T5Error> {
         if !matches!(self.kind, WeightDtype::F32 | WeightDtype::Bf16)
             || cols.iter().any(|&c| c as usize >= self.n)
         {
-            return None;
+            return Ok(None);
         }
         use rayon::prelude::*;
         let (n, kg) = (cols.len(), self.kg);
         let n_pad = n.div_ceil(16) * 16;
-        let mut lanes = vec![0u32; kg * n_pad];
+        let mut lanes = crate::alloc::try_zeroed::<u32>(kg * n_pad, "gathered head columns")?;
         // One output panel (`[kg, width]`, contiguous) per task, on the current rayon pool:
         // the reads, one lane per cache line, are latency-bound.
         if kg > 0 {
@@ -345,7 +346,7 @@ impl PackedWeight {
                     }
                 });
         }
-        Some(PackedWeight {
+        Ok(Some(PackedWeight {
             kind: self.kind,
             n,
             k: self.k,
@@ -354,7 +355,7 @@ impl PackedWeight {
             lanes,
             scales: Vec::new(),
             col_sums: Vec::new(),
-        })
+        }))
     }
 
     /// Bytes held.

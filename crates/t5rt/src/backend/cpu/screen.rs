@@ -406,7 +406,8 @@ fn candidates(
 
 /// [`crate::backend::Backend::screened_argmax`] on the CPU, in the thread pool it runs in:
 /// `head` is the LM head (f32 or bf16) and `screen` its screen from [`build`]; `None` where
-/// the screen cannot decide (the caller then runs the full head).
+/// the screen cannot decide (the caller then runs the full head); an error where its buffers
+/// cannot be had.
 pub(super) fn screened_argmax(
     x: &[f32],
     head: &PackedWeight,
@@ -415,21 +416,20 @@ pub(super) fn screened_argmax(
     banned: Option<usize>,
     scratch: &mut [f32],
     isa: Isa,
-) -> Option<Vec<u32>> {
+) -> Result<Option<Vec<u32>>, T5Error> {
     let (n, k) = (head.n, head.k);
     let x = &x[..rows * k];
     if rows == 0 || n < 2 {
-        return None;
+        return Ok(None);
     }
     let (norms, err_norms) = (&screen.norms, &screen.err_norms);
     let approx = &mut scratch[..rows * n];
-    // (Where its scratch cannot be had, no screen: the full head then, which reports it.)
-    matmul_packed(x, &screen.weight, approx, rows, false, isa).ok()?;
+    matmul_packed(x, &screen.weight, approx, rows, false, isa)?;
     let approx = &*approx;
     let top = norms.iter().chain(err_norms).fold(0.0f32, |m, &v| m.max(v)) as f64;
     let rel = relative_bound(k);
     let int8 = screen.weight.kind == WeightDtype::Int8;
-    let found: Vec<Vec<u32>> = approx
+    let found: Option<Vec<Vec<u32>>> = approx
         .par_chunks_exact(n)
         .zip(x.par_chunks_exact(k))
         .map(|(s, xr)| {
@@ -440,19 +440,24 @@ pub(super) fn screened_argmax(
             };
             candidates(s, norms, err_norms, b, banned, isa)
         })
-        .collect::<Option<_>>()?;
+        .collect();
+    let Some(found) = found else {
+        return Ok(None);
+    };
     let mut union: Vec<u32> = found.iter().flatten().copied().collect();
     union.sort_unstable();
     union.dedup();
     if union.is_empty() || union.len() > n / 8 {
-        return None;
+        return Ok(None);
     }
     // The candidates' columns of the head, as a product of their own (`gather` refuses
     // anything but f32 and bf16: the full head then).
-    let sub = head.gather(&union)?;
+    let Some(sub) = head.gather(&union)? else {
+        return Ok(None);
+    };
     let u = union.len();
-    let mut exact = vec![0.0f32; rows * u];
-    matmul_packed(x, &sub, &mut exact, rows, false, isa).ok()?;
+    let mut exact = crate::alloc::try_zeroed::<f32>(rows * u, "the screen's candidates")?;
+    matmul_packed(x, &sub, &mut exact, rows, false, isa)?;
     let chosen = found
         .iter()
         .zip(exact.chunks_exact(u))
@@ -470,7 +475,7 @@ pub(super) fn screened_argmax(
             best.map_or(0, |(c, _)| c)
         })
         .collect();
-    Some(chosen)
+    Ok(Some(chosen))
 }
 
 #[cfg(test)]
@@ -550,7 +555,9 @@ mod tests {
         let packed = PackedWeight::pack(w, n, k, head, isa).unwrap();
         let screen = b.run(|| build(w, n, k, head, kind, isa)).unwrap();
         let mut scratch = vec![f32::NAN; rows * n];
-        let got = b.run(|| screened_argmax(x, &packed, &screen, rows, banned, &mut scratch, isa));
+        let got = b
+            .run(|| screened_argmax(x, &packed, &screen, rows, banned, &mut scratch, isa))
+            .unwrap();
         (got, oracle(&b, head, x, w, rows, n, k, banned))
     }
 
