@@ -254,3 +254,38 @@ pub(super) fn attention_gemm(
         }
     });
 }
+
+/// One small product through the `gemm` crate as [`attention_gemm`]'s second product (the
+/// weighted values) calls it, so that the crate's per-thread scratch (an L2-sized buffer,
+/// allocated at a thread's first product of that form, with an abort if that fails) is made
+/// when the pool starts rather than midway through a run.
+pub(super) fn warm_gemm() {
+    const N: usize = 64;
+    let (probs, v) = (vec![0.0f32; N * N], vec![0.0f32; N * N]);
+    let mut out = vec![0.0f32; N * N];
+    // SAFETY: three N x N row-major buffers, addressed with the strides of `attention_gemm`'s
+    // second product.
+    unsafe {
+        gemm::gemm(
+            N,
+            N,
+            N,
+            out.as_mut_ptr(),
+            1,
+            N as isize,
+            false,
+            probs.as_ptr(),
+            1,
+            N as isize,
+            v.as_ptr(),
+            1,
+            N as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}

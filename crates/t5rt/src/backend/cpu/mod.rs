@@ -62,6 +62,7 @@ impl CpuBackend {
                 };
                 T5Error::Backend(format!("cannot start the CPU pool ({n}): {e}"))
             })?;
+        pool.broadcast(|_| kernels::warm_gemm());
         let threads = pool.current_num_threads();
         Ok(CpuBackend {
             pool,
