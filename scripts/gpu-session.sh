@@ -8,7 +8,8 @@
 #     PEER_MODELS=t5-base,t5-small,flan-t5-small PEER_TIMEOUT=300 scripts/gpu-session.sh
 # (PEER_MODELS defaults to t5-base alone; each model runs with its own PEER_TIMEOUT.)
 # PEER_VARIANTS="chain:T5RT_CUDA_CHAIN=1" adds t5rt rows run with those environment variables
-# (space-separated NAME:VAR=VALUE[,VAR=VALUE]) to the same peer table.
+# (space-separated NAME:VAR=VALUE[,VAR=VALUE]) to the same peer table. FLOOR=0 skips the
+# launch-floor microbenchmark (bench/gpu_launch_floor.cu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-session}
@@ -102,6 +103,14 @@ if [ -d /tmp/gpu-peers-work/t5-base ]; then
     T5RT_CUDA_PROFILE=1 timeout 60 gpu/t5rt bench --model /tmp/gpu-peers-work/t5-base --device cuda \
       --dtype $1 --case $2 --repeats 1 --warmup 0 2>&1 | tee -a "$OUT/profile.log"
   done
+fi
+
+# The floor of ~100 dependent kernels (empty, and each reading 1.25 MiB), in a stream and in a
+# graph, against one persistent kernel with as many grid-wide barriers (bench/gpu_launch_floor.cu,
+# built here with nvcc): how much of a batch-1 step a persistent decoding kernel could save.
+if [ "${FLOOR:-1}" = 1 ]; then
+  { nvcc -O2 -arch=native -o /tmp/gpu_launch_floor bench/gpu_launch_floor.cu \
+      && timeout 60 /tmp/gpu_launch_floor; } 2>&1 | tee "$OUT/graphs/launch_floor.txt"
 fi
 
 # The card's copy bandwidth (bytes read + written), for the floor of a decoding step.
