@@ -1559,6 +1559,29 @@ pub(super) fn matmul_packed_shared(
 }
 
 #[cfg(test)]
+mod alloc_tests {
+    use super::{quantize_int8, PackedWeight};
+    use crate::backend::WeightDtype;
+
+    /// Weights whose packed form cannot be had are an out-of-memory error, not an abort: the
+    /// buffers are allocated (and fail) before any value is read, so a shape of 2^60 values
+    /// over an empty slice reaches each allocation.
+    #[test]
+    fn weights_too_large_to_pack_are_errors() {
+        let (n, k) = (1usize << 40, 1usize << 20);
+        let isa = super::Isa::Portable;
+        let oom = |e: crate::error::T5Error| {
+            assert!(e.to_string().contains("out of memory"), "{e}");
+        };
+        oom(quantize_int8(&[], n, k, isa).unwrap_err());
+        for kind in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8] {
+            oom(PackedWeight::pack(&[], n, k, kind, isa).err().unwrap());
+        }
+        oom(PackedWeight::from_int8(&[], &[], n, k).err().unwrap());
+    }
+}
+
+#[cfg(test)]
 mod quantize_tests {
     use super::{
         affine_i8, bf16_bits, bf16_row, f32_out, int8_out, quantize_one, quantize_row, Isa,
