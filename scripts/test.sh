@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --release -j2 --workspace
+# The server end to end (the CLI binary the tests above built): concurrent and streamed
+# requests answer as `t5rt generate` does (gpu-check.sh runs the same script on CUDA).
+python3 scripts/serve-check.py --binary target/release/t5rt --device cpu
 if [ ! -x .venv-py/bin/python ]; then
   python3 -m venv .venv-py
 fi
