@@ -155,11 +155,23 @@ fn spin_helpers() -> bool {
     *ON.get_or_init(|| std::env::var("T5RT_SPIN").map_or(true, |v| v != "0"))
 }
 
+/// How long a helping thread stays in a call with nothing to do ([`help_until`]): longer than
+/// the serial stretches inside a call (a call's start, 5-11 ms for t5-small at batch 32; at 3 ms
+/// the helper left every case-d call once), short enough that the stall it ends is rare and
+/// brief.
+const HELP_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_millis(30);
+
 /// Runs the pool's pending work until `done`, without sleeping in rayon: a decoding step is a
 /// chain of short parallel operations, and a thread that went to sleep between two of them
 /// woke late for the next. While idle it yields the core every so often, and after a
 /// millisecond with nothing to do (the calling thread working alone) it naps 50 µs between
-/// looks, so a call that waits on something else does not keep a core busy.
+/// looks, so a call that waits on something else does not keep a core busy. After
+/// [`HELP_IDLE_LIMIT`] with nothing to do it leaves (the thread is then an ordinary rayon
+/// worker for the rest of the call): rayon may hand a thread its helping job while that thread
+/// is inside a piece of the same call's parallel work that it stole (it looks for work while
+/// waiting on the piece's own halves); the call's first thread then waits for that piece and
+/// nothing else runs, so leaving is what lets the piece finish. That stall (seen once, in CI,
+/// as a hang before this limit) now costs at most the limit.
 ///
 /// A thread already helping one call that picks up another call's helper job (two `run`s from
 /// different threads at once: the server's step loop and a beam search) leaves that job at
@@ -171,6 +183,7 @@ fn help_until(done: &std::sync::atomic::AtomicBool) {
     use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
     const SPIN: Duration = Duration::from_millis(1);
+    const _: () = assert!(HELP_IDLE_LIMIT.as_micros() > SPIN.as_micros());
     thread_local! {
         static HELPING: Cell<bool> = const { Cell::new(false) };
     }
@@ -196,10 +209,15 @@ fn help_until(done: &std::sync::atomic::AtomicBool) {
         idle = idle.wrapping_add(1);
         if !idle.is_multiple_of(64) {
             std::hint::spin_loop();
-        } else if idle_since.get_or_insert_with(Instant::now).elapsed() < SPIN {
-            std::thread::yield_now();
         } else {
-            std::thread::sleep(Duration::from_micros(50));
+            let idle_for = idle_since.get_or_insert_with(Instant::now).elapsed();
+            if idle_for < SPIN {
+                std::thread::yield_now();
+            } else if idle_for < HELP_IDLE_LIMIT {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                return;
+            }
         }
     }
 }
@@ -215,8 +233,9 @@ impl Backend for CpuBackend {
     /// either thread, each arena held a past call's buffers and a process's peak memory grew
     /// by up to a third over repeated calls (t5-base f32 at batch 32: 1315 MiB after one call,
     /// 1743 after four in some runs). The other threads stay in the call, running `f`'s parallel
-    /// work as it comes and never sleeping until `f` returns (`T5RT_SPIN=0`: they leave at
-    /// once and rayon puts them to sleep when idle): a decoding step is some 150 short parallel
+    /// work as it comes and not sleeping in rayon until `f` returns or they have had nothing to
+    /// do for [`HELP_IDLE_LIMIT`] (`T5RT_SPIN=0`: they leave at once and rayon puts them to
+    /// sleep when idle): a decoding step is some 150 short parallel
     /// operations, and a thread that fell asleep between two of them woke late for the next
     /// (t5-small bf16 case a about 4% faster, t5-base case d decoding about 1.5%, alternating
     /// runs on the Zen 4). They yield the core to the system every so often while idle.
@@ -738,6 +757,31 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A helper thread can take its part of a `run` (the helping loop) while it is inside a
+    /// piece of that same call's parallel work that it stole first (it looks for work while
+    /// waiting on that piece's own halves); the call's first thread then waits for the piece,
+    /// and the piece for the loop. The loop must give way: many short calls of nested parallel
+    /// work, watched by a thread that fails the test if they stall for 20 s.
+    #[test]
+    fn calls_of_nested_parallel_work_never_stall() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let b = CpuBackend::new(2).unwrap();
+            for i in 0..3000u64 {
+                let sum: u64 = b.run(|| {
+                    (0..8u64)
+                        .into_par_iter()
+                        .map(|j| (0..4u64).into_par_iter().map(|k| i + j + k).sum::<u64>())
+                        .sum()
+                });
+                assert_eq!(sum, 32 * i + 8 * 28 / 2 + 6 * 8);
+            }
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("3000 calls of nested parallel work stalled");
+    }
 
     #[test]
     fn run_always_uses_the_pools_first_thread() {
