@@ -12,6 +12,8 @@
 # launch-floor microbenchmark (bench/gpu_launch_floor.cu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Every A/B run below, by name (AB picks some).
+ALL_AB="graphs enc pdl fused chain gemv shared"
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -39,7 +41,7 @@ if grep -q '"step": "model-tests-chain", "exit": [1-9]' "$OUT/check/steps.jsonl"
    && grep -q '"step": "model-tests", "exit": 0' "$OUT/check/steps.jsonl"; then
   echo "model-tests-chain failed: no T5RT_CUDA_CHAIN runs below"
   PEER_VARIANTS=$(for v in ${PEER_VARIANTS:-}; do [[ $v == *T5RT_CUDA_CHAIN=* ]] || echo "$v"; done | xargs)
-  AB=$(for a in ${AB:-graphs enc pdl fused chain gemv shared}; do [ "$a" = chain ] || echo "$a"; done | xargs)
+  AB=$(for a in ${AB:-$ALL_AB}; do [ "$a" = chain ] || echo "$a"; done | xargs)
   AB=${AB:-none}
 fi
 
@@ -78,8 +80,8 @@ ab() {
   done
 }
 
-# Which A/B runs (AB: space-separated names; default all).
-want() { [ -z "${AB:-}" ] || [[ " $AB " == *" $1 "* ]]; }
+# Which A/B runs (AB: space-separated names of ALL_AB; default all).
+want() { [[ " ${AB:-$ALL_AB} " == *" $1 "* ]]; }
 # Decoding steps with and without CUDA graphs: same binary, same t5-base weights, alternated.
 want graphs && ab r1-g T5RT_CUDA_GRAPHS "1 0" --case a --case 1:512:64 --case 32:512:64
 # The encoder's attention: two batched products (gemm, the default), the decoding kernel

@@ -193,26 +193,11 @@ pub(super) fn attention_gemm(
         // out elements of its own (b, h), disjoint from every other task's.
         unsafe {
             // scores[i, j] = Σ_t q[b, i, h, t] · k[kv_b, j, h, t] (no 1/sqrt(d_kv): T5)
-            gemm::gemm(
-                s.q_len,
-                s.kv_len,
-                s.d_kv,
-                scores.as_mut_ptr(),
-                1,
-                s.kv_len as isize,
-                false,
-                q.as_ptr().add(q0),
-                1,
-                inner as isize,
-                k.as_ptr().add(kv0),
-                inner as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+            gemm_rows(
+                (s.q_len, s.kv_len, s.d_kv),
+                (scores.as_mut_ptr(), s.kv_len),
+                (q.as_ptr().add(q0), inner),
+                (k.as_ptr().add(kv0), inner, 1),
             );
         }
         #[cfg(target_arch = "x86_64")]
@@ -230,56 +215,44 @@ pub(super) fn attention_gemm(
         // SAFETY: as above.
         unsafe {
             // out[b, i, h, :] = Σ_j p[i, j] · v[kv_b, j, h, :]
-            gemm::gemm(
-                s.q_len,
-                s.d_kv,
-                s.kv_len,
-                dst.get().add(q0),
-                1,
-                inner as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                s.kv_len as isize,
-                v.as_ptr().add(kv0),
-                1,
-                inner as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+            gemm_rows(
+                (s.q_len, s.d_kv, s.kv_len),
+                (dst.get().add(q0), inner),
+                (scores.as_ptr(), s.kv_len),
+                (v.as_ptr().add(kv0), 1, inner),
             );
         }
     });
 }
 
-/// One small product through the `gemm` crate as [`attention_gemm`]'s second product (the
-/// weighted values) calls it, so that the crate's per-thread scratch (an L2-sized buffer,
-/// allocated at a thread's first product of that form, with an abort if that fails) is made
-/// when the pool starts rather than midway through a run.
-pub(super) fn warm_gemm() {
-    const N: usize = 64;
-    let (probs, v) = (vec![0.0f32; N * N], vec![0.0f32; N * N]);
-    let mut out = vec![0.0f32; N * N];
-    // SAFETY: three N x N row-major buffers, addressed with the strides of `attention_gemm`'s
-    // second product.
+/// `dst = lhs · rhs` through the `gemm` crate on the calling thread, as [`attention_gemm`]
+/// runs its products: `(m, n, k)`; `dst` `[m, n]` and `lhs` `[m, k]` with unit column stride and
+/// the given row stride; `rhs` `[k, n]` with the given column and row strides.
+///
+/// # Safety
+/// Each pointer addresses every element its shape and strides name.
+unsafe fn gemm_rows(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    (lhs, lhs_rs): (*const f32, usize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, usize, usize),
+) {
+    // SAFETY: the caller's.
     unsafe {
         gemm::gemm(
-            N,
-            N,
-            N,
-            out.as_mut_ptr(),
+            m,
+            n,
+            k,
+            dst,
             1,
-            N as isize,
+            dst_rs as isize,
             false,
-            probs.as_ptr(),
+            lhs,
             1,
-            N as isize,
-            v.as_ptr(),
-            1,
-            N as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
             1.0,
             1.0,
             false,
@@ -288,4 +261,24 @@ pub(super) fn warm_gemm() {
             gemm::Parallelism::None,
         );
     }
+}
+
+/// One small product of the form of [`attention_gemm`]'s second (the weighted values), so
+/// that the `gemm` crate's per-thread scratch (an L2-sized buffer, allocated at a thread's
+/// first product of that form, with an abort if that fails) is made when the pool starts
+/// rather than midway through a run.
+pub(super) fn warm_gemm() {
+    const N: usize = 64;
+    let (probs, v) = (vec![0.0f32; N * N], vec![0.0f32; N * N]);
+    let mut out = vec![0.0f32; N * N];
+    // SAFETY: three N x N row-major buffers, addressed as `attention_gemm`'s second product
+    // addresses its own.
+    unsafe {
+        gemm_rows(
+            (N, N, N),
+            (out.as_mut_ptr(), N),
+            (probs.as_ptr(), N),
+            (v.as_ptr(), 1, N),
+        )
+    };
 }

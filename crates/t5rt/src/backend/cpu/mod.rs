@@ -115,9 +115,8 @@ fn check_int8_inputs(k: usize) -> Result<()> {
 /// `data` copied into a fallibly allocated vector.
 fn try_copy(data: &[f32]) -> Result<Vec<f32>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(data.len()).map_err(|_| {
-        T5Error::Backend(format!("out of memory: cannot copy {} values", data.len()))
-    })?;
+    v.try_reserve_exact(data.len())
+        .map_err(|_| crate::alloc::out_of_memory(4 * data.len(), "a tensor's copy"))?;
     v.extend_from_slice(data);
     Ok(v)
 }
@@ -234,7 +233,7 @@ impl Backend for CpuBackend {
     /// by up to a third over repeated calls (t5-base f32 at batch 32: 1315 MiB after one call,
     /// 1743 after four in some runs). The other threads stay in the call, running `f`'s parallel
     /// work as it comes and not sleeping in rayon until `f` returns or they have had nothing to
-    /// do for [`HELP_IDLE_LIMIT`] (`T5RT_SPIN=0`: they leave at once and rayon puts them to
+    /// do for 30 ms, `HELP_IDLE_LIMIT` (`T5RT_SPIN=0`: they leave at once and rayon puts them to
     /// sleep when idle): a decoding step is some 150 short parallel
     /// operations, and a thread that fell asleep between two of them woke late for the next
     /// (t5-small bf16 case a about 4% faster, t5-base case d decoding about 1.5%, alternating
@@ -594,8 +593,9 @@ impl Backend for CpuBackend {
     fn gather_rows(&self, src: &Vec<f32>, rows: &[usize], row_len: usize) -> Result<Vec<f32>> {
         checks::gather_rows(src.len(), rows, row_len)?;
         let mut out = Vec::new();
-        out.try_reserve_exact(rows.len().saturating_mul(row_len))
-            .map_err(|_| T5Error::Backend("out of memory in gather_rows".into()))?;
+        let len = rows.len().saturating_mul(row_len);
+        out.try_reserve_exact(len)
+            .map_err(|_| crate::alloc::out_of_memory(len.saturating_mul(4), "gathered rows"))?;
         for &r in rows {
             let row = src
                 .get(r * row_len..(r + 1) * row_len)
@@ -635,7 +635,7 @@ impl Backend for CpuBackend {
         checks::append(t.len(), t_len, src.len(), len)?;
         t.truncate(t_len);
         t.try_reserve(len)
-            .map_err(|_| T5Error::Backend("out of memory in append".into()))?;
+            .map_err(|_| crate::alloc::out_of_memory(4 * len, "an appended tensor"))?;
         t.extend_from_slice(&src[..len]);
         Ok(())
     }

@@ -484,9 +484,11 @@ pub(super) fn affine_i8(row: &[f32], isa: Isa) -> (f32, f32) {
     (center, if half > 0.0 { half / 127.0 } else { 1.0 })
 }
 
+/// [`prepare`]'s lanes and per-row int8 centers and scales.
+type Prepared = (Vec<u32>, Vec<[f32; 2]>);
+
 /// Activations in the weight's lane format: `[m, kg]` lanes, and for int8 each row's center
 /// and scale ([`affine_i8`]); an out-of-memory error where they cannot be had.
-type Prepared = (Vec<u32>, Vec<[f32; 2]>);
 fn prepare(x: &[f32], m: usize, k: usize, w: &PackedWeight, isa: Isa) -> Result<Prepared, T5Error> {
     let kg = w.kg;
     // int8 padding holds u8 128 (q = 0) against zero weights: it adds nothing, so the
