@@ -651,11 +651,7 @@ macro_rules! avx512_tile_loop {
         }
         let from = $ks.start;
         for g in $ks {
-            match $ahead {
-                Ahead::Rows(rows) => prefetch_panel(wp, rows, pw, 16 * $V),
-                // One line of the next panel per step of `k`.
-                Ahead::Next(p) => prefetch_lines(p.wrapping_add(16 * (g - from)), 16),
-            }
+            $ahead.fetch(wp, pw, 16 * $V, g - from);
             let mut wv = [_mm512_setzero_si512(); $V];
             for (v, wv) in wv.iter_mut().enumerate() {
                 *wv = _mm512_loadu_si512(wp.add(16 * v) as *const _);
@@ -787,7 +783,7 @@ unsafe fn tile_avx2_f32(
     c0: usize,
     ks: Range<usize>,
     acc: &mut TileAcc,
-    ahead: usize,
+    ahead: Ahead,
 ) {
     /// Columns `[from, to)` of the panel at `c0` (a multiple of `8 S` of them); returns `to`.
     #[target_feature(enable = "avx2,fma")]
@@ -798,7 +794,7 @@ unsafe fn tile_avx2_f32(
         (from, to): (usize, usize),
         ks: Range<usize>,
         acc: &mut TileAcc,
-        ahead: usize,
+        ahead: Ahead,
     ) -> usize {
         use std::arch::x86_64::*;
         let kg = w.kg;
@@ -815,7 +811,7 @@ unsafe fn tile_avx2_f32(
             }
             let mut wp = panel.add(sub + ks.start * pw);
             for g in ks.clone() {
-                prefetch_panel(wp as *const u32, ahead, pw, 8 * S);
+                ahead.fetch(wp as *const u32, pw, 8 * S, g - ks.start);
                 let mut wv = [_mm256_setzero_ps(); S];
                 for (v, wv) in wv.iter_mut().enumerate() {
                     *wv = _mm256_loadu_ps(wp.add(8 * v));
@@ -845,7 +841,7 @@ unsafe fn tile_avx2_f32(
         c0: usize,
         ks: Range<usize>,
         acc: &mut TileAcc,
-        ahead: usize,
+        ahead: Ahead,
     ) {
         let pw = panel_width(w.n_pad, c0 / BLOCK);
         let wide = pw / (8 * S) * (8 * S);
@@ -938,12 +934,12 @@ fn tile(
             WeightDtype::Int8 => isa >= Isa::Avx512Vnni,
             WeightDtype::F16 => false,
         };
+        let ahead = match next {
+            Some(p) => Ahead::Next(p),
+            None => Ahead::Rows(ahead),
+        };
         if simd {
             // SAFETY: the backend only runs at levels the CPU has (`IsaLevel::checked`).
-            let ahead = match next {
-                Some(p) => Ahead::Next(p),
-                None => Ahead::Rows(ahead),
-            };
             return unsafe { tile_simd(x, w, rows, c0, width, ks, acc, ahead) };
         }
         if w.kind == WeightDtype::F32 && isa >= Isa::Avx2 {
@@ -1396,19 +1392,41 @@ pub(super) enum Ahead {
     Next(*const u32),
 }
 
-/// Whether a task's passes after its first over its panel ask for the next task's panel
-/// ([`Ahead::Next`]; rayon hands each thread a run of consecutive tasks, so that is most often
-/// the panel the thread reads next). Batched decoding steps are the products it is for: a
-/// task's first pass waits on memory and its other passes (the other row tiles) on the
-/// multiply-adds alone. In alternating `examples/matmul_speed` runs with weights from memory
-/// (`MATMUL_COLD=1`, median of 6, 2 threads, AMD EPYC Zen 4), products of 32 rows got 6% to
-/// 16% faster (bf16 32 x 3072 x 768 from 344 to 372 GFLOP/s, int8 from 611 to 695), 8 rows
-/// 4% to 18%, encoder products (4096 rows) within 1% except bf16 with k = 3072 (12% faster);
-/// 128 rows 2% to 3% slower (within noise). `T5RT_PREFETCH_NEXT=0` turns it off, for tuning.
+#[cfg(target_arch = "x86_64")]
+impl Ahead {
+    /// The requests for step `step` of a tile's walk over `k` (`wp`: the panel row it reads,
+    /// rows of `pw` lanes, `n` of them read).
+    #[inline(always)]
+    pub(super) fn fetch(self, wp: *const u32, pw: usize, n: usize, step: usize) {
+        match self {
+            Ahead::Rows(rows) => prefetch_panel(wp, rows, pw, n),
+            Ahead::Next(p) => prefetch_lines(p.wrapping_add(16 * step), 16),
+        }
+    }
+}
+
+/// Whether, in products of one row task (at most [`ROWS_PER_TASK`] rows: decoding steps), a
+/// task's row tiles after its first ask for the next task's panel ([`Ahead::Next`]; rayon
+/// hands each thread a run of consecutive tasks, so that is most often the panel the thread
+/// reads next). There a task's first pass waits on memory (each weight is read once per
+/// step) and its other passes on the multiply-adds alone, which left the memory bus idle. In
+/// alternating `examples/matmul_speed` runs with weights from memory (`MATMUL_COLD=1`, median
+/// of 4 to 8, 2 threads, AMD EPYC Zen 4): products of 32 rows 6% to 16% faster at
+/// `avx512-bf16` (bf16 32 x 3072 x 768 from 344 to 372 GFLOP/s, int8 from 611 to 695), up to
+/// 20% at `avx2` (widened bf16 and f32) and 5% to 10% for int8 at `avx512bw`; 8 rows 2% to
+/// 18%. Encoder products (4096 rows, many row tasks, panels from L3) gained nothing at
+/// `avx512-bf16` and lost up to 10% (20% at 512 rows) with the widened bf16 and 16-bit int8
+/// tiles at `avx512bw`, whose wide activation rows the extra lines push out of L1: hence
+/// one row task only. `T5RT_PREFETCH_NEXT=0` turns it off, for tuning.
 fn prefetch_next() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| tuning("T5RT_PREFETCH_NEXT").unwrap_or(1) > 0)
 }
+
+/// The largest panel whose task asks for the next one ([`prefetch_next`]): 384 KiB (bf16 and
+/// int8 at k = 3072, f32 at k = 1536), so that two panels stay in a 1 MiB L2. f32 panels of
+/// k = 3072 (768 KiB) are walked in blocks of `k` instead ([`AVX512_KC`]).
+const NEXT_MAX_BYTES: usize = 384 << 10;
 
 /// The panel of task `t` of [`matmul_packed_shared`] (tasks `starts[i]..starts[i + 1]` are
 /// product `i`'s, column blocks first): its first lane and its number of lanes.
@@ -1535,7 +1553,7 @@ pub(super) fn matmul_packed_shared(
     }
     let outps: Vec<SharedMut> = outs.iter_mut().map(|o| SharedMut(o.as_mut_ptr())).collect();
     let total = starts.last().copied().unwrap_or(0);
-    let next_on = prefetch_next();
+    let next_on = prefetch_next() && row_tasks == 1;
     (0..total).into_par_iter().for_each(|t| {
         let i = starts.partition_point(|&s| s <= t) - 1;
         let (w, outp) = (ws[i], outps[i]);
@@ -1559,17 +1577,18 @@ pub(super) fn matmul_packed_shared(
             w.kg.max(1)
         };
         let ahead = prefetch_rows();
-        // The next task's panel, asked for by the passes after the first when `k` is walked
-        // in one go (with blocks of `k`, a task's own panel may not even stay in L2).
-        let next = (next_on && kc == w.kg && t + 1 < total).then(|| task_panel(ws, &starts, t + 1));
+        // The next task's panel, asked for by the row tiles after the first: tile `i` asks
+        // for its lines `(i - 1) kg + g`, one per step `g` of `k`. Only in products of one
+        // row task (decoding steps), and not where a panel is too large for two to share L2.
+        let next = (next_on && t + 1 < total && 4 * w.kg * BLOCK <= NEXT_MAX_BYTES)
+            .then(|| task_panel(ws, &starts, t + 1));
         for g0 in (0..w.kg).step_by(kc) {
             let ks = g0..(g0 + kc).min(w.kg);
             for (i, acc) in sums.iter_mut().enumerate() {
                 let r0 = r_start + i * MR;
                 let rows = MR.min(r_end - r0);
                 let xs = &xl[r0 * xstride..(r0 + rows) * xstride];
-                // Pass `i` asks for lines `(i - 1) kg ..` of it, one per step of `k`.
-                let from = i.saturating_sub(1) * 16 * w.kg;
+                let from = 16 * (i.saturating_sub(1) * w.kg + g0);
                 let next = match next {
                     Some((p, lanes)) if i > 0 && from < lanes => Some(p.wrapping_add(from)),
                     _ => None,

@@ -25,7 +25,7 @@ use std::arch::x86_64::*;
 
 use std::ops::Range;
 
-use super::{panel_width, prefetch_panel, PackedWeight, TileAcc, BLOCK, MR};
+use super::{panel_width, Ahead, PackedWeight, TileAcc, BLOCK, MR};
 
 /// Column sub-blocks of `lanes * V` columns, rows in groups of at most `$group` (the largest
 /// of `$rows_n`): one row (batch-1 decoding) reads the panel in blocks of 4 vectors, several
@@ -93,7 +93,7 @@ unsafe fn bf16_avx512<const R: usize, const V: usize>(
     sub: usize,
     ks: Range<usize>,
     out: &mut [[u32; BLOCK]],
-    ahead: usize,
+    ahead: Ahead,
 ) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
@@ -109,8 +109,9 @@ unsafe fn bf16_avx512<const R: usize, const V: usize>(
             *a = _mm512_loadu_ps(o.as_ptr().add(sub + 16 * v) as *const f32);
         }
     }
+    let from = ks.start;
     for g in ks {
-        prefetch_panel(wp, ahead, pw, 16 * V);
+        ahead.fetch(wp, pw, 16 * V, g - from);
         // Even elements of every row first, then odd ones: each accumulator still takes its
         // even product before its odd one, and only `V` widened vectors are live at a time,
         // which leaves registers for 6 rows x 4 vectors of sums. The odd half reads the
@@ -155,7 +156,7 @@ unsafe fn bf16_avx2<const R: usize, const V: usize>(
     sub: usize,
     ks: Range<usize>,
     out: &mut [[u32; BLOCK]],
-    ahead: usize,
+    ahead: Ahead,
 ) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
@@ -171,8 +172,9 @@ unsafe fn bf16_avx2<const R: usize, const V: usize>(
             *a = _mm256_loadu_ps(o.as_ptr().add(sub + 8 * v) as *const f32);
         }
     }
+    let from = ks.start;
     for g in ks {
-        prefetch_panel(wp, ahead, pw, 8 * V);
+        ahead.fetch(wp, pw, 8 * V, g - from);
         // Even elements, then odd ones, as in [`bf16_avx512`]: 6 rows x 2 vectors of sums,
         // 2 widened vectors, a broadcast and the mask fill the 16 ymm registers. Here the
         // plain pointer does better than the opaque one (97 against 37 GFLOP/s on t5-small's
@@ -239,7 +241,7 @@ macro_rules! int8_wide_tile {
             sub: usize,
             ks: Range<usize>,
             out: &mut [[u32; BLOCK]],
-            ahead: usize,
+            ahead: Ahead,
         ) {
             let kg = w.kg;
             let pw = panel_width(w.n_pad, c0 / BLOCK);
@@ -250,8 +252,9 @@ macro_rules! int8_wide_tile {
             let out = &mut out[..R];
             let (mut lo, mut hi) = ([[zero; V]; R], [[zero; V]; R]);
             let last_block = ks.end == kg;
+            let from = ks.start;
             for g in ks {
-                prefetch_panel(wp, ahead, pw, $lanes * V);
+                ahead.fetch(wp, pw, $lanes * V, g - from);
                 let (mut wl, mut wh) = ([zero; V], [zero; V]);
                 for v in 0..V {
                     (wl[v], wh[v]) = $widen(wp.add($lanes * v));
@@ -412,7 +415,7 @@ unsafe fn int8_avx2<const R: usize, const V: usize>(
     sub: usize,
     ks: Range<usize>,
     out: &mut [[u32; BLOCK]],
-    ahead: usize,
+    ahead: Ahead,
 ) {
     let kg = w.kg;
     let pw = panel_width(w.n_pad, c0 / BLOCK);
@@ -429,8 +432,9 @@ unsafe fn int8_avx2<const R: usize, const V: usize>(
         }
     }
     let last_block = ks.end == kg;
+    let from = ks.start;
     for g in ks {
-        prefetch_panel(wp, ahead, pw, 8 * V);
+        ahead.fetch(wp, pw, 8 * V, g - from);
         let mut wv = [_mm256_setzero_si256(); V];
         for (v, wv) in wv.iter_mut().enumerate() {
             *wv = _mm256_loadu_si256(wp.add(8 * v) as *const _);
@@ -496,7 +500,7 @@ pub(super) unsafe fn tile(
     ks: Range<usize>,
     acc: &mut TileAcc,
     kind: NoDot,
-    ahead: usize,
+    ahead: Ahead,
 ) {
     debug_assert!(rows <= MR);
     match kind {
