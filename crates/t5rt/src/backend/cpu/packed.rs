@@ -908,8 +908,8 @@ unsafe fn tile_simd(
 /// One tile on the best path `isa` allows: `rows` rows of `x` times the panel at `c0`, over
 /// the lanes `ks` of `k`, added to the running sums in `acc` (each output's sum over `k`
 /// continues in order, whatever the split of `k`); the SIMD tiles prefetch the panel `ahead`
-/// rows ahead of the row they read (see [`prefetch_rows`]), or, the AVX-512 tiles, the next
-/// task's panel from `next` on instead ([`Ahead::Next`]). `nodot_kind`: the tile of
+/// rows ahead of the row they read (see [`prefetch_rows`]), or, given `next`, the next task's
+/// panel from there on instead ([`Ahead::Next`]). `nodot_kind`: the tile of
 /// [`nodot`] the product chose ([`no_dot`], and the layout of `x` it prepared), if any.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -1375,16 +1375,18 @@ const AVX512_LONG_K: usize = 2048;
 /// memory (decoding): in alternating `examples/matmul_speed` runs on a 2-core Xeon VM, products
 /// got 15% to 50% faster (f32 512 x 3072 x 768 from about 100 to 150 GFLOP/s; bf16 and int8 at
 /// batch 1 to 8 by 10% to 30%), and t5-small's f32 encoder 13% faster in `t5rt bench`. Distances
-/// from 8 to 64 rows did about as well. `T5RT_PREFETCH` overrides it (0: none), for tuning.
+/// from 8 to 64 rows did about as well. `T5RT_PREFETCH` overrides it (0: none; the next-panel
+/// prefetch has its own switch, [`prefetch_next`]), for tuning.
 fn prefetch_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| tuning("T5RT_PREFETCH").unwrap_or(16))
 }
 
-/// What an AVX-512 tile prefetches as it walks `k`: its own panel `Rows` rows ahead (the
-/// first pass of a task over its panel, which comes from memory), or, one 64-byte line per
-/// step of `k`, the panel of the task after this one, from `Next` on (the task's later passes,
-/// which find their panel in L2 and would leave the memory bus idle; see [`prefetch_next`]).
+/// What a SIMD tile prefetches as it walks `k`: its own panel `Rows` rows ahead (a task's
+/// first pass over its panel, which comes from memory, and every pass where the next-panel
+/// prefetch does not apply), or, one 64-byte line per step of `k`, the panel of the task after
+/// this one, from `Next` on (a task's later passes, which find their panel in L2 and would
+/// leave the memory bus idle; see [`prefetch_next`]).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 pub(super) enum Ahead {
@@ -1405,16 +1407,17 @@ impl Ahead {
     }
 }
 
-/// Whether, in products of one row task (at most [`ROWS_PER_TASK`] rows: decoding steps), a
+/// Whether, in products of one row task (at most [`ROWS_PER_TASK`] rows: batched decoding
+/// steps, and encoder passes that short), a
 /// task's row tiles after its first ask for the next task's panel ([`Ahead::Next`]; rayon
 /// hands each thread a run of consecutive tasks, so that is most often the panel the thread
 /// reads next). There a task's first pass waits on memory (each weight is read once per
 /// step) and its other passes on the multiply-adds alone, which left the memory bus idle. In
 /// alternating `examples/matmul_speed` runs with weights from memory (`MATMUL_COLD=1`, median
 /// of 4 to 8, 2 threads, AMD EPYC Zen 4): products of 32 rows 6% to 16% faster at
-/// `avx512-bf16` (bf16 32 x 3072 x 768 from 344 to 372 GFLOP/s, int8 from 611 to 695), up to
-/// 20% at `avx2` (widened bf16 and f32) and 5% to 10% for int8 at `avx512bw`; 8 rows 2% to
-/// 18%. Encoder products (4096 rows, many row tasks, panels from L3) gained nothing at
+/// `avx512-bf16` (bf16 32 x 3072 x 768 from 344 to 372 GFLOP/s, int8 from 611 to 695), 7% to
+/// 23% at `avx2` and up to 11% at `avx512bw` (single products; a task of a shared set asks for
+/// the set's next task's panel, which may be the next product's); 8 rows 2% to 18%. Encoder products (4096 rows, many row tasks, panels from L3) gained nothing at
 /// `avx512-bf16` and lost up to 10% (20% at 512 rows) with the widened bf16 and 16-bit int8
 /// tiles at `avx512bw`, whose wide activation rows the extra lines push out of L1: hence
 /// one row task only. `T5RT_PREFETCH_NEXT=0` turns it off, for tuning.
@@ -1423,19 +1426,37 @@ fn prefetch_next() -> bool {
     *ON.get_or_init(|| tuning("T5RT_PREFETCH_NEXT").unwrap_or(1) > 0)
 }
 
-/// The largest panel whose task asks for the next one ([`prefetch_next`]): 384 KiB (bf16 and
-/// int8 at k = 3072, f32 at k = 1536), so that two panels stay in a 1 MiB L2. f32 panels of
-/// k = 3072 (768 KiB) are walked in blocks of `k` instead ([`AVX512_KC`]).
+/// The largest panel whose task asks for the next one ([`prefetch_next`]): 384 KiB (64 columns
+/// of k = 1536 in f32, 3072 in bf16, 6144 in int8), so that two panels stay in a 1 MiB L2.
+/// Larger f32 panels (t5-base's feed-forward output, k = 3072) keep the plain prefetch.
 const NEXT_MAX_BYTES: usize = 384 << 10;
 
-/// The panel of task `t` of [`matmul_packed_shared`] (tasks `starts[i]..starts[i + 1]` are
-/// product `i`'s, column blocks first): its first lane and its number of lanes.
-fn task_panel(ws: &[&PackedWeight], starts: &[usize], t: usize) -> (*const u32, usize) {
+/// Where each product's tasks start in [`matmul_packed_shared`]'s set: product `i` owns tasks
+/// `starts[i]..starts[i + 1]`, `row_tasks` per column block of 64 (the last entry is the
+/// total).
+fn task_starts(ws: &[&PackedWeight], row_tasks: usize) -> Vec<usize> {
+    let mut starts = Vec::with_capacity(ws.len() + 1);
+    starts.push(0);
+    for w in ws {
+        starts.push(starts.last().copied().unwrap_or(0) + w.n.div_ceil(BLOCK) * row_tasks);
+    }
+    starts
+}
+
+/// Task `t` (`t` < the total of [`task_starts`]): its product, its column block (of 64) and
+/// its row task, column blocks first.
+fn task_of(ws: &[&PackedWeight], starts: &[usize], t: usize) -> (usize, usize, usize) {
     let i = starts.partition_point(|&s| s <= t) - 1;
+    let (local, col_blocks) = (t - starts[i], ws[i].n.div_ceil(BLOCK));
+    (i, local % col_blocks, local / col_blocks)
+}
+
+/// The panel that task `t` reads ([`task_of`]): its first lane and its number of lanes.
+fn task_panel(ws: &[&PackedWeight], starts: &[usize], t: usize) -> (*const u32, usize) {
+    let (i, cb, _) = task_of(ws, starts, t);
     let w = ws[i];
-    let c0 = (t - starts[i]) % w.n.div_ceil(BLOCK) * BLOCK;
-    let lanes = w.kg * panel_width(w.n_pad, c0 / BLOCK);
-    (w.lanes[c0 * w.kg..].as_ptr(), lanes)
+    let lanes = w.kg * panel_width(w.n_pad, cb);
+    (w.lanes[cb * BLOCK * w.kg..].as_ptr(), lanes)
 }
 
 /// Asks for the cache lines of the `n` values from `p` on, one request per 64-byte line.
@@ -1545,21 +1566,14 @@ pub(super) fn matmul_packed_shared(
         &prepared
     };
     let row_tasks = m.div_ceil(ROWS_PER_TASK);
-    // Task `t` of the whole set: product `i` owns tasks [starts[i], starts[i + 1]).
-    let mut starts = Vec::with_capacity(ws.len() + 1);
-    starts.push(0);
-    for w in ws {
-        starts.push(starts.last().copied().unwrap_or(0) + w.n.div_ceil(BLOCK) * row_tasks);
-    }
+    let starts = task_starts(ws, row_tasks);
     let outps: Vec<SharedMut> = outs.iter_mut().map(|o| SharedMut(o.as_mut_ptr())).collect();
     let total = starts.last().copied().unwrap_or(0);
     let next_on = prefetch_next() && row_tasks == 1;
     (0..total).into_par_iter().for_each(|t| {
-        let i = starts.partition_point(|&s| s <= t) - 1;
+        let (i, cb, rt) = task_of(ws, &starts, t);
         let (w, outp) = (ws[i], outps[i]);
-        let (n, t) = (w.n, t - starts[i]);
-        let col_blocks = n.div_ceil(BLOCK);
-        let (cb, rt) = (t % col_blocks, t / col_blocks);
+        let n = w.n;
         let c0 = cb * BLOCK;
         let width = BLOCK.min(n - c0);
         let (r_start, r_end) = (rt * ROWS_PER_TASK, ((rt + 1) * ROWS_PER_TASK).min(m));
@@ -1577,20 +1591,20 @@ pub(super) fn matmul_packed_shared(
             w.kg.max(1)
         };
         let ahead = prefetch_rows();
-        // The next task's panel, asked for by the row tiles after the first: tile `i` asks
-        // for its lines `(i - 1) kg + g`, one per step `g` of `k`. Only in products of one
+        // The next task's panel, asked for by the row tiles after the first: tile `j` asks
+        // for its lines `(j - 1) kg + g`, one per step `g` of `k`. Only in products of one
         // row task (decoding steps), and not where a panel is too large for two to share L2.
         let next = (next_on && t + 1 < total && 4 * w.kg * BLOCK <= NEXT_MAX_BYTES)
             .then(|| task_panel(ws, &starts, t + 1));
         for g0 in (0..w.kg).step_by(kc) {
             let ks = g0..(g0 + kc).min(w.kg);
-            for (i, acc) in sums.iter_mut().enumerate() {
-                let r0 = r_start + i * MR;
+            for (j, acc) in sums.iter_mut().enumerate() {
+                let r0 = r_start + j * MR;
                 let rows = MR.min(r_end - r0);
                 let xs = &xl[r0 * xstride..(r0 + rows) * xstride];
-                let from = 16 * (i.saturating_sub(1) * w.kg + g0);
+                let from = 16 * (j.saturating_sub(1) * w.kg + g0);
                 let next = match next {
-                    Some((p, lanes)) if i > 0 && from < lanes => Some(p.wrapping_add(from)),
+                    Some((p, lanes)) if j > 0 && from < lanes => Some(p.wrapping_add(from)),
                     _ => None,
                 };
                 tile(
@@ -1656,6 +1670,47 @@ mod alloc_tests {
             oom(PackedWeight::pack(&[], n, k, kind, isa).err().unwrap());
         }
         oom(PackedWeight::from_int8(&[], &[], n, k).err().unwrap());
+    }
+}
+
+#[cfg(test)]
+mod task_tests {
+    use super::{task_of, task_panel, task_starts, Isa, PackedWeight, BLOCK};
+    use crate::backend::WeightDtype;
+
+    /// The tasks of several products in one set map to each product's column blocks and row
+    /// tasks in order (column blocks first), and `task_panel` of a task is the panel that task
+    /// reads, also where it belongs to the next product (the next-panel prefetch asks for
+    /// `task_panel(t + 1)`; a wrong panel would only cost speed, which no other test sees).
+    #[test]
+    fn tasks_map_to_their_products_blocks_and_panels() {
+        let k = 40;
+        let shapes = [64usize, 100, 1, 130];
+        let packed: Vec<PackedWeight> = shapes
+            .iter()
+            .map(|&n| {
+                let vals: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
+                PackedWeight::pack(&vals, n, k, WeightDtype::F32, Isa::Portable).unwrap()
+            })
+            .collect();
+        let ws: Vec<&PackedWeight> = packed.iter().collect();
+        for row_tasks in [1, 3] {
+            let starts = task_starts(&ws, row_tasks);
+            let mut t = 0;
+            for (i, w) in ws.iter().enumerate() {
+                for rt in 0..row_tasks {
+                    for cb in 0..w.n.div_ceil(BLOCK) {
+                        assert_eq!(task_of(&ws, &starts, t), (i, cb, rt), "task {t}");
+                        let (p, lanes) = task_panel(&ws, &starts, t);
+                        let want = &w.lanes[cb * BLOCK * w.kg..];
+                        assert_eq!(p, want.as_ptr(), "task {t}");
+                        assert_eq!(lanes, w.kg * BLOCK.min(w.n_pad - cb * BLOCK), "task {t}");
+                        t += 1;
+                    }
+                }
+            }
+            assert_eq!(starts.last(), Some(&t));
+        }
     }
 }
 

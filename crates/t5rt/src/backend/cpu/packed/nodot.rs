@@ -25,7 +25,9 @@ use std::arch::x86_64::*;
 
 use std::ops::Range;
 
-use super::{panel_width, Ahead, PackedWeight, TileAcc, BLOCK, MR};
+#[cfg(target_arch = "x86_64")]
+use super::Ahead;
+use super::{panel_width, PackedWeight, TileAcc, BLOCK, MR};
 
 /// Column sub-blocks of `lanes * V` columns, rows in groups of at most `$group` (the largest
 /// of `$rows_n`): one row (batch-1 decoding) reads the panel in blocks of 4 vectors, several
