@@ -21,7 +21,7 @@ use crate::backend::cpu::packed::quantize_int8;
 use crate::backend::cpu::IsaLevel;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Result, T5Error};
-use crate::model::params::{INT8_SUFFIX, SCALE_SUFFIX};
+use crate::model::params::{named, INT8_SUFFIX, SCALE_SUFFIX};
 
 /// Files copied next to the converted weights when the source has them.
 const COPIED: [&str; 6] = [
@@ -105,9 +105,7 @@ pub fn convert_int8(src: &Path, out: &Path, threads: usize) -> Result<ConvertSum
         let linear = is_linear(name, &shape);
         if linear || Some(name.as_str()) == tied_head {
             let (n, k) = (shape[0], shape[1]);
-            let (q, scales) = pool
-                .install(|| quantize_int8(&data, n, k, isa))
-                .map_err(|e| T5Error::Backend(format!("{name}: {e}")))?;
+            let (q, scales) = named(name, pool.install(|| quantize_int8(&data, n, k, isa)))?;
             // (For the tied head, the int8 copy sits beside the f32 table it came from.)
             tensors.push((
                 format!("{name}.{INT8_SUFFIX}"),

@@ -97,9 +97,9 @@ pub struct T5Params<T, W> {
 pub const INT8_SUFFIX: &str = "t5rt_int8";
 pub const SCALE_SUFFIX: &str = "t5rt_scale";
 
-/// A backend's error while loading weight `name` (out of memory, say), with the name where
-/// the message does not give it already.
-fn named<T>(name: &str, r: Result<T>) -> Result<T> {
+/// A backend's error while loading (or converting) weight `name` (out of memory, say), with
+/// the name where the message does not give it already.
+pub(crate) fn named<T>(name: &str, r: Result<T>) -> Result<T> {
     r.map_err(|e| match e {
         T5Error::Backend(m) if !m.contains(name) => T5Error::Backend(format!("{name}: {m}")),
         e => e,

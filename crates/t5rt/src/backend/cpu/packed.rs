@@ -1407,20 +1407,19 @@ impl Ahead {
     }
 }
 
-/// Whether, in products of one row task (at most [`ROWS_PER_TASK`] rows: batched decoding
-/// steps, and encoder passes that short), a
-/// task's row tiles after its first ask for the next task's panel ([`Ahead::Next`]; rayon
-/// hands each thread a run of consecutive tasks, so that is most often the panel the thread
-/// reads next). There a task's first pass waits on memory (each weight is read once per
-/// step) and its other passes on the multiply-adds alone, which left the memory bus idle. In
-/// alternating `examples/matmul_speed` runs with weights from memory (`MATMUL_COLD=1`, median
-/// of 4 to 8, 2 threads, AMD EPYC Zen 4): products of 32 rows 6% to 16% faster at
-/// `avx512-bf16` (bf16 32 x 3072 x 768 from 344 to 372 GFLOP/s, int8 from 611 to 695), 7% to
-/// 23% at `avx2` and up to 11% at `avx512bw` (single products; a task of a shared set asks for
-/// the set's next task's panel, which may be the next product's); 8 rows 2% to 18%. Encoder products (4096 rows, many row tasks, panels from L3) gained nothing at
-/// `avx512-bf16` and lost up to 10% (20% at 512 rows) with the widened bf16 and 16-bit int8
-/// tiles at `avx512bw`, whose wide activation rows the extra lines push out of L1: hence
-/// one row task only. `T5RT_PREFETCH_NEXT=0` turns it off, for tuning.
+/// Whether, in products of one row task (at most [`ROWS_PER_TASK`] rows: batched decoding steps,
+/// and encoder passes that short), a task's row tiles after its first ask for the next task's panel
+/// ([`Ahead::Next`]; rayon hands each thread a run of consecutive tasks, so that is most often the
+/// panel the thread reads next). There a task's first pass waits on memory (each weight is read
+/// once per step) and its other passes on the multiply-adds alone, which left the memory bus idle.
+/// In alternating `examples/matmul_speed` runs with weights from memory (`MATMUL_COLD=1`, median of
+/// 4 to 8, 2 threads, AMD EPYC Zen 4): products of 32 rows 6% to 16% faster at `avx512-bf16` (bf16
+/// 32 x 3072 x 768 from 344 to 372 GFLOP/s, int8 from 611 to 695), 7% to 23% at `avx2` and up to
+/// 11% at `avx512bw` (single products; a task of a shared set asks for the set's next task's panel,
+/// which may be the next product's); 8 rows 2% to 18%. Encoder products (4096 rows, many row tasks,
+/// panels from L3) gained nothing at `avx512-bf16` and lost up to 10% (20% at 512 rows) with the
+/// widened bf16 and 16-bit int8 tiles at `avx512bw`, whose wide activation rows the extra lines
+/// push out of L1: hence one row task only. `T5RT_PREFETCH_NEXT=0` turns it off, for tuning.
 fn prefetch_next() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| tuning("T5RT_PREFETCH_NEXT").unwrap_or(1) > 0)
