@@ -74,7 +74,7 @@ pub struct PackedWeight {
     kg: usize,
     /// `n` rounded up to a multiple of 16.
     n_pad: usize,
-    lanes: Vec<u32>,
+    lanes: crate::hugepage::HugeBuf<u32>,
     /// int8: the scale of each column (`n_pad` values); empty otherwise.
     scales: Vec<f32>,
     /// int8: the sum of each column's quantized values (`n_pad`); empty otherwise.
@@ -186,7 +186,7 @@ impl PackedWeight {
         }
         let g = group(kind);
         let (kg, n_pad) = (k.div_ceil(g), n.div_ceil(16) * 16);
-        let mut lanes = crate::hugepage::zeroed::<u32>(kg * n_pad, "packed weights")?;
+        let mut lanes = crate::hugepage::HugeBuf::<u32>::zeroed(kg * n_pad, "packed weights")?;
         // One panel (64 columns, `[kg, width]` row-major, see `lane_index`) at a time, in
         // parallel: panel `p`'s lanes are one contiguous chunk of `lanes`.
         let fill = |p: usize, panel: &mut [u32]| {
@@ -239,7 +239,7 @@ impl PackedWeight {
     pub fn from_int8(q: &[i8], scales: &[f32], n: usize, k: usize) -> Result<Self, T5Error> {
         use rayon::prelude::*;
         let (kg, n_pad) = (k.div_ceil(4), n.div_ceil(16) * 16);
-        let mut lanes = crate::hugepage::zeroed::<u32>(kg * n_pad, "packed int8 weights")?;
+        let mut lanes = crate::hugepage::HugeBuf::<u32>::zeroed(kg * n_pad, "packed int8 weights")?;
         let mut col_sums = crate::alloc::try_zeroed::<i32>(n_pad, "int8 column sums")?;
         let mut all_scales = crate::alloc::try_filled(n_pad, 1.0f32, "int8 scales")?;
         all_scales[..n].copy_from_slice(&scales[..n]);
@@ -352,7 +352,7 @@ impl PackedWeight {
             k: self.k,
             kg,
             n_pad,
-            lanes,
+            lanes: lanes.into(),
             scales: Vec::new(),
             col_sums: Vec::new(),
         }))
