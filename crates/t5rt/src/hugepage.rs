@@ -51,6 +51,11 @@ pub(crate) fn zeroed<T: crate::alloc::ZeroBits>(
 /// all come in huge pages (and in the order they were loaded). Batch-1 decoding, which reads
 /// every weight once per step, got 9% (f32), 14% (bf16) and 18% (int8) faster on t5-base
 /// (case a, alternating runs; see `bench/RESULTS.md`).
+///
+/// A range is handed out once. When a buffer is dropped, its range joins the chunk's free
+/// space and the whole 2 MiB pages of that space go back to the system (`MADV_DONTNEED`; not
+/// the partial ones, which would split pages that live neighbours share), so a process that
+/// loads and drops models does not keep their weights; a chunk is unmapped with its last buffer.
 pub(crate) struct HugeBuf<T> {
     ptr: std::ptr::NonNull<T>,
     len: usize,
@@ -60,10 +65,12 @@ pub(crate) struct HugeBuf<T> {
 enum Owner<T> {
     /// An ordinary allocation (other systems, empty buffers, [`HugeBuf::from`] a vector).
     Vec(#[allow(dead_code)] Vec<T>),
-    /// `bytes` bytes (a multiple of 4 KiB) of a chunk, which lives while any of its buffers does.
+    /// `bytes` bytes (a multiple of 4 KiB) at offset `at` of a chunk, which lives while any
+    /// of its buffers does.
     #[cfg(target_os = "linux")]
     Chunk {
         chunk: std::sync::Arc<map::Chunk>,
+        at: usize,
         bytes: usize,
     },
 }
@@ -110,20 +117,24 @@ impl<T: crate::alloc::ZeroBits> HugeBuf<T> {
     /// own for a buffer over a quarter of a chunk. An out-of-memory error naming `what` where
     /// the memory cannot be had.
     pub(crate) fn zeroed(n: usize, what: &str) -> crate::error::Result<Self> {
+        const {
+            assert!(std::mem::size_of::<T>() > 0 && std::mem::align_of::<T>() <= 4096);
+        }
         let bytes = n
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| crate::alloc::out_of_memory(usize::MAX, what))?;
         #[cfg(target_os = "linux")]
         if bytes > 0 {
             let (chunk, at, bytes) = map::carve(bytes, what)?;
-            // SAFETY: `at` is inside the chunk's mapping, 4 KiB-aligned (so aligned for T),
-            // and followed by `bytes` >= n · size_of::<T>() bytes that no other buffer has;
-            // a fresh anonymous mapping reads as zeros, valid values of T (`ZeroBits`).
+            // SAFETY: `at` is inside the chunk's mapping, 4 KiB-aligned (so aligned for T, as
+            // asserted above), and followed by `bytes` >= n · size_of::<T>() bytes that no
+            // other buffer has; a fresh anonymous mapping reads as zeros, valid values of T
+            // (`ZeroBits`).
             let ptr = unsafe { chunk.base().add(at) } as *mut T;
             return Ok(HugeBuf {
                 ptr: std::ptr::NonNull::new(ptr).expect("a mapping is not at address 0"),
                 len: n,
-                owner: Owner::Chunk { chunk, bytes },
+                owner: Owner::Chunk { chunk, at, bytes },
             });
         }
         crate::alloc::try_zeroed(n, what).map(HugeBuf::from)
@@ -132,21 +143,11 @@ impl<T: crate::alloc::ZeroBits> HugeBuf<T> {
 
 impl<T> Drop for HugeBuf<T> {
     fn drop(&mut self) {
+        // Give back the pages the chunk no longer needs (before this buffer's reference to
+        // the chunk goes, so the mapping is still there); the last buffer unmaps it all.
         #[cfg(target_os = "linux")]
-        if let Owner::Chunk { chunk, bytes } = &self.owner {
-            // Other buffers keep the chunk mapped: give this range's pages back now (the
-            // range is never handed out again). The last buffer unmaps the whole chunk.
-            if std::sync::Arc::strong_count(chunk) > 1 {
-                // SAFETY: the range is this buffer's alone, 4 KiB-aligned, inside the
-                // mapping; nothing reads it after this (the buffer is being dropped).
-                unsafe {
-                    libc::madvise(
-                        self.ptr.as_ptr() as *mut libc::c_void,
-                        *bytes,
-                        libc::MADV_DONTNEED,
-                    );
-                }
-            }
+        if let Owner::Chunk { chunk, at, bytes } = &self.owner {
+            chunk.release(*at, *bytes);
         }
     }
 }
@@ -166,6 +167,8 @@ mod map {
     pub(crate) struct Chunk {
         base: *mut u8,
         len: usize,
+        /// The ranges of dropped buffers, merged where they touch, by offset.
+        freed: Mutex<Vec<(usize, usize)>>,
     }
 
     // SAFETY: the mapping is plain memory owned by the chunk; buffers carved from it are
@@ -177,6 +180,27 @@ mod map {
     impl Chunk {
         pub(super) fn base(&self) -> *mut u8 {
             self.base
+        }
+
+        /// Records `[at, at + bytes)` as no longer used and gives back the whole 2 MiB pages
+        /// of the free range it joins (`MADV_DONTNEED`). Only whole huge pages: freeing part
+        /// of one would split it, and the live buffers that share it would go on in 4 KiB
+        /// pages. The allocator never hands a range out twice, so freed pages stay unused.
+        pub(super) fn release(&self, at: usize, bytes: usize) {
+            let mut freed = self.freed.lock().unwrap_or_else(|e| e.into_inner());
+            let (s, e) = merge_free(&mut freed, at, at + bytes);
+            let (lo, hi) = (s.next_multiple_of(HUGE), e / HUGE * HUGE);
+            if hi > lo {
+                // SAFETY: [lo, hi) lies inside the mapping, within ranges of buffers that are
+                // gone (or going: this one, whose last use was before its drop).
+                unsafe {
+                    libc::madvise(
+                        self.base.add(lo) as *mut libc::c_void,
+                        hi - lo,
+                        libc::MADV_DONTNEED,
+                    );
+                }
+            }
         }
 
         /// A mapping of `len` bytes (a multiple of 4 KiB) starting on a 2 MiB boundary.
@@ -197,25 +221,25 @@ mod map {
             if p == libc::MAP_FAILED {
                 return Err(oom());
             }
-            let start = p as usize;
-            let base = start.next_multiple_of(HUGE);
-            // SAFETY: the head [start, base) and the tail [base + len, start + span) are
-            // parts of the mapping just made, which nothing uses; the advice only changes how
+            let (head, tail) = trim(p as usize);
+            let base = p.cast::<u8>().wrapping_add(head);
+            // SAFETY: the head [p, p + head) and the tail [base + len, + tail) are parts of
+            // the mapping just made, which nothing uses; the advice only changes how
             // [base, base + len) is backed. Their results are ignored: a failed unmap leaves
             // unused address space, a refused advice ordinary pages.
             unsafe {
-                if base > start {
-                    libc::munmap(p, base - start);
+                if head > 0 {
+                    libc::munmap(p, head);
                 }
-                let end = base + len;
-                if start + span > end {
-                    libc::munmap(end as *mut libc::c_void, start + span - end);
+                if tail > 0 {
+                    libc::munmap(base.add(len) as *mut libc::c_void, tail);
                 }
                 libc::madvise(base as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
             }
             Ok(Chunk {
-                base: base as *mut u8,
+                base,
                 len,
+                freed: Mutex::new(Vec::new()),
             })
         }
     }
@@ -227,6 +251,31 @@ mod map {
                 libc::munmap(self.base as *mut libc::c_void, self.len);
             }
         }
+    }
+
+    /// For a mapping of `len + 2 MiB` bytes at `start` (4 KiB-aligned): the bytes before its
+    /// first 2 MiB boundary and the bytes after the `len` that follow it, to unmap.
+    pub(super) fn trim(start: usize) -> (usize, usize) {
+        let head = start.next_multiple_of(HUGE) - start;
+        (head, HUGE - head)
+    }
+
+    /// Adds `[s, e)` to the sorted, disjoint ranges `freed`, merged with those it touches;
+    /// returns the merged range.
+    pub(super) fn merge_free(
+        freed: &mut Vec<(usize, usize)>,
+        s: usize,
+        e: usize,
+    ) -> (usize, usize) {
+        let i = freed.partition_point(|r| r.1 < s);
+        let (mut s, mut e, mut j) = (s, e, i);
+        while j < freed.len() && freed[j].0 <= e {
+            s = s.min(freed[j].0);
+            e = e.max(freed[j].1);
+            j += 1;
+        }
+        freed.splice(i..j, [(s, e)]);
+        (s, e)
     }
 
     /// The chunk being filled (held weakly: it goes when its buffers do) and its bytes used.
@@ -307,17 +356,83 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn chunks_are_aligned_and_large_buffers_have_their_own() {
+        const HUGE: usize = 2 << 20;
+        // The ends of the over-sized mapping to unmap, aligned start or not.
+        assert_eq!(map::trim(8 * HUGE), (0, HUGE));
+        assert_eq!(map::trim(8 * HUGE + 4096), (HUGE - 4096, 4096));
+        assert_eq!(map::trim(9 * HUGE - 4096), (4096, HUGE - 4096));
         let (chunk, at, bytes) = map::carve(10, "test").unwrap();
-        assert_eq!(chunk.base() as usize % (2 << 20), 0);
+        assert_eq!(chunk.base() as usize % HUGE, 0);
         assert_eq!((at % 4096, bytes), (0, 4096));
         // Over a quarter of a chunk: a mapping of its own, unmapped with its buffer (the
         // arena keeps no reference to it).
         let (big, at, bytes) = map::carve(map::CHUNK / 2 + 1, "test").unwrap();
-        assert_eq!(big.base() as usize % (2 << 20), 0);
+        assert_eq!(big.base() as usize % HUGE, 0);
         assert_eq!((at, bytes), (0, map::CHUNK / 2 + 4096));
         assert_eq!(std::sync::Arc::strong_count(&big), 1);
         let weak = std::sync::Arc::downgrade(&big);
         drop(big);
         assert!(weak.upgrade().is_none());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn freed_ranges_merge() {
+        let mut freed = Vec::new();
+        assert_eq!(map::merge_free(&mut freed, 10, 20), (10, 20));
+        assert_eq!(map::merge_free(&mut freed, 30, 40), (30, 40));
+        assert_eq!(map::merge_free(&mut freed, 50, 60), (50, 60));
+        assert_eq!(freed, [(10, 20), (30, 40), (50, 60)]);
+        // Touching both neighbours joins all three.
+        assert_eq!(map::merge_free(&mut freed, 20, 30), (10, 40));
+        assert_eq!(map::merge_free(&mut freed, 0, 5), (0, 5));
+        assert_eq!(freed, [(0, 5), (10, 40), (50, 60)]);
+        assert_eq!(map::merge_free(&mut freed, 40, 50), (10, 60));
+        assert_eq!(freed, [(0, 5), (10, 60)]);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_dropped_buffer_gives_back_its_whole_huge_pages_only() {
+        const HUGE: usize = 2 << 20;
+        // Three neighbours in one chunk (6 MiB each, so the middle one spans whole 2 MiB
+        // pages); other tests may carve from the same chunk meanwhile, elsewhere.
+        let n = (6 << 20) / 4;
+        let mut bufs: Vec<HugeBuf<u32>> = (0..3)
+            .map(|_| HugeBuf::zeroed(n, "test").unwrap())
+            .collect();
+        let same_chunk = bufs.windows(2).all(|p| match (&p[0].owner, &p[1].owner) {
+            (Owner::Chunk { chunk: a, .. }, Owner::Chunk { chunk: b, .. }) => {
+                std::sync::Arc::ptr_eq(a, b)
+            }
+            _ => false,
+        });
+        if !same_chunk {
+            return; // a chunk boundary fell between them: nothing to check this time
+        }
+        for (i, b) in bufs.iter_mut().enumerate() {
+            b.fill(7 + i as u32);
+        }
+        let middle = bufs.remove(1);
+        let (chunk, at, bytes) = match &middle.owner {
+            Owner::Chunk { chunk, at, bytes } => (chunk.clone(), *at, *bytes),
+            Owner::Vec(_) => unreachable!(),
+        };
+        drop(middle);
+        let (lo, hi) = (at.next_multiple_of(HUGE), (at + bytes) / HUGE * HUGE);
+        assert!(hi > lo);
+        let read = |off: usize| {
+            // SAFETY: inside the chunk's mapping, which `chunk` keeps mapped; u32-aligned.
+            unsafe { *(chunk.base().add(off) as *const u32) }
+        };
+        // The whole huge pages of its range read as zeros now (given back)...
+        assert!((lo..hi).step_by(4096).all(|off| read(off) == 0));
+        // ... the partial ones keep its values (not given back: the neighbours share them),
+        // and the neighbours are untouched.
+        if lo > at {
+            assert_eq!(read(at), 8);
+        }
+        assert!(bufs[0].iter().all(|&v| v == 7));
+        assert!(bufs[1].iter().all(|&v| v == 9));
     }
 }
