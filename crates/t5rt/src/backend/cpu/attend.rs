@@ -85,9 +85,9 @@ pub(super) fn attention(
 /// the task's heads' outputs, then (when the row is split into parts) each head's largest
 /// score and sum of exponentials.
 fn attend_task(a: &AttnArgs, task: usize, oh: &mut [f32], isa: IsaLevel) {
-    let s = a.s;
     #[cfg(target_arch = "x86_64")]
     {
+        let s = a.s;
         // Whole vectors per head: d_kv a multiple of 16 (32 for bf16 caches, whose
         // slots hold two values) on AVX-512, of 8 (16) on AVX2. T5's d_kv is 64.
         // (int8 caches are dequantized to f32 rows first.)
@@ -323,6 +323,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// hn)`, one part of the row's keys.
 #[derive(Clone, Copy)]
 struct Task<'a> {
+    /// Values per position, all heads (read by the SIMD walks).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     inner: usize,
     hn: usize,
     d: usize,

@@ -1240,15 +1240,18 @@ pub(super) fn bf16_row(row: &[f32], dst: &mut [u32], isa: Isa) {
         }
         whole
     }
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa.avx512() {
+    let done = if isa.avx512() {
         // SAFETY: the backend only runs at levels the CPU has.
-        done = unsafe { avx512(row, dst) };
+        unsafe { avx512(row, dst) }
     } else if isa >= Isa::Avx2 {
         // SAFETY: as above.
-        done = unsafe { avx2(row, dst) };
-    }
+        unsafe { avx2(row, dst) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     let _ = isa;
     let pairs = row[done..].chunks_exact(2);
     let tail = pairs.remainder();

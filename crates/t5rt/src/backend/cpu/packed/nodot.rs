@@ -23,11 +23,11 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+#[cfg(target_arch = "x86_64")]
 use std::ops::Range;
 
 #[cfg(target_arch = "x86_64")]
-use super::Ahead;
-use super::{panel_width, PackedWeight, TileAcc, BLOCK, MR};
+use super::{panel_width, Ahead, PackedWeight, TileAcc, BLOCK, MR};
 
 /// Column sub-blocks of `lanes * V` columns, rows in groups of at most `$group` (the largest
 /// of `$rows_n`): one row (batch-1 decoding) reads the panel in blocks of 4 vectors, several
@@ -210,6 +210,7 @@ unsafe fn bf16_avx2<const R: usize, const V: usize>(
 
 /// Adds `128 Σ w` of each column to the sums `Σ q·w`, giving `Σ (q + 128)·w`: the raw sums of
 /// `vpdpbusd` on u8 activations, which the caller's epilogue expects.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn offset_sums<T: Copy, const R: usize, const V: usize>(
     acc: &mut [[T; V]; R],
