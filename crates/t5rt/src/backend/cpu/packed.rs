@@ -117,7 +117,10 @@ pub fn quantize_int8(
     isa: Isa,
 ) -> Result<(Vec<i8>, Vec<f32>), T5Error> {
     use rayon::prelude::*;
-    let mut q = crate::alloc::try_zeroed::<i8>(n * k, "int8 weights")?;
+    let len = n
+        .checked_mul(k)
+        .ok_or_else(|| crate::alloc::out_of_memory(usize::MAX, "int8 weights"))?;
+    let mut q = crate::alloc::try_zeroed::<i8>(len, "int8 weights")?;
     let mut scales = crate::alloc::try_filled(n, 1.0f32, "int8 scales")?;
     if k > 0 {
         q.par_chunks_mut(k)
@@ -167,6 +170,17 @@ pub(super) fn quantize_one(v: f32, inv: f32) -> i8 {
     round_small(y) as i32 as i8
 }
 
+/// The packed layout's sizes for `[n, k]` weights of `g` values per lane: lanes per column
+/// `kg`, columns padded to 16 `n_pad`, and the lanes in all, `kg · n_pad`; an out-of-memory
+/// error (for `what`) where that count does not fit in the address space.
+fn packed_len(n: usize, k: usize, g: usize, what: &str) -> Result<(usize, usize, usize), T5Error> {
+    let kg = k.div_ceil(g);
+    n.checked_next_multiple_of(16)
+        .and_then(|n_pad| Some((kg, n_pad, kg.checked_mul(n_pad)?)))
+        .filter(|&(_, _, len)| len.checked_mul(4).is_some())
+        .ok_or_else(|| crate::alloc::out_of_memory(usize::MAX, what))
+}
+
 impl PackedWeight {
     /// Packs a checkpoint weight `[n, k]` (row-major) as `kind`.
     /// The work is split by panel over the rayon pool it runs in; `isa` picks the
@@ -184,9 +198,8 @@ impl PackedWeight {
             let (q, scales) = quantize_int8(w, n, k, isa)?;
             return Self::from_int8(&q, &scales, n, k);
         }
-        let g = group(kind);
-        let (kg, n_pad) = (k.div_ceil(g), n.div_ceil(16) * 16);
-        let mut lanes = crate::hugepage::HugeBuf::<u32>::zeroed(kg * n_pad, "packed weights")?;
+        let (kg, n_pad, len) = packed_len(n, k, group(kind), "packed weights")?;
+        let mut lanes = crate::hugepage::HugeBuf::<u32>::zeroed(len, "packed weights")?;
         // One panel (64 columns, `[kg, width]` row-major, see `lane_index`) at a time, in
         // parallel: panel `p`'s lanes are one contiguous chunk of `lanes`.
         let fill = |p: usize, panel: &mut [u32]| {
@@ -238,8 +251,8 @@ impl PackedWeight {
     /// [`quantize_int8`] makes them (at load, or ahead of time by `t5rt convert`).
     pub fn from_int8(q: &[i8], scales: &[f32], n: usize, k: usize) -> Result<Self, T5Error> {
         use rayon::prelude::*;
-        let (kg, n_pad) = (k.div_ceil(4), n.div_ceil(16) * 16);
-        let mut lanes = crate::hugepage::HugeBuf::<u32>::zeroed(kg * n_pad, "packed int8 weights")?;
+        let (kg, n_pad, len) = packed_len(n, k, 4, "packed int8 weights")?;
+        let mut lanes = crate::hugepage::HugeBuf::<u32>::zeroed(len, "packed int8 weights")?;
         let mut col_sums = crate::alloc::try_zeroed::<i32>(n_pad, "int8 column sums")?;
         let mut all_scales = crate::alloc::try_filled(n_pad, 1.0f32, "int8 scales")?;
         all_scales[..n].copy_from_slice(&scales[..n]);
@@ -323,8 +336,9 @@ impl PackedWeight {
         }
         use rayon::prelude::*;
         let (n, kg) = (cols.len(), self.kg);
-        let n_pad = n.div_ceil(16) * 16;
-        let mut lanes = crate::alloc::try_zeroed::<u32>(kg * n_pad, "gathered head columns")?;
+        let what = "gathered head columns";
+        let (_, n_pad, len) = packed_len(n, kg, 1, what)?;
+        let mut lanes = crate::alloc::try_zeroed::<u32>(len, what)?;
         // One output panel (`[kg, width]`, contiguous) per task, on the current rayon pool:
         // the reads, one lane per cache line, are latency-bound.
         if kg > 0 {
@@ -1672,6 +1686,17 @@ mod alloc_tests {
             oom(PackedWeight::pack(&[], n, k, kind, isa).err().unwrap());
         }
         oom(PackedWeight::from_int8(&[], &[], n, k).err().unwrap());
+        // Shapes whose value count does not fit in the address space: errors, not a wrapped
+        // size (or an overflow panic in debug builds).
+        let (n, k) = (1usize << 62, 64);
+        oom(quantize_int8(&[], n, k, isa).unwrap_err());
+        for kind in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Int8] {
+            oom(PackedWeight::pack(&[], n, k, kind, isa).err().unwrap());
+        }
+        oom(PackedWeight::from_int8(&[], &[], n, k).err().unwrap());
+        oom(PackedWeight::from_int8(&[], &[], usize::MAX - 3, 4)
+            .err()
+            .unwrap());
     }
 }
 
