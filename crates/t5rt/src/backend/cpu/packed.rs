@@ -1413,6 +1413,17 @@ pub(super) enum Ahead {
 
 #[cfg(target_arch = "x86_64")]
 impl Ahead {
+    /// The prefetch of a walk as the address of its first step and the advance per step, in
+    /// lanes (`wp`: the walk's first panel row, rows of `pw` lanes): for walks that issue one
+    /// line per step whatever the kind. Without a distance, the panel row the step reads.
+    #[inline(always)]
+    pub(super) fn plan(self, wp: *const u32, pw: usize) -> (*const u32, usize) {
+        match self {
+            Ahead::Rows(rows) => (wp.wrapping_add(rows * pw), pw),
+            Ahead::Next(p) => (p, 16),
+        }
+    }
+
     /// The requests for step `step` of a tile's walk over `k` (`wp`: the panel row it reads,
     /// rows of `pw` lanes, `n` of them read).
     #[inline(always)]
