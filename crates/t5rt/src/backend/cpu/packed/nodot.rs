@@ -175,6 +175,25 @@ unsafe fn bf16_avx2<const R: usize, const V: usize>(
         }
     }
     let from = ks.start;
+    if let (6, 2, false) = (R, V, ks.is_empty()) {
+        // The full tile's walk in assembly.
+        let acc6 = &mut *(acc.as_mut_ptr() as *mut [[__m256; 2]; 6]);
+        bf16_avx2_walk6(
+            xp.add(2 * from),
+            kg,
+            wp,
+            pw,
+            ks.len(),
+            ahead.plan(wp, pw),
+            acc6,
+        );
+        for (o, acc) in out.iter_mut().zip(&acc) {
+            for (v, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(o.as_mut_ptr().add(sub + 8 * v) as *mut f32, *a);
+            }
+        }
+        return;
+    }
     for g in ks {
         ahead.fetch(wp, pw, 8 * V, g - from);
         // Even elements, then odd ones, as in [`bf16_avx512`]: 6 rows x 2 vectors of sums,
@@ -206,6 +225,124 @@ unsafe fn bf16_avx2<const R: usize, const V: usize>(
             _mm256_storeu_ps(o.as_mut_ptr().add(sub + 8 * v) as *mut f32, *a);
         }
     }
+}
+
+/// [`bf16_avx2`]'s full tile (6 rows, 2 vectors of 8 columns) over `steps` steps of `k`, in
+/// assembly: the same widening (a shift for the even values, a mask for the odd ones) and the
+/// same fused multiply-adds in the same order, so the same sums bit for bit; the mask is read
+/// from memory and two broadcasts alternate, so that two rows' products are in flight in the 16
+/// ymm registers (the compiled walk keeps one). `x`: the first row's values at the first step
+/// (rows `2 kg` f32 apart); `wp`, `pw`, the prefetch plan: as [`Fast6`]; `acc`: the sums, in
+/// and out.
+///
+/// # Safety
+/// AVX2 and FMA; six rows of `2 steps` f32 from `x`; `steps` panel rows of 16 lanes from `wp`;
+/// `steps` > 0.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bf16_avx2_walk6(
+    x: *const f32,
+    kg: usize,
+    wp: *const u32,
+    pw: usize,
+    steps: usize,
+    (pf, pf_step): (*const u32, usize),
+    acc: &mut [[__m256; 2]; 6],
+) {
+    let mask = [0xffff_0000u32; 8];
+    let [[mut a00, mut a01], [mut a10, mut a11], [mut a20, mut a21], [mut a30, mut a31], [mut a40, mut a41], [mut a50, mut a51]] =
+        *acc;
+    let s = kg * 8;
+    // SAFETY: the caller's: every address read is inside the rows and panel rows it names
+    // (prefetches never fault); `mask` is 32 bytes.
+    std::arch::asm!(
+        "2:",
+        "prefetcht0 [{pf}]",
+        "vmovdqu {w0}, ymmword ptr [{wp}]",
+        "vmovdqu {w1}, ymmword ptr [{wp} + 32]",
+        "vpslld {w0}, {w0}, 16",
+        "vpslld {w1}, {w1}, 16",
+        "vbroadcastss {b}, dword ptr [{x}]",
+        "vbroadcastss {c}, dword ptr [{x} + {s}]",
+        "vfmadd231ps {a00}, {b}, {w0}",
+        "vfmadd231ps {a01}, {b}, {w1}",
+        "vbroadcastss {b}, dword ptr [{x} + {s}*2]",
+        "vfmadd231ps {a10}, {c}, {w0}",
+        "vfmadd231ps {a11}, {c}, {w1}",
+        "vbroadcastss {c}, dword ptr [{x} + {s3}]",
+        "vfmadd231ps {a20}, {b}, {w0}",
+        "vfmadd231ps {a21}, {b}, {w1}",
+        "vbroadcastss {b}, dword ptr [{x} + {s}*4]",
+        "vfmadd231ps {a30}, {c}, {w0}",
+        "vfmadd231ps {a31}, {c}, {w1}",
+        "vbroadcastss {c}, dword ptr [{x} + {s5}]",
+        "vfmadd231ps {a40}, {b}, {w0}",
+        "vfmadd231ps {a41}, {b}, {w1}",
+        "vfmadd231ps {a50}, {c}, {w0}",
+        "vfmadd231ps {a51}, {c}, {w1}",
+        "vmovdqu {w0}, ymmword ptr [{wp}]",
+        "vpand {w0}, {w0}, ymmword ptr [{m}]",
+        "vmovdqu {w1}, ymmword ptr [{wp} + 32]",
+        "vpand {w1}, {w1}, ymmword ptr [{m}]",
+        "vbroadcastss {b}, dword ptr [{x} + 4]",
+        "vbroadcastss {c}, dword ptr [{x} + {s} + 4]",
+        "vfmadd231ps {a00}, {b}, {w0}",
+        "vfmadd231ps {a01}, {b}, {w1}",
+        "vbroadcastss {b}, dword ptr [{x} + {s}*2 + 4]",
+        "vfmadd231ps {a10}, {c}, {w0}",
+        "vfmadd231ps {a11}, {c}, {w1}",
+        "vbroadcastss {c}, dword ptr [{x} + {s3} + 4]",
+        "vfmadd231ps {a20}, {b}, {w0}",
+        "vfmadd231ps {a21}, {b}, {w1}",
+        "vbroadcastss {b}, dword ptr [{x} + {s}*4 + 4]",
+        "vfmadd231ps {a30}, {c}, {w0}",
+        "vfmadd231ps {a31}, {c}, {w1}",
+        "vbroadcastss {c}, dword ptr [{x} + {s5} + 4]",
+        "vfmadd231ps {a40}, {b}, {w0}",
+        "vfmadd231ps {a41}, {b}, {w1}",
+        "vfmadd231ps {a50}, {c}, {w0}",
+        "vfmadd231ps {a51}, {c}, {w1}",
+        "add {wp}, {pwb}",
+        "add {pf}, {pfb}",
+        "add {x}, 8",
+        "dec {n}",
+        "jnz 2b",
+        x = inout(reg) x => _,
+        wp = inout(reg) wp => _,
+        pf = inout(reg) pf => _,
+        n = inout(reg) steps => _,
+        m = in(reg) mask.as_ptr(),
+        s = in(reg) s,
+        s3 = in(reg) 3 * s,
+        s5 = in(reg) 5 * s,
+        pwb = in(reg) pw * 4,
+        pfb = in(reg) pf_step * 4,
+        w0 = out(ymm_reg) _,
+        w1 = out(ymm_reg) _,
+        b = out(ymm_reg) _,
+        c = out(ymm_reg) _,
+        a00 = inout(ymm_reg) a00,
+        a01 = inout(ymm_reg) a01,
+        a10 = inout(ymm_reg) a10,
+        a11 = inout(ymm_reg) a11,
+        a20 = inout(ymm_reg) a20,
+        a21 = inout(ymm_reg) a21,
+        a30 = inout(ymm_reg) a30,
+        a31 = inout(ymm_reg) a31,
+        a40 = inout(ymm_reg) a40,
+        a41 = inout(ymm_reg) a41,
+        a50 = inout(ymm_reg) a50,
+        a51 = inout(ymm_reg) a51,
+        options(nostack, readonly),
+    );
+    *acc = [
+        [a00, a01],
+        [a10, a11],
+        [a20, a21],
+        [a30, a31],
+        [a40, a41],
+        [a50, a51],
+    ];
 }
 
 /// Adds `128 Σ w` of each column to the sums `Σ q·w`, giving `Σ (q + 128)·w`: the raw sums of
