@@ -376,28 +376,78 @@ fn offset_sums<T: Copy, const R: usize, const V: usize>(
 type Fast6<V> =
     unsafe fn(*const i64, usize, *const u32, usize, usize, (*const u32, usize)) -> ([V; 6], [V; 6]);
 
-/// [`Fast6`] for [`int8_avx512bw`].
-///
-/// # Safety
-/// AVX-512F and BW; six rows of `steps` i64 lanes from `x` (rows `kg` lanes apart); `steps`
-/// panel rows of 16 lanes from `wp` (rows `pw` lanes apart); `steps` > 0.
+/// The frame of the int8 walks in assembly ([`Fast6`]): the arguments, the twelve sums in
+/// registers of class `$class` (zeros of type `$v` at the start), the row offsets `s`, `3 s`
+/// and `5 s` of the six activation rows (`s`: a row's bytes), the pointers advanced by the
+/// template, and the two widened weight vectors `wl` and `wh`; `$temps` are the template's own
+/// registers.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn int8_avx512bw_walk6(
-    x: *const i64,
-    kg: usize,
-    wp: *const u32,
-    pw: usize,
-    steps: usize,
-    (pf, pf_step): (*const u32, usize),
-) -> ([__m512i; 6], [__m512i; 6]) {
-    let z = _mm512_setzero_si512();
-    let (mut l0, mut l1, mut l2, mut l3, mut l4, mut l5) = (z, z, z, z, z, z);
-    let (mut h0, mut h1, mut h2, mut h3, mut h4, mut h5) = (z, z, z, z, z, z);
-    let s = kg * 8;
-    // SAFETY: the caller's: every address read is inside the rows and panel rows it names
-    // (prefetches never fault).
-    std::arch::asm!(
+macro_rules! int8_walk6 {
+    ($(#[$doc:meta])* $name:ident, $feat:literal, $v:ty, $zero:expr, $class:ident,
+     [$($line:literal,)+], $($temps:ident),+) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(
+            x: *const i64,
+            kg: usize,
+            wp: *const u32,
+            pw: usize,
+            steps: usize,
+            (pf, pf_step): (*const u32, usize),
+        ) -> ([$v; 6], [$v; 6]) {
+            let z: $v = $zero;
+            let (mut l0, mut l1, mut l2, mut l3, mut l4, mut l5) = (z, z, z, z, z, z);
+            let (mut h0, mut h1, mut h2, mut h3, mut h4, mut h5) = (z, z, z, z, z, z);
+            let s = kg * 8;
+            // SAFETY: the caller's: every address read is inside the rows and panel rows it
+            // names (prefetches never fault).
+            std::arch::asm!(
+                $($line,)+
+                x = inout(reg) x => _,
+                wp = inout(reg) wp => _,
+                pf = inout(reg) pf => _,
+                n = inout(reg) steps => _,
+                s = in(reg) s,
+                s3 = in(reg) 3 * s,
+                s5 = in(reg) 5 * s,
+                pwb = in(reg) pw * 4,
+                pfb = in(reg) pf_step * 4,
+                wl = out($class) _,
+                wh = out($class) _,
+                $($temps = out($class) _,)+
+                l0 = inout($class) l0,
+                l1 = inout($class) l1,
+                l2 = inout($class) l2,
+                l3 = inout($class) l3,
+                l4 = inout($class) l4,
+                l5 = inout($class) l5,
+                h0 = inout($class) h0,
+                h1 = inout($class) h1,
+                h2 = inout($class) h2,
+                h3 = inout($class) h3,
+                h4 = inout($class) h4,
+                h5 = inout($class) h5,
+                options(nostack, readonly),
+            );
+            ([l0, l1, l2, l3, l4, l5], [h0, h1, h2, h3, h4, h5])
+        }
+    };
+}
+
+int8_walk6!(
+    /// [`Fast6`] for [`int8_avx512bw`]: three broadcasts issued before their products, two
+    /// rows' products in flight.
+    ///
+    /// # Safety
+    /// AVX-512F and BW; six rows of `steps` i64 lanes from `x` (rows `kg` lanes apart); `steps`
+    /// panel rows of 16 lanes from `wp` (rows `pw` lanes apart); `steps` > 0.
+    int8_avx512bw_walk6,
+    "avx512f,avx512bw",
+    __m512i,
+    _mm512_setzero_si512(),
+    zmm_reg,
+    [
         "2:",
         "vpbroadcastq {b0}, qword ptr [{x}]",
         "vpbroadcastq {b1}, qword ptr [{x} + {s}]",
@@ -437,60 +487,26 @@ unsafe fn int8_avx512bw_walk6(
         "vpaddd {h5}, {h5}, {b2}",
         "dec {n}",
         "jnz 2b",
-        x = inout(reg) x => _,
-        wp = inout(reg) wp => _,
-        pf = inout(reg) pf => _,
-        n = inout(reg) steps => _,
-        s = in(reg) s,
-        s3 = in(reg) 3 * s,
-        s5 = in(reg) 5 * s,
-        pwb = in(reg) pw * 4,
-        pfb = in(reg) pf_step * 4,
-        wl = out(zmm_reg) _,
-        wh = out(zmm_reg) _,
-        b0 = out(zmm_reg) _,
-        b1 = out(zmm_reg) _,
-        b2 = out(zmm_reg) _,
-        t0 = out(zmm_reg) _,
-        t1 = out(zmm_reg) _,
-        l0 = inout(zmm_reg) l0,
-        l1 = inout(zmm_reg) l1,
-        l2 = inout(zmm_reg) l2,
-        l3 = inout(zmm_reg) l3,
-        l4 = inout(zmm_reg) l4,
-        l5 = inout(zmm_reg) l5,
-        h0 = inout(zmm_reg) h0,
-        h1 = inout(zmm_reg) h1,
-        h2 = inout(zmm_reg) h2,
-        h3 = inout(zmm_reg) h3,
-        h4 = inout(zmm_reg) h4,
-        h5 = inout(zmm_reg) h5,
-        options(nostack, readonly),
-    );
-    ([l0, l1, l2, l3, l4, l5], [h0, h1, h2, h3, h4, h5])
-}
+    ],
+    b0,
+    b1,
+    b2,
+    t0,
+    t1
+);
 
-/// [`Fast6`] for [`int8_avx2_wide`]: the sixteen ymm registers hold the 12 sums, the two
-/// widened weight vectors, a broadcast and a product, so the rows go one after another.
-///
-/// # Safety
-/// AVX2; as [`int8_avx512bw_walk6`], panel rows of 8 lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn int8_avx2_walk6(
-    x: *const i64,
-    kg: usize,
-    wp: *const u32,
-    pw: usize,
-    steps: usize,
-    (pf, pf_step): (*const u32, usize),
-) -> ([__m256i; 6], [__m256i; 6]) {
-    let z = _mm256_setzero_si256();
-    let (mut l0, mut l1, mut l2, mut l3, mut l4, mut l5) = (z, z, z, z, z, z);
-    let (mut h0, mut h1, mut h2, mut h3, mut h4, mut h5) = (z, z, z, z, z, z);
-    let s = kg * 8;
-    // SAFETY: as in `int8_avx512bw_walk6`.
-    std::arch::asm!(
+int8_walk6!(
+    /// [`Fast6`] for [`int8_avx2_wide`]: the sixteen ymm registers hold the 12 sums, the two
+    /// widened weight vectors, a broadcast and a product, so the rows go one after another.
+    ///
+    /// # Safety
+    /// AVX2; as [`int8_avx512bw_walk6`], panel rows of 8 lanes.
+    int8_avx2_walk6,
+    "avx2",
+    __m256i,
+    _mm256_setzero_si256(),
+    ymm_reg,
+    [
         "2:",
         "vpmovsxbw {wl}, xmmword ptr [{wp}]",
         "vpmovsxbw {wh}, xmmword ptr [{wp} + 16]",
@@ -530,35 +546,10 @@ unsafe fn int8_avx2_walk6(
         "vpaddd {h5}, {h5}, {b}",
         "dec {n}",
         "jnz 2b",
-        x = inout(reg) x => _,
-        wp = inout(reg) wp => _,
-        pf = inout(reg) pf => _,
-        n = inout(reg) steps => _,
-        s = in(reg) s,
-        s3 = in(reg) 3 * s,
-        s5 = in(reg) 5 * s,
-        pwb = in(reg) pw * 4,
-        pfb = in(reg) pf_step * 4,
-        wl = out(ymm_reg) _,
-        wh = out(ymm_reg) _,
-        b = out(ymm_reg) _,
-        t = out(ymm_reg) _,
-        l0 = inout(ymm_reg) l0,
-        l1 = inout(ymm_reg) l1,
-        l2 = inout(ymm_reg) l2,
-        l3 = inout(ymm_reg) l3,
-        l4 = inout(ymm_reg) l4,
-        l5 = inout(ymm_reg) l5,
-        h0 = inout(ymm_reg) h0,
-        h1 = inout(ymm_reg) h1,
-        h2 = inout(ymm_reg) h2,
-        h3 = inout(ymm_reg) h3,
-        h4 = inout(ymm_reg) h4,
-        h5 = inout(ymm_reg) h5,
-        options(nostack, readonly),
-    );
-    ([l0, l1, l2, l3, l4, l5], [h0, h1, h2, h3, h4, h5])
-}
+    ],
+    b,
+    t
+);
 
 /// The int8 tiles through 16-bit products, in `$lanes`-column vectors of type `$v`: each
 /// vector of weights (`$lanes` columns x 4 values of `k`) widened to two vectors of i16
