@@ -1415,7 +1415,8 @@ pub(super) enum Ahead {
 impl Ahead {
     /// The prefetch of a walk as the address of its first step and the advance per step, in
     /// lanes (`wp`: the walk's first panel row, rows of `pw` lanes): for walks that issue one
-    /// line per step whatever the kind. Without a distance, the panel row the step reads.
+    /// line per step whatever the kind. Without a distance (`T5RT_PREFETCH=0`), the panel row the
+    /// step reads: those walks then ask for the line they are about to load.
     #[inline(always)]
     pub(super) fn plan(self, wp: *const u32, pw: usize) -> (*const u32, usize) {
         match self {

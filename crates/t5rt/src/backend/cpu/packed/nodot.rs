@@ -435,6 +435,7 @@ macro_rules! int8_walk6 {
     };
 }
 
+#[cfg(target_arch = "x86_64")]
 int8_walk6!(
     /// [`Fast6`] for [`int8_avx512bw`]: three broadcasts issued before their products, two
     /// rows' products in flight.
@@ -495,6 +496,7 @@ int8_walk6!(
     t1
 );
 
+#[cfg(target_arch = "x86_64")]
 int8_walk6!(
     /// [`Fast6`] for [`int8_avx2_wide`]: the sixteen ymm registers hold the 12 sums, the two
     /// widened weight vectors, a broadcast and a product, so the rows go one after another.
@@ -590,21 +592,21 @@ macro_rules! int8_wide_tile {
                     (lo[r][0], hi[r][0]) = (l[r], h[r]);
                 }
             } else {
-            for g in ks {
-                ahead.fetch(wp, pw, $lanes * V, g - from);
-                let (mut wl, mut wh) = ([zero; V], [zero; V]);
-                for v in 0..V {
-                    (wl[v], wh[v]) = $widen(wp.add($lanes * v));
-                }
-                for r in 0..R {
-                    let xb = $set1(*xp.add(r * kg + g));
+                for g in ks {
+                    ahead.fetch(wp, pw, $lanes * V, g - from);
+                    let (mut wl, mut wh) = ([zero; V], [zero; V]);
                     for v in 0..V {
-                        lo[r][v] = $add(lo[r][v], $madd(xb, wl[v]));
-                        hi[r][v] = $add(hi[r][v], $madd(xb, wh[v]));
+                        (wl[v], wh[v]) = $widen(wp.add($lanes * v));
                     }
+                    for r in 0..R {
+                        let xb = $set1(*xp.add(r * kg + g));
+                        for v in 0..V {
+                            lo[r][v] = $add(lo[r][v], $madd(xb, wl[v]));
+                            hi[r][v] = $add(hi[r][v], $madd(xb, wh[v]));
+                        }
+                    }
+                    wp = wp.add(pw);
                 }
-                wp = wp.add(pw);
-            }
             }
             let combine = $combine;
             let mut acc = [[zero; V]; R];
