@@ -172,12 +172,12 @@ pub(super) fn quantize_one(v: f32, inv: f32) -> i8 {
 
 /// The packed layout's sizes for `[n, k]` weights of `g` values per lane: lanes per column
 /// `kg`, columns padded to 16 `n_pad`, and the lanes in all, `kg · n_pad`; an out-of-memory
-/// error (for `what`) where that count does not fit in the address space.
+/// error (for `what`) where that count does not fit in a `usize` (the allocations check its
+/// bytes).
 fn packed_len(n: usize, k: usize, g: usize, what: &str) -> Result<(usize, usize, usize), T5Error> {
     let kg = k.div_ceil(g);
     n.checked_next_multiple_of(16)
         .and_then(|n_pad| Some((kg, n_pad, kg.checked_mul(n_pad)?)))
-        .filter(|&(_, _, len)| len.checked_mul(4).is_some())
         .ok_or_else(|| crate::alloc::out_of_memory(usize::MAX, what))
 }
 

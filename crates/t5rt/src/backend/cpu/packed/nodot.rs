@@ -187,38 +187,33 @@ unsafe fn bf16_avx2<const R: usize, const V: usize>(
             ahead.plan(wp, pw),
             acc6,
         );
-        for (o, acc) in out.iter_mut().zip(&acc) {
-            for (v, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(o.as_mut_ptr().add(sub + 8 * v) as *mut f32, *a);
-            }
-        }
-        return;
-    }
-    for g in ks {
-        ahead.fetch(wp, pw, 8 * V, g - from);
-        // Even elements, then odd ones, as in [`bf16_avx512`]: 6 rows x 2 vectors of sums,
-        // 2 widened vectors, a broadcast and the mask fill the 16 ymm registers. Here the
-        // plain pointer does better than the opaque one (97 against 37 GFLOP/s on t5-small's
-        // encoder shapes, `examples/matmul_speed`): the compiler's schedule differs, not the
-        // arithmetic.
-        macro_rules! half {
-            ($p:expr, $half:literal, $widen:expr) => {
-                let mut wv = [_mm256_setzero_ps(); V];
-                for (v, wv) in wv.iter_mut().enumerate() {
-                    let raw = _mm256_loadu_si256($p.add(8 * v) as *const _);
-                    *wv = _mm256_castsi256_ps($widen(raw));
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xb = _mm256_set1_ps(*xp.add(r * 2 * kg + 2 * g + $half));
-                    for (a, &wv) in acc.iter_mut().zip(&wv) {
-                        *a = _mm256_fmadd_ps(xb, wv, *a);
+    } else {
+        for g in ks {
+            ahead.fetch(wp, pw, 8 * V, g - from);
+            // Even elements, then odd ones, as in [`bf16_avx512`]: 6 rows x 2 vectors of sums,
+            // 2 widened vectors, a broadcast and the mask fill the 16 ymm registers. Here the
+            // plain pointer does better than the opaque one (97 against 37 GFLOP/s on t5-small's
+            // encoder shapes, `examples/matmul_speed`): the compiler's schedule differs, not the
+            // arithmetic.
+            macro_rules! half {
+                ($p:expr, $half:literal, $widen:expr) => {
+                    let mut wv = [_mm256_setzero_ps(); V];
+                    for (v, wv) in wv.iter_mut().enumerate() {
+                        let raw = _mm256_loadu_si256($p.add(8 * v) as *const _);
+                        *wv = _mm256_castsi256_ps($widen(raw));
                     }
-                }
-            };
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let xb = _mm256_set1_ps(*xp.add(r * 2 * kg + 2 * g + $half));
+                        for (a, &wv) in acc.iter_mut().zip(&wv) {
+                            *a = _mm256_fmadd_ps(xb, wv, *a);
+                        }
+                    }
+                };
+            }
+            half!(wp, 0, |raw| _mm256_slli_epi32(raw, 16));
+            half!(wp, 1, |raw| _mm256_and_si256(raw, hi));
+            wp = wp.add(pw);
         }
-        half!(wp, 0, |raw| _mm256_slli_epi32(raw, 16));
-        half!(wp, 1, |raw| _mm256_and_si256(raw, hi));
-        wp = wp.add(pw);
     }
     for (o, acc) in out.iter_mut().zip(&acc) {
         for (v, a) in acc.iter().enumerate() {
@@ -232,8 +227,8 @@ unsafe fn bf16_avx2<const R: usize, const V: usize>(
 /// same fused multiply-adds in the same order, so the same sums bit for bit; the mask is read
 /// from memory and two broadcasts alternate, so that two rows' products are in flight in the 16
 /// ymm registers (the compiled walk keeps one). `x`: the first row's values at the first step
-/// (rows `2 kg` f32 apart); `wp`, `pw`, the prefetch plan: as [`Fast6`]; `acc`: the sums, in
-/// and out.
+/// (rows `2 kg` f32 apart); `wp`, `pw`, the prefetch plan: as the int8 walks' (`int8_walk6`);
+/// `acc`: the sums, in and out.
 ///
 /// # Safety
 /// AVX2 and FMA; six rows of `2 steps` f32 from `x`; `steps` panel rows of 16 lanes from `wp`;
@@ -362,31 +357,25 @@ fn offset_sums<T: Copy, const R: usize, const V: usize>(
     }
 }
 
-/// A full tile's walk (6 rows, one vector of columns) over `steps` steps of `k`, in assembly:
-/// `(x, kg, wp, pw, steps, (pf, pf_step))` with `x` the first row's activations at the first
-/// step (rows `kg` i64 lanes apart), `wp` the panel row of that step (rows `pw` lanes apart),
+/// The 16-bit int8 tiles' walks in assembly: a full tile (6 rows, one vector of columns) over
+/// `steps` steps of `k`, `(x, kg, wp, pw, steps, (pf, pf_step))` with `x` the first row's
+/// activations at the first step (rows `kg` i64 lanes apart), `wp` the panel row of that step (rows `pw` lanes apart),
 /// and the prefetch address of the first step and its advance per step, in u32 lanes. Returns
 /// the six rows' sums of the first and second half of the columns, as the generic walk makes
 /// them. The same instructions as that walk (so the same sums, bit for bit), in an order the
-/// compiler's does not give: the three broadcasts of a half-tile issued before their
-/// multiply-adds, two rows' products in flight at once. One core, in registers
+/// compiler's does not give (each walk says which). The `avx512bw` one, one core, in registers
 /// (`bench/ceilings`-style loop over a 60-row task): 178-190 G operations/s against the
 /// compiled walk's 148-171 and GCC's 179-192 for the same C.
-#[cfg(target_arch = "x86_64")]
-type Fast6<V> =
-    unsafe fn(*const i64, usize, *const u32, usize, usize, (*const u32, usize)) -> ([V; 6], [V; 6]);
-
-/// The frame of the int8 walks in assembly ([`Fast6`]): the arguments, the twelve sums in
-/// registers of class `$class` (zeros of type `$v` at the start), the row offsets `s`, `3 s`
-/// and `5 s` of the six activation rows (`s`: a row's bytes), the pointers advanced by the
-/// template, and the two widened weight vectors `wl` and `wh`; `$temps` are the template's own
-/// registers.
+///
+/// This macro is their frame: the arguments, the twelve sums in registers of class `$class`
+/// (zeros of type `$v` at the start), the row offsets `s`, `3 s` and `5 s` of the six
+/// activation rows (`s`: a row's bytes), the pointers advanced by the template, and the two
+/// widened weight vectors `wl` and `wh`; `$temps` are the template's own registers.
 #[cfg(target_arch = "x86_64")]
 macro_rules! int8_walk6 {
     ($(#[$doc:meta])* $name:ident, $feat:literal, $v:ty, $zero:expr, $class:ident,
      [$($line:literal,)+], $($temps:ident),+) => {
         $(#[$doc])*
-        #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feat)]
         unsafe fn $name(
             x: *const i64,
@@ -437,7 +426,7 @@ macro_rules! int8_walk6 {
 
 #[cfg(target_arch = "x86_64")]
 int8_walk6!(
-    /// [`Fast6`] for [`int8_avx512bw`]: three broadcasts issued before their products, two
+    /// The walk in assembly of [`int8_avx512bw`]: three broadcasts issued before their products, two
     /// rows' products in flight.
     ///
     /// # Safety
@@ -498,7 +487,7 @@ int8_walk6!(
 
 #[cfg(target_arch = "x86_64")]
 int8_walk6!(
-    /// [`Fast6`] for [`int8_avx2_wide`]: the sixteen ymm registers hold the 12 sums, the two
+    /// The walk in assembly of [`int8_avx2_wide`]: the sixteen ymm registers hold the 12 sums, the two
     /// widened weight vectors, a broadcast and a product, so the rows go one after another.
     ///
     /// # Safety
@@ -562,7 +551,7 @@ int8_walk6!(
 macro_rules! int8_wide_tile {
     ($(#[$doc:meta])* $name:ident, $feat:literal, $lanes:literal, $v:ty, $zero:expr,
      $widen:expr, $set1:ident, $madd:ident, $add:ident, $combine:expr, $load:ident,
-     $store:ident, $slli:ident, $fast6:expr) => {
+     $store:ident, $slli:ident, $walk6:ident) => {
         $(#[$doc])*
         #[target_feature(enable = $feat)]
         unsafe fn $name<const R: usize, const V: usize>(
@@ -584,10 +573,9 @@ macro_rules! int8_wide_tile {
             let (mut lo, mut hi) = ([[zero; V]; R], [[zero; V]; R]);
             let last_block = ks.end == kg;
             let from = ks.start;
-            let fast6: Option<Fast6<$v>> = $fast6;
-            if let (Some(fast6), 6, 1, false) = (fast6, R, V, ks.is_empty()) {
-                // The full tile's walk in assembly (see `Fast6`).
-                let (l, h) = fast6(xp.add(from), kg, wp, pw, ks.len(), ahead.plan(wp, pw));
+            if let (6, 1, false) = (R, V, ks.is_empty()) {
+                // The full tile's walk in assembly (see `int8_walk6`).
+                let (l, h) = $walk6(xp.add(from), kg, wp, pw, ks.len(), ahead.plan(wp, pw));
                 for r in 0..R {
                     (lo[r][0], hi[r][0]) = (l[r], h[r]);
                 }
@@ -678,7 +666,7 @@ int8_wide_tile!(
     _mm512_loadu_si512,
     _mm512_storeu_si512,
     _mm512_slli_epi32,
-    Some(int8_avx512bw_walk6)
+    int8_avx512bw_walk6
 );
 
 #[cfg(target_arch = "x86_64")]
@@ -713,7 +701,7 @@ int8_wide_tile!(
     _mm256_loadu_si256,
     _mm256_storeu_si256,
     _mm256_slli_epi32,
-    Some(int8_avx2_walk6)
+    int8_avx2_walk6
 );
 
 /// The activations of int8 rows for the tiles through 16-bit products ([`int8_avx512bw`],
