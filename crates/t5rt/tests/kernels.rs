@@ -798,6 +798,24 @@ fn undersized_buffers_are_errors_not_panics() {
     assert!(b.argmax_rows(&small, 2, 2).is_err());
 }
 
+/// The default level is the highest the CPU has, except that Intel's `avx512-bf16` gives way
+/// to `avx512-vnni` (its `vdpbf16ps` runs at half the FMA's rate); nothing else steps down.
+#[test]
+fn preferred_level_steps_down_only_for_intel_bf16() {
+    use t5rt::IsaLevel;
+    for top in IsaLevel::ALL {
+        assert_eq!(IsaLevel::preferred_of(top, false), top, "{top}, not Intel");
+        let want = if top == IsaLevel::Avx512Bf16 {
+            IsaLevel::Avx512Vnni
+        } else {
+            top
+        };
+        assert_eq!(IsaLevel::preferred_of(top, true), want, "{top}, Intel");
+    }
+    let here = IsaLevel::preferred();
+    assert!(here.available() && here <= IsaLevel::detect(), "{here}");
+}
+
 #[test]
 fn f32_tiles_agree_bitwise_across_instruction_sets() {
     // The AVX-512 and AVX2 f32 tiles both sum fused multiply-adds in order of k, so where a

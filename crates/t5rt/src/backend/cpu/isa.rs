@@ -88,6 +88,28 @@ impl IsaLevel {
             .unwrap_or(IsaLevel::Portable)
     }
 
+    /// The level t5rt runs at unless told otherwise: the highest this CPU has, except on
+    /// Intel CPUs with AVX-512 BF16, where `avx512-vnni` runs instead. There `vdpbf16ps`
+    /// does a quarter of the FMA's instructions a cycle, so its 32 multiply-adds an
+    /// instruction give half of f32 FMA's rate (register-only ceilings, one core of an
+    /// Emerald Rapids Xeon: 83 against 169 G operations/s, `bench/ceilings/bf16_dot_vs_fma.c`),
+    /// and bf16 weights widened to f32 in registers run twice as fast as the dot tile; on Zen
+    /// 4 `vdpbf16ps` runs at twice the FMA's rate and stays. The two levels differ only in
+    /// the bf16 tiles, so this choice changes bf16 alone (to the widened tiles' contract:
+    /// activations not rounded). `T5RT_ISA=avx512-bf16` still runs the dot tile there.
+    pub fn preferred() -> IsaLevel {
+        Self::preferred_of(IsaLevel::detect(), cpu_is_intel())
+    }
+
+    /// [`IsaLevel::preferred`] for a CPU whose highest level is `top`.
+    pub fn preferred_of(top: IsaLevel, intel: bool) -> IsaLevel {
+        if top == IsaLevel::Avx512Bf16 && intel {
+            IsaLevel::Avx512Vnni
+        } else {
+            top
+        }
+    }
+
     /// Every level this CPU has, lowest first.
     pub fn available_levels() -> Vec<IsaLevel> {
         IsaLevel::ALL
@@ -96,15 +118,15 @@ impl IsaLevel {
             .collect()
     }
 
-    /// The level to run at: `T5RT_ISA` when set (it may only lower the level), else the
-    /// highest one this CPU has.
+    /// The level to run at: `T5RT_ISA` when set (any level this CPU has), else
+    /// [`IsaLevel::preferred`].
     pub fn from_env() -> Result<IsaLevel> {
         match std::env::var("T5RT_ISA") {
             Ok(v) if !v.is_empty() => {
                 let level: IsaLevel = v.parse().map_err(T5Error::Backend)?;
                 level.checked()
             }
-            _ => Ok(IsaLevel::detect()),
+            _ => Ok(IsaLevel::preferred()),
         }
     }
 
@@ -153,6 +175,25 @@ impl IsaLevel {
             (WeightDtype::F16, _) => "none (f16 is a CUDA precision)",
             (_, Portable) => "portable",
         }
+    }
+}
+
+/// Whether the CPU's vendor string (`cpuid` leaf 0) is Intel's.
+fn cpu_is_intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `cpuid` leaf 0 exists on every x86-64 CPU.
+        #[allow(unused_unsafe)]
+        let r = unsafe { std::arch::x86_64::__cpuid(0) };
+        let mut vendor = [0u8; 12];
+        vendor[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        vendor[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &vendor == b"GenuineIntel"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
