@@ -1,6 +1,6 @@
-//! Instruction-set levels of the CPU kernels: detected at run time, forced lower with
-//! `T5RT_ISA` (for tests and benchmarks), and the one place that says which kernel each
-//! precision runs at each level.
+//! Instruction-set levels of the CPU kernels: detected at run time (and the default chosen
+//! from them), forced with `T5RT_ISA` (for tests and benchmarks), and the one place that says
+//! which kernel each precision runs at each level.
 
 use crate::backend::WeightDtype;
 use crate::error::{Result, T5Error};

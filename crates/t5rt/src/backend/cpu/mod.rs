@@ -34,8 +34,9 @@ pub type CpuWeight = PackedWeight;
 
 impl CpuBackend {
     /// A backend using `threads` threads (0 = one per core), with the fastest kernels this
-    /// CPU runs ([`IsaLevel::preferred`]), or the level `T5RT_ISA` names in the environment (`portable`, `avx2`,
-    /// `avx512bw`, `avx512-vnni`, `avx512-bf16`; at most what the CPU has).
+    /// CPU runs ([`IsaLevel::preferred`]), or the level `T5RT_ISA` names in the environment
+    /// (`portable`, `avx2`, `avx512bw`, `avx512-vnni`, `avx512-bf16`; at most what the CPU
+    /// has).
     pub fn new(threads: usize) -> Result<Self> {
         Self::with_isa(threads, IsaLevel::from_env()?)
     }
