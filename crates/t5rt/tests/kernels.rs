@@ -814,6 +814,17 @@ fn preferred_level_steps_down_only_for_intel_bf16() {
     }
     let here = IsaLevel::preferred();
     assert!(here.available() && here <= IsaLevel::detect(), "{here}");
+    // The summary names the CPU's highest level when the backend runs below it.
+    let top = IsaLevel::detect();
+    for level in IsaLevel::available_levels() {
+        let name = CpuBackend::with_isa(1, level).unwrap().name();
+        let want = if level < top {
+            format!("at level {level} of {top})")
+        } else {
+            format!("at level {level})")
+        };
+        assert!(name.ends_with(&want), "{name}: expected to end with {want}");
+    }
 }
 
 #[test]

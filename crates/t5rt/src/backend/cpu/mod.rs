@@ -264,8 +264,16 @@ impl Backend for CpuBackend {
     }
 
     fn name(&self) -> String {
+        // Below the CPU's highest level (forced, or the preferred level of Intel CPUs with
+        // AVX-512 BF16), the summary says so.
+        let top = IsaLevel::detect();
+        let below = if self.isa < top {
+            format!(" of {top}")
+        } else {
+            String::new()
+        };
         format!(
-            "cpu ({} threads, {}, {} kernels at level {})",
+            "cpu ({} threads, {}, {} kernels at level {}{below})",
             self.threads,
             self.dtype,
             self.isa.kernel(self.dtype),
