@@ -814,6 +814,19 @@ fn preferred_level_steps_down_only_for_intel_bf16() {
     }
     let here = IsaLevel::preferred();
     assert!(here.available() && here <= IsaLevel::detect(), "{here}");
+    // The vendor check, against what Linux reports.
+    if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") {
+        if cfg!(target_arch = "x86_64") {
+            let intel = info
+                .lines()
+                .find(|l| l.starts_with("vendor_id"))
+                .is_some_and(|l| l.ends_with("GenuineIntel"));
+            assert_eq!(here, IsaLevel::preferred_of(IsaLevel::detect(), intel));
+        }
+    }
+    if std::env::var_os("T5RT_ISA").is_none() {
+        assert_eq!(IsaLevel::from_env().unwrap(), here, "the default level");
+    }
     // The summary names the CPU's highest level when the backend runs below it.
     let top = IsaLevel::detect();
     for level in IsaLevel::available_levels() {

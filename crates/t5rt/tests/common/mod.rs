@@ -45,7 +45,8 @@ pub fn cpu_backends(dtype: t5rt::WeightDtype) -> Vec<CpuBackend> {
     };
     let mut ran: Vec<String> = Vec::new();
     let mut levels = Vec::new();
-    // Highest level first: the first backend is the one `CpuBackend::new` picks.
+    // Highest level first: the first backend is the one `CpuBackend::new` picks, but on
+    // Intel CPUs with AVX-512 BF16 (where it picks `avx512-vnni`, the second).
     for level in IsaLevel::ALL.into_iter().rev() {
         let p = path(level);
         if level.available() && !ran.contains(&p) {

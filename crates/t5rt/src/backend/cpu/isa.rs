@@ -18,7 +18,8 @@ pub enum IsaLevel {
     Avx512bw,
     /// The above and AVX-512 VNNI (`vpdpbusd`: Cascade Lake, Ice Lake, Zen 4).
     Avx512Vnni,
-    /// The above and AVX-512 BF16 (`vdpbf16ps`: Cooper Lake, Sapphire Rapids, Zen 4).
+    /// The above and AVX-512 BF16 (`vdpbf16ps`: Cooper Lake, Sapphire Rapids, Zen 4; the
+    /// default on Zen 4, not on Intel: see [`IsaLevel::preferred`]).
     Avx512Bf16,
 }
 

@@ -24,7 +24,8 @@ use packed::PackedWeight;
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
-    /// What the kernels may use (detected at run time, or forced lower).
+    /// What the kernels may use ([`IsaLevel::preferred`] from the detected features, or
+    /// forced with `T5RT_ISA`).
     isa: IsaLevel,
     dtype: WeightDtype,
 }
