@@ -45,8 +45,9 @@ pub fn cpu_backends(dtype: t5rt::WeightDtype) -> Vec<CpuBackend> {
     };
     let mut ran: Vec<String> = Vec::new();
     let mut levels = Vec::new();
-    // Highest level first: the first backend is the one `CpuBackend::new` picks, but on
-    // Intel CPUs with AVX-512 BF16 (where it picks `avx512-vnni`, the second).
+    // Highest level first, so that the path `CpuBackend::new` picks comes first; but on Intel
+    // CPUs with AVX-512 BF16 it runs `avx512-vnni`, which for bf16 is the second path (the
+    // `vdpbf16ps` one comes first) and for f32 and int8 the same path as `avx512-bf16`.
     for level in IsaLevel::ALL.into_iter().rev() {
         let p = path(level);
         if level.available() && !ran.contains(&p) {
