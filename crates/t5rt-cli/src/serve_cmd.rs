@@ -49,7 +49,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: t5rt::device::Device,
 
-    /// Precision of the linear layers' weights: f32, bf16 or int8.
+    /// Precision of the linear layers' weights: f32, bf16 or int8 (as for `generate`).
     #[arg(long, value_name = "DTYPE", default_value_t = WeightDtype::F32)]
     dtype: WeightDtype,
 
