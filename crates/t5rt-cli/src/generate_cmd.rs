@@ -64,10 +64,11 @@ pub struct GenerateArgs {
     threads: usize,
 
     /// Precision of the linear layers' weights: f32 (exact parity with Hugging Face), bf16
-    /// (half the memory; activations rounded to bf16 in products on kernels with a bf16 dot
-    /// product, kept f32 on the bf16-widened ones: the summary line names which) or int8 (a
-    /// quarter; per-channel weight scales, activations quantized per row). Everything else
-    /// stays f32.
+    /// (half the memory; activations rounded to bf16 in products on `vdpbf16ps` and the portable
+    /// kernels, kept f32 on the bf16-widened ones: the summary line names the kernels), int8 (a
+    /// quarter; per-channel weight scales, activations quantized per row) or f16 (CUDA only).
+    /// bf16 and int8 keep the attention caches narrower too (README, Precision); everything
+    /// else stays f32.
     #[arg(long, value_name = "DTYPE", default_value_t = WeightDtype::F32)]
     dtype: WeightDtype,
 

@@ -9,8 +9,8 @@
 //! ```
 //!
 //! `ATTEND_KV=bf16` or `ATTEND_KV=int8` times caches in that format (default f32); GB/s counts
-//! the format's own bytes. `ATTEND_HEADS=N` sets the heads (default 8, t5-small's; 12 for
-//! t5-base), each of 64 values.
+//! the format's own bytes. `ATTEND_HEADS=N` sets the heads in either mode (default 8,
+//! t5-small's; 12 for t5-base), each of 64 values.
 //!
 //! `ATTEND_ENCODER=1` times the encoder's attention instead: every position a query
 //! (`q_len = kv_len = KEYS`), with a full `[heads, KEYS, KEYS]` position bias and a mask, as
@@ -36,10 +36,12 @@ fn main() {
     } else {
         vec![(1, 512), (2, 512), (1, 128), (32, 128)]
     };
-    let heads = std::env::var("ATTEND_HEADS")
-        .ok()
-        .and_then(|h| h.parse().ok())
-        .unwrap_or(8);
+    let heads: usize = std::env::var("ATTEND_HEADS").map_or(8, |h| {
+        h.parse()
+            .ok()
+            .filter(|&h| h > 0)
+            .expect("ATTEND_HEADS: a number of heads, 1 or more")
+    });
     let d_kv = 64;
     let inner = heads * d_kv;
     let b = CpuBackend::new(threads).expect("backend");

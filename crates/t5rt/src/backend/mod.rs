@@ -19,7 +19,9 @@ pub enum WeightDtype {
     /// The checkpoint's values in f32: the parity baseline.
     #[default]
     F32,
-    /// bf16 weights; activations rounded to bf16 for the product, accumulated in f32.
+    /// bf16 weights, accumulated in f32; activations rounded to bf16 for the product where the
+    /// CPU runs `vdpbf16ps` (and in the portable code), kept f32 on the widened tiles (AVX2,
+    /// AVX-512 without BF16, and Intel CPUs' default level).
     Bf16,
     /// int8 weights with one f32 scale per output channel; activations quantized to 8 bits
     /// per row at run time, products accumulated exactly in i32 (CPU).

@@ -56,6 +56,7 @@ pub(super) fn attention(
         s,
         heads_per_task: s.heads / groups,
         parts,
+        whole_keys_ahead: super::isa::intel_cpu(),
     };
     if parts == 1 {
         out[..rows * inner]
@@ -174,6 +175,10 @@ struct AttnArgs<'a> {
     heads_per_task: usize,
     /// Parts of [`KEY_PART`] keys per row (1: rows whole).
     parts: usize,
+    /// Whether tasks over all heads (whole keys) ask for keys ahead too (see
+    /// [`PREFETCH_KEYS`]): on Intel CPUs only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    whole_keys_ahead: bool,
 }
 
 /// One task: query row `task / groups`, heads `[h0, h0 + heads_per_task)`;
@@ -450,13 +455,15 @@ macro_rules! attend_simd {
             let (oh, stats) = oh.split_at_mut(hn * d);
             let n = j1 - j0;
             let mut probs = vec![0.0f32; hn * n];
-            // Every key asked for a few keys ahead ([`prefetch_ahead`]), whether the task has
-            // all heads (whole keys, one contiguous stream) or some of them (a part of each
-            // key). Whole keys were left to the hardware prefetchers until session 25: asking
-            // for them too made cold caches stream 6%-21% faster (f32) and 25%-40% (bf16) on
-            // the 2-core Emerald Rapids Xeon (`examples/attend_speed`, 12 heads, batch 32 over
-            // 32 and 128 keys and batch 1 over 512, median of 8 alternating runs), as the
-            // int8 walk (`int8.rs`) already did.
+            // Keys asked for a few keys ahead ([`prefetch_ahead`]) when the task reads a part
+            // of each key (some of the heads), and, on Intel CPUs, whole keys too: see
+            // [`PREFETCH_KEYS`].
+            let ahead = hn < s.heads || a.whole_keys_ahead;
+            let prefetch = |cache: &[f32], at: usize, len: usize, stride: usize| {
+                if ahead {
+                    prefetch_ahead(cache, at, len, stride)
+                }
+            };
             // Element offset of key/value `j`'s first head of this task (in f32 values; bf16
             // slots are at half of it).
             let at = |j: usize| (kv_b * s.kv_stride + j) * inner + h0 * d;
@@ -465,7 +472,7 @@ macro_rules! attend_simd {
             // Key or value `j` of an f32 cache, from this task's first head, asked for a few
             // keys ahead.
             let row = |cache: &[f32], j: usize| -> *const f32 {
-                prefetch_ahead(cache, at(j), hn * d, inner);
+                prefetch(cache, at(j), hn * d, inner);
                 cache[at(j)..].as_ptr()
             };
             if s.kv == KvFormat::Bf16 {
@@ -478,7 +485,7 @@ macro_rules! attend_simd {
                 debug_assert!(a.k.len() >= at(j1.max(1) - 1) / 2 + hn * half || n == 0);
                 for j in j0..j1 {
                     let kp = a.k.as_ptr().add(at(j) / 2);
-                    prefetch_ahead(a.k, at(j) / 2, hn * half, inner / 2);
+                    prefetch(a.k, at(j) / 2, hn * half, inner / 2);
                     for h in 0..hn {
                         let mut acc = $zero;
                         for c in (0..half).step_by($n) {
@@ -508,7 +515,7 @@ macro_rules! attend_simd {
                 let (mut oe, mut oo) = (vec![0.0f32; hn * half], vec![0.0f32; hn * half]);
                 for j in j0..j1 {
                     let vp = a.v.as_ptr().add(at(j) / 2);
-                    prefetch_ahead(a.v, at(j) / 2, hn * half, inner / 2);
+                    prefetch(a.v, at(j) / 2, hn * half, inner / 2);
                     for h in 0..hn {
                         let p = probs[h * n + j - j0];
                         if p == 0.0 {
@@ -606,9 +613,17 @@ attend_simd!(
 /// Keys (or values) ahead of the one being read, for [`prefetch_ahead`]. A task that reads
 /// only its heads' part of each key (`len` of every `stride` values) makes a pattern the
 /// hardware prefetchers follow poorly when there are few tasks (batch-1 decoding over a long
-/// source); whole keys (3 KiB in f32 for t5-base) cross a 4 KiB page every key or two, where
-/// Intel's L2 streamer stops and starts again. Distances of 2 to 16 keys did about as well
-/// on the Xeon (within its noise).
+/// source), so it always asks. Tasks over whole keys (3 KiB in f32 for t5-base, 1.5 KiB in
+/// bf16) read one contiguous stream, and there the CPUs differ:
+/// - AMD EPYC (Zen 4), sessions 15 and 21: the hardware prefetchers did better alone (f32
+///   caches, 32 x 128 keys, 24.0-29.1 GB/s without, 22.4-25.3 with; 32-40 against 25 GB/s).
+/// - Intel Xeon (Emerald Rapids), session 25, whose L2 streamer stops at every 4 KiB page the
+///   stream crosses (every key or two): asking made cold caches 6%-21% (f32) and 24%-41% (bf16)
+///   faster at 12 heads (`examples/attend_speed`, batch 32 over 32 and 128 keys, batch 1 over
+///   512, median of 8 alternating runs), and faster at `avx2` and `avx512bw` too.
+///
+/// So whole keys are asked for on Intel CPUs only ([`super::isa::intel_cpu`]). Distances of 2 to
+/// 16 keys did about as well on the Xeon (within its noise).
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_KEYS: usize = 8;
 

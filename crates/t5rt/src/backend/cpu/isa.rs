@@ -179,6 +179,13 @@ impl IsaLevel {
     }
 }
 
+/// [`cpu_is_intel`], asked once per process (`cpuid` traps to the hypervisor in a VM): for
+/// choices measured to go one way on Intel's cores and the other on AMD's.
+pub(super) fn intel_cpu() -> bool {
+    static INTEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *INTEL.get_or_init(cpu_is_intel)
+}
+
 /// Whether the CPU's vendor string (`cpuid` leaf 0) is Intel's.
 fn cpu_is_intel() -> bool {
     #[cfg(target_arch = "x86_64")]
