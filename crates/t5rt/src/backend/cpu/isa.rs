@@ -99,7 +99,7 @@ impl IsaLevel {
     /// the bf16 tiles, so this choice changes bf16 alone (to the widened tiles' contract:
     /// activations not rounded). `T5RT_ISA=avx512-bf16` still runs the dot tile there.
     pub fn preferred() -> IsaLevel {
-        Self::preferred_of(IsaLevel::detect(), cpu_is_intel())
+        Self::preferred_of(IsaLevel::detect(), intel_cpu())
     }
 
     /// [`IsaLevel::preferred`] for a CPU whose highest level is `top`.

@@ -24,9 +24,9 @@
 //!   the same (without the denormal flushing); `bf16_dot_order` in the kernel tests measures
 //!   which order the CPU's `vdpbf16ps` follows where the CPU has it. Without AVX-512 BF16
 //!   (AVX2, or AVX-512 F/BW), and at `avx512-vnni` (Intel CPUs' default level, where
-//!   `vdpbf16ps` is slower than fused multiply-adds) the weights are widened to f32 in registers instead and the
-//!   activations are not rounded: fused multiply-adds in order of `k`, bitwise the f32 tile
-//!   on bf16-rounded weights (`nodot`).
+//!   `vdpbf16ps` is slower than fused multiply-adds) the weights are widened to f32 in
+//!   registers instead and the activations are not rounded: fused multiply-adds in order of
+//!   `k`, bitwise the f32 tile on bf16-rounded weights (`nodot`).
 //! - int8 without VNNI: the same exact i32 sums through 16-bit products (`vpmaddwd`, `nodot`).
 //! - int8: each weight column has the scale `max|w| / 127` and values `round(w · (1 / scale))`
 //!   (f32 arithmetic, ties to even). Each activation row is quantized at run time around its
