@@ -6,9 +6,11 @@
 //! cargo run --release -p t5rt --example matmul_speed -- [THREADS] [LEVEL...]
 //! ```
 //!
-//! `MATMUL_COLD=1` cycles through copies of each weight totalling at least 256 MiB, so that
-//! every product reads its weights from memory as a decoding step does (each weight of a step
-//! is read once), instead of from the caches the repeated product leaves them in.
+//! `MATMUL_COLD=1` cycles through copies of each weight totalling at least 256 MiB
+//! (`MATMUL_COLD_MIB` to change it: more than the last-level cache, which is 260 MiB on some
+//! Xeons), so that every product reads its weights from memory as a decoding step does (each
+//! weight of a step is read once), instead of from the caches the repeated product leaves
+//! them in.
 //! `MATMUL_SHARED=N` times N products of one input run together (`matmul_nt_shared`, as the
 //! attention's q, k and v are), N weights of the shape given.
 
@@ -84,7 +86,11 @@ fn main() {
                         WeightDtype::Int8 => 1,
                         _ => 2,
                     };
-                let copies = if cold { (256 << 20) / bytes + 1 } else { 1 };
+                let copies = if cold {
+                    (cold_mib() << 20) / bytes + 1
+                } else {
+                    1
+                };
                 let w0 = rand(n * k);
                 let ws: Vec<_> = (0..copies)
                     .map(|_| b.upload_linear(&w0, n, k).unwrap())
@@ -124,5 +130,17 @@ fn main() {
                 );
             }
         }
+    }
+}
+
+/// The total size of the weight copies `MATMUL_COLD=1` cycles through, in MiB.
+fn cold_mib() -> usize {
+    match std::env::var("MATMUL_COLD_MIB") {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|&m: &usize| m > 0)
+            .expect("MATMUL_COLD_MIB: a size in MiB above 0"),
+        Err(_) => 256,
     }
 }

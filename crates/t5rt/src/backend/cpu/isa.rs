@@ -205,6 +205,35 @@ fn cpu_is_intel() -> bool {
     }
 }
 
+/// The size of one core's L2 cache in bytes as `cpuid` reports it (leaf `0x8000_0006`, which
+/// Intel and AMD both fill), asked once per process; `None` where it does not say (other
+/// architectures, some hypervisors).
+pub(super) fn l2_bytes() -> Option<usize> {
+    static L2: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *L2.get_or_init(cpu_l2_bytes)
+}
+
+fn cpu_l2_bytes() -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        // SAFETY: leaf 0x8000_0000 exists on every x86-64 CPU and names the highest extended
+        // leaf; 0x8000_0006 is read only where that reaches it.
+        #[allow(unused_unsafe)]
+        let max = unsafe { __cpuid(0x8000_0000) }.eax;
+        if max < 0x8000_0006 {
+            return None;
+        }
+        #[allow(unused_unsafe)]
+        let kib = (unsafe { __cpuid(0x8000_0006) }.ecx >> 16) as usize;
+        (kib > 0).then_some(kib << 10)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
 impl std::str::FromStr for IsaLevel {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

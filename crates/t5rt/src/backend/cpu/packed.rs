@@ -1455,9 +1455,28 @@ fn prefetch_next() -> bool {
     *ON.get_or_init(|| tuning("T5RT_PREFETCH_NEXT").unwrap_or(1) > 0)
 }
 
-/// The largest panel whose task asks for the next one ([`prefetch_next`]): 384 KiB (64 columns
-/// of k = 1536 in f32, 3072 in bf16, 6144 in int8), so that two panels stay in a 1 MiB L2.
-/// Larger f32 panels (t5-base's feed-forward output, k = 3072) keep the plain prefetch.
+/// The largest panel whose task asks for the next one ([`prefetch_next`]): 3/8 of the L2
+/// cache `cpuid` reports ([`super::isa::l2_bytes`]), so that two panels stay in it, and at
+/// least 384 KiB (64 columns of k = 1536 in f32, 3072 in bf16, 6144 in int8; a 1 MiB L2, as
+/// on the Zen 4, or an L2 the CPU does not report). With a 2 MiB L2 (Emerald Rapids Xeon)
+/// that is 768 KiB, which takes in t5-base's f32 feed-forward output (k = 3072): its 32-row
+/// product from memory ran at a median 150 against 131 GFLOP/s (8 alternating
+/// `examples/matmul_speed` runs over 1 GiB of weights), and t5-base's batched decoding (case d,
+/// f32) took 5.44 against 5.83 s (median of 5 alternating `t5rt bench` runs). Larger panels
+/// keep the plain prefetch. `T5RT_NEXT_MAX_KIB` overrides it, for tuning.
+fn next_max_bytes() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        tuning("T5RT_NEXT_MAX_KIB")
+            .map(|kib| kib << 10)
+            .unwrap_or_else(|| {
+                let l2 = super::isa::l2_bytes().unwrap_or(0);
+                NEXT_MAX_BYTES.max(l2 / 8 * 3)
+            })
+    })
+}
+
+/// The least of [`next_max_bytes`].
 const NEXT_MAX_BYTES: usize = 384 << 10;
 
 /// Where each product's tasks start in [`matmul_packed_shared`]'s set: product `i` owns tasks
@@ -1599,6 +1618,7 @@ pub(super) fn matmul_packed_shared(
     let outps: Vec<SharedMut> = outs.iter_mut().map(|o| SharedMut(o.as_mut_ptr())).collect();
     let total = starts.last().copied().unwrap_or(0);
     let next_on = prefetch_next() && row_tasks == 1;
+    let next_max = next_max_bytes();
     (0..total).into_par_iter().for_each(|t| {
         let (i, cb, rt) = task_of(ws, &starts, t);
         let (w, outp) = (ws[i], outps[i]);
@@ -1623,7 +1643,7 @@ pub(super) fn matmul_packed_shared(
         // The next task's panel, asked for by the row tiles after the first: tile `j` asks
         // for its lines `(j - 1) kg + g`, one per step `g` of `k`. Only in products of one
         // row task (decoding steps), and not where a panel is too large for two to share L2.
-        let next = (next_on && t + 1 < total && 4 * w.kg * BLOCK <= NEXT_MAX_BYTES)
+        let next = (next_on && t + 1 < total && 4 * w.kg * BLOCK <= next_max)
             .then(|| task_panel(ws, &starts, t + 1));
         for g0 in (0..w.kg).step_by(kc) {
             let ks = g0..(g0 + kc).min(w.kg);
