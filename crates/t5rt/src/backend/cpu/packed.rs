@@ -1459,10 +1459,11 @@ fn prefetch_next() -> bool {
 /// cache `cpuid` reports ([`super::isa::l2_bytes`]), so that two panels stay in it, and at
 /// least 384 KiB (64 columns of k = 1536 in f32, 3072 in bf16, 6144 in int8; a 1 MiB L2, as
 /// on the Zen 4, or an L2 the CPU does not report). With a 2 MiB L2 (Emerald Rapids Xeon)
-/// that is 768 KiB, which takes in t5-base's f32 feed-forward output (k = 3072): its 32-row
-/// product from memory ran at a median 150 against 131 GFLOP/s (8 alternating
-/// `examples/matmul_speed` runs over 1 GiB of weights), and t5-base's batched decoding (case d,
-/// f32) took 5.44 against 5.83 s (median of 5 alternating `t5rt bench` runs). Larger panels
+/// that is 768 KiB, which takes in the f32 feed-forward outputs of t5-small (k = 2048) and
+/// t5-base (k = 3072): their 32-row products from memory ran at a median 150 against 127
+/// and 157 against 137 GFLOP/s (5 alternating `examples/matmul_speed` runs over 1 GiB of
+/// weights; at `avx2` 73 against 67 and 75 against 72), and t5-base's batched decoding (case
+/// d, f32) took 5.44 against 5.83 s (median of 5 alternating `t5rt bench` runs). Larger panels
 /// keep the plain prefetch. `T5RT_NEXT_MAX_KIB` overrides it, for tuning.
 fn next_max_bytes() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
