@@ -1,7 +1,8 @@
 //! Times the CPU backend's decoding-step attention (one query per sequence over a key/value
 //! cache) with the caches cold, as in a decoding step, where the weights read between two
 //! attention calls push the caches out of L3: each call reads its own copy of k and v from a
-//! set of copies totalling at least 256 MiB. Prints GB/s (cache bytes over wall time, best of
+//! set of copies totalling at least 256 MiB (`ATTEND_COLD_MIB` to change it: more than the
+//! last-level cache, which is 260 MiB on some Xeons). Prints GB/s (cache bytes over wall time, best of
 //! 5 runs). A tool for working on the kernels:
 //!
 //! ```text
@@ -60,7 +61,7 @@ fn main() {
         let copies = if std::env::var_os("ATTEND_HOT").is_some() {
             1
         } else {
-            (256 << 20) / (2 * 4 * len) + 1
+            (cold_mib() << 20) / (2 * 4 * len) + 1
         };
         let vals: Vec<f32> = (0..len)
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
@@ -164,4 +165,16 @@ fn best_of_5(b: &CpuBackend, reps: usize, mut call: impl FnMut(usize) + Send) ->
         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
     }
     best
+}
+
+/// The total size of the cache copies the cold runs cycle through, in MiB (`ATTEND_COLD_MIB`).
+fn cold_mib() -> usize {
+    match std::env::var("ATTEND_COLD_MIB") {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|&m: &usize| m > 0)
+            .expect("ATTEND_COLD_MIB: a size in MiB above 0"),
+        Err(_) => 256,
+    }
 }
