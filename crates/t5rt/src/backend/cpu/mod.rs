@@ -156,18 +156,51 @@ fn spin_helpers() -> bool {
     *ON.get_or_init(|| std::env::var("T5RT_SPIN").map_or(true, |v| v != "0"))
 }
 
-/// How long a helping thread stays in a call with nothing to do ([`help_until`]): longer than
-/// the serial stretches inside a call (a call's start, 5-11 ms for t5-small at batch 32; at 3 ms
-/// the helper left every case-d call once), short enough that the stall it ends is rare and
-/// brief.
+/// How long a helping thread stays in a call with nothing to do ([`help_until`]), counted on
+/// its own clock ([`IdleClock`]): longer than the serial stretches inside a call (a call's
+/// start, 5-11 ms for t5-small at batch 32; at 3 ms the helper left every case-d call once),
+/// short enough that the stall it ends is rare and brief.
 const HELP_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_millis(30);
+
+/// The longest gap between two looks of [`help_until`] that counts as idle time: a longer
+/// one is the host pausing this thread (a VM's CPU time taken by others), not time spent
+/// waiting for work, and counts as this much.
+const IDLE_GAP_CAP: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Time spent looking for work, from look to look, each gap counted up to [`IDLE_GAP_CAP`].
+struct IdleClock {
+    last: std::time::Instant,
+    idle: std::time::Duration,
+}
+
+impl IdleClock {
+    fn start() -> Self {
+        IdleClock {
+            last: std::time::Instant::now(),
+            idle: std::time::Duration::ZERO,
+        }
+    }
+
+    /// The idle time so far, this look included.
+    fn look(&mut self) -> std::time::Duration {
+        self.look_at(std::time::Instant::now())
+    }
+
+    fn look_at(&mut self, now: std::time::Instant) -> std::time::Duration {
+        self.idle += now.saturating_duration_since(self.last).min(IDLE_GAP_CAP);
+        self.last = now;
+        self.idle
+    }
+}
 
 /// Runs the pool's pending work until `done`, without sleeping in rayon: a decoding step is a
 /// chain of short parallel operations, and a thread that went to sleep between two of them
 /// woke late for the next. While idle it yields the core every so often, and after a
 /// millisecond with nothing to do (the calling thread working alone) it naps 50 µs between
 /// looks, so a call that waits on something else does not keep a core busy. After
-/// [`HELP_IDLE_LIMIT`] with nothing to do it leaves (the thread is then an ordinary rayon
+/// [`HELP_IDLE_LIMIT`] with nothing to do ([`IdleClock`]: time the host took the thread's CPU
+/// away does not count; on the shared Emerald Rapids VM such pauses of 30 ms and more made it
+/// leave calls it was needed in) it leaves (the thread is then an ordinary rayon
 /// worker for the rest of the call): rayon may hand a thread its helping job while that thread
 /// is inside a piece of the same call's parallel work that it stole (it looks for work while
 /// waiting on the piece's own halves); the call's first thread then waits for that piece and
@@ -182,7 +215,7 @@ const HELP_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_millis(30
 fn help_until(done: &std::sync::atomic::AtomicBool) {
     use std::cell::Cell;
     use std::sync::atomic::Ordering;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     const SPIN: Duration = Duration::from_millis(1);
     const _: () = assert!(HELP_IDLE_LIMIT.as_micros() > SPIN.as_micros());
     thread_local! {
@@ -200,18 +233,18 @@ fn help_until(done: &std::sync::atomic::AtomicBool) {
     }
     let _clear = Clear;
     let mut idle = 0u32;
-    let mut idle_since: Option<Instant> = None;
+    let mut clock: Option<IdleClock> = None;
     while !done.load(Ordering::Acquire) {
         if let Some(rayon::Yield::Executed) = rayon::yield_now() {
             idle = 0;
-            idle_since = None;
+            clock = None;
             continue;
         }
         idle = idle.wrapping_add(1);
         if !idle.is_multiple_of(64) {
             std::hint::spin_loop();
         } else {
-            let idle_for = idle_since.get_or_insert_with(Instant::now).elapsed();
+            let idle_for = clock.get_or_insert_with(IdleClock::start).look();
             if idle_for < SPIN {
                 std::thread::yield_now();
             } else if idle_for < HELP_IDLE_LIMIT {
@@ -220,6 +253,50 @@ fn help_until(done: &std::sync::atomic::AtomicBool) {
                 return;
             }
         }
+    }
+}
+
+/// Lookups of at least this many ids run on the pool ([`CpuBackend::each_row`]): an encoder's
+/// input (thousands of ids) is otherwise a serial stretch long enough for the helping thread
+/// to leave the call ([`HELP_IDLE_LIMIT`]). t5-base's 4096 ids of case d, read from its tied f32
+/// head (a row of the packed head is one value per cache line), took some 45 ms on one
+/// thread: the helper left every such call at 30 ms, and those calls then decoded about 15%
+/// slower (rayon waking a sleeping thread for each of some 150 parallel steps a token; a
+/// helper kept in the call against one that left, 4 of 4 alternating `t5rt bench` pairs:
+/// decoding 5.6-7.1 s against 6.6-9.9 s). A decoding step's few ids stay on one thread.
+const EMBED_PARALLEL_MIN: usize = 64;
+
+/// An error naming the first id of `ids` that is not below `n` (the vocabulary), if any.
+fn check_ids(ids: &[u32], n: usize) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= n) {
+        Some(id) => Err(T5Error::Input(format!(
+            "token id {id} is outside the vocabulary"
+        ))),
+        None => Ok(()),
+    }
+}
+
+impl CpuBackend {
+    /// `f(row, id)` for each row of `d` values of `out` and its id, on the pool when there
+    /// are [`EMBED_PARALLEL_MIN`] ids or more.
+    fn each_row(
+        &self,
+        out: &mut [f32],
+        d: usize,
+        ids: &[u32],
+        f: impl Fn(&mut [f32], usize) -> Result<()> + Sync,
+    ) -> Result<()> {
+        if ids.len() < EMBED_PARALLEL_MIN {
+            return out
+                .chunks_exact_mut(d)
+                .zip(ids)
+                .try_for_each(|(row, &id)| f(row, id as usize));
+        }
+        self.pool.install(|| {
+            out.par_chunks_exact_mut(d)
+                .zip(ids.par_iter())
+                .try_for_each(|(row, &id)| f(row, id as usize))
+        })
     }
 }
 
@@ -388,14 +465,14 @@ impl Backend for CpuBackend {
 
     fn embed_host(&self, ids: &[u32], table: &[f32], out: &mut Vec<f32>, d: usize) -> Result<()> {
         check_len("embed out", out.len(), ids.len() * d)?;
-        for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
-            let start = id as usize * d;
-            let src = table.get(start..start + d).ok_or_else(|| {
-                T5Error::Input(format!("token id {id} is outside the vocabulary"))
-            })?;
-            row.copy_from_slice(src);
+        if d == 0 {
+            return Ok(());
         }
-        Ok(())
+        check_ids(ids, table.len() / d)?;
+        self.each_row(&mut out[..ids.len() * d], d, ids, |row, id| {
+            row.copy_from_slice(&table[id * d..(id + 1) * d]);
+            Ok(())
+        })
     }
 
     fn embed_linear(&self, ids: &[u32], w: &CpuWeight, out: &mut Vec<f32>, d: usize) -> Result<()> {
@@ -406,15 +483,10 @@ impl Backend for CpuBackend {
                 w.k
             )));
         }
-        for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
-            if id as usize >= w.n {
-                return Err(T5Error::Input(format!(
-                    "token id {id} is outside the vocabulary"
-                )));
-            }
-            w.read_row(id as usize, row)?;
-        }
-        Ok(())
+        check_ids(ids, w.n)?;
+        self.each_row(&mut out[..ids.len() * d], d, ids, |row, id| {
+            w.read_row(id, row)
+        })
     }
 
     fn rms_norm(
@@ -791,6 +863,56 @@ mod tests {
         });
         rx.recv_timeout(std::time::Duration::from_secs(20))
             .expect("3000 calls of nested parallel work stalled");
+    }
+
+    /// Gaps between looks count up to the cap: a pause of the thread by the host is not idle
+    /// time.
+    #[test]
+    fn idle_clock_caps_each_gap() {
+        use std::time::Duration;
+        let mut c = IdleClock::start();
+        let t0 = c.last;
+        assert_eq!(
+            c.look_at(t0 + Duration::from_micros(300)),
+            Duration::from_micros(300)
+        );
+        let paused = t0 + Duration::from_micros(300) + Duration::from_millis(50);
+        assert_eq!(c.look_at(paused), Duration::from_micros(300) + IDLE_GAP_CAP);
+        // A clock read earlier than the last look adds nothing.
+        assert_eq!(c.look_at(t0), Duration::from_micros(300) + IDLE_GAP_CAP);
+    }
+
+    /// Embedding lookups, from a table and from a tied f32 head, on one thread (few ids) and
+    /// on the pool (many): the rows asked for, and an error for an id past the vocabulary
+    /// wherever it is.
+    #[test]
+    fn embedding_lookups_read_their_rows_serially_and_on_the_pool() {
+        let b = CpuBackend::new(2).unwrap();
+        let (vocab, d) = (300, 24);
+        let table: Vec<f32> = (0..vocab * d)
+            .map(|i| (i % 977) as f32 * 0.25 - 7.0)
+            .collect();
+        let head = b.upload_linear_f32(&table, vocab, d).unwrap();
+        for count in [3, EMBED_PARALLEL_MIN - 1, EMBED_PARALLEL_MIN, 500] {
+            let ids: Vec<u32> = (0..count).map(|i| ((i * 37 + 5) % vocab) as u32).collect();
+            let want: Vec<f32> = ids
+                .iter()
+                .flat_map(|&id| table[id as usize * d..(id as usize + 1) * d].to_vec())
+                .collect();
+            let mut out = vec![0.0; count * d];
+            b.run(|| b.embed_host(&ids, &table, &mut out, d)).unwrap();
+            assert_eq!(out, want, "table, {count} ids");
+            let mut out = vec![0.0; count * d];
+            b.run(|| b.embed_linear(&ids, &head, &mut out, d)).unwrap();
+            assert_eq!(out, want, "head, {count} ids");
+            let mut bad = ids.clone();
+            bad[count - 1] = vocab as u32;
+            let mut out = vec![0.0; count * d];
+            let e = b.embed_host(&bad, &table, &mut out, d).unwrap_err();
+            assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+            let e = b.embed_linear(&bad, &head, &mut out, d).unwrap_err();
+            assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+        }
     }
 
     #[test]
