@@ -61,7 +61,13 @@ fn main() {
         let copies = if std::env::var_os("ATTEND_HOT").is_some() {
             1
         } else {
-            (cold_mib() << 20) / (2 * 4 * len) + 1
+            // Bytes a value of the format takes (int8's per-row scales left out).
+            let bytes = match kv {
+                KvFormat::F32 => 4,
+                KvFormat::Bf16 => 2,
+                KvFormat::Int8 => 1,
+            };
+            (cold_mib() << 20) / (2 * bytes * len) + 1
         };
         let vals: Vec<f32> = (0..len)
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)

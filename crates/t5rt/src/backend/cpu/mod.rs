@@ -167,16 +167,24 @@ const HELP_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_millis(30
 /// waiting for work, and counts as this much.
 const IDLE_GAP_CAP: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// A bound in wall time on how long [`help_until`] stays idle, whatever [`IdleClock`] counts
+/// (naps that oversleep past [`IDLE_GAP_CAP`] on a loaded host would otherwise stretch
+/// [`HELP_IDLE_LIMIT`] without end).
+const HELP_IDLE_WALL_LIMIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Time spent looking for work, from look to look, each gap counted up to [`IDLE_GAP_CAP`].
 struct IdleClock {
+    began: std::time::Instant,
     last: std::time::Instant,
     idle: std::time::Duration,
 }
 
 impl IdleClock {
     fn start() -> Self {
+        let now = std::time::Instant::now();
         IdleClock {
-            last: std::time::Instant::now(),
+            began: now,
+            last: now,
             idle: std::time::Duration::ZERO,
         }
     }
@@ -198,14 +206,15 @@ impl IdleClock {
 /// woke late for the next. While idle it yields the core every so often, and after a
 /// millisecond with nothing to do (the calling thread working alone) it naps 50 µs between
 /// looks, so a call that waits on something else does not keep a core busy. After
-/// [`HELP_IDLE_LIMIT`] with nothing to do ([`IdleClock`]: time the host took the thread's CPU
-/// away does not count; on the shared Emerald Rapids VM such pauses of 30 ms and more made it
-/// leave calls it was needed in) it leaves (the thread is then an ordinary rayon
+/// [`HELP_IDLE_LIMIT`] with nothing to do ([`IdleClock`]: each gap between two looks counts at
+/// most a millisecond, so the host pausing the thread does not count; on the shared Emerald
+/// Rapids VM such pauses of 30 ms and more made it leave calls it was needed in; and at most
+/// [`HELP_IDLE_WALL_LIMIT`] of wall time) it leaves (the thread is then an ordinary rayon
 /// worker for the rest of the call): rayon may hand a thread its helping job while that thread
 /// is inside a piece of the same call's parallel work that it stole (it looks for work while
 /// waiting on the piece's own halves); the call's first thread then waits for that piece and
 /// nothing else runs, so leaving is what lets the piece finish. That stall (seen once, in CI,
-/// as a hang before this limit) now costs at most the limit.
+/// as a hang before this limit) now costs about the limit (at most [`HELP_IDLE_WALL_LIMIT`]).
 ///
 /// A thread already helping one call that picks up another call's helper job (two `run`s from
 /// different threads at once: the server's step loop and a beam search) leaves that job at
@@ -244,7 +253,11 @@ fn help_until(done: &std::sync::atomic::AtomicBool) {
         if !idle.is_multiple_of(64) {
             std::hint::spin_loop();
         } else {
-            let idle_for = clock.get_or_insert_with(IdleClock::start).look();
+            let clock = clock.get_or_insert_with(IdleClock::start);
+            let idle_for = clock.look();
+            if clock.began.elapsed() >= HELP_IDLE_WALL_LIMIT {
+                return;
+            }
             if idle_for < SPIN {
                 std::thread::yield_now();
             } else if idle_for < HELP_IDLE_LIMIT {
@@ -260,10 +273,11 @@ fn help_until(done: &std::sync::atomic::AtomicBool) {
 /// input (thousands of ids) is otherwise a serial stretch long enough for the helping thread
 /// to leave the call ([`HELP_IDLE_LIMIT`]). t5-base's 4096 ids of case d, read from its tied f32
 /// head (a row of the packed head is one value per cache line), took some 45 ms on one
-/// thread: the helper left every such call at 30 ms, and those calls then decoded about 15%
-/// slower (rayon waking a sleeping thread for each of some 150 parallel steps a token; a
+/// thread: the helper left every such call at 30 ms, and those calls then took about 18% longer
+/// to decode (rayon waking a sleeping thread for each of some 150 parallel steps a token; a
 /// helper kept in the call against one that left, 4 of 4 alternating `t5rt bench` pairs:
-/// decoding 5.6-7.1 s against 6.6-9.9 s). A decoding step's few ids stay on one thread.
+/// decoding 5.6-7.1 s against 6.6-9.9 s, medians 6.1 and 7.2 s). A decoding step's few ids
+/// stay on one thread.
 const EMBED_PARALLEL_MIN: usize = 64;
 
 /// An error naming the first id of `ids` that is not below `n` (the vocabulary), if any.
@@ -286,6 +300,9 @@ impl CpuBackend {
         ids: &[u32],
         f: impl Fn(&mut [f32], usize) -> Result<()> + Sync,
     ) -> Result<()> {
+        if d == 0 {
+            return Ok(());
+        }
         if ids.len() < EMBED_PARALLEL_MIN {
             return out
                 .chunks_exact_mut(d)
@@ -913,6 +930,10 @@ mod tests {
             let e = b.embed_linear(&bad, &head, &mut out, d).unwrap_err();
             assert!(e.to_string().contains("outside the vocabulary"), "{e}");
         }
+        // Rows of no values: nothing to read, and no panic.
+        b.embed_host(&[1, 2], &[], &mut Vec::new(), 0).unwrap();
+        let empty = b.upload_linear_f32(&[], vocab, 0).unwrap();
+        b.embed_linear(&[1, 2], &empty, &mut Vec::new(), 0).unwrap();
     }
 
     #[test]

@@ -1456,29 +1456,35 @@ fn prefetch_next() -> bool {
 }
 
 /// The largest panel whose task asks for the next one ([`prefetch_next`]): 3/8 of the L2
-/// cache `cpuid` reports ([`super::isa::l2_bytes`]), so that two panels stay in it, and at
-/// least 384 KiB (64 columns of k = 1536 in f32, 3072 in bf16, 6144 in int8; a 1 MiB L2, as
-/// on the Zen 4, or an L2 the CPU does not report). With a 2 MiB L2 (Emerald Rapids Xeon)
-/// that is 768 KiB, which takes in the f32 feed-forward outputs of t5-small (k = 2048) and
-/// t5-base (k = 3072): their 32-row products from memory ran at a median 150 against 127
-/// and 157 against 137 GFLOP/s (5 alternating `examples/matmul_speed` runs over 1 GiB of
-/// weights; at `avx2` 73 against 67 and 75 against 72), and t5-base's batched decoding (case
-/// d, f32) took 5.44 against 5.83 s (median of 5 alternating `t5rt bench` runs). Larger panels
-/// keep the plain prefetch. `T5RT_NEXT_MAX_KIB` overrides it, for tuning.
+/// cache `cpuid` reports ([`super::isa::l2_bytes`]), so that two panels stay in it, within
+/// [`NEXT_MIN_BYTES`] and [`NEXT_MAX_BYTES`]. With a 2 MiB L2 (Emerald Rapids Xeon) that is
+/// 768 KiB, which takes in the f32 feed-forward outputs of t5-small (k = 2048) and t5-base
+/// (k = 3072): their 32-row products from memory ran at a median 150 against 127 and 157
+/// against 137 GFLOP/s (5 alternating `examples/matmul_speed` runs over 1 GiB of weights; at
+/// `avx2` 73 against 67 and 75 against 72), and t5-base's batched decoding (case d, f32) took
+/// 5.44 against 5.83 s (median of 5 alternating `t5rt bench` runs). Larger panels keep the
+/// plain prefetch. `T5RT_NEXT_MAX_KIB` overrides it, for tuning (0: no next-panel prefetch).
 fn next_max_bytes() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| {
         tuning("T5RT_NEXT_MAX_KIB")
-            .map(|kib| kib << 10)
+            .map(|kib| kib.saturating_mul(1024))
             .unwrap_or_else(|| {
                 let l2 = super::isa::l2_bytes().unwrap_or(0);
-                NEXT_MAX_BYTES.max(l2 / 8 * 3)
+                (l2 / 8 * 3).clamp(NEXT_MIN_BYTES, NEXT_MAX_BYTES)
             })
     })
 }
 
-/// The least of [`next_max_bytes`].
-const NEXT_MAX_BYTES: usize = 384 << 10;
+/// The least of [`next_max_bytes`] unless overridden: 384 KiB (64 columns of k = 1536 in f32,
+/// 3072 in bf16, 6144 in int8), right for a 1 MiB L2 (the Zen 4) and kept where the CPU does
+/// not report its L2.
+const NEXT_MIN_BYTES: usize = 384 << 10;
+
+/// The most of [`next_max_bytes`] unless overridden: 768 KiB, the largest measured (a 2 MiB
+/// L2). A larger reported L2 (or a hypervisor's wrong figure, or a hybrid CPU's shared
+/// E-core L2) does not raise it further.
+const NEXT_MAX_BYTES: usize = 768 << 10;
 
 /// Where each product's tasks start in [`matmul_packed_shared`]'s set: product `i` owns tasks
 /// `starts[i]..starts[i + 1]`, `row_tasks` per column block of 64 (the last entry is the
