@@ -18,6 +18,8 @@
 //! `T5Model::encode` calls it; it prints GFLOP/s (the two products' FLOPs over wall time, best
 //! of 5) and microseconds per call.
 
+mod common;
+
 use std::time::Instant;
 
 use t5rt::backend::{AttnShape, Backend, KvFormat};
@@ -37,12 +39,7 @@ fn main() {
     } else {
         vec![(1, 512), (2, 512), (1, 128), (32, 128)]
     };
-    let heads: usize = std::env::var("ATTEND_HEADS").map_or(8, |h| {
-        h.parse()
-            .ok()
-            .filter(|&h| h > 0)
-            .expect("ATTEND_HEADS: a number of heads, 1 or more")
-    });
+    let heads = common::positive_env("ATTEND_HEADS", 8, "a number of heads, 1 or more");
     let d_kv = 64;
     let inner = heads * d_kv;
     let b = CpuBackend::new(threads).expect("backend");
@@ -67,7 +64,9 @@ fn main() {
                 KvFormat::Bf16 => 2,
                 KvFormat::Int8 => 1,
             };
-            (cold_mib() << 20) / (2 * bytes * len) + 1
+            (common::positive_env("ATTEND_COLD_MIB", 256, "a size in MiB above 0") << 20)
+                / (2 * bytes * len)
+                + 1
         };
         let vals: Vec<f32> = (0..len)
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
@@ -171,16 +170,4 @@ fn best_of_5(b: &CpuBackend, reps: usize, mut call: impl FnMut(usize) + Send) ->
         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
     }
     best
-}
-
-/// The total size of the cache copies the cold runs cycle through, in MiB (`ATTEND_COLD_MIB`).
-fn cold_mib() -> usize {
-    match std::env::var("ATTEND_COLD_MIB") {
-        Ok(v) => v
-            .parse()
-            .ok()
-            .filter(|&m: &usize| m > 0)
-            .expect("ATTEND_COLD_MIB: a size in MiB above 0"),
-        Err(_) => 256,
-    }
 }

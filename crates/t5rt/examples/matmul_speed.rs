@@ -14,6 +14,8 @@
 //! `MATMUL_SHARED=N` times N products of one input run together (`matmul_nt_shared`, as the
 //! attention's q, k and v are), N weights of the shape given.
 
+mod common;
+
 use std::time::Instant;
 
 use t5rt::backend::{Backend, MatDims};
@@ -87,7 +89,9 @@ fn main() {
                         _ => 2,
                     };
                 let copies = if cold {
-                    (cold_mib() << 20) / bytes + 1
+                    (common::positive_env("MATMUL_COLD_MIB", 256, "a size in MiB above 0") << 20)
+                        / bytes
+                        + 1
                 } else {
                     1
                 };
@@ -130,17 +134,5 @@ fn main() {
                 );
             }
         }
-    }
-}
-
-/// The total size of the weight copies `MATMUL_COLD=1` cycles through, in MiB.
-fn cold_mib() -> usize {
-    match std::env::var("MATMUL_COLD_MIB") {
-        Ok(v) => v
-            .parse()
-            .ok()
-            .filter(|&m: &usize| m > 0)
-            .expect("MATMUL_COLD_MIB: a size in MiB above 0"),
-        Err(_) => 256,
     }
 }

@@ -255,7 +255,8 @@ fn help_until(done: &std::sync::atomic::AtomicBool) {
         } else {
             let clock = clock.get_or_insert_with(IdleClock::start);
             let idle_for = clock.look();
-            if clock.began.elapsed() >= HELP_IDLE_WALL_LIMIT {
+            // `last` is this look's time: the wall time idle so far, without another read.
+            if clock.last - clock.began >= HELP_IDLE_WALL_LIMIT {
                 return;
             }
             if idle_for < SPIN {
