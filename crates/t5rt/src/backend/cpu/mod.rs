@@ -124,6 +124,40 @@ fn try_copy(data: &[f32]) -> Result<Vec<f32>> {
 }
 
 impl CpuBackend {
+    /// Runs `op` on the pool (inline when called inside [`Backend::run`]), first asking back
+    /// into the current call the helpers that left it ([`help_until`]).
+    ///
+    /// A helper leaves after [`HELP_IDLE_LIMIT`] with nothing to do; on a shared VM the host
+    /// pausing the calling thread for that long made it leave calls it was needed in, and it
+    /// then slept in rayon between the call's operations, woken for each (some 150 a
+    /// decoding step). The pool's first thread is between operations here, with no parallel
+    /// work of the call in flight, so the job reaches the helper outside any piece of that
+    /// work (where it would stall it) and the helper helps again until the call is done.
+    fn install<R: Send>(&self, op: impl FnOnce() -> R + Send) -> R {
+        if spin_helpers() {
+            self.ask_helpers_back();
+        }
+        self.pool.install(op)
+    }
+
+    fn ask_helpers_back(&self) {
+        use std::sync::atomic::Ordering;
+        let call = CURRENT_CALL.with(|c| {
+            c.borrow()
+                .as_ref()
+                .filter(|call| call.left.load(Ordering::Relaxed) > 0)
+                .map(std::sync::Arc::clone)
+        });
+        let Some(call) = call else { return };
+        call.left.store(0, Ordering::Relaxed);
+        // Threads helping already return from the job at once (`help_until`'s flag).
+        self.pool.spawn_broadcast(move |ctx| {
+            if ctx.index() != 0 {
+                help_until(&call);
+            }
+        });
+    }
+
     /// A checkpoint weight `[n, k]` packed as `kind` on this backend's threads.
     fn pack(&self, w: &[f32], n: usize, k: usize, kind: WeightDtype) -> Result<CpuWeight> {
         check_len("upload_linear", w.len(), n * k)?;
@@ -137,16 +171,54 @@ impl CpuBackend {
             check_int8_inputs(k)?;
         }
         let isa = self.isa;
-        self.pool.install(|| PackedWeight::pack(w, n, k, kind, isa))
+        self.install(|| PackedWeight::pack(w, n, k, kind, isa))
     }
 }
 
-/// Sets its flag when dropped: when the job returns or unwinds.
-struct SetOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+/// What one [`CpuBackend::run`] call shares with the threads helping it ([`help_until`]).
+#[derive(Default)]
+struct Call {
+    /// Set when the call's job returns or unwinds.
+    done: std::sync::atomic::AtomicBool,
+    /// Helpers that left the call before it was done (idle past [`HELP_IDLE_LIMIT`]), not yet
+    /// asked back ([`CpuBackend::install`]).
+    left: std::sync::atomic::AtomicUsize,
+    /// Times a thread began helping the call (tests).
+    #[cfg(test)]
+    joined: std::sync::atomic::AtomicUsize,
+}
+
+/// Sets the call's `done` when dropped: when the job returns or unwinds.
+struct SetOnDrop<'a>(&'a Call);
 
 impl Drop for SetOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Release);
+        self.0
+            .done
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+std::thread_local! {
+    /// The call the pool's first thread is running ([`CpuBackend::run`]), if any.
+    static CURRENT_CALL: std::cell::RefCell<Option<std::sync::Arc<Call>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes `call` the current thread's [`CURRENT_CALL`] until dropped, then puts back the one
+/// before (a call's job can run inside another's when two threads call `run` at once).
+struct CurrentCall(Option<std::sync::Arc<Call>>);
+
+impl CurrentCall {
+    fn set(call: &std::sync::Arc<Call>) -> Self {
+        CurrentCall(CURRENT_CALL.with(|c| c.replace(Some(std::sync::Arc::clone(call)))))
+    }
+}
+
+impl Drop for CurrentCall {
+    fn drop(&mut self) {
+        let before = self.0.take();
+        CURRENT_CALL.with(|c| *c.borrow_mut() = before);
     }
 }
 
@@ -201,7 +273,7 @@ impl IdleClock {
     }
 }
 
-/// Runs the pool's pending work until `done`, without sleeping in rayon: a decoding step is a
+/// Runs the pool's pending work until `call` is done, without sleeping in rayon: a decoding step is a
 /// chain of short parallel operations, and a thread that went to sleep between two of them
 /// woke late for the next. While idle it yields the core every so often, and after a
 /// millisecond with nothing to do (the calling thread working alone) it naps 50 µs between
@@ -209,8 +281,9 @@ impl IdleClock {
 /// [`HELP_IDLE_LIMIT`] with nothing to do ([`IdleClock`]: each gap between two looks counts at
 /// most a millisecond, so the host pausing the thread does not count; on the shared Emerald
 /// Rapids VM such pauses of 30 ms and more made it leave calls it was needed in; and at most
-/// [`HELP_IDLE_WALL_LIMIT`] of wall time) it leaves (the thread is then an ordinary rayon
-/// worker for the rest of the call): rayon may hand a thread its helping job while that thread
+/// [`HELP_IDLE_WALL_LIMIT`] of wall time) it leaves, counted in the call's `left` (the thread
+/// is then an ordinary rayon worker until the call's next operation asks it back,
+/// [`CpuBackend::install`]; pauses of the calling thread still make it leave): rayon may hand a thread its helping job while that thread
 /// is inside a piece of the same call's parallel work that it stole (it looks for work while
 /// waiting on the piece's own halves); the call's first thread then waits for that piece and
 /// nothing else runs, so leaving is what lets the piece finish. That stall (seen once, in CI,
@@ -221,7 +294,7 @@ impl IdleClock {
 /// once: staying would hold it there until the other call ended, and the first call's
 /// `broadcast`, which waits for every thread's job, with it. Its own loop goes on helping
 /// whichever work comes.
-fn help_until(done: &std::sync::atomic::AtomicBool) {
+fn help_until(call: &Call) {
     use std::cell::Cell;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
@@ -241,9 +314,14 @@ fn help_until(done: &std::sync::atomic::AtomicBool) {
         }
     }
     let _clear = Clear;
+    #[cfg(test)]
+    call.joined.fetch_add(1, Ordering::Relaxed);
+    let leave = || {
+        call.left.fetch_add(1, Ordering::Release);
+    };
     let mut idle = 0u32;
     let mut clock: Option<IdleClock> = None;
-    while !done.load(Ordering::Acquire) {
+    while !call.done.load(Ordering::Acquire) {
         if let Some(rayon::Yield::Executed) = rayon::yield_now() {
             idle = 0;
             clock = None;
@@ -257,14 +335,14 @@ fn help_until(done: &std::sync::atomic::AtomicBool) {
             let idle_for = clock.look();
             // `last` is this look's time: the wall time idle so far, without another read.
             if clock.last - clock.began >= HELP_IDLE_WALL_LIMIT {
-                return;
+                return leave();
             }
             if idle_for < SPIN {
                 std::thread::yield_now();
             } else if idle_for < HELP_IDLE_LIMIT {
                 std::thread::sleep(Duration::from_micros(50));
             } else {
-                return;
+                return leave();
             }
         }
     }
@@ -310,7 +388,7 @@ impl CpuBackend {
                 .zip(ids)
                 .try_for_each(|(row, &id)| f(row, id as usize));
         }
-        self.pool.install(|| {
+        self.install(|| {
             out.par_chunks_exact_mut(d)
                 .zip(ids.par_iter())
                 .try_for_each(|(row, &id)| f(row, id as usize))
@@ -340,15 +418,16 @@ impl Backend for CpuBackend {
             return f();
         }
         let f = std::sync::Mutex::new(Some(f));
-        let done = std::sync::atomic::AtomicBool::new(false);
+        let call = std::sync::Arc::new(Call::default());
         let results = self.pool.broadcast(|ctx| {
             if ctx.index() != 0 {
                 if spin_helpers() {
-                    help_until(&done);
+                    help_until(&call);
                 }
                 return None;
             }
-            let _finished = SetOnDrop(&done);
+            let _finished = SetOnDrop(&call);
+            let _current = CurrentCall::set(&call);
             let f = f.lock().unwrap_or_else(|e| e.into_inner()).take();
             f.map(|f| f())
         });
@@ -422,8 +501,7 @@ impl Backend for CpuBackend {
                 "int8 weight scale {bad}: scales must be finite and positive (corrupt checkpoint?)"
             )));
         }
-        self.pool
-            .install(|| PackedWeight::from_int8(q, scales, n, k))
+        self.install(|| PackedWeight::from_int8(q, scales, n, k))
     }
 
     fn weight_dtype(&self) -> WeightDtype {
@@ -449,8 +527,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         checks::matmul(x.len(), out.len(), (w.n, w.k), d)?;
         let isa = self.isa;
-        self.pool
-            .install(|| packed::matmul_packed(x, w, out, d.m, accumulate, isa))
+        self.install(|| packed::matmul_packed(x, w, out, d.m, accumulate, isa))
     }
 
     fn matmul_nt_shared(
@@ -469,8 +546,7 @@ impl Backend for CpuBackend {
         }
         let isa = self.isa;
         let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-        self.pool
-            .install(|| packed::matmul_packed_shared(x, ws, &mut slices, d.m, false, isa))
+        self.install(|| packed::matmul_packed_shared(x, ws, &mut slices, d.m, false, isa))
     }
 
     fn embed(&self, ids: &[u32], table: &Vec<f32>, out: &mut Vec<f32>, d: usize) -> Result<()> {
@@ -519,7 +595,7 @@ impl Backend for CpuBackend {
         check_len("rms_norm x", x.len(), rows * d)?;
         check_len("rms_norm out", out.len(), rows * d)?;
         check_len("rms_norm w", w.len(), d)?;
-        self.pool.install(|| {
+        self.install(|| {
             out[..rows * d]
                 .par_chunks_exact_mut(d)
                 .zip(x[..rows * d].par_chunks_exact(d))
@@ -553,7 +629,7 @@ impl Backend for CpuBackend {
             let _ = isa;
             kernels::activate_chunk(x, u, act)
         };
-        self.pool.install(|| {
+        self.install(|| {
             let xs = x[..len].par_chunks_mut(CHUNK);
             match up {
                 None => xs.for_each(|x| run(x, None)),
@@ -590,7 +666,7 @@ impl Backend for CpuBackend {
         )?;
         let bias = bias.map(|b| b.as_slice());
         let mask = mask.map(|m| m.as_slice());
-        self.pool.install(|| {
+        self.install(|| {
             if s.q_len > 1 {
                 kernels::attention_gemm(q, k, v, bias, mask, &mut out[..], s, self.isa)
             } else {
@@ -612,7 +688,7 @@ impl Backend for CpuBackend {
         const CHUNK: usize = 1 << 14;
         let mut out = try_zeroed(len / 2)?;
         let isa = self.isa;
-        self.pool.install(|| {
+        self.install(|| {
             out.par_chunks_mut(CHUNK / 2)
                 .zip(t[..len].par_chunks(CHUNK))
                 .for_each(|(dst, src)| {
@@ -650,12 +726,12 @@ impl Backend for CpuBackend {
         }
         // Each head's values are a row of the weights' per-row rule (`quantize_int8`), then
         // laid out per position: the values, then the heads' scales.
-        let (q, scales) = self.pool.install(|| {
+        let (q, scales) = self.install(|| {
             packed::quantize_int8(&t[..positions * inner], positions * heads, d_kv, self.isa)
         })?;
         let per = KvFormat::Int8.slots_per_position(heads, d_kv);
         let mut out = try_zeroed(positions * per)?;
-        self.pool.install(|| {
+        self.install(|| {
             out.par_chunks_exact_mut(per)
                 .zip(q.par_chunks_exact(inner))
                 .zip(scales.par_chunks_exact(heads))
@@ -815,8 +891,7 @@ impl Backend for CpuBackend {
         check_len("screened_argmax x", x.len(), rows * head.k)?;
         check_len("screened_argmax scratch", scratch.len(), rows * head.n)?;
         let isa = self.isa;
-        self.pool
-            .install(|| screen::screened_argmax(x, head, screen, rows, banned, scratch, isa))
+        self.install(|| screen::screened_argmax(x, head, screen, rows, banned, scratch, isa))
     }
 
     fn argmax_rows(&self, x: &Vec<f32>, rows: usize, n: usize) -> Result<Vec<u32>> {
@@ -825,7 +900,7 @@ impl Backend for CpuBackend {
             return Ok(vec![0; rows]);
         }
         // Rows in parallel: a batch of 32 over a 32k vocabulary is a million values a step.
-        Ok(self.pool.install(|| {
+        Ok(self.install(|| {
             x[..rows * n]
                 .par_chunks_exact(n)
                 .map(crate::math::argmax)
@@ -956,6 +1031,43 @@ mod tests {
                 .collect()
         });
         assert_eq!(used.len(), 2);
+    }
+
+    /// A helper that left a call (its calling thread busy alone past the idle limits) helps
+    /// it again from the call's next operation on.
+    #[test]
+    fn a_helper_that_left_comes_back_at_the_next_operation() {
+        use std::sync::atomic::Ordering;
+        use std::time::{Duration, Instant};
+        if !spin_helpers() {
+            return;
+        }
+        let b = CpuBackend::new(2).unwrap();
+        let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+            let start = Instant::now();
+            while !ok() {
+                assert!(start.elapsed() < Duration::from_secs(5), "{what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        b.run(|| {
+            let call = CURRENT_CALL
+                .with(|c| c.borrow().clone())
+                .expect("a current call");
+            wait_for("the helper never joined", &|| {
+                call.joined.load(Ordering::Relaxed) == 1
+            });
+            // The calling thread busy alone: the helper leaves.
+            std::thread::sleep(HELP_IDLE_WALL_LIMIT);
+            wait_for("the helper never left", &|| {
+                call.left.load(Ordering::Relaxed) == 1
+            });
+            b.install(|| ());
+            assert_eq!(call.left.load(Ordering::Relaxed), 0);
+            wait_for("the helper did not come back", &|| {
+                call.joined.load(Ordering::Relaxed) == 2
+            });
+        });
     }
 
     /// Two calls from two threads at once: the one that started first and ends first returns
