@@ -129,10 +129,12 @@ impl CpuBackend {
     ///
     /// A helper leaves after [`HELP_IDLE_LIMIT`] with nothing to do; on a shared VM the host
     /// pausing the calling thread for that long made it leave calls it was needed in, and it
-    /// then slept in rayon between the call's operations, woken for each (some 150 a
-    /// decoding step). The pool's first thread is between operations here, with no parallel
-    /// work of the call in flight, so the job reaches the helper outside any piece of that
-    /// work (where it would stall it) and the helper helps again until the call is done.
+    /// then slept in rayon between the call's parallel operations, woken for each (some 150
+    /// a decoding step). Asked back here, where the pool's first thread is between operations
+    /// with no parallel work of the call in flight, and waited for (up to
+    /// [`ASK_BACK_WAIT`]) before `op` starts any, the helper takes its job outside any piece
+    /// of that work (inside one it would stall the call until it left again) and helps until
+    /// the call is done or it is idle past the limits again.
     fn install<R: Send>(&self, op: impl FnOnce() -> R + Send) -> R {
         if spin_helpers() {
             self.ask_helpers_back();
@@ -149,13 +151,22 @@ impl CpuBackend {
                 .map(std::sync::Arc::clone)
         });
         let Some(call) = call else { return };
-        call.left.store(0, Ordering::Relaxed);
+        let left = call.left.swap(0, Ordering::AcqRel);
+        if left == 0 {
+            return;
+        }
+        let want = call.joined.load(Ordering::Acquire) + left;
         // Threads helping already return from the job at once (`help_until`'s flag).
+        let job = std::sync::Arc::clone(&call);
         self.pool.spawn_broadcast(move |ctx| {
             if ctx.index() != 0 {
-                help_until(&call);
+                help_until(&job, true);
             }
         });
+        let start = std::time::Instant::now();
+        while call.joined.load(Ordering::Acquire) < want && start.elapsed() < ASK_BACK_WAIT {
+            std::hint::spin_loop();
+        }
     }
 
     /// A checkpoint weight `[n, k]` packed as `kind` on this backend's threads.
@@ -183,10 +194,14 @@ struct Call {
     /// Helpers that left the call before it was done (idle past [`HELP_IDLE_LIMIT`]), not yet
     /// asked back ([`CpuBackend::install`]).
     left: std::sync::atomic::AtomicUsize,
-    /// Times a thread began helping the call (tests).
-    #[cfg(test)]
+    /// Times a thread began helping the call.
     joined: std::sync::atomic::AtomicUsize,
 }
+
+/// How long [`CpuBackend::install`] waits for the helpers it asked back to take their jobs
+/// before starting its operation (a helper asleep in rayon wakes in tens of microseconds; one
+/// paused by the host is not waited for).
+const ASK_BACK_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Sets the call's `done` when dropped: when the job returns or unwinds.
 struct SetOnDrop<'a>(&'a Call);
@@ -281,41 +296,53 @@ impl IdleClock {
 /// [`HELP_IDLE_LIMIT`] with nothing to do ([`IdleClock`]: each gap between two looks counts at
 /// most a millisecond, so the host pausing the thread does not count; on the shared Emerald
 /// Rapids VM such pauses of 30 ms and more made it leave calls it was needed in; and at most
-/// [`HELP_IDLE_WALL_LIMIT`] of wall time) it leaves, counted in the call's `left` (the thread
-/// is then an ordinary rayon worker until the call's next operation asks it back,
-/// [`CpuBackend::install`]; pauses of the calling thread still make it leave): rayon may hand a thread its helping job while that thread
-/// is inside a piece of the same call's parallel work that it stole (it looks for work while
-/// waiting on the piece's own halves); the call's first thread then waits for that piece and
-/// nothing else runs, so leaving is what lets the piece finish. That stall (seen once, in CI,
-/// as a hang before this limit) now costs about the limit (at most [`HELP_IDLE_WALL_LIMIT`]).
+/// [`HELP_IDLE_WALL_LIMIT`] of wall time) it leaves, counted in the call's `left` (the
+/// thread is then an ordinary rayon worker until the call's next parallel operation asks it
+/// back, [`CpuBackend::install`]; pauses of the calling thread still make it leave): rayon
+/// may hand a thread its helping job while that thread is inside a piece of the same call's
+/// parallel work that it stole (it looks for work while waiting on the piece's own halves);
+/// the call's first thread then waits for that piece and nothing else runs, so leaving is
+/// what lets the piece finish. That stall (seen once, in CI, as a hang before this limit) now
+/// costs about the limit (at most [`HELP_IDLE_WALL_LIMIT`]).
 ///
 /// A thread already helping one call that picks up another call's helper job (two `run`s from
 /// different threads at once: the server's step loop and a beam search) leaves that job at
 /// once: staying would hold it there until the other call ended, and the first call's
 /// `broadcast`, which waits for every thread's job, with it. Its own loop goes on helping
-/// whichever work comes.
-fn help_until(call: &Call) {
+/// whichever work comes. Where it was asked back into a call that is now done (such a job,
+/// which no `broadcast` waits for, can outlive its call's `run` by up to a nap), it helps the
+/// new one instead (`asked_back`).
+fn help_until(call: &Call, asked_back: bool) {
     use std::cell::Cell;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
     const SPIN: Duration = Duration::from_millis(1);
     const _: () = assert!(HELP_IDLE_LIMIT.as_micros() > SPIN.as_micros());
     thread_local! {
-        static HELPING: Cell<bool> = const { Cell::new(false) };
+        /// The call this thread is helping (null: none), and whether it was asked back into it.
+        static HELPING: Cell<(*const Call, bool)> = const { Cell::new((std::ptr::null(), false)) };
     }
-    if HELPING.with(|h| h.replace(true)) {
-        return;
-    }
-    /// Clears the flag however the loop ends.
-    struct Clear;
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            HELPING.with(|h| h.set(false));
+    let outer = HELPING.with(|h| h.get());
+    if !outer.0.is_null() {
+        // SAFETY: a non-null pointer is the call of a `help_until` further down this thread's
+        // stack, which holds a reference to it until it returns (and puts back the one before).
+        let outer_done = unsafe { &*outer.0 }.done.load(Ordering::Acquire);
+        // Only a job asked back, which no `run` waits for, may hold another call: it can
+        // outlive its own call's `run` by up to a nap and take the next call's job first.
+        if !(outer.1 && outer_done) {
+            return;
         }
     }
-    let _clear = Clear;
-    #[cfg(test)]
-    call.joined.fetch_add(1, Ordering::Relaxed);
+    HELPING.with(|h| h.set((call, asked_back)));
+    /// Puts back the call helped before, however the loop ends.
+    struct Restore((*const Call, bool));
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            HELPING.with(|h| h.set(self.0));
+        }
+    }
+    let _restore = Restore(outer);
+    call.joined.fetch_add(1, Ordering::Release);
     let leave = || {
         call.left.fetch_add(1, Ordering::Release);
     };
@@ -408,7 +435,8 @@ impl Backend for CpuBackend {
     /// by up to a third over repeated calls (t5-base f32 at batch 32: 1315 MiB after one call,
     /// 1743 after four in some runs). The other threads stay in the call, running `f`'s parallel
     /// work as it comes and not sleeping in rayon until `f` returns or they have had nothing to
-    /// do for 30 ms, `HELP_IDLE_LIMIT` (`T5RT_SPIN=0`: they leave at once and rayon puts them to
+    /// do for 30 ms, `HELP_IDLE_LIMIT` (then the call's next parallel operation asks them back,
+    /// `CpuBackend::install`; `T5RT_SPIN=0`: they leave at once and rayon puts them to
     /// sleep when idle): a decoding step is some 150 short parallel
     /// operations, and a thread that fell asleep between two of them woke late for the next
     /// (t5-small bf16 case a about 4% faster, t5-base case d decoding about 1.5%, alternating
@@ -422,7 +450,7 @@ impl Backend for CpuBackend {
         let results = self.pool.broadcast(|ctx| {
             if ctx.index() != 0 {
                 if spin_helpers() {
-                    help_until(&call);
+                    help_until(&call, false);
                 }
                 return None;
             }
@@ -850,10 +878,7 @@ impl Backend for CpuBackend {
         check_len("upload_screen", w.len(), n * k)?;
         let (isa, w) = (self.isa, &w[..n * k]);
         screen::screen_kind(head, k, isa, choice)
-            .map(|kind| {
-                self.pool
-                    .install(|| screen::build(w, n, k, head, kind, isa))
-            })
+            .map(|kind| self.install(|| screen::build(w, n, k, head, kind, isa)))
             .transpose()
     }
 
@@ -1063,7 +1088,6 @@ mod tests {
                 call.left.load(Ordering::Relaxed) == 1
             });
             b.install(|| ());
-            assert_eq!(call.left.load(Ordering::Relaxed), 0);
             wait_for("the helper did not come back", &|| {
                 call.joined.load(Ordering::Relaxed) == 2
             });
