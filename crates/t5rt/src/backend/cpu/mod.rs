@@ -144,17 +144,19 @@ impl CpuBackend {
 
     fn ask_helpers_back(&self) {
         use std::sync::atomic::Ordering;
-        let call = CURRENT_CALL.with(|c| {
-            c.borrow()
-                .as_ref()
-                .filter(|call| call.left.load(Ordering::Relaxed) > 0)
-                .map(std::sync::Arc::clone)
+        // A plain load first: most operations find no helper to ask back. Only this thread
+        // (the call's first) takes from `left`, so what the load saw is still there to take.
+        let asked = CURRENT_CALL.with(|c| {
+            let c = c.borrow();
+            let call = c.as_ref()?;
+            (call.left.load(Ordering::Relaxed) > 0).then(|| {
+                (
+                    std::sync::Arc::clone(call),
+                    call.left.swap(0, Ordering::AcqRel),
+                )
+            })
         });
-        let Some(call) = call else { return };
-        let left = call.left.swap(0, Ordering::AcqRel);
-        if left == 0 {
-            return;
-        }
+        let Some((call, left)) = asked else { return };
         let want = call.joined.load(Ordering::Acquire) + left;
         // Threads helping already return from the job at once (`help_until`'s flag).
         let job = std::sync::Arc::clone(&call);
