@@ -869,46 +869,6 @@ fn f32_tiles_agree_bitwise_across_instruction_sets() {
     }
 }
 
-#[test]
-fn widened_bf16_tiles_agree_bitwise_across_instruction_sets() {
-    // The widened bf16 tiles (AVX-512 without `vdpbf16ps` in use, and AVX2) both add each
-    // pair's even product, then its odd one, in order of k: they must agree exactly, over
-    // shapes that take the full tiles (the AVX-512 one's walk in assembly: 6 rows, 64
-    // columns) and the partial ones.
-    use t5rt::{IsaLevel, WeightDtype};
-    if !IsaLevel::Avx512bw.available() {
-        common::once("SKIPPED widened bf16 avx512 vs avx2 tiles: this CPU lacks avx512bw".into());
-        return;
-    }
-    let (fast, avx2) = (
-        CpuBackend::with_isa(2, IsaLevel::Avx512bw)
-            .unwrap()
-            .with_dtype(WeightDtype::Bf16),
-        CpuBackend::with_isa(2, IsaLevel::Avx2)
-            .unwrap()
-            .with_dtype(WeightDtype::Bf16),
-    );
-    eprintln!("ran: comparing {} with {}", fast.name(), avx2.name());
-    let mut rng = Rng::new(22);
-    for (m, n, k) in [
-        (6, 64, 2),
-        (7, 130, 33),
-        (13, 192, 300),
-        (32, 64, 768),
-        (64, 128, 96),
-    ] {
-        let d = MatDims { m, n, k };
-        let (x, w) = (rng.vec(m * k), rng.vec(n * k));
-        let run = |b: &CpuBackend| {
-            let (xt, wt) = (b.upload(&x).unwrap(), b.upload_linear(&w, n, k).unwrap());
-            let mut out = b.zeros(m * n).unwrap();
-            b.matmul_nt(&xt, &wt, &mut out, d, false).unwrap();
-            b.download(&out, m * n).unwrap()
-        };
-        assert_eq!(run(&fast), run(&avx2), "{m}x{n}x{k}");
-    }
-}
-
 /// How a bf16 tile adds a pair of products `x1·w1`, `x0·w0` (exact in f32) to its f32
 /// accumulator, measured on values where the orders differ. The weight path's first pair puts
 /// 1.0 in the accumulator; the second pair is the probe.
