@@ -175,14 +175,19 @@ unsafe fn bf16_avx512<const R: usize, const V: usize>(
 /// (`t5rt bench`, 4 alternating pairs) ran at 292-333 against 271-294 tokens/s, faster in
 /// every pair (encoder 2.97-3.28 against 3.25-3.58 s; the decoding steps' 32-row products
 /// take it too); one thread on encoder shapes, ahead in 9 of 12 alternating
-/// `examples/matmul_speed` runs (4096 x 768 x 768: 126-133 against 110-127 GFLOP/s). `x`: the first
-/// row's values at the first step (rows `2 kg` f32 apart); `wp`, `pw`: the panel row and its
-/// width in lanes; `(pf, pf_step)`: the prefetch plan ([`Ahead::plan`]), four lines a step
-/// (`lines`: a panel row ahead) or one (the next panel); `acc`: the sums, in and out.
+/// `examples/matmul_speed` runs (4096 x 768 x 768: 126-133 against 110-128 GFLOP/s).
+///
+/// `x`: the first row's values at the first step (rows `2 kg` f32 apart); `wp`, `pw`: the panel
+/// row and its width in lanes; `(pf, pf_step)`: the prefetch plan ([`Ahead::plan`]). With
+/// `lines` ([`Ahead::Rows`]) each step asks for the four lines of the panel row at the plan's
+/// distance (the row it reads when that is 0, as [`bf16_avx2_walk6`] does, where the compiled
+/// walk asked for nothing); without ([`Ahead::Next`]) for the one line of the next panel the
+/// plan names, four times over (three redundant requests a step, kept for one loop body);
+/// `acc`: the sums, in and out.
 ///
 /// # Safety
-/// AVX-512F; six rows of `2 steps` f32 from `x`; `steps` panel rows of 64 lanes from `wp`;
-/// `steps` > 0.
+/// AVX-512F; six rows `2 kg` f32 apart, each `2 steps` f32 from `x`; `steps` panel rows of 64
+/// lanes from `wp`; `steps` > 0.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
