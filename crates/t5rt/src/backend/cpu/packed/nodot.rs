@@ -126,38 +126,33 @@ unsafe fn bf16_avx512<const R: usize, const V: usize>(
             lines,
             acc6,
         );
-        for (o, acc) in out.iter_mut().zip(&acc) {
-            for (v, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(o.as_mut_ptr().add(sub + 16 * v) as *mut f32, *a);
-            }
-        }
-        return;
-    }
-    for g in ks {
-        ahead.fetch(wp, pw, 16 * V, g - from);
-        // Even elements of every row first, then odd ones: each accumulator still takes its
-        // even product before its odd one, and only `V` widened vectors are live at a time,
-        // which leaves registers for 6 rows x 4 vectors of sums. The odd half reads the
-        // weights again through an opaque copy of the pointer: left to see the same loads
-        // twice, the compiler keeps the raw vectors live across the even half and spills.
-        macro_rules! half {
-            ($p:expr, $half:literal, $widen:expr) => {
-                let mut wv = [_mm512_setzero_ps(); V];
-                for (v, wv) in wv.iter_mut().enumerate() {
-                    let raw = _mm512_loadu_si512($p.add(16 * v) as *const _);
-                    *wv = _mm512_castsi512_ps($widen(raw));
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let xb = _mm512_set1_ps(*xp.add(r * 2 * kg + 2 * g + $half));
-                    for (a, &wv) in acc.iter_mut().zip(&wv) {
-                        *a = _mm512_fmadd_ps(xb, wv, *a);
+    } else {
+        for g in ks {
+            ahead.fetch(wp, pw, 16 * V, g - from);
+            // Even elements of every row first, then odd ones: each accumulator still takes its
+            // even product before its odd one, and only `V` widened vectors are live at a time,
+            // which leaves registers for 6 rows x 4 vectors of sums. The odd half reads the
+            // weights again through an opaque copy of the pointer: left to see the same loads
+            // twice, the compiler keeps the raw vectors live across the even half and spills.
+            macro_rules! half {
+                ($p:expr, $half:literal, $widen:expr) => {
+                    let mut wv = [_mm512_setzero_ps(); V];
+                    for (v, wv) in wv.iter_mut().enumerate() {
+                        let raw = _mm512_loadu_si512($p.add(16 * v) as *const _);
+                        *wv = _mm512_castsi512_ps($widen(raw));
                     }
-                }
-            };
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let xb = _mm512_set1_ps(*xp.add(r * 2 * kg + 2 * g + $half));
+                        for (a, &wv) in acc.iter_mut().zip(&wv) {
+                            *a = _mm512_fmadd_ps(xb, wv, *a);
+                        }
+                    }
+                };
+            }
+            half!(wp, 0, |raw| _mm512_slli_epi32(raw, 16));
+            half!(opaque(wp), 1, |raw| _mm512_and_si512(raw, hi));
+            wp = wp.add(pw);
         }
-        half!(wp, 0, |raw| _mm512_slli_epi32(raw, 16));
-        half!(opaque(wp), 1, |raw| _mm512_and_si512(raw, hi));
-        wp = wp.add(pw);
     }
     for (o, acc) in out.iter_mut().zip(&acc) {
         for (v, a) in acc.iter().enumerate() {
