@@ -1677,8 +1677,9 @@ pub(super) fn matmul_packed_shared(
         // the row tiles go by, instead of coming from L2 once per tile.
         let tiles = (r_end - r_start).div_ceil(MR);
         // One tile's sums on the stack (decoding steps run some two thousand tasks a token;
-        // a heap allocation each, its zeroing and its free were some 0.7% of t5-base's f32
-        // decoding samples in `perf`), several on the heap.
+        // a heap allocation each, with its zeroing and its free, was some 0.7% of t5-base's
+        // f32 decoding samples in `perf`, the allocator's part most of it), several on the
+        // heap.
         let (mut one, mut many): ([TileAcc; 1], Vec<TileAcc>) = ([[[0; BLOCK]; MR]], Vec::new());
         let sums: &mut [TileAcc] = if tiles == 1 {
             &mut one
