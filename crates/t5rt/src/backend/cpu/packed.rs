@@ -1680,11 +1680,12 @@ pub(super) fn matmul_packed_shared(
         // a heap allocation each, with its zeroing and its free, was some 0.7% of t5-base's
         // f32 decoding samples in `perf`, the allocator's part most of it), several on the
         // heap.
-        let (mut one, mut many): ([TileAcc; 1], Vec<TileAcc>) = ([[[0; BLOCK]; MR]], Vec::new());
+        let (mut one, mut many): ([TileAcc; 1], Vec<TileAcc>);
         let sums: &mut [TileAcc] = if tiles == 1 {
+            one = [[[0; BLOCK]; MR]];
             &mut one
         } else {
-            many.resize(tiles, [[0; BLOCK]; MR]);
+            many = vec![[[0; BLOCK]; MR]; tiles];
             &mut many
         };
         let kc = if tiles > 1 && w.kind != WeightDtype::Int8 && !isa.avx512() {
