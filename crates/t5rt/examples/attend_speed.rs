@@ -14,15 +14,15 @@
 //! t5-small's; 12 for t5-base), each of 64 values.
 //!
 //! `ATTEND_ENCODER=1` times the encoder's attention instead: every position a query
-//! (`q_len = kv_len = KEYS`), with a full `[heads, KEYS, KEYS]` position bias and a mask, as
-//! `T5Model::encode` calls it; it prints GFLOP/s (the two products' FLOPs over wall time, best
-//! of 5) and microseconds per call.
+//! (`q_len = kv_len = KEYS`), with a position bias (uploaded as `T5Model::encode` uploads
+//! it: lines of distances on the CPU) and a mask, as `T5Model::encode` calls it; it prints
+//! GFLOP/s (the two products' FLOPs over wall time, best of 5) and microseconds per call.
 
 mod common;
 
 use std::time::Instant;
 
-use t5rt::backend::{AttnShape, Backend, KvFormat};
+use t5rt::backend::{AttnShape, Backend, BiasLayout, KvFormat};
 use t5rt::CpuBackend;
 
 fn main() {
@@ -90,7 +90,7 @@ fn main() {
             kv_len: keys,
             kv_stride: keys,
             kv_group: 1,
-            bias_stride: keys,
+            bias: BiasLayout::Rows { stride: keys },
             kv,
         };
         let reps = if copies == 1 { 500 } else { copies.max(20) };
@@ -127,10 +127,11 @@ fn encoder(b: &CpuBackend, cases: &[(usize, usize)], heads: usize, d_kv: usize) 
             b.upload(&vals(2)).unwrap(),
             b.upload(&vals(3)).unwrap(),
         );
-        let bias: Vec<f32> = (0..heads * len * len)
+        // A line of distances per head, in the layout the backend takes it in.
+        let lines: Vec<f32> = (0..heads * (2 * len - 1))
             .map(|i| ((i * 31) % 17) as f32 * 0.1 - 0.8)
             .collect();
-        let bias = b.upload(&bias).unwrap();
+        let (bias, layout) = b.upload_position_bias(&lines, heads, len, len).unwrap();
         let mask = b.upload(&vec![0.0f32; batch * len]).unwrap();
         let mut out = b.zeros(n).unwrap();
         let shape = AttnShape {
@@ -141,7 +142,7 @@ fn encoder(b: &CpuBackend, cases: &[(usize, usize)], heads: usize, d_kv: usize) 
             kv_len: len,
             kv_stride: len,
             kv_group: 1,
-            bias_stride: len,
+            bias: layout,
             kv: KvFormat::F32,
         };
         let reps = (200_000_000 / (batch * len * len * inner)).clamp(3, 500);

@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_close, Rng};
 use t5rt::backend::cpu::reference;
-use t5rt::backend::{AttnShape, Backend, KvFormat, MatDims};
+use t5rt::backend::{AttnShape, Backend, BiasLayout, KvFormat, MatDims};
 use t5rt::{Activation, CpuBackend};
 
 const F32_TOL: f32 = 2e-6;
@@ -300,6 +300,76 @@ fn check_attention<B: Backend>(b: &B, rng: &mut Rng) {
     check_attention_cases(b, rng, ATTN_CASES);
     check_leading_mask(b, rng);
     check_rows_alone(b, rng);
+    check_bias_lines(b, rng);
+}
+
+/// An encoder's position bias as the backend takes it (`upload_position_bias`: lines of
+/// distances on the CPU, rows elsewhere) gives, bit for bit, what the same bias expanded into
+/// rows gives, and those rows are each pair's value of its distance. Square (encoder) and
+/// ragged shapes, with and without a mask, one query and many.
+fn check_bias_lines<B: Backend>(b: &B, rng: &mut Rng) {
+    use t5rt::model::relpos::rows_of_lines;
+    for (batch, heads, d_kv, q_len, kv_len) in [
+        (2, 4, 16, 37, 37),
+        (1, 12, 64, 130, 130),
+        (3, 2, 32, 5, 19),
+        (1, 3, 64, 1, 40),
+    ] {
+        let inner = heads * d_kv;
+        let span = q_len + kv_len - 1;
+        let lines = rng.vec(heads * span);
+        let rows = rows_of_lines(&lines, heads, q_len, kv_len).unwrap();
+        for h in 0..heads {
+            for i in 0..q_len {
+                for j in 0..kv_len {
+                    // Distance j - i at index j - i + q_len - 1 of the head's line.
+                    assert_eq!(
+                        rows[(h * q_len + i) * kv_len + j],
+                        lines[h * span + j + q_len - 1 - i]
+                    );
+                }
+            }
+        }
+        let q = b.upload(&rng.vec(batch * q_len * inner)).unwrap();
+        let (k, v) = (
+            b.upload(&rng.vec(batch * kv_len * inner)).unwrap(),
+            b.upload(&rng.vec(batch * kv_len * inner)).unwrap(),
+        );
+        let mut mask = vec![0.0f32; batch * kv_len];
+        mask[batch * kv_len - 1] = f32::NEG_INFINITY;
+        let mask = b.upload(&mask).unwrap();
+        let (taken, layout) = b
+            .upload_position_bias(&lines, heads, q_len, kv_len)
+            .unwrap();
+        let dense = b.upload(&rows).unwrap();
+        let s = AttnShape {
+            batch,
+            heads,
+            d_kv,
+            q_len,
+            kv_len,
+            kv_stride: kv_len,
+            kv_group: 1,
+            bias: BiasLayout::Rows { stride: kv_len },
+            kv: KvFormat::F32,
+        };
+        for m in [None, Some(&mask)] {
+            let run = |bias: &B::Tensor, s: AttnShape| {
+                let mut out = b.zeros(batch * q_len * inner).unwrap();
+                b.attention(&q, &k, &v, Some(bias), m, &mut out, s).unwrap();
+                b.download(&out, batch * q_len * inner).unwrap()
+            };
+            assert!(
+                run(&taken, AttnShape { bias: layout, ..s }) == run(&dense, s),
+                "{}: bias as {layout:?} differs from rows, {q_len} x {kv_len}, mask {}",
+                b.name(),
+                m.is_some()
+            );
+        }
+    }
+    // Lines of the wrong length are an error, not a read past their end.
+    let short = vec![0.0f32; 2 * 9];
+    assert!(b.upload_position_bias(&short, 2, 5, 6).is_err());
 }
 
 /// Each row of a decoding attention call gets, bit for bit, what it gets alone (batch 1, its
@@ -385,7 +455,9 @@ fn one_query(heads: usize, d_kv: usize, kv_len: usize, bias_stride: usize) -> At
         kv_len,
         kv_stride: kv_len,
         kv_group: 1,
-        bias_stride,
+        bias: BiasLayout::Rows {
+            stride: bias_stride,
+        },
         kv: KvFormat::F32,
     }
 }
@@ -449,7 +521,7 @@ fn check_attention_cases<B: Backend>(b: &B, rng: &mut Rng, cases: &[AttnCase]) {
             kv_len,
             kv_stride,
             kv_group,
-            bias_stride: kv_len,
+            bias: BiasLayout::Rows { stride: kv_len },
             kv: KvFormat::F32,
         };
         let kv_batch = batch / kv_group;
@@ -509,7 +581,7 @@ fn check_attention_cases<B: Backend>(b: &B, rng: &mut Rng, cases: &[AttnCase]) {
                     use_mask.then_some(&mt),
                     &mut out,
                     AttnShape {
-                        bias_stride: stride,
+                        bias: BiasLayout::Rows { stride },
                         ..s
                     },
                 )
@@ -1113,7 +1185,7 @@ fn cuda_kernels_match_reference() {
                 kv_len,
                 kv_stride: stride,
                 kv_group: 1,
-                bias_stride: kv_len + 3,
+                bias: BiasLayout::Rows { stride: kv_len + 3 },
                 kv: KvFormat::F32,
             };
             let kv_vals = batch * stride * inner;
@@ -1213,7 +1285,7 @@ fn cuda_kernels_match_reference() {
                 kv_len,
                 kv_stride: capacity,
                 kv_group: 1,
-                bias_stride: capacity,
+                bias: BiasLayout::Rows { stride: capacity },
                 kv,
             };
             let x0 = rng.vec(batch * d_model);

@@ -193,10 +193,8 @@ impl KvFormat {
 /// q, out: `[batch, q_len, heads * d_kv]`; k, v: `[batch / kv_group, kv_stride, heads * d_kv]` of
 /// which the first `kv_len` rows per sequence are attended; query sequence `b` reads key/value
 /// sequence `b / kv_group` (beams share their source's cross-attention keys/values); bias:
-/// `[heads, q_len, bias_stride]`, shared by the batch, each row's last `kv_len` values used
-/// (`bias_stride == kv_len`: the dense layout; a decoder step reads the last `pos + 1` values of
-/// one table made for the whole decode, whose entry `T - 1 - d` is distance `d`); mask:
-/// `[batch / kv_group, kv_len]`, additive (0 or -inf).
+/// shared by the batch, laid out as [`BiasLayout`] says; mask: `[batch / kv_group, kv_len]`,
+/// additive (0 or -inf).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnShape {
     pub batch: usize,
@@ -206,14 +204,46 @@ pub struct AttnShape {
     pub kv_len: usize,
     pub kv_stride: usize,
     pub kv_group: usize,
-    /// Length of the bias rows (at least `kv_len`); see the type's docs.
-    pub bias_stride: usize,
+    /// How the position bias is laid out.
+    pub bias: BiasLayout,
     /// How k and v are stored; anything but f32 only for one query per sequence (decoding
     /// steps).
     pub kv: KvFormat,
 }
 
+/// How an attention call's position bias (shared by the batch) is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BiasLayout {
+    /// `[heads, q_len, stride]`, each row's last `kv_len` values used (`stride == kv_len`: the
+    /// dense layout; a decoder step reads the last `pos + 1` values of one table made for the
+    /// whole decode, whose entry `T - 1 - d` is distance `d`).
+    Rows { stride: usize },
+    /// `[heads, q_len + kv_len - 1]`: each head's bias by distance `key - query`, from
+    /// `-(q_len - 1)` on; query `i`'s `kv_len` values start at `q_len - 1 - i`. T5's relative
+    /// bias depends on the distance alone, so an encoder's bias takes `2L - 1` values a head
+    /// instead of `L²` (`L` = 2048 tokens, 12 heads: 96 KiB instead of 192 MiB).
+    Lines,
+}
+
 impl AttnShape {
+    /// Where head `h`'s bias for query `qi` starts (its `kv_len` values follow), in a bias laid
+    /// out as [`AttnShape::bias`] says.
+    #[inline(always)]
+    pub fn bias_at(&self, h: usize, qi: usize) -> usize {
+        match self.bias {
+            BiasLayout::Rows { stride } => (h * self.q_len + qi) * stride + stride - self.kv_len,
+            BiasLayout::Lines => h * (self.q_len + self.kv_len - 1) + self.q_len - 1 - qi,
+        }
+    }
+
+    /// The values a bias laid out as [`AttnShape::bias`] says holds.
+    pub fn bias_len(&self) -> usize {
+        match self.bias {
+            BiasLayout::Rows { stride } => self.heads * self.q_len * stride,
+            BiasLayout::Lines => self.heads * (self.q_len + self.kv_len - 1),
+        }
+    }
+
     /// Checks the lengths of the buffers an attention call is given against this shape (the
     /// one check every backend makes): q and out, k and v (in `kv`'s format), the bias and the
     /// mask when given.
@@ -255,13 +285,15 @@ impl AttnShape {
             )));
         }
         if let Some(b) = bias {
-            if s.bias_stride < s.kv_len {
-                return Err(T5Error::Backend(format!(
-                    "attention bias rows of {} values for {} keys",
-                    s.bias_stride, s.kv_len
-                )));
+            if let BiasLayout::Rows { stride } = s.bias {
+                if stride < s.kv_len {
+                    return Err(T5Error::Backend(format!(
+                        "attention bias rows of {stride} values for {} keys",
+                        s.kv_len
+                    )));
+                }
             }
-            check_len("attention bias", b, s.heads * s.q_len * s.bias_stride)?;
+            check_len("attention bias", b, s.bias_len())?;
         }
         if let Some(m) = mask {
             check_len("attention mask", m, kv_batch * s.kv_len)?;
@@ -539,6 +571,21 @@ pub trait Backend: Send + Sync {
             "{}: no int8 key/value caches",
             self.name()
         )))
+    }
+
+    /// Uploads an encoder's position bias, given as `lines` (`[heads, q_len + kv_len - 1]`,
+    /// [`BiasLayout::Lines`]), in a layout this backend's [`Backend::attention`] reads, and
+    /// says which. By default the lines expanded into rows (`[heads, q_len, kv_len]`, the
+    /// layout every backend reads); the CPU reads the lines themselves.
+    fn upload_position_bias(
+        &self,
+        lines: &[f32],
+        heads: usize,
+        q_len: usize,
+        kv_len: usize,
+    ) -> Result<(Self::Tensor, BiasLayout)> {
+        let rows = crate::model::relpos::rows_of_lines(lines, heads, q_len, kv_len)?;
+        Ok((self.upload(&rows)?, BiasLayout::Rows { stride: kv_len }))
     }
 
     /// Softmax attention without `1/sqrt(d_kv)` scaling (T5 folds it into the weights).

@@ -1,7 +1,7 @@
 //! The decoder: cross-attention keys/values once per request, then one token per step.
 
 use crate::backend::{
-    AttnShape, Backend, CacheWrite, CrossAttnCall, MatDims, SelfAttnCall, StepPlan,
+    AttnShape, Backend, BiasLayout, CacheWrite, CrossAttnCall, MatDims, SelfAttnCall, StepPlan,
 };
 use crate::error::{Result, T5Error};
 
@@ -283,7 +283,6 @@ impl<B: Backend> T5Model<B> {
             cfg.num_heads,
             cfg.layer_norm_epsilon,
         );
-        let bias_stride = state.max_steps;
         let bias = state
             .self_bias
             .as_ref()
@@ -296,7 +295,10 @@ impl<B: Backend> T5Model<B> {
             kv_len: pos + 1,
             kv_stride: state.capacity,
             kv_group: 1,
-            bias_stride,
+            // The decode's table: query `pos` reads the last `pos + 1` values of each row.
+            bias: BiasLayout::Rows {
+                stride: state.max_steps,
+            },
             kv: state.self_kv,
         };
         let cross_shape = AttnShape {

@@ -4,7 +4,7 @@ use crate::backend::{AttnShape, Backend, MatDims};
 use crate::error::{Result, T5Error};
 
 use super::ffn::feed_forward;
-use super::relpos::position_bias;
+use super::relpos::bias_lines;
 use super::state::EncoderOutput;
 use super::T5Model;
 
@@ -27,8 +27,9 @@ impl<B: Backend> T5Model<B> {
             mask[i * src_len..i * src_len + seq.len()].fill(0.0);
         }
         let mask = b.upload(&mask)?;
-        // Bidirectional buckets; layer 0's table, computed once and shared by all layers.
-        let bias = b.upload(&position_bias(
+        // Bidirectional buckets; layer 0's table, computed once and shared by all layers: a
+        // line of distances per head, which the backend keeps or expands into rows.
+        let lines = bias_lines(
             &self.params.encoder_relpos,
             heads,
             0,
@@ -36,7 +37,8 @@ impl<B: Backend> T5Model<B> {
             src_len,
             true,
             cfg.relative_attention_max_distance,
-        ))?;
+        );
+        let (bias, bias_layout) = b.upload_position_bias(&lines, heads, src_len, src_len)?;
 
         let mut x = b.zeros(rows * d)?; // [batch, src_len, d_model]
         let mut normed = b.zeros(rows * d)?;
@@ -54,7 +56,7 @@ impl<B: Backend> T5Model<B> {
             kv_len: src_len,
             kv_stride: src_len,
             kv_group: 1,
-            bias_stride: src_len,
+            bias: bias_layout,
             kv: crate::backend::KvFormat::F32,
         };
         let proj = MatDims {

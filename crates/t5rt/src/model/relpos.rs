@@ -2,6 +2,8 @@
 //! Only layer 0 of each stack owns the table; the bias is computed once per pass and every
 //! layer of the stack reuses it.
 
+use crate::error::{Result, T5Error};
+
 /// Hugging Face's `_relative_position_bucket`, including its f32 logarithm, so bucket edges
 /// fall where they fall there. `relative = key_position - query_position`.
 pub fn bucket(
@@ -33,12 +35,8 @@ pub fn bucket(
 }
 
 /// Bias `[heads, q_len, k_len]` for queries at `q_offset..q_offset+q_len` and keys `0..k_len`,
-/// from a table `[num_buckets, heads]` as stored in the checkpoint.
-///
-/// A pair's bias depends only on `key - query`, which runs over
-/// `-(q_offset + q_len - 1) ..= k_len - 1 - q_offset`: each head's biases over that range are
-/// one line (a bucket per distance, not per pair: about a thousand logarithms instead of
-/// q_len · k_len for a 512-token input), and each query's row is a window of it.
+/// from a table `[num_buckets, heads]` as stored in the checkpoint: [`bias_lines`] expanded
+/// into a row per query.
 pub fn position_bias(
     table: &[f32],
     heads: usize,
@@ -48,11 +46,42 @@ pub fn position_bias(
     bidirectional: bool,
     max_distance: usize,
 ) -> Vec<f32> {
-    let num_buckets = table.len() / heads;
+    let lines = bias_lines(
+        table,
+        heads,
+        q_offset,
+        q_len,
+        k_len,
+        bidirectional,
+        max_distance,
+    );
     let mut bias = vec![0.0f32; heads * q_len * k_len];
-    if bias.is_empty() {
-        return bias;
+    fill_rows(&lines, &mut bias, q_len, k_len);
+    bias
+}
+
+/// Each head's bias by distance, for queries at `q_offset..q_offset+q_len` and keys
+/// `0..k_len`: `[heads, q_len + k_len - 1]` (empty when either length is 0), entry `i` of a
+/// head's line the bias at `key - query = i - (q_offset + q_len - 1)`, so query `qi`'s row is
+/// the `k_len` values from `q_len - 1 - qi` on ([`crate::backend::BiasLayout::Lines`]).
+///
+/// A pair's bias depends only on `key - query`, which runs over
+/// `-(q_offset + q_len - 1) ..= k_len - 1 - q_offset`: a bucket per distance, not per pair
+/// (about a thousand logarithms instead of q_len · k_len for a 512-token input), and
+/// `2L - 1` values a head instead of `L²`.
+pub fn bias_lines(
+    table: &[f32],
+    heads: usize,
+    q_offset: usize,
+    q_len: usize,
+    k_len: usize,
+    bidirectional: bool,
+    max_distance: usize,
+) -> Vec<f32> {
+    if q_len == 0 || k_len == 0 || heads == 0 {
+        return Vec::new();
     }
+    let num_buckets = table.len() / heads;
     // Line index i holds the distance i - far; the last query sits `far` keys from key 0.
     let far = q_offset + q_len - 1;
     let span = q_len + k_len - 1;
@@ -68,12 +97,40 @@ pub fn position_bias(
             lines[h * span + i] = table[b * heads + h];
         }
     }
-    for (r, row) in bias.chunks_exact_mut(k_len).enumerate() {
+    lines
+}
+
+/// [`bias_lines`] expanded into rows, `[heads, q_len, k_len]` (what a backend reads that
+/// reads no lines, [`crate::backend::BiasLayout::Rows`]); an error, not an abort, where
+/// memory runs out (the rows grow with the square of the input).
+pub fn rows_of_lines(lines: &[f32], heads: usize, q_len: usize, k_len: usize) -> Result<Vec<f32>> {
+    let span = (q_len + k_len).saturating_sub(1);
+    if q_len > 0 && k_len > 0 && lines.len() != heads * span {
+        return Err(T5Error::Backend(format!(
+            "position bias: {} values for {heads} lines of {span}",
+            lines.len()
+        )));
+    }
+    let len = heads
+        .checked_mul(q_len)
+        .and_then(|n| n.checked_mul(k_len))
+        .ok_or_else(|| crate::alloc::out_of_memory(usize::MAX, "the position bias"))?;
+    let mut rows = crate::alloc::try_zeroed(len, "the position bias")?;
+    fill_rows(lines, &mut rows, q_len, k_len);
+    Ok(rows)
+}
+
+/// Each query's row of `rows` (`[heads, q_len, k_len]`) from its head's line.
+fn fill_rows(lines: &[f32], rows: &mut [f32], q_len: usize, k_len: usize) {
+    if rows.is_empty() {
+        return;
+    }
+    let span = q_len + k_len - 1;
+    for (r, row) in rows.chunks_exact_mut(k_len).enumerate() {
         let (h, qi) = (r / q_len, r % q_len);
         let start = h * span + q_len - 1 - qi;
         row.copy_from_slice(&lines[start..start + k_len]);
     }
-    bias
 }
 
 /// The decoder's causal bias for one query over the keys up to it, as one table for a whole
@@ -89,8 +146,9 @@ pub fn decoder_bias_table(
     if len == 0 {
         return Vec::new();
     }
-    // The last query's row over all `len` keys holds every distance from len - 1 to 0.
-    position_bias(table, heads, len - 1, 1, len, false, max_distance)
+    // The last query's row over all `len` keys holds every distance from len - 1 to 0 (one
+    // query: its line is its row).
+    bias_lines(table, heads, len - 1, 1, len, false, max_distance)
 }
 
 #[cfg(test)]

@@ -395,7 +395,7 @@ fn to_probs(a: &AttnArgs, t: &Task, probs: &mut [f32], stats: &mut [f32]) {
     for (hh, row) in probs.chunks_exact_mut(n.max(1)).take(t.hn).enumerate() {
         let h = t.h0 + hh;
         if let Some(bias) = a.bias {
-            let at = (h * s.q_len + t.qi) * s.bias_stride + s.bias_stride - s.kv_len + t.j0;
+            let at = s.bias_at(h, t.qi) + t.j0;
             for (r, b) in row.iter_mut().zip(&bias[at..at + n]) {
                 *r += b;
             }

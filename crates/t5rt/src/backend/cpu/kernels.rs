@@ -112,7 +112,7 @@ fn scores_to_probs(
     kv_b: usize,
 ) {
     if let Some(bias) = bias {
-        let at = (h * s.q_len + qi) * s.bias_stride + s.bias_stride - s.kv_len;
+        let at = s.bias_at(h, qi);
         let bias = &bias[at..at + s.kv_len];
         for i in 0..row.len() {
             row[i] += bias[i];

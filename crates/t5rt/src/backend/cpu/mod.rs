@@ -12,8 +12,8 @@ mod screen;
 use rayon::prelude::*;
 
 use super::{
-    check_len, checks, matmul_nt_each, AttnShape, Backend, KvFormat, MatDims, ScreenChoice,
-    ScreenHead, WeightDtype,
+    check_len, checks, matmul_nt_each, AttnShape, Backend, BiasLayout, KvFormat, MatDims,
+    ScreenChoice, ScreenHead, WeightDtype,
 };
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
@@ -492,6 +492,25 @@ impl Backend for CpuBackend {
 
     fn upload_owned(&self, data: Vec<f32>) -> Result<Vec<f32>> {
         Ok(data)
+    }
+
+    /// The lines as they are: the attention reads each query's row out of its head's line.
+    fn upload_position_bias(
+        &self,
+        lines: &[f32],
+        heads: usize,
+        q_len: usize,
+        kv_len: usize,
+    ) -> Result<(Vec<f32>, BiasLayout)> {
+        let want = heads * (q_len + kv_len).saturating_sub(1);
+        if lines.len() != want {
+            return Err(T5Error::Backend(format!(
+                "position bias: {} values for {heads} lines of {}",
+                lines.len(),
+                want / heads.max(1)
+            )));
+        }
+        Ok((try_copy(lines)?, BiasLayout::Lines))
     }
 
     fn upload_linear(&self, w: &[f32], n: usize, k: usize) -> Result<CpuWeight> {

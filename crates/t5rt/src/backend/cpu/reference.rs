@@ -143,8 +143,7 @@ pub fn attention(
                             acc += q[q_at + t] as f64 * k[kv_at(j) + t] as f64;
                         }
                         if let Some(bias) = bias {
-                            let row = (h * s.q_len + qi) * s.bias_stride;
-                            acc += bias[row + s.bias_stride - s.kv_len + j] as f64;
+                            acc += bias[s.bias_at(h, qi) + j] as f64;
                         }
                         if let Some(mask) = mask {
                             acc += mask[kv_b * s.kv_len + j] as f64;

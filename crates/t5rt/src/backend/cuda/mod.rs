@@ -24,8 +24,8 @@ use cudarc::driver::{
 use super::{
     attention_then_out, check_len, checks, cross_attention_then_out, ffn_then_out, matmul_nt_each,
     norm_qkv_then_write, norm_then_ffn_up, norm_then_products, self_attention_then_out, AttnCall,
-    AttnShape, Backend, CacheWrite, CrossAttnCall, FfnCall, KvFormat, MatDims, SelfAttnCall,
-    StepPlan, WeightDtype,
+    AttnShape, Backend, BiasLayout, CacheWrite, CrossAttnCall, FfnCall, KvFormat, MatDims,
+    SelfAttnCall, StepPlan, WeightDtype,
 };
 use crate::config::Activation;
 use crate::error::{Result, T5Error};
@@ -371,6 +371,17 @@ impl Params {
     fn float(&mut self, v: f32) -> &mut Self {
         self.0.push(v.to_bits() as u64);
         self
+    }
+}
+
+/// The row length of an attention call's bias, for the kernels, which read rows
+/// ([`BiasLayout::Rows`]; this backend uploads no lines, `Backend::upload_position_bias`).
+fn bias_stride(s: &AttnShape) -> Result<i32> {
+    match s.bias {
+        BiasLayout::Rows { stride } => i32_of("attention bias stride", stride),
+        BiasLayout::Lines => Err(T5Error::Backend(
+            "CUDA attention reads position bias rows, not lines".into(),
+        )),
     }
 }
 
@@ -868,7 +879,7 @@ impl CudaBackend {
         .iter()
         .map(|&v| i32_of("attention shape", v))
         .collect::<Result<_>>()?;
-        let bias_stride = i32_of("attention bias stride", s.bias_stride)?;
+        let bias_stride = bias_stride(&s)?;
         let mode = self.encoder_attention();
         if s.q_len > 1 && !step && mode == EncoderAttention::Gemm && kv_bf16 == 0 {
             return self.attend_gemm(q, k, v, bias, mask, out, s);
@@ -963,7 +974,7 @@ impl CudaBackend {
             p.int(i32_of("attention shape", x)?);
         }
         p.int(kv_bf16)
-            .int(i32_of("attention bias stride", s.bias_stride)?)
+            .int(bias_stride(&s)?)
             .int(i32_of("attention keys", kv_cap)?)
             .opt(args, st);
         Ok(Some((cfg, p)))
@@ -1237,7 +1248,7 @@ impl CudaBackend {
             .iter()
             .map(|&v| i32_of("attention shape", v))
             .collect::<Result<_>>()?;
-        let bias_stride = i32_of("attention bias stride", s.bias_stride)?;
+        let bias_stride = bias_stride(&s)?;
         let (qp, _gq) = q.device_ptr(&self.stream);
         let (kp, _gk) = k.device_ptr(&self.stream);
         let (vp, _gv) = v.device_ptr(&self.stream);
