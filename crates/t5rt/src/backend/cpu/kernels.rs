@@ -136,19 +136,17 @@ fn scores_to_probs(
     softmax_in_place(&mut row[start..]);
 }
 
-/// [`scores_to_probs`] for every query row `i` of `scores` (`[q_len, kv_len]`).
+/// [`scores_to_probs`] for every row of `scores` (`[rows, kv_len]`), the queries from `q0` on.
 #[inline(always)]
 fn probs_rows(
     scores: &mut [f32],
     bias: Option<&[f32]>,
     mask: Option<&[f32]>,
     s: AttnShape,
-    h: usize,
-    kv_b: usize,
+    (h, q0, kv_b): (usize, usize, usize),
 ) {
-    for i in 0..s.q_len {
-        let row = &mut scores[i * s.kv_len..(i + 1) * s.kv_len];
-        scores_to_probs(row, bias, mask, s, h, i, kv_b);
+    for (i, row) in scores.chunks_exact_mut(s.kv_len).enumerate() {
+        scores_to_probs(row, bias, mask, s, h, q0 + i, kv_b);
     }
 }
 
@@ -156,17 +154,25 @@ compiled_for!(
     /// [`probs_rows`] compiled for AVX-512.
     probs_rows_avx512, "avx512f,avx512vl,fma",
     probs_rows(scores: &mut [f32], bias: Option<&[f32]>, mask: Option<&[f32]>, s: AttnShape,
-               h: usize, kv_b: usize)
+               at: (usize, usize, usize))
 );
 compiled_for!(
     /// [`probs_rows`] compiled for AVX2.
     probs_rows_avx2, "avx2,fma",
     probs_rows(scores: &mut [f32], bias: Option<&[f32]>, mask: Option<&[f32]>, s: AttnShape,
-               h: usize, kv_b: usize)
+               at: (usize, usize, usize))
 );
 
-/// Attention over many queries (the encoder): per (sequence, head), scores = q·kᵀ and
-/// out = softmax(scores + bias + mask)·v as two `gemm` calls.
+/// Scores per block of queries in [`attention_gemm`]: 128 Ki values (512 KiB), so that a block
+/// stays in L2 between its product, its softmax and the weighted values, whatever the input's
+/// length (a whole `[L, L]` matrix was 16 MiB a task at 2048 tokens, streamed three times
+/// through memory).
+const SCORE_BLOCK: usize = 512 << 10;
+
+/// Attention over many queries (the encoder): per (sequence, head), in blocks of queries
+/// ([`SCORE_BLOCK`]), scores = q·kᵀ and out = softmax(scores + bias + mask)·v as two `gemm`
+/// calls. Each output row is the same whatever the block (its scores, softmax and weighted
+/// sum involve that query alone).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_gemm(
     q: &[f32],
@@ -185,42 +191,49 @@ pub(super) fn attention_gemm(
     (0..s.batch * s.heads).into_par_iter().for_each(|task| {
         let (b, h) = (task / s.heads, task % s.heads);
         let kv_b = b / s.kv_group;
-        let q0 = b * s.q_len * inner + h * s.d_kv;
         let kv0 = kv_b * s.kv_stride * inner + h * s.d_kv;
-        let mut scores = vec![0.0f32; s.q_len * s.kv_len];
-        // SAFETY: the caller checked every buffer against `s`; the strides below address
-        // q[b, i, h, :], k/v[kv_b, j, h, :] and out[b, i, h, :] only, and each task writes the
-        // out elements of its own (b, h), disjoint from every other task's.
-        unsafe {
-            // scores[i, j] = Σ_t q[b, i, h, t] · k[kv_b, j, h, t] (no 1/sqrt(d_kv): T5)
-            gemm_rows(
-                (s.q_len, s.kv_len, s.d_kv),
-                (scores.as_mut_ptr(), s.kv_len),
-                (q.as_ptr().add(q0), inner),
-                (k.as_ptr().add(kv0), inner, 1),
-            );
-        }
-        #[cfg(target_arch = "x86_64")]
-        if isa.avx512() {
-            // SAFETY: the backend only runs at levels the CPU has (`IsaLevel::checked`).
-            unsafe { probs_rows_avx512(&mut scores, bias, mask, s, h, kv_b) };
-        } else if isa >= IsaLevel::Avx2 {
+        let block = (SCORE_BLOCK / s.kv_len.max(1)).clamp(1, s.q_len.max(1));
+        let mut scores = vec![0.0f32; block * s.kv_len];
+        for i0 in (0..s.q_len).step_by(block) {
+            let rows = block.min(s.q_len - i0);
+            let scores = &mut scores[..rows * s.kv_len];
+            let q0 = (b * s.q_len + i0) * inner + h * s.d_kv;
+            // SAFETY: the caller checked every buffer against `s`; the strides below address
+            // q[b, i, h, :], k/v[kv_b, j, h, :] and out[b, i, h, :] only, and each task writes
+            // the out elements of its own (b, h), disjoint from every other task's.
+            unsafe {
+                // scores[i, j] = Σ_t q[b, i0 + i, h, t] · k[kv_b, j, h, t] (no 1/sqrt(d_kv):
+                // T5)
+                gemm_rows(
+                    (rows, s.kv_len, s.d_kv),
+                    (scores.as_mut_ptr(), s.kv_len),
+                    (q.as_ptr().add(q0), inner),
+                    (k.as_ptr().add(kv0), inner, 1),
+                );
+            }
+            let at = (h, i0, kv_b);
+            #[cfg(target_arch = "x86_64")]
+            if isa.avx512() {
+                // SAFETY: the backend only runs at levels the CPU has (`IsaLevel::checked`).
+                unsafe { probs_rows_avx512(scores, bias, mask, s, at) };
+            } else if isa >= IsaLevel::Avx2 {
+                // SAFETY: as above.
+                unsafe { probs_rows_avx2(scores, bias, mask, s, at) };
+            } else {
+                probs_rows(scores, bias, mask, s, at);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            probs_rows(scores, bias, mask, s, at);
             // SAFETY: as above.
-            unsafe { probs_rows_avx2(&mut scores, bias, mask, s, h, kv_b) };
-        } else {
-            probs_rows(&mut scores, bias, mask, s, h, kv_b);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        probs_rows(&mut scores, bias, mask, s, h, kv_b);
-        // SAFETY: as above.
-        unsafe {
-            // out[b, i, h, :] = Σ_j p[i, j] · v[kv_b, j, h, :]
-            gemm_rows(
-                (s.q_len, s.d_kv, s.kv_len),
-                (dst.get().add(q0), inner),
-                (scores.as_ptr(), s.kv_len),
-                (v.as_ptr().add(kv0), 1, inner),
-            );
+            unsafe {
+                // out[b, i0 + i, h, :] = Σ_j p[i, j] · v[kv_b, j, h, :]
+                gemm_rows(
+                    (rows, s.d_kv, s.kv_len),
+                    (dst.get().add(q0), inner),
+                    (scores.as_ptr(), s.kv_len),
+                    (v.as_ptr().add(kv0), 1, inner),
+                );
+            }
         }
     });
 }
