@@ -294,6 +294,11 @@ impl Model {
             rows_per_source: cfg.num_beams,
             src_len: ids.len(),
             new_tokens: cfg.new_token_limit(),
+            encoder_attention: t5rt::Backend::encoder_attention_bytes(
+                &self.model.backend,
+                self.model.config.num_heads,
+                ids.len(),
+            ),
         };
         t5rt::generate::memory::require_fit(
             &self.model.config,

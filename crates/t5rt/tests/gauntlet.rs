@@ -212,6 +212,11 @@ fn batches_split_to_fit_the_budget() {
             rows_per_source: 1,
             src_len: inputs.iter().map(Vec::len).max().unwrap(),
             new_tokens: cfg.max_new_tokens,
+            encoder_attention: t5rt::Backend::encoder_attention_bytes(
+                &model.backend,
+                model.config.num_heads,
+                inputs.iter().map(Vec::len).max().unwrap(),
+            ),
         },
     )
     .peak();

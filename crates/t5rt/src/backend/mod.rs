@@ -588,6 +588,15 @@ pub trait Backend: Send + Sync {
         Ok((self.upload(&rows)?, BiasLayout::Rows { stride: kv_len }))
     }
 
+    /// Bytes the encoder's attention holds at once besides its inputs and outputs (the position
+    /// bias and the scores in flight) for `heads` heads over `src_len` tokens, where this
+    /// backend counts them itself; `None` (the default): the memory plan counts a bias of rows
+    /// and a `[src_len, src_len]` matrix of scores per head (`generate::memory::plan`).
+    fn encoder_attention_bytes(&self, heads: usize, src_len: usize) -> Option<u64> {
+        let _ = (heads, src_len);
+        None
+    }
+
     /// Softmax attention without `1/sqrt(d_kv)` scaling (T5 folds it into the weights).
     /// `mask` (`[batch / kv_group, kv_len]`, added to the scores) may mask keys at the end of
     /// a row (padding) or at its start (a row that joined a running batch later than the

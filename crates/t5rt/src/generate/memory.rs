@@ -22,6 +22,10 @@ pub struct BatchShape {
     pub src_len: usize,
     /// New tokens per row at most.
     pub new_tokens: usize,
+    /// Bytes the encoder's attention holds at once (the position bias and the scores in
+    /// flight) as the backend counts them (`Backend::encoder_attention_bytes` for `src_len`);
+    /// `None`: a `[heads, L, L]` bias and a `[L, L]` matrix of scores per head.
+    pub encoder_attention: Option<u64>,
 }
 
 /// Bytes one batch needs at its largest, by part.
@@ -66,13 +70,16 @@ pub fn plan(config: &T5Config, dtype: WeightDtype, shape: BatchShape) -> MemoryP
     let widest = d.max(inner).max(d_ff);
 
     // Encoder: x, normed [rows, d]; q, k, v, attn [rows, inner]; ff (and up) [rows, d_ff];
-    // the shared position bias [heads, L, L] and per-task scores [L, L] (at most one task per
-    // head in flight); reduced-precision activations [rows, widest]; ids and mask.
+    // the attention's position bias and scores, as the backend counts them or else the
+    // shared bias [heads, L, L] and per-task scores [L, L] (at most one task per head in
+    // flight); reduced-precision activations [rows, widest]; ids and mask.
     let encoder = [
         prod(&[2, rows_e, d, F32]),
         prod(&[4, rows_e, inner, F32]),
         prod(&[ff_bufs, rows_e, d_ff, F32]),
-        prod(&[2, c.num_heads, l, l, F32]),
+        shape
+            .encoder_attention
+            .unwrap_or_else(|| prod(&[2, c.num_heads, l, l, F32])),
         prod(&[rows_e, widest, F32]),
         prod(&[2, rows_e, F32]),
     ]
@@ -419,6 +426,7 @@ mod tests {
             rows_per_source: 1,
             src_len: 32,
             new_tokens: 32,
+            encoder_attention: None,
         };
         let p = |s| plan(&cfg, WeightDtype::F32, s).peak();
         let b = p(base);
@@ -445,6 +453,7 @@ mod tests {
             rows_per_source: 1,
             src_len: 128,
             new_tokens: 128,
+            encoder_attention: None,
         });
         assert!(typical > 10 << 20 && typical < 1 << 30, "{typical}");
         let huge = p(BatchShape {
@@ -452,5 +461,39 @@ mod tests {
             ..base
         });
         assert_eq!(huge, u64::MAX);
+    }
+
+    /// The CPU backend's count of the encoder's attention (its bias as lines, a block of
+    /// scores per thread) replaces the plan's `[heads, L, L]` twice: at 4096 tokens and 12
+    /// heads some 4 MiB instead of 1.5 GiB; never more than that default.
+    #[test]
+    fn the_cpu_counts_its_own_encoder_attention() {
+        use crate::backend::Backend;
+        let cfg = T5Config::from_json_str(
+            r#"{"d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12, "num_heads": 12, "vocab_size": 32128}"#,
+        )
+        .unwrap();
+        let b = crate::CpuBackend::with_isa(2, crate::IsaLevel::Portable).unwrap();
+        for l in [1, 7, 128, 724, 725, 4096] {
+            let own = b.encoder_attention_bytes(12, l).unwrap();
+            let rows = 2 * 12 * (l * l) as u64 * 4;
+            // The lines, and two threads' blocks of scores (the whole matrix up to 724).
+            let block = (l * l).min((512 << 10) / l * l).max(l) as u64;
+            assert_eq!(own, (12 * (2 * l as u64 - 1) + 2 * block) * 4, "{l}");
+            assert!(own <= rows, "{l}");
+            let shape = |encoder_attention| BatchShape {
+                sources: 1,
+                rows_per_source: 1,
+                src_len: l,
+                new_tokens: 4,
+                encoder_attention,
+            };
+            let (with, without) = (
+                plan(&cfg, WeightDtype::F32, shape(Some(own))),
+                plan(&cfg, WeightDtype::F32, shape(None)),
+            );
+            assert_eq!(without.encoder - with.encoder, rows - own, "{l}");
+        }
+        assert!(b.encoder_attention_bytes(12, 4096).unwrap() < 5 << 20);
     }
 }

@@ -169,6 +169,12 @@ compiled_for!(
 /// through memory).
 const SCORE_BLOCK: usize = 512 << 10;
 
+/// Queries per block of [`attention_gemm`] over `kv_len` keys ([`SCORE_BLOCK`] scores; at
+/// least one query, at most `q_len`).
+pub(super) fn score_block_rows(q_len: usize, kv_len: usize) -> usize {
+    (SCORE_BLOCK / kv_len.max(1)).clamp(1, q_len.max(1))
+}
+
 /// Attention over many queries (the encoder): per (sequence, head), in blocks of queries
 /// ([`SCORE_BLOCK`]), scores = q·kᵀ and out = softmax(scores + bias + mask)·v as two `gemm`
 /// calls. Each output row is the same whatever the block (its scores, softmax and weighted
@@ -192,7 +198,7 @@ pub(super) fn attention_gemm(
         let (b, h) = (task / s.heads, task % s.heads);
         let kv_b = b / s.kv_group;
         let kv0 = kv_b * s.kv_stride * inner + h * s.d_kv;
-        let block = (SCORE_BLOCK / s.kv_len.max(1)).clamp(1, s.q_len.max(1));
+        let block = score_block_rows(s.q_len, s.kv_len);
         let mut scores = vec![0.0f32; block * s.kv_len];
         for i0 in (0..s.q_len).step_by(block) {
             let rows = block.min(s.q_len - i0);

@@ -494,6 +494,16 @@ impl Backend for CpuBackend {
         Ok(data)
     }
 
+    /// The position bias as lines, and a block of scores (`kernels::score_block_rows` queries
+    /// over every key) for each pool thread: the tasks in flight at once.
+    fn encoder_attention_bytes(&self, heads: usize, src_len: usize) -> Option<u64> {
+        let l = src_len as u64;
+        let lines = (heads as u64).saturating_mul((2 * l).saturating_sub(1));
+        let block = kernels::score_block_rows(src_len, src_len) as u64;
+        let scores = (self.threads as u64).saturating_mul(block.saturating_mul(l));
+        Some(lines.saturating_add(scores).saturating_mul(4))
+    }
+
     /// The lines as they are: the attention reads each query's row out of its head's line.
     fn upload_position_bias(
         &self,
