@@ -308,9 +308,11 @@ fn measure<B: Backend>(
                         rows_per_source: 1,
                         src_len: input,
                         new_tokens: new,
-                        encoder_attention: model
-                            .backend
-                            .encoder_attention_bytes(model.config.num_heads, input),
+                        encoder_attention: model.backend.encoder_attention_bytes(
+                            model.config.num_heads,
+                            batch,
+                            input,
+                        ),
                     };
                     t5rt::generate::memory::require_fit(
                         &model.config,

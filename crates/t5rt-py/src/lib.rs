@@ -297,6 +297,7 @@ impl Model {
             encoder_attention: t5rt::Backend::encoder_attention_bytes(
                 &self.model.backend,
                 self.model.config.num_heads,
+                1,
                 ids.len(),
             ),
         };

@@ -215,6 +215,7 @@ fn batches_split_to_fit_the_budget() {
             encoder_attention: t5rt::Backend::encoder_attention_bytes(
                 &model.backend,
                 model.config.num_heads,
+                2,
                 inputs.iter().map(Vec::len).max().unwrap(),
             ),
         },

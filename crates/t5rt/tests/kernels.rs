@@ -295,8 +295,9 @@ const ATTN_CASES: &[AttnCase] = &[
     (1, 2, 80, 70, 40, 48, 1),
     (6, 2, 32, 5, 9, 9, 3),
     // more queries x keys than the CPU's block of scores (512 Ki values): queries in blocks
-    // of 476, the last one short
+    // of 476, the last one short; and two sequences in blocks of 655 (the second's offsets)
     (1, 2, 16, 1100, 1100, 1100, 1),
+    (2, 2, 16, 800, 800, 800, 1),
 ];
 
 fn check_attention<B: Backend>(b: &B, rng: &mut Rng) {
@@ -317,6 +318,8 @@ fn check_bias_lines<B: Backend>(b: &B, rng: &mut Rng) {
         (1, 12, 64, 130, 130),
         (3, 2, 32, 5, 19),
         (1, 3, 64, 1, 40),
+        // more than one block of the CPU's scores (queries 689 at a time)
+        (2, 2, 16, 760, 760),
     ] {
         let inner = heads * d_kv;
         let span = q_len + kv_len - 1;
@@ -370,9 +373,28 @@ fn check_bias_lines<B: Backend>(b: &B, rng: &mut Rng) {
             );
         }
     }
-    // Lines of the wrong length are an error, not a read past their end.
+    // Lines of the wrong length are an error, not a read past their end: at upload, and given
+    // to the attention as lines.
     let short = vec![0.0f32; 2 * 9];
     assert!(b.upload_position_bias(&short, 2, 5, 6).is_err());
+    let (heads, d_kv, len) = (2, 16, 6);
+    let x = b.upload(&rng.vec(len * heads * d_kv)).unwrap();
+    let mut out = b.zeros(len * heads * d_kv).unwrap();
+    let s = AttnShape {
+        batch: 1,
+        heads,
+        d_kv,
+        q_len: len,
+        kv_len: len,
+        kv_stride: len,
+        kv_group: 1,
+        bias: BiasLayout::Lines,
+        kv: KvFormat::F32,
+    };
+    let bias = b.upload(&short).unwrap();
+    assert!(b
+        .attention(&x, &x, &x, Some(&bias), None, &mut out, s)
+        .is_err());
 }
 
 /// Each row of a decoding attention call gets, bit for bit, what it gets alone (batch 1, its

@@ -219,9 +219,10 @@ pub enum BiasLayout {
     /// whole decode, whose entry `T - 1 - d` is distance `d`).
     Rows { stride: usize },
     /// `[heads, q_len + kv_len - 1]`: each head's bias by distance `key - query`, from
-    /// `-(q_len - 1)` on; query `i`'s `kv_len` values start at `q_len - 1 - i`. T5's relative
-    /// bias depends on the distance alone, so an encoder's bias takes `2L - 1` values a head
-    /// instead of `L²` (`L` = 2048 tokens, 12 heads: 96 KiB instead of 192 MiB).
+    /// `-(q_len - 1)` on (queries at positions `0..q_len`); query `i`'s `kv_len` values start at
+    /// `q_len - 1 - i`. T5's relative bias depends on the distance alone, so an encoder's bias
+    /// takes `2L - 1` values a head instead of `L²` (`L` = 2048 tokens, 12 heads: 192 KiB
+    /// instead of 192 MiB).
     Lines,
 }
 
@@ -240,7 +241,8 @@ impl AttnShape {
     pub fn bias_len(&self) -> usize {
         match self.bias {
             BiasLayout::Rows { stride } => self.heads * self.q_len * stride,
-            BiasLayout::Lines => self.heads * (self.q_len + self.kv_len - 1),
+            BiasLayout::Lines if self.q_len == 0 => 0,
+            BiasLayout::Lines => self.heads * (self.q_len + self.kv_len).saturating_sub(1),
         }
     }
 
@@ -589,11 +591,12 @@ pub trait Backend: Send + Sync {
     }
 
     /// Bytes the encoder's attention holds at once besides its inputs and outputs (the position
-    /// bias and the scores in flight) for `heads` heads over `src_len` tokens, where this
+    /// bias and the scores in flight) for `heads` heads over `sources` sequences of up to
+    /// `src_len` tokens, where this
     /// backend counts them itself; `None` (the default): the memory plan counts a bias of rows
     /// and a `[src_len, src_len]` matrix of scores per head (`generate::memory::plan`).
-    fn encoder_attention_bytes(&self, heads: usize, src_len: usize) -> Option<u64> {
-        let _ = (heads, src_len);
+    fn encoder_attention_bytes(&self, heads: usize, sources: usize, src_len: usize) -> Option<u64> {
+        let _ = (heads, sources, src_len);
         None
     }
 

@@ -463,9 +463,11 @@ mod tests {
         assert_eq!(huge, u64::MAX);
     }
 
-    /// The CPU backend's count of the encoder's attention (its bias as lines, a block of
-    /// scores per thread) replaces the plan's `[heads, L, L]` twice: at 4096 tokens and 12
-    /// heads some 4 MiB instead of 1.5 GiB; never more than that default.
+    /// The CPU backend's count of the encoder's attention (its bias as lines, a task's scores
+    /// per task that can run at once) replaces the plan's `[heads, L, L]` twice: at 4096
+    /// tokens and 12 heads some 4 MiB instead of 1.5 GiB; with two threads never more than
+    /// that default; growing with the input's length, and counting no more tasks than there
+    /// are threads or (sequence, head) pairs.
     #[test]
     fn the_cpu_counts_its_own_encoder_attention() {
         use crate::backend::Backend;
@@ -474,15 +476,14 @@ mod tests {
         )
         .unwrap();
         let b = crate::CpuBackend::with_isa(2, crate::IsaLevel::Portable).unwrap();
-        for l in [1, 7, 128, 724, 725, 4096] {
-            let own = b.encoder_attention_bytes(12, l).unwrap();
+        let mut last = 0;
+        for l in [1, 7, 128, 724, 725, 1024, 1100, 4096] {
+            let own = b.encoder_attention_bytes(12, 3, l).unwrap();
             let rows = 2 * 12 * (l * l) as u64 * 4;
-            // The lines, and two threads' blocks of scores (the whole matrix up to 724).
-            let block = (l * l).min((512 << 10) / l * l).max(l) as u64;
-            assert_eq!(own, (12 * (2 * l as u64 - 1) + 2 * block) * 4, "{l}");
-            assert!(own <= rows, "{l}");
+            assert!(own <= rows && own > last, "{l}: {own}");
+            last = own;
             let shape = |encoder_attention| BatchShape {
-                sources: 1,
+                sources: 3,
                 rows_per_source: 1,
                 src_len: l,
                 new_tokens: 4,
@@ -494,6 +495,16 @@ mod tests {
             );
             assert_eq!(without.encoder - with.encoder, rows - own, "{l}");
         }
-        assert!(b.encoder_attention_bytes(12, 4096).unwrap() < 5 << 20);
+        assert!(b.encoder_attention_bytes(12, 1, 4096).unwrap() < 5 << 20);
+        // Eight threads, one sequence of one head: one task's scores beside the line.
+        let eight = crate::CpuBackend::with_isa(8, crate::IsaLevel::Portable).unwrap();
+        assert_eq!(
+            eight.encoder_attention_bytes(1, 1, 100).unwrap(),
+            b.encoder_attention_bytes(1, 1, 100).unwrap()
+        );
+        assert!(
+            eight.encoder_attention_bytes(12, 1, 100).unwrap()
+                > b.encoder_attention_bytes(12, 1, 100).unwrap()
+        );
     }
 }

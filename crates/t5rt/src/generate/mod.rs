@@ -136,9 +136,11 @@ pub fn generate_cancellable<B: Backend>(
             rows_per_source: beams,
             src_len: longest,
             new_tokens: limit,
-            encoder_attention: model
-                .backend
-                .encoder_attention_bytes(model.config.num_heads, longest),
+            encoder_attention: model.backend.encoder_attention_bytes(
+                model.config.num_heads,
+                n,
+                longest,
+            ),
         },
     )?;
     let mut outputs: Vec<Vec<Hypothesis>> = vec![Vec::new(); inputs.len()];

@@ -101,9 +101,11 @@ pub fn score_cancellable<B: Backend>(
             rows_per_source: 1,
             src_len: longest_input,
             new_tokens: longest_target,
-            encoder_attention: model
-                .backend
-                .encoder_attention_bytes(model.config.num_heads, longest_input),
+            encoder_attention: model.backend.encoder_attention_bytes(
+                model.config.num_heads,
+                n,
+                longest_input,
+            ),
         },
     )?;
     let mut out = vec![TargetScore::default(); inputs.len()];

@@ -39,6 +39,7 @@ impl<B: Backend> T5Model<B> {
             cfg.relative_attention_max_distance,
         );
         let (bias, bias_layout) = b.upload_position_bias(&lines, heads, src_len, src_len)?;
+        drop(lines);
 
         let mut x = b.zeros(rows * d)?; // [batch, src_len, d_model]
         let mut normed = b.zeros(rows * d)?;

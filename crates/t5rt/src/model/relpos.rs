@@ -136,7 +136,7 @@ fn fill_rows(lines: &[f32], rows: &mut [f32], q_len: usize, k_len: usize) {
 /// The decoder's causal bias for one query over the keys up to it, as one table for a whole
 /// decode: `[heads, len]`, entry `len - 1 - d` holding the bias at distance `d` (key `pos - d`
 /// of the query at `pos`). The query at `pos` reads the last `pos + 1` values of each row
-/// (`AttnShape::bias_stride = len`), which are `position_bias(.., pos, 1, pos + 1, false, ..)`.
+/// (`BiasLayout::Rows { stride: len }`), which are `position_bias(.., pos, 1, pos + 1, false, ..)`.
 pub fn decoder_bias_table(
     table: &[f32],
     heads: usize,

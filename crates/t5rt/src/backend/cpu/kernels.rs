@@ -163,10 +163,11 @@ compiled_for!(
                at: (usize, usize, usize))
 );
 
-/// Scores per block of queries in [`attention_gemm`]: 128 Ki values (512 KiB), so that a block
-/// stays in L2 between its product, its softmax and the weighted values, whatever the input's
-/// length (a whole `[L, L]` matrix was 16 MiB a task at 2048 tokens, streamed three times
-/// through memory).
+/// Scores per block of queries in [`attention_gemm`]: 512 Ki values (2 MiB), whatever the
+/// input's length (a whole `[L, L]` matrix was 16 MiB a task at 2048 tokens and 64 MiB at
+/// 4096, written, read and written by the softmax, then read again). Chosen by measurement
+/// (`bench/RESULTS.md`, session 30): blocks of 128 Ki values were slower (the `gemm` crate
+/// packs the keys again for every block).
 const SCORE_BLOCK: usize = 512 << 10;
 
 /// Queries per block of [`attention_gemm`] over `kv_len` keys ([`SCORE_BLOCK`] scores; at
@@ -175,10 +176,19 @@ pub(super) fn score_block_rows(q_len: usize, kv_len: usize) -> usize {
     (SCORE_BLOCK / kv_len.max(1)).clamp(1, q_len.max(1))
 }
 
+/// The most scores one task of [`attention_gemm`] holds over at most `len` queries and keys:
+/// the whole matrix up to [`SCORE_BLOCK`] values, one row past it. Grows with `len` (a
+/// block's own `rows · kv_len` does not quite), so a plan made for the longest input covers
+/// every shorter one.
+pub(super) fn most_scores_per_task(len: usize) -> usize {
+    len.saturating_mul(len).min(SCORE_BLOCK).max(len)
+}
+
 /// Attention over many queries (the encoder): per (sequence, head), in blocks of queries
 /// ([`SCORE_BLOCK`]), scores = q·kᵀ and out = softmax(scores + bias + mask)·v as two `gemm`
-/// calls. Each output row is the same whatever the block (its scores, softmax and weighted
-/// sum involve that query alone).
+/// calls. A row's scores, softmax and weighted sum involve its own query alone, so the blocks
+/// change its values only in rounding (the `gemm` crate may split the sums of a short block
+/// otherwise); up to 724 tokens the block is the whole sequence.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_gemm(
     q: &[f32],
@@ -199,6 +209,7 @@ pub(super) fn attention_gemm(
         let kv_b = b / s.kv_group;
         let kv0 = kv_b * s.kv_stride * inner + h * s.d_kv;
         let block = score_block_rows(s.q_len, s.kv_len);
+        debug_assert!(block * s.kv_len <= most_scores_per_task(s.q_len.max(s.kv_len)));
         let mut scores = vec![0.0f32; block * s.kv_len];
         for i0 in (0..s.q_len).step_by(block) {
             let rows = block.min(s.q_len - i0);
@@ -300,4 +311,28 @@ pub(super) fn warm_gemm() {
             (v.as_ptr(), 1, N),
         )
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{most_scores_per_task, score_block_rows, SCORE_BLOCK};
+
+    /// A task of `attention_gemm` holds `score_block_rows · kv_len` scores; the memory plan
+    /// counts `most_scores_per_task` for the longest input: never less, for any input up to
+    /// it (every length to 3000, then past the point where a block is one query), and the
+    /// count grows with the length.
+    #[test]
+    fn the_counted_scores_cover_every_block() {
+        let mut last = 0;
+        for l in (1..3000).chain([SCORE_BLOCK - 1, SCORE_BLOCK, SCORE_BLOCK + 7]) {
+            let most = most_scores_per_task(l);
+            assert!(most >= last, "{l}");
+            last = most;
+            let rows = score_block_rows(l, l);
+            assert!(rows >= 1 && rows <= l, "{l}");
+            assert!(rows * l <= most, "{l}: {rows} rows");
+            // Up to 724 tokens the block is the whole sequence.
+            assert_eq!(rows == l, l * l <= SCORE_BLOCK, "{l}");
+        }
+    }
 }

@@ -494,13 +494,14 @@ impl Backend for CpuBackend {
         Ok(data)
     }
 
-    /// The position bias as lines, and a block of scores (`kernels::score_block_rows` queries
-    /// over every key) for each pool thread: the tasks in flight at once.
-    fn encoder_attention_bytes(&self, heads: usize, src_len: usize) -> Option<u64> {
+    /// The position bias as lines, and the scores of one task (`kernels::most_scores_per_task`)
+    /// for each task that can run at once: one per pool thread, at most one per (sequence,
+    /// head).
+    fn encoder_attention_bytes(&self, heads: usize, sources: usize, src_len: usize) -> Option<u64> {
         let l = src_len as u64;
-        let lines = (heads as u64).saturating_mul((2 * l).saturating_sub(1));
-        let block = kernels::score_block_rows(src_len, src_len) as u64;
-        let scores = (self.threads as u64).saturating_mul(block.saturating_mul(l));
+        let lines = (heads as u64).saturating_mul(l.saturating_mul(2).saturating_sub(1));
+        let tasks = self.threads.min(sources.saturating_mul(heads)) as u64;
+        let scores = tasks.saturating_mul(kernels::most_scores_per_task(src_len) as u64);
         Some(lines.saturating_add(scores).saturating_mul(4))
     }
 
@@ -512,7 +513,12 @@ impl Backend for CpuBackend {
         q_len: usize,
         kv_len: usize,
     ) -> Result<(Vec<f32>, BiasLayout)> {
-        let want = heads * (q_len + kv_len).saturating_sub(1);
+        // `relpos::bias_lines` is empty when either length is 0.
+        let want = if q_len == 0 || kv_len == 0 {
+            0
+        } else {
+            heads * (q_len + kv_len - 1)
+        };
         if lines.len() != want {
             return Err(T5Error::Backend(format!(
                 "position bias: {} values for {heads} lines of {}",
