@@ -101,6 +101,23 @@ impl EncoderAttention {
 /// one sequence per chunk).
 pub const ATTENTION_SCORES_BYTES: usize = 256 << 20;
 
+/// Bytes the encoder's attention holds on the GPU at once for `sources` sequences of up to
+/// `src_len` tokens ([`Backend::encoder_attention_bytes`]): the bias rows (`[heads, L, L]`)
+/// and, at most, the scores of one chunk of sequences ([`EncoderAttention::Gemm`]: as many
+/// sequences' `[heads, L, L]` as fit [`ATTENTION_SCORES_BYTES`], at least one; the other modes
+/// keep their scores in shared memory). Counted as `min(sources, max(256 MiB, one sequence))`
+/// worth of scores, which covers the chunk of every batch up to this shape and grows with it.
+fn encoder_attention_bound(heads: usize, sources: usize, src_len: usize) -> u64 {
+    let per_seq = (heads as u64)
+        .saturating_mul(src_len as u64)
+        .saturating_mul(src_len as u64)
+        .saturating_mul(4);
+    let scores = per_seq
+        .saturating_mul(sources as u64)
+        .min(per_seq.max(ATTENTION_SCORES_BYTES as u64));
+    per_seq.saturating_add(scores)
+}
+
 /// Optional fusions of the `gemv` kernel: the sublayer's RMSNorm on the input as it is staged,
 /// an activation on the output (`act`: activation's code, -1 none), and a gated feed-forward's
 /// two products in one (`gated`: out0 = act(x · w0) * (x · w1)), and products 1 and 2 written
@@ -1461,6 +1478,10 @@ impl Backend for CudaBackend {
         self.memory().ok().map(|(free, _)| free as u64)
     }
 
+    fn encoder_attention_bytes(&self, heads: usize, sources: usize, src_len: usize) -> Option<u64> {
+        Some(encoder_attention_bound(heads, sources, src_len))
+    }
+
     fn matmul_nt_shared(
         &self,
         x: &CudaSlice<f32>,
@@ -2225,5 +2246,37 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(self.f("fill_column"));
         b.arg(x).arg(&r).arg(&n32).arg(&c).arg(&value);
         self.launch(&mut b, grid(rows), "fill_column")
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::{encoder_attention_bound, ATTENTION_SCORES_BYTES};
+
+    /// The count covers the scores `attend_gemm` allocates (a chunk of `clamp(256 MiB / one
+    /// sequence's scores, 1, batch)` sequences) for every batch up to the shape counted, and
+    /// grows with the length and the batch; no GPU needed.
+    #[test]
+    fn the_gpu_count_covers_every_chunk() {
+        let heads = 12;
+        let mut last_len = 0;
+        for l in [1usize, 64, 512, 1024, 2047, 2048, 3000, 5000] {
+            let count = encoder_attention_bound(heads, 32, l);
+            assert!(count >= last_len, "{l}");
+            last_len = count;
+            let mut last_batch = 0;
+            for sources in 1..=32 {
+                let bound = encoder_attention_bound(heads, sources, l);
+                assert!(bound >= last_batch, "{l} x {sources}");
+                last_batch = bound;
+                // Every batch of at most `sources` sequences of at most `l` tokens.
+                for (b, len) in [(sources, l), (1, l), (sources, l / 2 + 1)] {
+                    let per_seq = heads * len * len;
+                    let chunk = (ATTENTION_SCORES_BYTES / (per_seq * 4).max(1)).clamp(1, b);
+                    let allocated = (chunk * per_seq * 4 + per_seq * 4) as u64;
+                    assert!(allocated <= bound, "{l} x {sources}: {b} x {len}");
+                }
+            }
+        }
     }
 }
