@@ -303,17 +303,8 @@ fn measure<B: Backend>(
             };
             cfg.validate(&model.config)
                 .and_then(|()| {
-                    let shape = t5rt::generate::memory::BatchShape {
-                        sources: batch,
-                        rows_per_source: 1,
-                        src_len: input,
-                        new_tokens: new,
-                        encoder_attention: model.backend.encoder_attention_bytes(
-                            model.config.num_heads,
-                            batch,
-                            input,
-                        ),
-                    };
+                    let shape =
+                        t5rt::generate::memory::BatchShape::on(&model, batch, 1, input, new);
                     t5rt::generate::memory::require_fit(
                         &model.config,
                         args.dtype,

@@ -289,18 +289,13 @@ impl Model {
         self.model
             .check_inputs(std::slice::from_ref(&ids))
             .map_err(to_py_err)?;
-        let shape = t5rt::generate::memory::BatchShape {
-            sources: 1,
-            rows_per_source: cfg.num_beams,
-            src_len: ids.len(),
-            new_tokens: cfg.new_token_limit(),
-            encoder_attention: t5rt::Backend::encoder_attention_bytes(
-                &self.model.backend,
-                self.model.config.num_heads,
-                1,
-                ids.len(),
-            ),
-        };
+        let shape = t5rt::generate::memory::BatchShape::on(
+            &self.model,
+            1,
+            cfg.num_beams,
+            ids.len(),
+            cfg.new_token_limit(),
+        );
         t5rt::generate::memory::require_fit(
             &self.model.config,
             t5rt::Backend::weight_dtype(&self.model.backend),

@@ -207,18 +207,13 @@ fn batches_split_to_fit_the_budget() {
     let one = t5rt::generate::memory::plan(
         &model.config,
         t5rt::WeightDtype::F32,
-        t5rt::generate::memory::BatchShape {
-            sources: 2,
-            rows_per_source: 1,
-            src_len: inputs.iter().map(Vec::len).max().unwrap(),
-            new_tokens: cfg.max_new_tokens,
-            encoder_attention: t5rt::Backend::encoder_attention_bytes(
-                &model.backend,
-                model.config.num_heads,
-                2,
-                inputs.iter().map(Vec::len).max().unwrap(),
-            ),
-        },
+        t5rt::generate::memory::BatchShape::on(
+            &model,
+            2,
+            1,
+            inputs.iter().map(Vec::len).max().unwrap(),
+            cfg.max_new_tokens,
+        ),
     )
     .peak();
     let mut calls = 0;

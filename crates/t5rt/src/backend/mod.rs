@@ -241,8 +241,9 @@ impl AttnShape {
     pub fn bias_len(&self) -> usize {
         match self.bias {
             BiasLayout::Rows { stride } => self.heads * self.q_len * stride,
-            BiasLayout::Lines if self.q_len == 0 => 0,
-            BiasLayout::Lines => self.heads * (self.q_len + self.kv_len).saturating_sub(1),
+            BiasLayout::Lines => {
+                crate::model::relpos::lines_len(self.heads, self.q_len, self.kv_len)
+            }
         }
     }
 

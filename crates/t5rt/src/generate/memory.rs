@@ -8,6 +8,7 @@
 use crate::backend::{Backend, WeightDtype};
 use crate::config::T5Config;
 use crate::error::{Result, T5Error};
+use crate::model::T5Model;
 
 use super::config::GenerationConfig;
 
@@ -26,6 +27,31 @@ pub struct BatchShape {
     /// flight) as the backend counts them (`Backend::encoder_attention_bytes` for `src_len`);
     /// `None`: a `[heads, L, L]` bias and a `[L, L]` matrix of scores per head.
     pub encoder_attention: Option<u64>,
+}
+
+impl BatchShape {
+    /// A batch on `model`: `sources` sequences of up to `src_len` tokens, `rows_per_source`
+    /// rows each decoding up to `new_tokens`, its encoder attention counted by the model's
+    /// backend (`Backend::encoder_attention_bytes`).
+    pub fn on<B: Backend>(
+        model: &T5Model<B>,
+        sources: usize,
+        rows_per_source: usize,
+        src_len: usize,
+        new_tokens: usize,
+    ) -> Self {
+        BatchShape {
+            sources,
+            rows_per_source,
+            src_len,
+            new_tokens,
+            encoder_attention: model.backend.encoder_attention_bytes(
+                model.config.num_heads,
+                sources,
+                src_len,
+            ),
+        }
+    }
 }
 
 /// Bytes one batch needs at its largest, by part.

@@ -131,17 +131,7 @@ pub fn generate_cancellable<B: Backend>(
         cfg,
         memory::available_for(&model.backend),
         cfg.batch_size.saturating_mul(copies),
-        |n| memory::BatchShape {
-            sources: n,
-            rows_per_source: beams,
-            src_len: longest,
-            new_tokens: limit,
-            encoder_attention: model.backend.encoder_attention_bytes(
-                model.config.num_heads,
-                n,
-                longest,
-            ),
-        },
+        |n| memory::BatchShape::on(model, n, beams, longest, limit),
     )?;
     let mut outputs: Vec<Vec<Hypothesis>> = vec![Vec::new(); inputs.len()];
     let mut done = 0;

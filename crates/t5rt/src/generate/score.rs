@@ -96,17 +96,7 @@ pub fn score_cancellable<B: Backend>(
         cfg,
         memory::available_for(&model.backend),
         cfg.batch_size,
-        |n| memory::BatchShape {
-            sources: n,
-            rows_per_source: 1,
-            src_len: longest_input,
-            new_tokens: longest_target,
-            encoder_attention: model.backend.encoder_attention_bytes(
-                model.config.num_heads,
-                n,
-                longest_input,
-            ),
-        },
+        |n| memory::BatchShape::on(model, n, 1, longest_input, longest_target),
     )?;
     let mut out = vec![TargetScore::default(); inputs.len()];
     for chunk in order.chunks(per_batch) {

@@ -78,14 +78,14 @@ pub fn bias_lines(
     bidirectional: bool,
     max_distance: usize,
 ) -> Vec<f32> {
-    if q_len == 0 || k_len == 0 || heads == 0 {
-        return Vec::new();
+    let mut lines = vec![0.0f32; lines_len(heads, q_len, k_len)];
+    if lines.is_empty() {
+        return lines;
     }
     let num_buckets = table.len() / heads;
     // Line index i holds the distance i - far; the last query sits `far` keys from key 0.
     let far = q_offset + q_len - 1;
     let span = q_len + k_len - 1;
-    let mut lines = vec![0.0f32; heads * span];
     for i in 0..span {
         let b = bucket(
             i as i64 - far as i64,
@@ -100,17 +100,35 @@ pub fn bias_lines(
     lines
 }
 
+/// Values in [`bias_lines`]'s lines: `heads · (q_len + k_len - 1)`, none when either length is
+/// 0 ([`crate::backend::AttnShape::bias_len`] of [`crate::backend::BiasLayout::Lines`]).
+pub fn lines_len(heads: usize, q_len: usize, k_len: usize) -> usize {
+    if q_len == 0 || k_len == 0 {
+        0
+    } else {
+        heads.saturating_mul(q_len + k_len - 1)
+    }
+}
+
+/// An error unless `lines` holds [`lines_len`] values (the check of every backend that takes
+/// them, `Backend::upload_position_bias`).
+pub fn check_lines(lines: &[f32], heads: usize, q_len: usize, k_len: usize) -> Result<()> {
+    let want = lines_len(heads, q_len, k_len);
+    if lines.len() != want {
+        return Err(T5Error::Backend(format!(
+            "position bias: {} values for {heads} lines of {}",
+            lines.len(),
+            want / heads.max(1)
+        )));
+    }
+    Ok(())
+}
+
 /// [`bias_lines`] expanded into rows, `[heads, q_len, k_len]` (what a backend reads that
 /// reads no lines, [`crate::backend::BiasLayout::Rows`]); an error, not an abort, where
 /// memory runs out (the rows grow with the square of the input).
 pub fn rows_of_lines(lines: &[f32], heads: usize, q_len: usize, k_len: usize) -> Result<Vec<f32>> {
-    let span = (q_len + k_len).saturating_sub(1);
-    if q_len > 0 && k_len > 0 && lines.len() != heads * span {
-        return Err(T5Error::Backend(format!(
-            "position bias: {} values for {heads} lines of {span}",
-            lines.len()
-        )));
-    }
+    check_lines(lines, heads, q_len, k_len)?;
     let len = heads
         .checked_mul(q_len)
         .and_then(|n| n.checked_mul(k_len))

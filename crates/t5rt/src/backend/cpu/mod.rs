@@ -513,19 +513,7 @@ impl Backend for CpuBackend {
         q_len: usize,
         kv_len: usize,
     ) -> Result<(Vec<f32>, BiasLayout)> {
-        // `relpos::bias_lines` is empty when either length is 0.
-        let want = if q_len == 0 || kv_len == 0 {
-            0
-        } else {
-            heads * (q_len + kv_len - 1)
-        };
-        if lines.len() != want {
-            return Err(T5Error::Backend(format!(
-                "position bias: {} values for {heads} lines of {}",
-                lines.len(),
-                want / heads.max(1)
-            )));
-        }
+        crate::model::relpos::check_lines(lines, heads, q_len, kv_len)?;
         Ok((try_copy(lines)?, BiasLayout::Lines))
     }
 
