@@ -8,7 +8,7 @@ use t5rt::backend::cpu::reference;
 use t5rt::backend::{Backend, MatDims};
 use t5rt::{generate, Checkpoint, CpuBackend, GenerationConfig, WeightDtype};
 
-const SHAPES: [(usize, usize, usize); 12] = [
+const SHAPES: [(usize, usize, usize); 16] = [
     (1, 1, 1),
     (1, 64, 48),
     (3, 17, 33), // k odd: padded lanes for both bf16 pairs and int8 quads
@@ -21,6 +21,12 @@ const SHAPES: [(usize, usize, usize); 12] = [
     (70, 200, 35),   // more rows than one task takes
     (70, 130, 1030), // several register tiles walking k in blocks
     (1, 1000, 512),
+    // Widened bf16 at AVX-512 takes twelve rows at once past one task (60 rows): the last
+    // task's rest of 11, 8, 7 or 9 rows at once, k odd, and panels of 48 and 16 columns.
+    (71, 80, 35),
+    (68, 112, 770),
+    (67, 48, 40),
+    (69, 20, 24),
 ];
 
 fn run(b: &CpuBackend, x: &[f32], w: &[f32], init: &[f32], d: MatDims, acc: bool) -> Vec<f32> {

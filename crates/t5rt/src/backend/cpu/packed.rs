@@ -8,7 +8,8 @@
 //! reads one contiguous run of memory (the prefetchers stream it at full bandwidth, which a
 //! `[k, n]` layout read 64 columns at a time, at a stride of `4n` bytes, does not allow).
 //! Sixteen lanes are one 64-byte load; the `G` matching activation values of a row are one
-//! 32-bit broadcast. A task walks its panel down the whole `k` range for 6 rows at a time,
+//! 32-bit broadcast. A task walks its panel down the whole `k` range for 6 rows at a time
+//! (12 rows and half the panel for widened bf16 in encoder passes, `bf16_twelve_rows`),
 //! accumulators in registers; the panel (at most a few hundred KiB) stays in L2 while the
 //! rows go by. Every output is summed over `k` in order, whatever the batch or thread count,
 //! so a row's result does not depend on the rest of its batch.
@@ -1438,6 +1439,23 @@ fn prefetch_rows() -> usize {
     *ROWS.get_or_init(|| tuning("T5RT_PREFETCH").unwrap_or(16))
 }
 
+/// Whether the widened bf16 tile of AVX-512 runs twelve rows at once
+/// ([`nodot::bf16_avx512_rows`]) in products of more than [`ROWS_PER_TASK`] rows (encoder
+/// passes, and the cross-attention keys and values of a batch's sources). Widening the weights
+/// takes the multiply-adds' ports on Intel's cores, and twelve rows share each widened vector
+/// where six did: one core, weights in cache (`examples/matmul_speed`, 3 alternating runs,
+/// Emerald Rapids Xeon), 4096 x 768 x 768 137-139 against 130-131 GFLOP/s, 4096 x 3072 x 768
+/// 138-140 against 130-131, 4096 x 768 x 3072 149-150 against 141-143; t5-base's bf16 encoder
+/// over case d's 32 x 128 tokens (`t5rt bench --case 32:128:1`, 5 alternating pairs) 2.69-2.80
+/// against 2.86-3.10 s, faster in every pair (4 more pairs: faster in 3). Decoding steps (32
+/// rows, one row task) keep six: their products wait on memory as much as on the
+/// multiply-adds, and t5-base case d's decoding was slower with twelve in 13 of 20 alternating
+/// pairs (3.06-4.48 against 3.12-3.99 s). `T5RT_BF16_12=0` turns it off, for tuning.
+fn bf16_twelve_rows() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| tuning("T5RT_BF16_12").unwrap_or(1) > 0)
+}
+
 /// What a SIMD tile prefetches as it walks `k`: its own panel `Rows` rows ahead (a task's
 /// first pass over its panel, which comes from memory, and every pass where the next-panel
 /// prefetch does not apply), or, one 64-byte line per step of `k`, the panel of the task after
@@ -1658,6 +1676,11 @@ pub(super) fn matmul_packed_shared(
     } else {
         &prepared
     };
+    #[cfg(target_arch = "x86_64")]
+    let wide_bf16 =
+        nodot_kind == Some(nodot::NoDot::Bf16Avx512) && m > ROWS_PER_TASK && bf16_twelve_rows();
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide_bf16 = false;
     let row_tasks = m.div_ceil(ROWS_PER_TASK);
     let starts = task_starts(ws, row_tasks);
     let outps: Vec<SharedMut> = outs.iter_mut().map(|o| SharedMut(o.as_mut_ptr())).collect();
@@ -1696,6 +1719,13 @@ pub(super) fn matmul_packed_shared(
             w.kg.max(1)
         };
         let ahead = prefetch_rows();
+        // Tiles of rows per call: two for the widened bf16 tile of AVX-512 in products of
+        // several row tasks (`bf16_twelve_rows`), which never ask for the next panel.
+        let per = if wide_bf16 {
+            nodot::WIDE_BF16_ROWS / MR
+        } else {
+            1
+        };
         // The next task's panel, asked for by the row tiles after the first: tile `j` asks
         // for its lines `(j - 1) kg + g`, one per step `g` of `k`. Only in products of one
         // row task (decoding steps), and not where a panel is too large for two to share L2.
@@ -1703,15 +1733,33 @@ pub(super) fn matmul_packed_shared(
             .then(|| task_panel(ws, &starts, t + 1));
         for g0 in (0..w.kg).step_by(kc) {
             let ks = g0..(g0 + kc).min(w.kg);
-            for (j, acc) in sums.iter_mut().enumerate() {
+            let flat = sums.as_flattened_mut();
+            for (c, accs) in flat.chunks_mut(per * MR).enumerate() {
+                let j = c * per;
                 let r0 = r_start + j * MR;
-                let rows = MR.min(r_end - r0);
+                let rows = (per * MR).min(r_end - r0);
                 let xs = &xl[r0 * xstride..(r0 + rows) * xstride];
                 let from = 16 * (j.saturating_sub(1) * w.kg + g0);
                 let next = match next {
                     Some((p, lanes)) if j > 0 && from < lanes => Some(p.wrapping_add(from)),
                     _ => None,
                 };
+                #[cfg(target_arch = "x86_64")]
+                if rows > MR {
+                    debug_assert!(next.is_none());
+                    // Twice the rows ahead: the same bytes as the six-row tile's distance, as
+                    // these walks read half a panel row per step.
+                    let ahead = Ahead::Rows(2 * ahead);
+                    // SAFETY: `per` > 1 only for `NoDot::Bf16Avx512`, chosen for levels
+                    // with AVX-512F (`no_dot`), which the backend only runs where the CPU
+                    // has them; `xs` holds `rows` rows of `2 kg` values and `accs` at least
+                    // `rows` rows.
+                    unsafe { nodot::bf16_avx512_rows(xs, w, rows, c0, ks.clone(), accs, ahead) };
+                    continue;
+                }
+                let acc: &mut TileAcc = (&mut accs[..MR])
+                    .try_into()
+                    .expect("a chunk holds at least one tile");
                 tile(
                     xs,
                     w,

@@ -112,7 +112,21 @@ unsafe fn bf16_avx512<const R: usize, const V: usize>(
         }
     }
     let from = ks.start;
-    if let (6, 4, false) = (R, V, ks.is_empty()) {
+    if let (12, 2, false) = (R, V, ks.is_empty()) {
+        // The twelve-row tile's walk in assembly.
+        let acc12 = &mut *(acc.as_mut_ptr() as *mut [[__m512; 2]; 12]);
+        let lines = matches!(ahead, Ahead::Rows(_));
+        bf16_avx512_walk12(
+            xp.add(2 * from),
+            kg,
+            wp,
+            pw,
+            ks.len(),
+            ahead.plan(wp, pw),
+            lines,
+            acc12,
+        );
+    } else if let (6, 4, false) = (R, V, ks.is_empty()) {
         // The full tile's walk in assembly.
         let acc6 = &mut *(acc.as_mut_ptr() as *mut [[__m512; 4]; 6]);
         let lines = matches!(ahead, Ahead::Rows(_));
@@ -321,6 +335,195 @@ unsafe fn bf16_avx512_walk6(
         [a50, a51, a52, a53],
     ];
 }
+
+/// The twelve-row tile of [`bf16_avx512`] (12 rows, 2 vectors of 16 columns) over `steps` steps
+/// of `k`, in assembly: as [`bf16_avx512_walk6`] (the same widening, multiply-adds and order, so
+/// the same sums bit for bit), with half as many weight vectors per row of sums. Widening takes
+/// the multiply-adds' ports (a shift and a mask per vector of weights on Intel's cores): per step
+/// the 6 x 4 tile issues 8 of them beside 48 multiply-adds, this one 4, which lifts the ceiling
+/// from 48/56 to 48/52 of the multiply-add rate (`bench/ceilings/bf16_widen_tiles.c`: 149-150
+/// against 160-161 GFLOP/s on one core of the Emerald Rapids Xeon). Each row tile reads half the
+/// panel per pass, and each weight line serves 12 rows instead of 6.
+///
+/// `x`, `kg`, `wp`, `pw`, the prefetch plan and `lines` as [`bf16_avx512_walk6`]'s, with two
+/// lines a step (the 32 lanes it reads) when `lines`; `acc`: the sums, in and out.
+///
+/// # Safety
+/// AVX-512F; twelve rows `2 kg` f32 apart, each `2 steps` f32 from `x`; `steps` panel rows of
+/// 32 lanes from `wp`; `steps` > 0.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn bf16_avx512_walk12(
+    x: *const f32,
+    kg: usize,
+    wp: *const u32,
+    pw: usize,
+    steps: usize,
+    (pf, pf_step): (*const u32, usize),
+    lines: bool,
+    acc: &mut [[__m512; 2]; 12],
+) {
+    let mask = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let [[mut a00, mut a01], [mut a10, mut a11], [mut a20, mut a21], [mut a30, mut a31], [mut a40, mut a41], [mut a50, mut a51], [mut a60, mut a61], [mut a70, mut a71], [mut a80, mut a81], [mut a90, mut a91], [mut aa0, mut aa1], [mut ab0, mut ab1]] =
+        *acc;
+    let s = kg * 8;
+    let o = if lines { 64usize } else { 0 };
+    macro_rules! row {
+        ($b:literal, $base:literal, $off:tt, $a0:literal, $a1:literal) => {
+            concat!(
+                "vbroadcastss {",
+                $b,
+                "}, dword ptr [",
+                $base,
+                $off,
+                "]\n",
+                "vfmadd231ps {",
+                $a0,
+                "}, {",
+                $b,
+                "}, {w0}\n",
+                "vfmadd231ps {",
+                $a1,
+                "}, {",
+                $b,
+                "}, {w1}\n",
+            )
+        };
+    }
+    macro_rules! rows {
+        ($off:literal) => {
+            concat!(
+                row!("b", "{x}", $off, "a00", "a01"),
+                row!("c", "{x} + {s}", $off, "a10", "a11"),
+                row!("b", "{x} + {s}*2", $off, "a20", "a21"),
+                row!("c", "{x} + {s3}", $off, "a30", "a31"),
+                row!("b", "{x} + {s}*4", $off, "a40", "a41"),
+                row!("c", "{x} + {s5}", $off, "a50", "a51"),
+                row!("b", "{y}", $off, "a60", "a61"),
+                row!("c", "{y} + {s}", $off, "a70", "a71"),
+                row!("b", "{y} + {s}*2", $off, "a80", "a81"),
+                row!("c", "{y} + {s3}", $off, "a90", "a91"),
+                row!("b", "{y} + {s}*4", $off, "aa0", "aa1"),
+                row!("c", "{y} + {s5}", $off, "ab0", "ab1"),
+            )
+        };
+    }
+    // SAFETY: the caller's: every address read is inside the rows and panel rows it names
+    // (prefetches never fault).
+    std::arch::asm!(
+        "2:",
+        "prefetcht0 [{pf}]",
+        "prefetcht0 [{pf} + {o}]",
+        "vpslld {w0}, zmmword ptr [{wp}], 16",
+        "vpslld {w1}, zmmword ptr [{wp} + 64], 16",
+        rows!(""),
+        "vpandd {w0}, {m}, zmmword ptr [{wp}]",
+        "vpandd {w1}, {m}, zmmword ptr [{wp} + 64]",
+        rows!(" + 4"),
+        "add {wp}, {pwb}",
+        "add {pf}, {pfb}",
+        "add {x}, 8",
+        "add {y}, 8",
+        "dec {n}",
+        "jnz 2b",
+        x = inout(reg) x => _,
+        y = inout(reg) x.add(6 * 2 * kg) => _,
+        wp = inout(reg) wp => _,
+        pf = inout(reg) pf => _,
+        n = inout(reg) steps => _,
+        s = in(reg) s,
+        s3 = in(reg) 3 * s,
+        s5 = in(reg) 5 * s,
+        o = in(reg) o,
+        pwb = in(reg) pw * 4,
+        pfb = in(reg) pf_step * 4,
+        m = in(zmm_reg) mask,
+        w0 = out(zmm_reg) _,
+        w1 = out(zmm_reg) _,
+        b = out(zmm_reg) _,
+        c = out(zmm_reg) _,
+        a00 = inout(zmm_reg) a00,
+        a01 = inout(zmm_reg) a01,
+        a10 = inout(zmm_reg) a10,
+        a11 = inout(zmm_reg) a11,
+        a20 = inout(zmm_reg) a20,
+        a21 = inout(zmm_reg) a21,
+        a30 = inout(zmm_reg) a30,
+        a31 = inout(zmm_reg) a31,
+        a40 = inout(zmm_reg) a40,
+        a41 = inout(zmm_reg) a41,
+        a50 = inout(zmm_reg) a50,
+        a51 = inout(zmm_reg) a51,
+        a60 = inout(zmm_reg) a60,
+        a61 = inout(zmm_reg) a61,
+        a70 = inout(zmm_reg) a70,
+        a71 = inout(zmm_reg) a71,
+        a80 = inout(zmm_reg) a80,
+        a81 = inout(zmm_reg) a81,
+        a90 = inout(zmm_reg) a90,
+        a91 = inout(zmm_reg) a91,
+        aa0 = inout(zmm_reg) aa0,
+        aa1 = inout(zmm_reg) aa1,
+        ab0 = inout(zmm_reg) ab0,
+        ab1 = inout(zmm_reg) ab1,
+        options(nostack, readonly),
+    );
+    *acc = [
+        [a00, a01],
+        [a10, a11],
+        [a20, a21],
+        [a30, a31],
+        [a40, a41],
+        [a50, a51],
+        [a60, a61],
+        [a70, a71],
+        [a80, a81],
+        [a90, a91],
+        [aa0, aa1],
+        [ab0, ab1],
+    ];
+}
+
+/// Widened bf16 at AVX-512 for 7 to [`WIDE_BF16_ROWS`] rows at once: the panel in blocks of 2
+/// vectors (32 columns), each walked down `k` for all the rows ([`bf16_avx512_walk12`] for 12),
+/// then a last block of one vector where the panel is 16 columns wider. Results equal
+/// [`tile`]'s for the same rows taken six at a time (each sum's products in the same order).
+/// `ahead`: as [`tile`]'s, [`Ahead::Rows`] (the caller never asks for the next panel here).
+///
+/// # Safety
+/// AVX-512F and FMA; `x` holds `rows` rows of `2 kg` f32 values; `acc` at least `rows` rows.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn bf16_avx512_rows(
+    x: &[u32],
+    w: &PackedWeight,
+    rows: usize,
+    c0: usize,
+    ks: Range<usize>,
+    acc: &mut [[u32; BLOCK]],
+    ahead: Ahead,
+) {
+    debug_assert!((MR + 1..=WIDE_BF16_ROWS).contains(&rows) && acc.len() >= rows);
+    let pw = panel_width(w.n_pad, c0 / BLOCK);
+    let mut sub = 0;
+    while sub < pw {
+        let v = if sub + 32 <= pw { 2 } else { 1 };
+        macro_rules! shape {
+            ($($r:literal),+) => {
+                match (rows, v) {
+                    $(($r, 2) => bf16_avx512::<$r, 2>(x, w, c0, sub, ks.clone(), acc, ahead),
+                      ($r, _) => bf16_avx512::<$r, 1>(x, w, c0, sub, ks.clone(), acc, ahead),)+
+                    _ => unreachable!(),
+                }
+            };
+        }
+        shape!(7, 8, 9, 10, 11, 12);
+        sub += 16 * v;
+    }
+}
+
+/// The most rows `bf16_avx512_rows` takes at once: two tiles of [`super::MR`].
+pub(super) const WIDE_BF16_ROWS: usize = 2 * super::MR;
 
 /// bf16 widened, AVX2 (8 columns a vector).
 ///
