@@ -70,6 +70,19 @@ macro_rules! by_shape {
     }};
 }
 
+/// One row's step in the widened bf16 walks in assembly: the row's value at `[$base $off]`
+/// broadcast into `$b`, then one multiply-add into each sum register `$a` with its weight
+/// register `$w`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! bf16_row {
+    ($b:literal, $base:literal, $off:tt, $($a:literal * $w:literal),+) => {
+        concat!(
+            "vbroadcastss {", $b, "}, dword ptr [", $base, $off, "]\n",
+            $("vfmadd231ps {", $a, "}, {", $b, "}, {", $w, "}\n",)+
+        )
+    };
+}
+
 /// `p`, through an empty `asm!` block: the same address, which the compiler can no longer
 /// prove equal to `p` (so it does not merge loads from the two).
 #[cfg(target_arch = "x86_64")]
@@ -217,33 +230,14 @@ unsafe fn bf16_avx512_walk6(
     let o = if lines { 64usize } else { 0 };
     macro_rules! row {
         ($b:literal, $base:literal, $off:tt, $a0:literal, $a1:literal, $a2:literal, $a3:literal) => {
-            concat!(
-                "vbroadcastss {",
+            bf16_row!(
                 $b,
-                "}, dword ptr [",
                 $base,
                 $off,
-                "]\n",
-                "vfmadd231ps {",
-                $a0,
-                "}, {",
-                $b,
-                "}, {w0}\n",
-                "vfmadd231ps {",
-                $a1,
-                "}, {",
-                $b,
-                "}, {w1}\n",
-                "vfmadd231ps {",
-                $a2,
-                "}, {",
-                $b,
-                "}, {w2}\n",
-                "vfmadd231ps {",
-                $a3,
-                "}, {",
-                $b,
-                "}, {w3}\n",
+                $a0 * "w0",
+                $a1 * "w1",
+                $a2 * "w2",
+                $a3 * "w3"
             )
         };
     }
@@ -371,24 +365,7 @@ unsafe fn bf16_avx512_walk12(
     let o = if lines { 64usize } else { 0 };
     macro_rules! row {
         ($b:literal, $base:literal, $off:tt, $a0:literal, $a1:literal) => {
-            concat!(
-                "vbroadcastss {",
-                $b,
-                "}, dword ptr [",
-                $base,
-                $off,
-                "]\n",
-                "vfmadd231ps {",
-                $a0,
-                "}, {",
-                $b,
-                "}, {w0}\n",
-                "vfmadd231ps {",
-                $a1,
-                "}, {",
-                $b,
-                "}, {w1}\n",
-            )
+            bf16_row!($b, $base, $off, $a0 * "w0", $a1 * "w1")
         };
     }
     macro_rules! rows {
