@@ -8,7 +8,7 @@ use t5rt::backend::cpu::reference;
 use t5rt::backend::{Backend, MatDims};
 use t5rt::{generate, Checkpoint, CpuBackend, GenerationConfig, WeightDtype};
 
-const SHAPES: [(usize, usize, usize); 16] = [
+const SHAPES: [(usize, usize, usize); 18] = [
     (1, 1, 1),
     (1, 64, 48),
     (3, 17, 33), // k odd: padded lanes for both bf16 pairs and int8 quads
@@ -22,11 +22,14 @@ const SHAPES: [(usize, usize, usize); 16] = [
     (70, 130, 1030), // several register tiles walking k in blocks
     (1, 1000, 512),
     // Widened bf16 at AVX-512 takes twelve rows at once past one task (60 rows): the last
-    // task's rest of 11, 8, 7 or 9 rows at once, k odd, and panels of 48 and 16 columns.
+    // task's rest of 11, 8, 7 or 9 rows at once, k odd, and panels of 48 and 16 columns; a
+    // rest of 3 rows (one six-row tile) and of 30 (12 + 12 + 6).
     (71, 80, 35),
     (68, 112, 770),
     (67, 48, 40),
-    (69, 20, 24),
+    (69, 48, 24),
+    (63, 80, 33),
+    (90, 48, 40),
 ];
 
 fn run(b: &CpuBackend, x: &[f32], w: &[f32], init: &[f32], d: MatDims, acc: bool) -> Vec<f32> {

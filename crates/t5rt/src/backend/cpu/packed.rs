@@ -9,7 +9,8 @@
 //! `[k, n]` layout read 64 columns at a time, at a stride of `4n` bytes, does not allow).
 //! Sixteen lanes are one 64-byte load; the `G` matching activation values of a row are one
 //! 32-bit broadcast. A task walks its panel down the whole `k` range for 6 rows at a time
-//! (12 rows and half the panel for widened bf16 in encoder passes, `bf16_twelve_rows`),
+//! (12 rows and 32 columns at a time for widened bf16 in products of more than 60 rows,
+//! `bf16_twelve_rows`),
 //! accumulators in registers; the panel (at most a few hundred KiB) stays in L2 while the
 //! rows go by. Every output is summed over `k` in order, whatever the batch or thread count,
 //! so a row's result does not depend on the rest of its batch.
@@ -1408,8 +1409,9 @@ fn tuning(var: &str) -> Option<usize> {
 /// under half of a typical L1. Those tiles walk a panel in several column passes, each of
 /// which would otherwise come from L2 once per row tile: blocks made the f32 products about
 /// 25% faster and the bf16 ones about 10% (`examples/matmul_speed`, alternating runs on a
-/// 2-core Xeon VM). The AVX-512 tiles read a whole panel row per pass and gained nothing (3%
-/// slower encoders in A/B runs), and the AVX2 int8 tile showed no clear difference, so they
+/// 2-core Xeon VM). The AVX-512 tiles read a whole panel row per pass (half of one for
+/// widened bf16 in twelve rows, [`bf16_twelve_rows`]) and gained nothing (3% slower encoders in
+/// A/B runs, before the twelve-row tile), and the AVX2 int8 tile showed no clear difference, so they
 /// walk `k` in one go, except the AVX-512 f32 tile on long rows (see [`AVX512_KC`]).
 /// `T5RT_KC` overrides the block, for tuning.
 fn k_block() -> usize {
@@ -1440,16 +1442,18 @@ fn prefetch_rows() -> usize {
 }
 
 /// Whether the widened bf16 tile of AVX-512 runs twelve rows at once
-/// ([`nodot::bf16_avx512_rows`]) in products of more than [`ROWS_PER_TASK`] rows (encoder
-/// passes, and the cross-attention keys and values of a batch's sources). Widening the weights
+/// (`nodot::bf16_avx512_rows`) in products of more than [`ROWS_PER_TASK`] rows (encoder
+/// passes of more than 60 tokens in all, the cross-attention keys and values of such sources,
+/// and decoding steps of more than 60 rows, such as 32 sequences x 4 beams, which were not
+/// measured). Widening the weights
 /// takes the multiply-adds' ports on Intel's cores, and twelve rows share each widened vector
 /// where six did: one core, weights in cache (`examples/matmul_speed`, 3 alternating runs,
 /// Emerald Rapids Xeon), 4096 x 768 x 768 137-139 against 130-131 GFLOP/s, 4096 x 3072 x 768
 /// 138-140 against 130-131, 4096 x 768 x 3072 149-150 against 141-143; t5-base's bf16 encoder
 /// over case d's 32 x 128 tokens (`t5rt bench --case 32:128:1`, 5 alternating pairs) 2.69-2.80
 /// against 2.86-3.10 s, faster in every pair (4 more pairs: faster in 3). Decoding steps (32
-/// rows, one row task) keep six: their products wait on memory as much as on the
-/// multiply-adds, and t5-base case d's decoding was slower with twelve in 13 of 20 alternating
+/// rows, one row task, where the next-panel prefetch runs) keep six: their products wait on
+/// memory as much as on the multiply-adds, and t5-base case d's decoding was slower with twelve in 13 of 20 alternating
 /// pairs (3.06-4.48 against 3.12-3.99 s). `T5RT_BF16_12=0` turns it off, for tuning.
 fn bf16_twelve_rows() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -1676,16 +1680,20 @@ pub(super) fn matmul_packed_shared(
     } else {
         &prepared
     };
-    #[cfg(target_arch = "x86_64")]
-    let wide_bf16 =
-        nodot_kind == Some(nodot::NoDot::Bf16Avx512) && m > ROWS_PER_TASK && bf16_twelve_rows();
-    #[cfg(not(target_arch = "x86_64"))]
-    let wide_bf16 = false;
     let row_tasks = m.div_ceil(ROWS_PER_TASK);
     let starts = task_starts(ws, row_tasks);
     let outps: Vec<SharedMut> = outs.iter_mut().map(|o| SharedMut(o.as_mut_ptr())).collect();
     let total = starts.last().copied().unwrap_or(0);
     let next_on = prefetch_next() && row_tasks == 1;
+    // Twelve rows at once never where a task's tiles ask for the next panel (its walks would
+    // need their own runs of it).
+    #[cfg(target_arch = "x86_64")]
+    let wide_bf16 = nodot_kind == Some(nodot::NoDot::Bf16Avx512)
+        && m > ROWS_PER_TASK
+        && !next_on
+        && bf16_twelve_rows();
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide_bf16 = false;
     let next_max = next_max_bytes();
     (0..total).into_par_iter().for_each(|t| {
         let (i, cb, rt) = task_of(ws, &starts, t);
@@ -1746,9 +1754,9 @@ pub(super) fn matmul_packed_shared(
                 };
                 #[cfg(target_arch = "x86_64")]
                 if rows > MR {
-                    debug_assert!(next.is_none());
-                    // Twice the rows ahead: the same bytes as the six-row tile's distance, as
-                    // these walks read half a panel row per step.
+                    debug_assert!(next.is_none(), "wide_bf16 excludes next_on");
+                    // Twice the rows ahead: the same bytes as the six-row tile's distance for
+                    // the 32-column blocks, which read half a panel row per step.
                     let ahead = Ahead::Rows(2 * ahead);
                     // SAFETY: `per` > 1 only for `NoDot::Bf16Avx512`, chosen for levels
                     // with AVX-512F (`no_dot`), which the backend only runs where the CPU

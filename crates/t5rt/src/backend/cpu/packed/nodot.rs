@@ -335,9 +335,9 @@ unsafe fn bf16_avx512_walk6(
 /// the same sums bit for bit), with half as many weight vectors per row of sums. Widening takes
 /// the multiply-adds' ports (a shift and a mask per vector of weights on Intel's cores): per step
 /// the 6 x 4 tile issues 8 of them beside 48 multiply-adds, this one 4, which lifts the ceiling
-/// from 48/56 to 48/52 of the multiply-add rate (`bench/ceilings/bf16_widen_tiles.c`: 149-150
-/// against 160-161 GFLOP/s on one core of the Emerald Rapids Xeon). Each row tile reads half the
-/// panel per pass, and each weight line serves 12 rows instead of 6.
+/// from 48/56 to 48/52 of the multiply-add rate (`bench/ceilings/bf16_widen_tiles.c`: 160-161
+/// GFLOP/s against the 6 x 4 tile's 149-150 on one core of the Emerald Rapids Xeon). Each pass
+/// reads 32 columns of the panel, and each weight line serves 12 rows instead of 6.
 ///
 /// `x`, `kg`, `wp`, `pw`, the prefetch plan and `lines` as [`bf16_avx512_walk6`]'s, with two
 /// lines a step (the 32 lanes it reads) when `lines`; `acc`: the sums, in and out.
@@ -464,7 +464,7 @@ unsafe fn bf16_avx512_walk12(
 
 /// Widened bf16 at AVX-512 for 7 to [`WIDE_BF16_ROWS`] rows at once: the panel in blocks of 2
 /// vectors (32 columns), each walked down `k` for all the rows ([`bf16_avx512_walk12`] for 12),
-/// then a last block of one vector where the panel is 16 columns wider. Results equal
+/// then a last block of one vector where the panel's width is an odd multiple of 16. Results equal
 /// [`tile`]'s for the same rows taken six at a time (each sum's products in the same order).
 /// `ahead`: as [`tile`]'s, [`Ahead::Rows`] (the caller never asks for the next panel here).
 ///
