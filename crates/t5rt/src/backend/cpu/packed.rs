@@ -1410,9 +1410,10 @@ fn tuning(var: &str) -> Option<usize> {
 /// which would otherwise come from L2 once per row tile: blocks made the f32 products about
 /// 25% faster and the bf16 ones about 10% (`examples/matmul_speed`, alternating runs on a
 /// 2-core Xeon VM). The AVX-512 tiles read a whole panel row per pass (half of one for
-/// widened bf16 in twelve rows, [`bf16_twelve_rows`]) and gained nothing (3% slower encoders in
-/// A/B runs, before the twelve-row tile), and the AVX2 int8 tile showed no clear difference, so they
-/// walk `k` in one go, except the AVX-512 f32 tile on long rows (see [`AVX512_KC`]).
+/// widened bf16 in twelve rows, [`bf16_twelve_rows`]) and gained nothing (3% slower encoders
+/// in A/B runs, before the twelve-row tile), and the AVX2 int8 tile showed no clear
+/// difference, so they walk `k` in one go, except the AVX-512 f32 tile on long rows (see
+/// [`AVX512_KC`]).
 /// `T5RT_KC` overrides the block, for tuning.
 fn k_block() -> usize {
     static KC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -1442,20 +1443,21 @@ fn prefetch_rows() -> usize {
 }
 
 /// Whether the widened bf16 tile of AVX-512 runs twelve rows at once
-/// (`nodot::bf16_avx512_rows`) in products of more than [`ROWS_PER_TASK`] rows (encoder
-/// passes of more than 60 tokens in all, the cross-attention keys and values of such sources,
-/// and decoding steps of more than 60 rows, such as 64 sequences or 32 x 4 beams: t5-small's
-/// greedy bf16 decoding of 64 sequences, `--case 64:128:32`, took 1.26-1.55 against 1.36-1.59
-/// s, faster in 4 alternating pairs of 4). Widening the weights
+/// (`nodot::bf16_avx512_rows`) in products of more than [`ROWS_PER_TASK`] rows: encoder passes
+/// of more than 60 tokens in all, the cross-attention keys and values of such sources, and
+/// decoding steps of more than 60 rows (64 sequences, or 32 x 4 beams). Widening the weights
 /// takes the multiply-adds' ports on Intel's cores, and twelve rows share each widened vector
-/// where six did: one core, weights in cache (`examples/matmul_speed`, 3 alternating runs,
-/// Emerald Rapids Xeon), 4096 x 768 x 768 137-139 against 130-131 GFLOP/s, 4096 x 3072 x 768
-/// 138-140 against 130-131, 4096 x 768 x 3072 149-150 against 141-143; t5-base's bf16 encoder
-/// over case d's 32 x 128 tokens (`t5rt bench --case 32:128:1`, 5 alternating pairs) 2.69-2.80
-/// against 2.86-3.10 s, faster in every pair (4 more pairs: faster in 3). Decoding steps (32
-/// rows, one row task, where the next-panel prefetch runs) keep six: their products wait on
-/// memory as much as on the multiply-adds, and t5-base case d's decoding was slower with twelve in 13 of 20 alternating
-/// pairs (3.06-4.48 against 3.12-3.99 s). `T5RT_BF16_12=0` turns it off, for tuning.
+/// where six did. Measured on the Emerald Rapids Xeon: one core, weights in cache
+/// (`examples/matmul_speed`, 3 alternating runs), 4096 x 768 x 768 137-139 against 130-131
+/// GFLOP/s, 4096 x 3072 x 768 138-140 against 130-131, 4096 x 768 x 3072 149-150 against
+/// 141-143; t5-base's bf16 encoder over case d's 32 x 128 tokens (`t5rt bench --case
+/// 32:128:1`, 5 alternating pairs) 2.69-2.80 against 2.86-3.10 s, faster in every pair (4 more
+/// pairs: faster in 3); t5-small's greedy bf16 decoding of 64 sequences (`--case 64:128:32`)
+/// 1.26-1.55 against 1.36-1.59 s, faster in 4 alternating pairs of 4. Decoding steps of 32 rows
+/// (one row task, where the next-panel prefetch runs) keep six: their products wait on memory
+/// as much as on the multiply-adds, and t5-base case d's decoding was slower with twelve in 13
+/// of 20 alternating pairs (3.06-4.48 against 3.12-3.99 s). `T5RT_BF16_12=0` turns it off, for
+/// tuning.
 fn bf16_twelve_rows() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| tuning("T5RT_BF16_12").unwrap_or(1) > 0)
@@ -1695,6 +1697,12 @@ pub(super) fn matmul_packed_shared(
         && bf16_twelve_rows();
     #[cfg(not(target_arch = "x86_64"))]
     let wide_bf16 = false;
+    // Tiles of rows per call: two where `wide_bf16`, else one.
+    let per = if wide_bf16 {
+        nodot::WIDE_BF16_ROWS / MR
+    } else {
+        1
+    };
     let next_max = next_max_bytes();
     (0..total).into_par_iter().for_each(|t| {
         let (i, cb, rt) = task_of(ws, &starts, t);
@@ -1728,13 +1736,6 @@ pub(super) fn matmul_packed_shared(
             w.kg.max(1)
         };
         let ahead = prefetch_rows();
-        // Tiles of rows per call: two for the widened bf16 tile of AVX-512 in products of
-        // several row tasks (`bf16_twelve_rows`), which never ask for the next panel.
-        let per = if wide_bf16 {
-            nodot::WIDE_BF16_ROWS / MR
-        } else {
-            1
-        };
         // The next task's panel, asked for by the row tiles after the first: tile `j` asks
         // for its lines `(j - 1) kg + g`, one per step `g` of `k`. Only in products of one
         // row task (decoding steps), and not where a panel is too large for two to share L2.

@@ -125,10 +125,11 @@ unsafe fn bf16_avx512<const R: usize, const V: usize>(
         }
     }
     let from = ks.start;
+    // Whether the walks in assembly ask for their own panel's lines (else the next panel's).
+    let lines = matches!(ahead, Ahead::Rows(_));
     if let (12, 2, false) = (R, V, ks.is_empty()) {
         // The twelve-row tile's walk in assembly.
         let acc12 = &mut *(acc.as_mut_ptr() as *mut [[__m512; 2]; 12]);
-        let lines = matches!(ahead, Ahead::Rows(_));
         bf16_avx512_walk12(
             xp.add(2 * from),
             kg,
@@ -142,7 +143,6 @@ unsafe fn bf16_avx512<const R: usize, const V: usize>(
     } else if let (6, 4, false) = (R, V, ks.is_empty()) {
         // The full tile's walk in assembly.
         let acc6 = &mut *(acc.as_mut_ptr() as *mut [[__m512; 4]; 6]);
-        let lines = matches!(ahead, Ahead::Rows(_));
         bf16_avx512_walk6(
             xp.add(2 * from),
             kg,
